@@ -1,0 +1,163 @@
+"""The ``superdml`` command line: each command parses options and calls one function.
+
+Errors caused by input (:class:`~superdml.errors.SuperDMLError`) print one line
+``error: <file>: <problem>`` and exit with code 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from superdml import __version__
+from superdml.errors import SuperDMLError
+
+logger = logging.getLogger("superdml")
+
+
+class _Group(click.Group):
+    """A click group that turns :class:`SuperDMLError` into one line and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SuperDMLError as err:
+            if ctx.meta.get("superdml.debug"):
+                raise
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(2)
+
+
+# ----------------------------------------------------------------- shared options
+
+
+def _parse_bands(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        bands = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected 1-based band numbers like 1,2,3") from None
+    if not bands or min(bands) < 1:
+        raise click.BadParameter(f"{value!r}: expected 1-based band numbers like 1,2,3")
+    return bands
+
+
+def bands_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--bands 1,2,3``: 1-based band numbers, parsed into a tuple of int."""
+    return click.option(
+        "--bands", callback=_parse_bands, help="1-based band numbers, e.g. 1,2,3."
+    )(f)
+
+
+def config_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--config FILE``: a YAML file of the stage's keys."""
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="YAML config of this stage; options given here override it.",
+    )(f)
+
+
+def cluster_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--workers N | --scheduler ADDRESS``: the dask cluster to run on."""
+    f = click.option(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="Attach to a running dask scheduler instead of starting a local cluster.",
+    )(f)
+    return click.option(
+        "--workers",
+        type=click.IntRange(min=1),
+        help="Worker processes of the local dask cluster (default: one per core).",
+    )(f)
+
+
+def device_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--device auto|cpu|cuda``."""
+    return click.option(
+        "--device",
+        type=click.Choice(["auto", "cpu", "cuda"]),
+        default="auto",
+        show_default=True,
+        help="Where to run the model.",
+    )(f)
+
+
+# ------------------------------------------------------------------------- group
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="superdml")
+@click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors; no progress bars.")
+@click.option("--debug", is_flag=True, help="Debug logging; show tracebacks of errors.")
+@click.pass_context
+def cli(ctx: click.Context, quiet: bool, debug: bool) -> None:
+    """Label superpixels of large rasters with deep metric learning."""
+    ctx.meta["superdml.debug"] = debug
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("superdml").setLevel(level)
+    for noisy in ("distributed", "rasterio", "matplotlib", "PIL", "fsspec"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def main() -> None:
+    """Entry point of the ``superdml`` console script."""
+    sys.exit(cli.main(prog_name="superdml", standalone_mode=True))
+
+
+# ---------------------------------------------------------------------- commands
+
+
+@cli.command()
+@click.argument("rasters", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@config_option
+@click.option("--region-size", type=int, help="Approximate superpixel side in pixels [32].")
+@click.option("--compactness", type=float, help="Weight of the spatial term [0.1].")
+@click.option("--tile-size", type=int, help="Core tile side in pixels [2048].")
+@bands_option
+@click.option("--nodata", type=float, help="Value to treat as nodata (default: the raster's).")
+@cluster_options
+def segment(
+    rasters: tuple[Path, ...],
+    out: Path,
+    config_path: Path | None,
+    region_size: int | None,
+    compactness: float | None,
+    tile_size: int | None,
+    bands: tuple[int, ...] | None,
+    nodata: float | None,
+    workers: int | None,
+    scheduler: str | None,
+) -> None:
+    """Segment RASTERS into SLIC superpixels: segments.tif + superpixels.parquet each."""
+    from superdml.cluster import make_client
+    from superdml.config import SegmentConfig, load_config
+    from superdml.segment import segment_raster
+
+    config = load_config(
+        config_path,
+        SegmentConfig,
+        {
+            "region_size": region_size,
+            "compactness": compactness,
+            "tile_size": tile_size,
+            "bands": bands,
+            "nodata": nodata,
+        },
+    )
+    with make_client(workers, scheduler) as client:
+        for raster in rasters:
+            result = segment_raster(raster, out, config, client=client)
+            click.echo(
+                f"{raster}: {result.n_superpixels} superpixels in {result.n_tiles} tiles "
+                f"-> {result.segments_path}, {result.table_path}"
+            )

@@ -1,0 +1,138 @@
+"""Dask clients from options, and a bounded map over tasks.
+
+``make_client`` gives a local cluster of worker processes by default (one thread each,
+so CPU stages do not oversubscribe cores), or attaches to a running scheduler.
+``map_tasks`` runs one function over many argument tuples on that client, keeping at
+most a few tasks in flight so memory stays flat however many tiles there are; without a
+client it runs them in this process, in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+from superdml._private.progress import progress
+from superdml.errors import InputError
+
+T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
+
+
+def default_workers() -> int:
+    """Return the number of worker processes used when none is given (the core count)."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
+
+@contextlib.contextmanager
+def make_client(
+    workers: int | None = None,
+    scheduler: str | None = None,
+    threads_per_worker: int = 1,
+) -> Iterator[Any]:
+    """Yield a ``distributed.Client``: attached to `scheduler`, else a local cluster.
+
+    Parameters
+    ----------
+    workers : int, optional
+        Worker processes of the local cluster (default: the core count).
+    scheduler : str, optional
+        Address of a running ``dask scheduler`` (``tcp://host:8786``) to attach to.
+    threads_per_worker : int
+        Threads per local worker process.
+    """
+    from distributed import Client, LocalCluster
+
+    if scheduler is not None and workers is not None:
+        raise InputError("--workers and --scheduler: give one, not both")
+    if scheduler is not None:
+        try:
+            client = Client(scheduler, timeout="10s")
+        except OSError as err:
+            raise InputError(f"{scheduler}: cannot reach the dask scheduler ({err})") from None
+        with client:
+            yield client
+        return
+    n = workers or default_workers()
+    if n < 1:
+        raise InputError(f"--workers {n}: expected at least 1")
+    with (
+        LocalCluster(
+            n_workers=n,
+            threads_per_worker=threads_per_worker,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+def map_tasks(
+    func: Callable[..., T],
+    calls: Sequence[tuple[Any, ...]],
+    client: Any = None,
+    desc: str = "",
+    unit: str = "tile",
+    max_in_flight: int | None = None,
+    on_result: Callable[[int, T], None] | None = None,
+) -> list[T]:
+    """Run ``func(*args)`` for every tuple in `calls`; return results in call order.
+
+    Parameters
+    ----------
+    func : callable
+        A module-level (picklable) function.
+    calls : sequence of tuple
+        Positional arguments of each call: paths, windows, small parameters.
+    client : distributed.Client, optional
+        Where to run; in this process, in order, when None.
+    desc, unit : str
+        Progress bar label and unit.
+    max_in_flight : int, optional
+        Tasks submitted but not yet collected (default: twice the worker threads).
+    on_result : callable, optional
+        ``on_result(index, result)`` called as each result arrives (in completion
+        order), for streaming writes; the result is then dropped when it returns None.
+    """
+    results: list[Any] = [None] * len(calls)
+    bar = progress(range(len(calls)), total=len(calls), desc=desc, unit=unit)
+    if client is None:
+        for i in bar:
+            results[i] = func(*calls[i])
+            if on_result is not None:
+                on_result(i, results[i])
+        return results
+
+    from distributed import as_completed
+
+    token = uuid.uuid4().hex[:8]
+    limit = max_in_flight or 2 * max(1, sum(client.nthreads().values()))
+    pending = iter(range(len(calls)))
+    futures: dict[Any, int] = {}
+
+    def submit_next() -> None:
+        i = next(pending, None)
+        if i is not None:
+            future = client.submit(func, *calls[i], pure=False, key=f"{func.__name__}-{token}-{i}")
+            futures[future] = i
+            queue.add(future)
+
+    queue = as_completed()
+    for _ in range(min(limit, len(calls))):
+        submit_next()
+    for future in queue:
+        i = futures.pop(future)
+        results[i] = future.result()
+        future.release()
+        if on_result is not None:
+            on_result(i, results[i])
+        next(bar, None)
+        submit_next()
+    return results

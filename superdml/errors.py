@@ -1,0 +1,53 @@
+"""Error classes that the CLI turns into one line and exit code 2.
+
+Each subclass also derives from the matching builtin (as rasterio's ``errors`` module
+does), so library users can catch ``ValueError`` or ``FileNotFoundError`` as usual.
+Anything that is not a :class:`SuperDMLError` is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class SuperDMLError(Exception):
+    """Base class of every error caused by input, configuration or environment."""
+
+
+class InputError(SuperDMLError, ValueError):
+    """An input file or argument is unusable (wrong bands, corrupt, empty, mismatched)."""
+
+
+class MissingInputError(SuperDMLError, FileNotFoundError):
+    """An input file or folder does not exist."""
+
+
+class ConfigError(SuperDMLError, ValueError):
+    """A configuration value or key is invalid."""
+
+
+class CheckpointError(SuperDMLError, ValueError):
+    """A checkpoint is not one of ours, of another format version, or does not fit."""
+
+
+class DependencyError(SuperDMLError, ImportError):
+    """An optional dependency needed by the requested feature is not installed."""
+
+
+def input_error(path: str | os.PathLike[str], problem: str) -> InputError:
+    """Return an :class:`InputError` whose message is ``<path>: <problem>``."""
+    return InputError(f"{os.fspath(path)}: {problem}")
+
+
+def require_file(path: str | os.PathLike[str], what: str = "file") -> None:
+    """Raise :class:`MissingInputError` naming `path` unless it is an existing file."""
+    if not os.path.isfile(path):
+        problem = "is a folder, expected a file" if os.path.isdir(path) else "no such file"
+        raise MissingInputError(f"{os.fspath(path)}: {problem} ({what})")
+
+
+def require_dir(path: str | os.PathLike[str], what: str = "folder") -> None:
+    """Raise :class:`MissingInputError` naming `path` unless it is an existing folder."""
+    if not os.path.isdir(path):
+        problem = "is a file, expected a folder" if os.path.isfile(path) else "no such folder"
+        raise MissingInputError(f"{os.fspath(path)}: {problem} ({what})")
