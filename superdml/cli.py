@@ -50,9 +50,9 @@ def _parse_bands(ctx: click.Context, param: click.Parameter, value: str | None) 
 
 def bands_option(f: Callable[..., Any]) -> Callable[..., Any]:
     """``--bands 1,2,3``: 1-based band numbers, parsed into a tuple of int."""
-    return click.option(
-        "--bands", callback=_parse_bands, help="1-based band numbers, e.g. 1,2,3."
-    )(f)
+    return click.option("--bands", callback=_parse_bands, help="1-based band numbers, e.g. 1,2,3.")(
+        f
+    )
 
 
 def config_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -121,7 +121,7 @@ def main() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @config_option
 @click.option("--region-size", type=int, help="Approximate superpixel side in pixels [32].")
-@click.option("--compactness", type=float, help="Weight of the spatial term [0.1].")
+@click.option("--compactness", type=float, help="Weight of the spatial term [0.2].")
 @click.option("--tile-size", type=int, help="Core tile side in pixels [2048].")
 @bands_option
 @click.option("--nodata", type=float, help="Value to treat as nodata (default: the raster's).")
@@ -161,3 +161,69 @@ def segment(
                 f"{raster}: {result.n_superpixels} superpixels in {result.n_tiles} tiles "
                 f"-> {result.segments_path}, {result.table_path}"
             )
+
+
+@cli.command()
+@click.argument("segment_dir", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@config_option
+@click.option("--crop-size", type=int, help="Crop side in pixels [64].")
+@click.option(
+    "--mask",
+    type=click.Choice(["none", "outside", "alpha"]),
+    help="Pixels outside the superpixel: kept, zeroed, or kept with an alpha mask [outside].",
+)
+@bands_option
+@click.option("--sample", type=int, help="Draw this many superpixels at random.")
+@click.option("--per-class", type=int, help="At most this many per class (with --label-raster).")
+@click.option("--seed", type=int, help="Seed of the random draws [0].")
+@click.option(
+    "--label-raster",
+    type=click.Path(path_type=Path),
+    help="Categorical raster: each superpixel goes to its majority class's folder.",
+)
+@click.option(
+    "--classes",
+    type=click.Path(path_type=Path),
+    help="YAML mapping label value -> class name.",
+)
+@click.option("--min-purity", type=float, help="Minimum majority share [0.8].")
+@cluster_options
+def crops(
+    segment_dir: Path,
+    out: Path,
+    config_path: Path | None,
+    crop_size: int | None,
+    mask: str | None,
+    bands: tuple[int, ...] | None,
+    sample: int | None,
+    per_class: int | None,
+    seed: int | None,
+    label_raster: Path | None,
+    classes: Path | None,
+    min_purity: float | None,
+    workers: int | None,
+    scheduler: str | None,
+) -> None:
+    """Write PNG crops of the superpixels in SEGMENT_DIR into class folders."""
+    from superdml.cluster import make_client
+    from superdml.config import CropsConfig, load_config
+    from superdml.crops import export_crops
+
+    config = load_config(
+        config_path,
+        CropsConfig,
+        {
+            "crop_size": crop_size,
+            "mask": mask,
+            "bands": bands,
+            "sample": sample,
+            "per_class": per_class,
+            "seed": seed,
+            "min_purity": min_purity,
+        },
+    )
+    with make_client(workers, scheduler) as client:
+        result = export_crops(segment_dir, out, config, label_raster, classes, client=client)
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.per_class.items()))
+    click.echo(f"{result.n_crops} crops ({counts}) -> {result.out_dir}, {result.table_path}")

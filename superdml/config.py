@@ -58,7 +58,7 @@ class SegmentConfig:
     """
 
     region_size: int = 32
-    compactness: float = 0.1
+    compactness: float = 0.2
     max_iter: int = 10
     tile_size: int = 2048
     bands: tuple[int, ...] | None = None
@@ -116,9 +116,7 @@ class CropsConfig:
 
     def __post_init__(self) -> None:
         check(self.crop_size >= 4, "crop_size", self.crop_size, "an integer >= 4")
-        check(
-            self.mask in get_args(MaskMode), "mask", self.mask, "one of none, outside, alpha"
-        )
+        check(self.mask in get_args(MaskMode), "mask", self.mask, "one of none, outside, alpha")
         if self.bands is not None:
             check(
                 1 <= len(self.bands) <= 3 and all(b >= 1 for b in self.bands),
@@ -126,9 +124,7 @@ class CropsConfig:
                 self.bands,
                 "1 to 3 band numbers (1-based)",
             )
-        check(
-            self.sample is None or self.sample >= 1, "sample", self.sample, "an integer >= 1"
-        )
+        check(self.sample is None or self.sample >= 1, "sample", self.sample, "an integer >= 1")
         check(
             self.per_class is None or self.per_class >= 1,
             "per_class",
@@ -141,9 +137,7 @@ class CropsConfig:
             self.sample,
             "sample or per_class, not both",
         )
-        check(
-            0.0 <= self.min_purity <= 1.0, "min_purity", self.min_purity, "a number in [0, 1]"
-        )
+        check(0.0 <= self.min_purity <= 1.0, "min_purity", self.min_purity, "a number in [0, 1]")
 
 
 # --------------------------------------------------------------------------- loading
@@ -342,3 +336,167 @@ def dump_config(config: Any, path: str | os.PathLike[str]) -> None:
 
     with atomic_write(path) as tmp:
         tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+# --------------------------------------------------------------------------- training
+
+Backbone = Literal["resnet18", "resnet34", "resnet50"]
+Normalization = Literal["imagenet", "dataset"]
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-time augmentation (the ``augment:`` section of a training config).
+
+    Attributes
+    ----------
+    hflip, vflip : bool
+        Random horizontal / vertical flips (probability 0.5 each).
+    rot90 : bool
+        Random rotation by a multiple of 90 degrees.
+    color_jitter : float
+        Strength s of brightness, contrast and saturation jitter: each factor is drawn
+        from ``[1 - s, 1 + s]``. Applied to the RGB bands only, never to the alpha mask.
+        0 turns it off.
+    random_resized_crop : float or None
+        Minimum area fraction of a random crop (aspect ratio in [3/4, 4/3]) that is
+        resized back to the input size; the same geometry applies to every band,
+        alpha included. None turns it off.
+    """
+
+    hflip: bool = True
+    vflip: bool = True
+    rot90: bool = True
+    color_jitter: float = 0.2
+    random_resized_crop: float | None = 0.8
+
+    def __post_init__(self) -> None:
+        check(
+            0.0 <= self.color_jitter < 1.0,
+            "color_jitter",
+            self.color_jitter,
+            "a number in [0, 1) (0 = off)",
+        )
+        check(
+            self.random_resized_crop is None or 0.0 < self.random_resized_crop <= 1.0,
+            "random_resized_crop",
+            self.random_resized_crop,
+            "a minimum area fraction in (0, 1], or null to turn it off",
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Parameters of ``superdml train`` (the source of truth for the training YAML files).
+
+    Attributes
+    ----------
+    backbone : {"resnet18", "resnet34", "resnet50"}
+        torchvision ResNet used as feature extractor.
+    pretrained : bool
+        Start from torchvision's ImageNet weights (downloaded once into the torch hub
+        cache, ``$TORCH_HOME``); fails with a clear error when offline and not cached.
+    weights_path : str or None
+        A local torchvision state_dict of `backbone` to start from instead of the
+        download; takes precedence over `pretrained`.
+    embedding_size : int
+        Dimension D of the L2-normalized embedding.
+    input_size : int
+        Side in pixels of the square model input; crops are resized to it.
+    normalization : {"imagenet", "dataset"}
+        Band mean/std: ImageNet's (alpha band 0.5/0.5) or computed from the training
+        folder.
+    loss : str
+        Name of the metric learning loss in the loss registry.
+    loss_params : dict
+        Keyword arguments of the loss (margin, alpha, ...).
+    lr : float
+        Learning rate of the network (AdamW).
+    proxy_lr : float
+        Learning rate of learned proxies / centers of proxy-based losses.
+    weight_decay : float
+        AdamW weight decay.
+    warmup_epochs : int
+        Epochs of linear learning-rate warmup (at most `epochs`).
+    epochs : int
+        Training epochs; one epoch visits every training sample at least once.
+    classes_per_batch : int
+        P, classes in each batch (all classes when there are fewer).
+    samples_per_class : int
+        K, samples of each class in a batch (batch size P * K).
+    val_fraction : float
+        Share of each class held out for validation (stratified); 0 = none.
+    seed : int
+        Seed of the split, sampler, augmentation and weight initialization.
+    num_workers : int
+        DataLoader worker processes; 0 loads in the training process.
+    augment : AugmentConfig
+        Training-time augmentation.
+    """
+
+    backbone: Backbone = "resnet18"
+    pretrained: bool = False
+    weights_path: str | None = None
+    embedding_size: int = 128
+    input_size: int = 64
+    normalization: Normalization = "dataset"
+    loss: str = "proxy_anchor"
+    loss_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    lr: float = 1e-3
+    proxy_lr: float = 1e-2
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 1
+    epochs: int = 10
+    classes_per_batch: int = 8
+    samples_per_class: int = 8
+    val_fraction: float = 0.2
+    seed: int = 0
+    num_workers: int = 0
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        check(
+            self.backbone in get_args(Backbone),
+            "backbone",
+            self.backbone,
+            "one of " + ", ".join(get_args(Backbone)),
+        )
+        check(
+            self.normalization in get_args(Normalization),
+            "normalization",
+            self.normalization,
+            "one of " + ", ".join(get_args(Normalization)),
+        )
+        check(self.embedding_size >= 2, "embedding_size", self.embedding_size, "an integer >= 2")
+        check(self.input_size >= 16, "input_size", self.input_size, "an integer >= 16")
+        check(bool(self.loss), "loss", self.loss, "a loss name")
+        check(self.lr > 0, "lr", self.lr, "a number > 0")
+        check(self.proxy_lr > 0, "proxy_lr", self.proxy_lr, "a number > 0")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+        check(
+            0 <= self.warmup_epochs <= self.epochs,
+            "warmup_epochs",
+            self.warmup_epochs,
+            f"an integer in [0, epochs] ([0, {self.epochs}])",
+        )
+        check(
+            self.classes_per_batch >= 2,
+            "classes_per_batch",
+            self.classes_per_batch,
+            "an integer >= 2",
+        )
+        check(
+            self.samples_per_class >= 1,
+            "samples_per_class",
+            self.samples_per_class,
+            "an integer >= 1",
+        )
+        check(
+            0.0 <= self.val_fraction < 1.0,
+            "val_fraction",
+            self.val_fraction,
+            "a number in [0, 1)",
+        )
+        check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        check(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")

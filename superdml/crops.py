@@ -1,0 +1,634 @@
+"""Superpixel crops: vectorized extraction from a window, and crop folders for people.
+
+The crop rule, shared by ``superdml crops``, training and labeling:
+
+- a ``crop_size`` square centered on the superpixel's centroid pixel
+  (``floor(row)``, ``floor(col)``), read from the source raster across tile edges and
+  padded with 0 beyond the raster edge;
+- 8-bit scaling: uint8 rasters as they are; other dtypes linearly from the band's 1st
+  percentile (0) to its 99th percentile (255), clipped, with the percentiles measured
+  over the whole raster at segment time; nodata pixels become 0;
+- three color bands: the first three of the segmented bands (or ``bands``), a single
+  band repeated as gray, two bands padded with a zero band;
+- mask mode ``none`` (context kept), ``outside`` (pixels of other superpixels zeroed) or
+  ``alpha`` (context kept, the superpixel mask as a fourth band: RGBA PNGs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+
+from superdml._private.atomic import atomic_write
+from superdml.cluster import map_tasks
+from superdml.config import CropsConfig, MaskMode, config_to_dict
+from superdml.errors import InputError, input_error, require_file
+from superdml.raster import check_bands, open_raster, read_window, tile_grid
+from superdml.segment import SegmentRun, load_segment_runs
+
+logger = logging.getLogger(__name__)
+
+CROPS_TABLE = "crops.parquet"
+UNLABELED = "unlabeled"
+SCALING_RULE = "uint8 as is; else linear 1st..99th percentile -> 0..255, clipped"
+TILE_SIZE = 2048
+
+CROPS_SCHEMA = pa.schema(
+    [
+        pa.field("file", pa.string(), nullable=False),
+        pa.field("segment_id", pa.uint32(), nullable=False),
+        pa.field("raster", pa.string(), nullable=False),
+        pa.field("x", pa.float64()),
+        pa.field("y", pa.float64()),
+        pa.field("label", pa.string()),
+        pa.field("purity", pa.float32()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class CropRule:
+    """How crops are cut; travels in ``crops.parquet`` metadata and in checkpoints.
+
+    Attributes
+    ----------
+    crop_size : int
+    mask : {"none", "outside", "alpha"}
+    bands : tuple of int or None
+        1-based source bands that become the color bands (None: the first three).
+    scaling : str
+        The 8-bit scaling rule (see the module docstring).
+    """
+
+    crop_size: int = 64
+    mask: MaskMode = "outside"
+    bands: tuple[int, ...] | None = None
+    scaling: str = SCALING_RULE
+
+    @property
+    def channels(self) -> int:
+        """Bands of a crop: 3, or 4 with the alpha mask."""
+        return 4 if self.mask == "alpha" else 3
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-serializable dict (the form stored in metadata and checkpoints)."""
+        d = dataclasses.asdict(self)
+        d["bands"] = list(self.bands) if self.bands else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CropRule:
+        """Inverse of :meth:`to_dict`."""
+        bands = d.get("bands")
+        return cls(
+            crop_size=int(d["crop_size"]),
+            mask=d["mask"],
+            bands=tuple(bands) if bands else None,
+            scaling=d.get("scaling", SCALING_RULE),
+        )
+
+
+# ------------------------------------------------------------------ pure functions
+
+
+def to_uint8(
+    pixels: np.ndarray, lo: list[float], hi: list[float], valid: np.ndarray | None = None
+) -> np.ndarray:
+    """Scale bands to uint8 by the crop rule.
+
+    Parameters
+    ----------
+    pixels : (C, H, W) ndarray
+    lo, hi : list of float, length C
+        Per-band values mapped to 0 and 255 (ignored for uint8 input).
+    valid : (H, W) bool ndarray, optional
+        Invalid pixels become 0.
+
+    Returns
+    -------
+    (C, H, W) uint8 ndarray
+    """
+    if pixels.dtype == np.uint8:
+        out = pixels.copy()
+    else:
+        lo_ = np.asarray(lo, dtype=np.float32)[:, None, None]
+        hi_ = np.asarray(hi, dtype=np.float32)[:, None, None]
+        scaled = (pixels.astype(np.float32) - lo_) * (255.0 / (hi_ - lo_))
+        out = np.clip(np.nan_to_num(scaled), 0, 255).round().astype(np.uint8)
+    if valid is not None:
+        out[:, ~valid] = 0
+    return out
+
+
+def color_bands(pixels: np.ndarray) -> np.ndarray:
+    """Make exactly three color bands: gray repeated, or a zero band added.
+
+    Parameters
+    ----------
+    pixels : (C, H, W) uint8 ndarray, C in 1..3
+
+    Returns
+    -------
+    (3, H, W) uint8 ndarray
+    """
+    if pixels.shape[0] == 1:
+        return np.repeat(pixels, 3, axis=0)
+    if pixels.shape[0] == 2:
+        return np.concatenate([pixels, np.zeros_like(pixels[:1])], axis=0)
+    return pixels[:3]
+
+
+def extract_crops(
+    window: np.ndarray,
+    segments: np.ndarray,
+    ids: np.ndarray,
+    centers: np.ndarray,
+    size: int,
+    mask: MaskMode = "outside",
+) -> np.ndarray:
+    """Cut one square crop per superpixel from a window, in one gather.
+
+    Parameters
+    ----------
+    window : (C, H, W) uint8 ndarray
+        Pixels of the window, including a margin of at least ``size // 2`` around every
+        center (padding beyond the raster is the caller's).
+    segments : (H, W) uint32 ndarray
+        Superpixel ids of the same window.
+    ids : (N,) ndarray
+        Superpixel id of each crop.
+    centers : (N, 2) int ndarray
+        Row, column of each crop's center pixel, in window coordinates.
+    size : int
+    mask : {"none", "outside", "alpha"}
+
+    Returns
+    -------
+    (N, C, size, size) uint8 ndarray, or (N, C + 1, size, size) with ``mask="alpha"``
+    """
+    half = size // 2
+    top = np.asarray(centers[:, 0], dtype=np.intp) - half
+    left = np.asarray(centers[:, 1], dtype=np.intp) - half
+    h, w = segments.shape
+    if top.size and (
+        top.min() < 0 or left.min() < 0 or top.max() + size > h or left.max() + size > w
+    ):
+        raise ValueError("crop centers closer than size // 2 to the window edge")
+    views = np.lib.stride_tricks.sliding_window_view(window, (size, size), axis=(1, 2))
+    crops = views[:, top, left].transpose(1, 0, 2, 3)
+    if mask == "none":
+        return np.ascontiguousarray(crops)
+    seg_views = np.lib.stride_tricks.sliding_window_view(segments, (size, size))
+    inside = seg_views[top, left] == np.asarray(ids, dtype=segments.dtype)[:, None, None]
+    if mask == "outside":
+        return crops * inside[:, None].astype(np.uint8)
+    alpha = (inside * np.uint8(255)).astype(np.uint8)[:, None]
+    return np.concatenate([crops, alpha], axis=1)
+
+
+def majority_labels(
+    segments: np.ndarray, classes: np.ndarray, ids: np.ndarray, class_nodata: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Majority class of each superpixel and its share of the superpixel's pixels.
+
+    Parameters
+    ----------
+    segments : (H, W) uint32 ndarray
+        Window holding the whole of every superpixel in `ids`.
+    classes : (H, W) integer ndarray
+        Label raster on the same grid.
+    ids : (N,) ndarray
+        Superpixels to label.
+    class_nodata : int or None
+        Label value that is no class (counts against the purity).
+
+    Returns
+    -------
+    majority : (N,) int64 ndarray
+        Majority class value (-1 when the superpixel has no labeled pixel).
+    purity : (N,) float32 ndarray
+        Majority pixels / all pixels of the superpixel.
+    """
+    order = np.argsort(ids)
+    sorted_ids = np.asarray(ids)[order]
+    seg = segments.ravel()
+    pos = np.searchsorted(sorted_ids, seg)
+    pos = np.minimum(pos, max(sorted_ids.size - 1, 0))
+    inside = sorted_ids.size > 0
+    hit = (sorted_ids[pos] == seg) & (seg > 0) if inside else np.zeros_like(seg, dtype=bool)
+    n = sorted_ids.size
+    area = np.bincount(pos[hit], minlength=n)
+    cls = classes.ravel()[hit].astype(np.int64)
+    labeled = cls != class_nodata if class_nodata is not None else np.ones_like(cls, dtype=bool)
+    values, cls_index = np.unique(cls[labeled], return_inverse=True)
+    majority = np.full(n, -1, dtype=np.int64)
+    purity = np.zeros(n, dtype=np.float32)
+    if values.size:
+        counts = np.bincount(
+            pos[hit][labeled] * values.size + cls_index, minlength=n * values.size
+        ).reshape(n, values.size)
+        best = counts.argmax(axis=1)
+        has = counts.max(axis=1) > 0
+        majority[has] = values[best[has]]
+        purity = (counts.max(axis=1) / np.maximum(area, 1)).astype(np.float32)
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(order.size)
+    return majority[inverse], purity[inverse]
+
+
+def write_png(path: Path, crop: np.ndarray) -> None:
+    """Write a (3 or 4, H, W) uint8 crop as an RGB or RGBA PNG, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(crop.transpose(1, 2, 0))).save(tmp, "PNG")
+
+
+# ------------------------------------------------------------------- label rasters
+
+
+def read_class_names(path: str | Path, classes_yaml: str | Path | None) -> dict[int, str]:
+    """Return the class names of a label raster, by class value.
+
+    From a YAML mapping value -> name when given, else from the raster's ``class_names``
+    tag (written by ``superdml export``); values without a name become ``class_<v>``.
+    """
+    import yaml
+
+    if classes_yaml is not None:
+        require_file(classes_yaml, "--classes mapping")
+        loaded = yaml.safe_load(Path(classes_yaml).read_text())
+        if not isinstance(loaded, dict) or not all(isinstance(k, int) for k in loaded):
+            raise input_error(classes_yaml, "expected a YAML mapping of class value -> name")
+        return {int(k): str(v) for k, v in loaded.items()}
+    with open_raster(path) as src:
+        tag = src.tags(1).get("class_names") or src.tags().get("class_names")
+    if tag:
+        names = json.loads(tag)
+        return {i + 1: str(n) for i, n in enumerate(names)}
+    return {}
+
+
+def _check_overlap(run: SegmentRun, label_path: str) -> None:
+    from rasterio.warp import transform_bounds
+
+    with open_raster(label_path) as lab:
+        if lab.count < 1 or np.dtype(lab.dtypes[0]).kind not in "ui":
+            raise input_error(label_path, f"label raster must be integer, got {lab.dtypes[0]}")
+        src_crs, lab_crs = run.source.crs, lab.crs
+        if src_crs is None or lab_crs is None:
+            same = (lab.height, lab.width) == (run.source.height, run.source.width)
+            if not same:
+                raise input_error(
+                    label_path,
+                    "has no CRS (or the raster has none) and a different size: "
+                    "it must be on the raster's grid",
+                )
+            return
+        affine = run.source.affine
+        left, top = affine * (0, 0)
+        right, bottom = affine * (run.source.width, run.source.height)
+        bounds = transform_bounds(
+            src_crs, lab_crs, min(left, right), min(top, bottom), max(left, right), max(top, bottom)
+        )
+        lb = lab.bounds
+        if (
+            bounds[0] >= lb.right
+            or bounds[2] <= lb.left
+            or bounds[1] >= lb.top
+            or bounds[3] <= lb.bottom
+        ):
+            raise input_error(label_path, f"does not overlap the raster {run.source.path}")
+
+
+def read_labels_on_grid(
+    label_path: str, run: SegmentRun, row: int, col: int, height: int, width: int
+) -> np.ndarray:
+    """Read a label raster resampled (nearest) onto a window of the run's grid."""
+    from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
+
+    with open_raster(label_path) as lab:
+        same_grid = (
+            (lab.height, lab.width) == (run.source.height, run.source.width)
+            and (lab.crs is None or run.source.crs is None or lab.crs.to_wkt() == run.source.crs)
+            and (lab.crs is None or np.allclose(tuple(lab.transform)[:6], run.source.transform))
+        )
+        if same_grid:
+            out, _ = read_window(
+                lab, [1], row, col, height, width, nodata=None, fill=lab.nodata or 0
+            )
+            return out[0]
+        with WarpedVRT(
+            lab,
+            crs=run.source.crs,
+            transform=run.source.affine,
+            height=run.source.height,
+            width=run.source.width,
+            resampling=Resampling.nearest,
+        ) as vrt:
+            out, _ = read_window(
+                vrt, [1], row, col, height, width, nodata=None, fill=lab.nodata or 0
+            )
+            return out[0]
+
+
+# ------------------------------------------------------------------------ the stage
+
+
+@dataclass(frozen=True)
+class CropsResult:
+    """What ``export_crops`` wrote: the folder, ``crops.parquet`` and counts per class."""
+
+    out_dir: Path
+    table_path: Path
+    n_crops: int
+    per_class: dict[str, int]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _CropJob:
+    run: SegmentRun
+    rule: CropRule
+    out_dir: str
+    label_path: str | None
+    class_nodata: int | None
+
+
+def _color_band_indexes(run: SegmentRun, rule: CropRule) -> list[int]:
+    """Positions (0-based, into the run's bands) of the crop's color bands."""
+    if rule.bands is None:
+        return list(range(min(3, len(run.bands))))
+    check_bands(run.source.path, run.source.count, rule.bands)
+    missing = [b for b in rule.bands if b not in run.bands]
+    if missing:
+        raise input_error(
+            run.folder, f"band {missing[0]} was not segmented (segmented: {run.bands})"
+        )
+    return [run.bands.index(b) for b in rule.bands]
+
+
+def read_crop_window(
+    run: SegmentRun, rule: CropRule, row: int, col: int, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read (3, h, w) uint8 color bands and (h, w) uint32 segments of a global window."""
+    index = _color_band_indexes(run, rule)
+    bands = [run.bands[i] for i in index]
+    with open_raster(run.source.path) as src:
+        pixels, valid = read_window(src, bands, row, col, height, width)
+    with open_raster(run.segments_path) as seg:
+        segments, _ = read_window(seg, [1], row, col, height, width)
+    lo = [run.band_lo[i] for i in index]
+    hi = [run.band_hi[i] for i in index]
+    return color_bands(to_uint8(pixels, lo, hi, valid)), segments[0]
+
+
+def crop_tile(run: SegmentRun, rule: CropRule, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Crops of the superpixels in `table` (one tile's), from one window read.
+
+    Returns
+    -------
+    crops : (N, 3 or 4, S, S) uint8 ndarray
+    ids : (N,) uint32 ndarray
+    """
+    ids = table.column("segment_id").to_numpy()
+    rows = np.floor(table.column("row").to_numpy()).astype(np.int64)
+    cols = np.floor(table.column("col").to_numpy()).astype(np.int64)
+    half = rule.crop_size // 2
+    r0, c0 = int(rows.min()) - half, int(cols.min()) - half
+    r1, c1 = int(rows.max()) - half + rule.crop_size, int(cols.max()) - half + rule.crop_size
+    pixels, segments = read_crop_window(run, rule, r0, c0, r1 - r0, c1 - c0)
+    centers = np.stack([rows - r0, cols - c0], axis=1)
+    return extract_crops(pixels, segments, ids, centers, rule.crop_size, rule.mask), ids
+
+
+def _tile_table(run: SegmentRun, row: int, col: int, height: int, width: int) -> pa.Table:
+    """Superpixels whose centroid lies in a window (read with row-group pushdown)."""
+    filters = [
+        ("row", ">=", float(row)), ("row", "<", float(row + height)),
+        ("col", ">=", float(col)), ("col", "<", float(col + width)),
+    ]  # fmt: skip
+    return pq.read_table(run.table_path, filters=filters)
+
+
+def _label_task(job: _CropJob, row: int, col: int, height: int, width: int) -> pa.Table:
+    """Majority class and purity of the superpixels owned by one tile."""
+    table = _tile_table(job.run, row, col, height, width)
+    if table.num_rows == 0:
+        return pa.table({"segment_id": pa.array([], pa.uint32()), "value": [], "purity": []})
+    ids = table.column("segment_id").to_numpy()
+    r0 = int(pc.min(table.column("row_start")).as_py())
+    r1 = int(pc.max(table.column("row_stop")).as_py())
+    c0 = int(pc.min(table.column("col_start")).as_py())
+    c1 = int(pc.max(table.column("col_stop")).as_py())
+    with open_raster(job.run.segments_path) as seg:
+        segments, _ = read_window(seg, [1], r0, c0, r1 - r0, c1 - c0)
+    classes = read_labels_on_grid(job.label_path, job.run, r0, c0, r1 - r0, c1 - c0)
+    value, purity = majority_labels(segments[0], classes, ids, job.class_nodata)
+    return pa.table({"segment_id": pa.array(ids, pa.uint32()), "value": value, "purity": purity})
+
+
+@dataclass(frozen=True)
+class _Chosen:
+    """The superpixels of one tile to write: ids, class names and purities."""
+
+    ids: np.ndarray
+    labels: list[str]
+    purity: np.ndarray
+
+
+def _crop_task(
+    job: _CropJob, row: int, col: int, height: int, width: int, chosen: _Chosen | None
+) -> pa.Table:
+    """Write the PNG crops of one tile's chosen superpixels; return their table rows."""
+    table = _tile_table(job.run, row, col, height, width)
+    labels: list[str] = [UNLABELED] * table.num_rows
+    purity = np.full(table.num_rows, np.nan, dtype=np.float32)
+    if chosen is not None:
+        ids = table.column("segment_id").to_numpy()
+        order = np.argsort(chosen.ids)
+        pos = np.searchsorted(chosen.ids, ids, sorter=order).clip(0, max(len(order) - 1, 0))
+        hit = chosen.ids[order[pos]] == ids if len(order) else np.zeros(len(ids), bool)
+        table = table.filter(pa.array(hit))
+        labels = [chosen.labels[i] for i in order[pos[hit]]]
+        purity = chosen.purity[order[pos[hit]]]
+    if table.num_rows == 0:
+        return CROPS_SCHEMA.empty_table()
+    crops, ids = crop_tile(job.run, job.rule, table)
+    files = [
+        f"{label}/{job.run.name}_{int(sid)}.png" for sid, label in zip(ids, labels, strict=True)
+    ]
+    for crop, name in zip(crops, files, strict=True):
+        write_png(Path(job.out_dir) / name, crop)
+    return pa.table(
+        {
+            "file": files,
+            "segment_id": pa.array(ids, pa.uint32()),
+            "raster": [job.run.name] * len(files),
+            "x": table.column("x"),
+            "y": table.column("y"),
+            "label": labels,
+            "purity": pa.array(purity, pa.float32(), from_pandas=True),
+        },
+        schema=CROPS_SCHEMA,
+    )
+
+
+def _choose(
+    tile: np.ndarray, value: np.ndarray, purity: np.ndarray, config: CropsConfig
+) -> np.ndarray:
+    """Indexes of the superpixels to crop: pure enough, then `per_class` or `sample`.
+
+    Parameters
+    ----------
+    tile : (N,) int64 ndarray
+        Global tile number of each candidate (for a stable order).
+    value : (N,) int64 ndarray
+        Majority class value, -1 for none (all -1 without a label raster).
+    purity : (N,) float ndarray
+        Majority share (1 without a label raster).
+    """
+    index = np.flatnonzero((value >= 0) & (purity >= config.min_purity))
+    rng = np.random.default_rng(config.seed)
+    if config.per_class is not None:
+        picked = [
+            rng.permutation(index[value[index] == v])[: config.per_class]
+            for v in np.unique(value[index])
+        ]
+        return np.sort(np.concatenate(picked)) if picked else index
+    if config.sample is not None and index.size > config.sample:
+        return np.sort(rng.choice(index, config.sample, replace=False))
+    return index
+
+
+def _ids_task(job: _CropJob, row: int, col: int, height: int, width: int) -> pa.Table:
+    """Ids of one tile's superpixels, unlabeled (value 0, purity 1)."""
+    ids = _tile_table(job.run, row, col, height, width).column("segment_id")
+    n = len(ids)
+    return pa.table(
+        {"segment_id": ids, "value": np.zeros(n, np.int64), "purity": np.ones(n, np.float32)}
+    )
+
+
+def export_crops(
+    segment_dir: str | Path,
+    out_dir: str | Path,
+    config: CropsConfig | None = None,
+    label_raster: str | Path | None = None,
+    classes: str | Path | None = None,
+    client: Any = None,
+) -> CropsResult:
+    """Write PNG crops of superpixels into class folders, plus ``crops.parquet``.
+
+    Parameters
+    ----------
+    segment_dir : path
+        A segment run folder (every raster in it) or one raster's subfolder.
+    out_dir : path
+        Crop folder: ``<class>/<raster>_<segment_id>.png``, or ``unlabeled/...`` without
+        a label raster.
+    config : CropsConfig, optional
+        Crop size, mask mode, bands, sampling and purity.
+    label_raster : path, optional
+        Categorical raster (any grid; reprojected with nearest) giving each superpixel
+        its majority class; superpixels below ``min_purity`` are skipped.
+    classes : path, optional
+        YAML mapping class value -> name for the label raster.
+    client : distributed.Client, optional
+
+    Returns
+    -------
+    CropsResult
+    """
+    start = time.perf_counter()
+    config = config or CropsConfig()
+    if config.per_class is not None and label_raster is None:
+        raise InputError("--per-class needs --label-raster (classes come from it)")
+    runs = load_segment_runs(segment_dir)
+    rule = CropRule(config.crop_size, config.mask, config.bands)
+    names: dict[int, str] = {}
+    class_nodata = None
+    if label_raster is not None:
+        label_raster = str(Path(label_raster).resolve())
+        with open_raster(label_raster) as lab:
+            class_nodata = None if lab.nodata is None else int(lab.nodata)
+        names = read_class_names(label_raster, classes)
+        for run in runs:
+            _check_overlap(run, label_raster)
+    for run in runs:
+        _color_band_indexes(run, rule)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    calls = [
+        (
+            _CropJob(run, rule, str(out_dir), label_raster, class_nodata),
+            t.row,
+            t.col,
+            t.height,
+            t.width,
+        )
+        for run in runs
+        for t in tile_grid(run.source.height, run.source.width, TILE_SIZE)
+    ]
+    chosen: list[_Chosen | None] = [None] * len(calls)
+    if label_raster is not None or config.sample is not None:
+        task = _label_task if label_raster is not None else _ids_task
+        parts = map_tasks(task, calls, client, desc="classes")
+        tile = np.repeat(np.arange(len(parts)), [p.num_rows for p in parts])
+        cand = pa.concat_tables(parts)
+        value = cand.column("value").to_numpy()
+        purity = cand.column("purity").to_numpy()
+        picked = _choose(tile, value, purity, config)
+        ids = cand.column("segment_id").to_numpy()
+        for t in range(len(calls)):
+            sel = picked[tile[picked] == t]
+            names_t = [
+                names.get(int(v), f"class_{int(v)}") if label_raster else UNLABELED
+                for v in value[sel]
+            ]
+            kept = purity[sel].astype(np.float32) if label_raster else np.full(sel.size, np.nan)
+            chosen[t] = _Chosen(ids[sel], names_t, kept)
+    tables = map_tasks(
+        _crop_task, [(*c, ch) for c, ch in zip(calls, chosen, strict=True)], client, desc="crops"
+    )
+    table = pa.concat_tables(tables) if tables else CROPS_SCHEMA.empty_table()
+    meta = {
+        "crop_rule": rule.to_dict(),
+        "config": config_to_dict(config),
+        "segments": [str(run.folder.resolve()) for run in runs],
+        "label_raster": label_raster,
+    }
+    table_path = out_dir / CROPS_TABLE
+    with atomic_write(table_path) as tmp:
+        pq.write_table(
+            table.replace_schema_metadata({"superdml": json.dumps(meta)}), tmp, compression="zstd"
+        )
+    per_class = pc.value_counts(table.column("label")).to_pylist()
+    return CropsResult(
+        out_dir,
+        table_path,
+        table.num_rows,
+        {d["values"]: d["counts"] for d in per_class},
+        time.perf_counter() - start,
+    )
+
+
+def read_crop_rule(folder: str | Path) -> CropRule | None:
+    """Return the crop rule recorded in ``folder/crops.parquet`` (or one level up), if any."""
+    for candidate in (Path(folder) / CROPS_TABLE, Path(folder).parent / CROPS_TABLE):
+        if candidate.exists():
+            meta = pq.read_schema(candidate).metadata or {}
+            if b"superdml" in meta:
+                return CropRule.from_dict(json.loads(meta[b"superdml"])["crop_rule"])
+    return None

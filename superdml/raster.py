@@ -1,0 +1,286 @@
+"""Raster I/O at the edges: opening with clear errors, tiling, windowed reads, profiles.
+
+Arrays are band-first, as rasterio reads them: ``pixels : (C, H, W)``. Windows are given
+by their global pixel offsets; reads beyond the raster edge are padded and marked
+invalid, so per-tile functions never special-case the edge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.windows import Window
+
+from superdml.errors import MissingInputError, input_error
+
+BLOCK_SIZE = 512
+
+
+@dataclass(frozen=True)
+class RasterInfo:
+    """What later stages need to know about a source raster.
+
+    Attributes
+    ----------
+    path : str
+        Absolute path of the raster.
+    height, width : int
+        Size in pixels.
+    count : int
+        Number of bands.
+    dtype : str
+        Numpy dtype name of the first band.
+    crs : str or None
+        CRS as WKT, None for rasters without one (pixel coordinates).
+    transform : tuple of float
+        The affine transform's six coefficients (a, b, c, d, e, f).
+    nodata : float or None
+        The raster's nodata value.
+    """
+
+    path: str
+    height: int
+    width: int
+    count: int
+    dtype: str
+    crs: str | None
+    transform: tuple[float, ...]
+    nodata: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-serializable dict."""
+        return dataclasses.asdict(self)
+
+    @property
+    def affine(self) -> rasterio.Affine:
+        """The affine transform."""
+        return rasterio.Affine(*self.transform)
+
+
+def open_raster(path: str | os.PathLike[str]) -> rasterio.DatasetReader:
+    """Open `path` with rasterio, turning failures into one-line input errors.
+
+    Raises
+    ------
+    MissingInputError
+        When the file does not exist.
+    InputError
+        When rasterio cannot read it as a raster.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MissingInputError(f"{path}: no such file (raster)")
+    if path.is_dir():
+        raise input_error(path, "is a folder, expected a raster file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return rasterio.open(path)
+    except RasterioIOError as err:
+        raise input_error(path, f"not a raster that rasterio can open ({err})") from None
+
+
+def raster_info(path: str | os.PathLike[str]) -> RasterInfo:
+    """Read the size, bands, grid and CRS of a raster."""
+    with open_raster(path) as src:
+        return RasterInfo(
+            path=str(Path(path).resolve()),
+            height=src.height,
+            width=src.width,
+            count=src.count,
+            dtype=src.dtypes[0],
+            crs=src.crs.to_wkt() if src.crs else None,
+            transform=tuple(src.transform)[:6],
+            nodata=src.nodata,
+        )
+
+
+def check_bands(
+    path: str | os.PathLike[str], count: int, bands: tuple[int, ...] | None
+) -> list[int]:
+    """Return the 1-based band list to read, checking it against the raster's `count`."""
+    if bands is None:
+        return list(range(1, count + 1))
+    missing = [b for b in bands if b > count]
+    if missing:
+        raise input_error(
+            path, f"has {count} band(s), --bands asks for band {missing[0]}: pass bands 1..{count}"
+        )
+    return list(bands)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A core window of the tiling: tile index (`ti`, `tj`) and its pixel extent."""
+
+    ti: int
+    tj: int
+    row: int
+    col: int
+    height: int
+    width: int
+
+    @property
+    def key(self) -> str:
+        """A file-name-safe key such as ``t0003_0007``."""
+        return f"t{self.ti:04d}_{self.tj:04d}"
+
+
+def tile_grid(height: int, width: int, tile_size: int) -> list[Tile]:
+    """Cut a raster of `height` x `width` into core tiles of `tile_size`, row-major."""
+    tiles = []
+    for ti, row in enumerate(range(0, height, tile_size)):
+        for tj, col in enumerate(range(0, width, tile_size)):
+            tiles.append(
+                Tile(ti, tj, row, col, min(tile_size, height - row), min(tile_size, width - col))
+            )
+    return tiles
+
+
+def read_window(
+    src: rasterio.DatasetReader,
+    bands: list[int],
+    row: int,
+    col: int,
+    height: int,
+    width: int,
+    nodata: float | None = None,
+    fill: float = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read a window that may extend beyond the raster; pad outside with `fill`.
+
+    Parameters
+    ----------
+    src : rasterio dataset
+    bands : list of int
+        1-based bands to read.
+    row, col, height, width : int
+        Global window; may start at negative offsets or end past the edge.
+    nodata : float, optional
+        Value that marks invalid pixels; the dataset's own mask (nodata value, alpha
+        or mask band) is used when None.
+    fill : float
+        Value of padded pixels.
+
+    Returns
+    -------
+    pixels : (C, height, width) ndarray of the raster's dtype
+    valid : (height, width) bool ndarray
+        False for nodata, NaN and padded pixels.
+    """
+    dtype = np.dtype(src.dtypes[bands[0] - 1])
+    pixels = np.full((len(bands), height, width), fill, dtype=dtype)
+    valid = np.zeros((height, width), dtype=bool)
+    r0, c0 = max(row, 0), max(col, 0)
+    r1, c1 = min(row + height, src.height), min(col + width, src.width)
+    if r1 <= r0 or c1 <= c0:
+        return pixels, valid
+    window = Window(c0, r0, c1 - c0, r1 - r0)
+    inner = (slice(r0 - row, r1 - row), slice(c0 - col, c1 - col))
+    data = src.read(bands, window=window)
+    pixels[(slice(None), *inner)] = data
+    if nodata is not None:
+        ok = ~np.any(data == nodata, axis=0) if not np.isnan(nodata) else np.ones_like(valid[inner])
+    else:
+        ok = np.all(src.read_masks(bands, window=window) > 0, axis=0)
+    if dtype.kind == "f":
+        ok &= np.all(np.isfinite(data), axis=0)
+    valid[inner] = ok
+    return pixels, valid
+
+
+def band_ranges(
+    src: rasterio.DatasetReader,
+    bands: list[int],
+    nodata: float | None = None,
+    max_side: int = 1024,
+    percentiles: tuple[float, float] = (1.0, 99.0),
+) -> tuple[list[float], list[float]]:
+    """Per-band value ranges used to scale bands to [0, 1] (and crops to 8 bit).
+
+    uint8 rasters use the fixed range 0..255. Other dtypes use the `percentiles` of
+    the valid pixels of a decimated read (at most `max_side` pixels a side), so memory
+    does not grow with the raster.
+
+    Returns
+    -------
+    lo, hi : list of float
+        One value per band, ``hi > lo``.
+
+    Raises
+    ------
+    InputError
+        When the raster has no valid pixel at all (all nodata).
+    """
+    scale = max(src.height, src.width) / max_side
+    shape = (
+        len(bands),
+        max(1, int(round(src.height / max(scale, 1)))),
+        max(1, int(round(src.width / max(scale, 1)))),
+    )
+    data = src.read(bands, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
+    if nodata is not None:
+        ok = ~np.any(data == nodata, axis=0)
+    else:
+        ok = np.all(src.read_masks(bands, out_shape=shape) > 0, axis=0)
+    if data.dtype.kind == "f":
+        ok &= np.all(np.isfinite(data), axis=0)
+    if not ok.any() and not _any_valid(src, bands, nodata):
+        raise input_error(src.name, "has no valid pixel (every pixel is nodata)")
+    if data.dtype == np.uint8:
+        return [0.0] * len(bands), [255.0] * len(bands)
+    values = data[:, ok].astype(np.float64) if ok.any() else data.reshape(len(bands), -1)
+    lo = np.percentile(values, percentiles[0], axis=1)
+    hi = np.percentile(values, percentiles[1], axis=1)
+    hi = np.where(hi > lo, hi, lo + 1.0)
+    return [float(v) for v in lo], [float(v) for v in hi]
+
+
+def _any_valid(src: rasterio.DatasetReader, bands: list[int], nodata: float | None) -> bool:
+    """Scan the raster block row by block row for one valid pixel (bounded memory)."""
+    for row in range(0, src.height, BLOCK_SIZE):
+        h = min(BLOCK_SIZE, src.height - row)
+        _, valid = read_window(src, bands, row, 0, h, src.width, nodata)
+        if valid.any():
+            return True
+    return False
+
+
+def geotiff_profile(
+    info: RasterInfo, dtype: str, count: int = 1, nodata: float | None = 0
+) -> dict[str, Any]:
+    """Profile of a tiled, compressed GeoTIFF on the grid of `info`."""
+    integer = np.dtype(dtype).kind in "ui"
+    return {
+        "driver": "GTiff",
+        "height": info.height,
+        "width": info.width,
+        "count": count,
+        "dtype": dtype,
+        "crs": info.crs,
+        "transform": info.affine,
+        "nodata": nodata,
+        "tiled": True,
+        "blockxsize": BLOCK_SIZE,
+        "blockysize": BLOCK_SIZE,
+        "compress": "deflate",
+        "predictor": 2 if integer else 3,
+        "zlevel": 6,
+        "BIGTIFF": "IF_SAFER",
+    }
+
+
+def iter_blocks(height: int, width: int, size: int = 2048) -> Iterator[tuple[int, int, int, int]]:
+    """Yield ``(row, col, h, w)`` windows covering a raster, row-major."""
+    for row in range(0, height, size):
+        for col in range(0, width, size):
+            yield row, col, min(size, height - row), min(size, width - col)

@@ -1,0 +1,70 @@
+"""Small rasters for tests, written with rasterio from scikit-image's bundled images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.transform import from_origin
+from skimage import data, transform
+
+CRS = "EPSG:32633"
+TRANSFORM = from_origin(500_000.0, 4_000_000.0, 2.0, 2.0)
+
+
+def write_raster(
+    path: Path,
+    pixels: np.ndarray,
+    crs: str | None = CRS,
+    nodata: float | None = None,
+    transform_: rasterio.Affine | None = TRANSFORM,
+    driver: str = "GTiff",
+    **extra: object,
+) -> Path:
+    """Write band-first `pixels` (C, H, W) to `path`."""
+    count, height, width = pixels.shape
+    profile: dict[str, object] = {
+        "driver": driver,
+        "height": height,
+        "width": width,
+        "count": count,
+        "dtype": pixels.dtype.name,
+    }
+    if crs is not None:
+        profile.update(crs=crs, transform=transform_)
+    if nodata is not None:
+        profile["nodata"] = nodata
+    profile.update(extra)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(pixels)
+    return path
+
+
+def texture_mosaic(size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB mosaic of four textures in irregular regions, and its truth (1..4).
+
+    Returns
+    -------
+    rgb : (3, size, size) uint8 ndarray
+    truth : (size, size) uint8 ndarray
+    """
+    def tile(img: np.ndarray) -> np.ndarray:
+        img = img if img.ndim == 3 else np.repeat(img[..., None], 3, axis=2)
+        reps = (size // img.shape[0] + 1, size // img.shape[1] + 1, 1)
+        return np.tile(img, reps)[:size, :size]
+
+    sources = [
+        tile(data.brick()),
+        tile(data.grass()),
+        tile(data.gravel()),
+        tile((transform.resize(data.coffee(), (200, 300), anti_aliasing=True) * 255).astype(np.uint8)),
+    ]
+    rows, cols = np.mgrid[0:size, 0:size] / size
+    truth = np.ones((size, size), dtype=np.uint8)
+    truth[(cols > 0.45 + 0.1 * np.sin(rows * 7))] = 2
+    truth[(rows > 0.55 + 0.08 * np.cos(cols * 9))] += 2
+    rgb = np.zeros((size, size, 3), dtype=np.uint8)
+    for k, src in enumerate(sources, start=1):
+        rgb[truth == k] = src[truth == k]
+    return rgb.transpose(2, 0, 1), truth
