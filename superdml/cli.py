@@ -102,10 +102,11 @@ def cli(ctx: click.Context, quiet: bool, debug: bool) -> None:
     """Label superpixels of large rasters with deep metric learning."""
     ctx.meta["superdml.debug"] = debug
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
-    logging.getLogger("superdml").setLevel(level)
-    for noisy in ("distributed", "rasterio", "matplotlib", "PIL", "fsspec"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    # superdml's own progress at `level`; other libraries (dask, rasterio) only warnings
+    handler.addFilter(lambda r: r.name.startswith("superdml") or r.levelno >= logging.WARNING)
+    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 def main() -> None:

@@ -280,6 +280,7 @@ def read_class_names(path: str | Path, classes_yaml: str | Path | None) -> dict[
 
 
 def _check_overlap(run: SegmentRun, label_path: str) -> None:
+    from rasterio.transform import array_bounds
     from rasterio.warp import transform_bounds
 
     with open_raster(label_path) as lab:
@@ -295,12 +296,10 @@ def _check_overlap(run: SegmentRun, label_path: str) -> None:
                     "it must be on the raster's grid",
                 )
             return
-        affine = run.source.affine
-        left, top = affine * (0, 0)
-        right, bottom = affine * (run.source.width, run.source.height)
-        bounds = transform_bounds(
-            src_crs, lab_crs, min(left, right), min(top, bottom), max(left, right), max(top, bottom)
+        west, south, east, north = array_bounds(
+            run.source.height, run.source.width, run.source.affine
         )
+        bounds = transform_bounds(src_crs, lab_crs, west, south, east, north)
         lb = lab.bounds
         if (
             bounds[0] >= lb.right

@@ -49,6 +49,7 @@ def texture_mosaic(size: int = 512) -> tuple[np.ndarray, np.ndarray]:
     rgb : (3, size, size) uint8 ndarray
     truth : (size, size) uint8 ndarray
     """
+
     def tile(img: np.ndarray) -> np.ndarray:
         img = img if img.ndim == 3 else np.repeat(img[..., None], 3, axis=2)
         reps = (size // img.shape[0] + 1, size // img.shape[1] + 1, 1)
@@ -58,7 +59,9 @@ def texture_mosaic(size: int = 512) -> tuple[np.ndarray, np.ndarray]:
         tile(data.brick()),
         tile(data.grass()),
         tile(data.gravel()),
-        tile((transform.resize(data.coffee(), (200, 300), anti_aliasing=True) * 255).astype(np.uint8)),
+        tile(
+            (transform.resize(data.coffee(), (200, 300), anti_aliasing=True) * 255).astype(np.uint8)
+        ),
     ]
     rows, cols = np.mgrid[0:size, 0:size] / size
     truth = np.ones((size, size), dtype=np.uint8)

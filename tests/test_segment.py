@@ -67,7 +67,7 @@ def test_table_centroids_bbox_means_match_pixels(mosaic_runs, mosaic_tif):
         assert (row["row_start"], row["row_stop"]) == (rr.min(), rr.max() + 1)
         assert (row["col_start"], row["col_stop"]) == (cc.min(), cc.max() + 1)
         assert row["mean_b2"] == pytest.approx(rgb[1, rr, cc].mean())
-        x, y = transform * (cc.mean() + 0.5, rr.mean() + 0.5)
+        x, y = transform @ (cc.mean() + 0.5, rr.mean() + 0.5)
         assert (row["x"], row["y"]) == pytest.approx((x, y))
         assert row["raster"] == "mosaic"
 
@@ -119,7 +119,9 @@ def test_rerun_is_skipped_and_identical(mosaic_tif, mosaic_runs):
     assert again.skipped and again.n_superpixels == first.n_superpixels
 
 
-def test_resume_after_interruption_gives_identical_output(mosaic_tif, mosaic_runs, tmp_path, monkeypatch):
+def test_resume_after_interruption_gives_identical_output(
+    mosaic_tif, mosaic_runs, tmp_path, monkeypatch
+):
     real = segment_module._assign_task
     calls = {"n": 0}
 
@@ -188,11 +190,18 @@ def test_band_counts_and_dtypes(tmp_path, dtype, count):
     # per-band scaling: tiny float values still give image-following superpixels,
     # about one per 16x16 cell
     assert 0.6 * 144 < result.n_superpixels <= 144
-    assert pq.read_schema(result.table_path).names[-count:] == [f"mean_b{b}" for b in range(1, count + 1)]
+    assert pq.read_schema(result.table_path).names[-count:] == [
+        f"mean_b{b}" for b in range(1, count + 1)
+    ]
 
 
 def test_png_without_crs_uses_pixel_coordinates(tmp_path):
-    path = write_raster(tmp_path / "plain.png", data.chelsea()[:128, :160].transpose(2, 0, 1), crs=None, driver="PNG")
+    path = write_raster(
+        tmp_path / "plain.png",
+        data.chelsea()[:128, :160].transpose(2, 0, 1),
+        crs=None,
+        driver="PNG",
+    )
     result = segment_raster(path, tmp_path / "out", SegmentConfig(region_size=16, tile_size=64))
     with rasterio.open(result.segments_path) as src:
         assert src.crs is None
@@ -205,8 +214,12 @@ def test_vrt_mosaic_of_two_files(tmp_path):
     from rasterio.transform import from_origin
 
     rgb = data.astronaut()[:128].transpose(2, 0, 1)
-    left = write_raster(tmp_path / "left.tif", rgb[:, :, :256], transform_=from_origin(0, 128, 1, 1))
-    right = write_raster(tmp_path / "right.tif", rgb[:, :, 256:], transform_=from_origin(256, 128, 1, 1))
+    left = write_raster(
+        tmp_path / "left.tif", rgb[:, :, :256], transform_=from_origin(0, 128, 1, 1)
+    )
+    right = write_raster(
+        tmp_path / "right.tif", rgb[:, :, 256:], transform_=from_origin(256, 128, 1, 1)
+    )
     vrt = tmp_path / "mosaic.vrt"
     vrt.write_text(_vrt_xml([left, right], 512, 128))
     result = segment_raster(vrt, tmp_path / "out", SegmentConfig(region_size=16, tile_size=128))
@@ -270,7 +283,11 @@ def test_band_out_of_range(mosaic_tif, tmp_path):
 
 @pytest.mark.parametrize(
     ("key", "value", "message"),
-    [("tile_size", 0, "tile_size: got 0"), ("region_size", 1, "region_size"), ("compactness", -1.0, "compactness")],
+    [
+        ("tile_size", 0, "tile_size: got 0"),
+        ("region_size", 1, "region_size"),
+        ("compactness", -1.0, "compactness"),
+    ],
 )
 def test_bad_config_values(key, value, message):
     with pytest.raises(ConfigError, match=message):

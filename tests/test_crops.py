@@ -1,0 +1,199 @@
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+from PIL import Image
+from rasterio.transform import from_origin
+from rasters import texture_mosaic, write_raster
+
+from superdml.config import CropsConfig, SegmentConfig
+from superdml.crops import (
+    CropRule,
+    export_crops,
+    extract_crops,
+    majority_labels,
+    read_crop_rule,
+    to_uint8,
+)
+from superdml.errors import InputError, MissingInputError
+from superdml.segment import segment_raster
+
+
+def superpixel_rows(path):
+    return {row["segment_id"]: row for row in pq.read_table(path).to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def mosaic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mosaic")
+    rgb, truth = texture_mosaic(384)
+    source = write_raster(root / "mosaic.tif", rgb)
+    truth_tif = write_raster(root / "truth.tif", truth[None], nodata=0)
+    segments = segment_raster(source, root / "seg", SegmentConfig(region_size=16, tile_size=128))
+    return {"root": root, "rgb": rgb, "truth": truth, "truth_tif": truth_tif, "seg": segments}
+
+
+def test_label_raster_sorts_crops_into_majority_class_folders(mosaic, tmp_path):
+    config = CropsConfig(crop_size=24, per_class=15, min_purity=0.9)
+    result = export_crops(mosaic["seg"].out_dir, tmp_path / "crops", config, mosaic["truth_tif"])
+    assert result.per_class == {f"class_{k}": 15 for k in (1, 2, 3, 4)}
+    table = pq.read_table(result.table_path).to_pylist()
+    with rasterio.open(mosaic["seg"].segments_path) as src:
+        segments = src.read(1)
+    for row in table[::6]:
+        inside = mosaic["truth"][segments == row["segment_id"]]
+        values, counts = np.unique(inside, return_counts=True)
+        assert row["label"] == f"class_{values[counts.argmax()]}"
+        assert row["purity"] == pytest.approx(counts.max() / inside.size) and row["purity"] >= 0.9
+        assert (tmp_path / "crops" / row["file"]).exists()
+        assert row["file"] == f"{row['label']}/mosaic_{row['segment_id']}.png"
+
+
+def test_crop_pixels_come_from_the_source_window(mosaic, tmp_path):
+    result = export_crops(
+        mosaic["seg"].out_dir, tmp_path / "c", CropsConfig(crop_size=16, mask="none", sample=5)
+    )
+    sp = superpixel_rows(mosaic["seg"].table_path)
+    for row in pq.read_table(result.table_path).to_pylist():
+        crop = np.asarray(Image.open(tmp_path / "c" / row["file"]))
+        r, c = int(sp[row["segment_id"]]["row"]), int(sp[row["segment_id"]]["col"])
+        expected = np.zeros((16, 16, 3), np.uint8)
+        r0, c0 = r - 8, c - 8
+        rr0, cc0 = max(r0, 0), max(c0, 0)
+        window = mosaic["rgb"][:, rr0 : r0 + 16, cc0 : c0 + 16].transpose(1, 2, 0)
+        expected[rr0 - r0 : rr0 - r0 + window.shape[0], cc0 - c0 : cc0 - c0 + window.shape[1]] = (
+            window
+        )
+        np.testing.assert_array_equal(crop, expected)
+        assert row["label"] == "unlabeled" and row["purity"] is None
+
+
+@pytest.mark.parametrize("mask", ["none", "outside", "alpha"])
+def test_mask_modes(mosaic, tmp_path, mask):
+    result = export_crops(
+        mosaic["seg"].out_dir,
+        tmp_path / mask,
+        CropsConfig(crop_size=32, mask=mask, sample=4, seed=3),
+    )
+    with rasterio.open(mosaic["seg"].segments_path) as src:
+        segments = src.read(1)
+    sp = superpixel_rows(mosaic["seg"].table_path)
+    for row in pq.read_table(result.table_path).to_pylist():
+        img = Image.open(tmp_path / mask / row["file"])
+        assert img.mode == ("RGBA" if mask == "alpha" else "RGB")
+        crop = np.asarray(img)
+        r, c = int(sp[row["segment_id"]]["row"]), int(sp[row["segment_id"]]["col"])
+        padded = np.pad(segments, 16)
+        inside = padded[r : r + 32, c : c + 32] == row["segment_id"]
+        if mask == "outside":
+            assert (crop[~inside] == 0).all() and crop[inside].any()
+        elif mask == "alpha":
+            np.testing.assert_array_equal(crop[..., 3], inside * 255)
+            assert crop[~inside, :3].any()  # context kept
+    rule = read_crop_rule(tmp_path / mask)
+    assert rule == CropRule(crop_size=32, mask=mask)
+    meta = json.loads(pq.read_schema(result.table_path).metadata[b"superdml"])
+    assert meta["crop_rule"]["mask"] == mask
+
+
+def test_sample_is_seeded_and_sized(mosaic, tmp_path):
+    a = export_crops(
+        mosaic["seg"].out_dir, tmp_path / "a", CropsConfig(crop_size=16, sample=20, seed=1)
+    )
+    b = export_crops(
+        mosaic["seg"].out_dir, tmp_path / "b", CropsConfig(crop_size=16, sample=20, seed=1)
+    )
+    c = export_crops(
+        mosaic["seg"].out_dir, tmp_path / "c", CropsConfig(crop_size=16, sample=20, seed=2)
+    )
+    ids = [pq.read_table(r.table_path).column("segment_id").to_pylist() for r in (a, b, c)]
+    assert len(ids[0]) == 20 and ids[0] == ids[1] and ids[0] != ids[2]
+    assert len(list((tmp_path / "a" / "unlabeled").glob("*.png"))) == 20
+
+
+def test_per_class_keeps_rare_classes_whole(tmp_path):
+    rgb, _ = texture_mosaic(256)
+    truth = np.ones((256, 256), np.uint8)
+    truth[:40, :40] = 2  # a rare class: a few superpixels
+    source = write_raster(tmp_path / "m.tif", rgb)
+    labels = write_raster(tmp_path / "t.tif", truth[None])
+    seg = segment_raster(source, tmp_path / "seg", SegmentConfig(region_size=16, tile_size=128))
+    names = tmp_path / "classes.yaml"
+    names.write_text("1: field\n2: pond\n")
+    config = CropsConfig(crop_size=16, per_class=30, min_purity=0.99)
+    result = export_crops(seg.out_dir, tmp_path / "c", config, labels, classes=names)
+    assert result.per_class["field"] == 30
+    assert 1 <= result.per_class["pond"] < 30
+
+
+def test_label_raster_on_another_grid_is_reprojected(mosaic, tmp_path):
+    fine = np.repeat(np.repeat(mosaic["truth"], 2, axis=0), 2, axis=1)  # 1 m pixels, same extent
+    fine_tif = write_raster(
+        tmp_path / "fine.tif", fine[None], transform_=from_origin(500_000.0, 4_000_000.0, 1.0, 1.0)
+    )
+    config = CropsConfig(crop_size=16, per_class=5, min_purity=0.9)
+    a = export_crops(mosaic["seg"].out_dir, tmp_path / "a", config, fine_tif)
+    b = export_crops(mosaic["seg"].out_dir, tmp_path / "b", config, mosaic["truth_tif"])
+    assert (
+        pq.read_table(a.table_path).column("label").to_pylist()
+        == pq.read_table(b.table_path).column("label").to_pylist()
+    )
+
+
+def test_label_raster_that_does_not_overlap(mosaic, tmp_path):
+    far = write_raster(
+        tmp_path / "far.tif",
+        mosaic["truth"][None],
+        transform_=from_origin(900_000.0, 100_000.0, 2.0, 2.0),
+    )
+    with pytest.raises(InputError, match="far.tif: does not overlap"):
+        export_crops(mosaic["seg"].out_dir, tmp_path / "c", CropsConfig(), far)
+    assert not (tmp_path / "c" / "crops.parquet").exists()
+
+
+def test_bad_inputs(mosaic, tmp_path):
+    with pytest.raises(InputError, match="--per-class needs --label-raster"):
+        export_crops(mosaic["seg"].out_dir, tmp_path / "c", CropsConfig(per_class=3))
+    with pytest.raises(MissingInputError, match="nowhere: no such folder"):
+        export_crops(tmp_path / "nowhere", tmp_path / "c")
+    with pytest.raises(InputError, match="not a segment folder"):
+        export_crops(tmp_path, tmp_path / "c")
+    with pytest.raises(InputError, match="band 4 was not segmented|has 3 band"):
+        export_crops(mosaic["seg"].out_dir, tmp_path / "c", CropsConfig(bands=(4,)))
+
+
+# --------------------------------------------------------------- pure functions
+
+
+def test_extract_crops_gathers_and_masks():
+    window = np.arange(2 * 6 * 6, dtype=np.uint8).reshape(2, 6, 6)
+    segments = np.zeros((6, 6), np.uint32)
+    segments[1:3, 1:3] = 7
+    crops = extract_crops(window, segments, np.array([7]), np.array([[2, 2]]), 4, "outside")
+    assert crops.shape == (1, 2, 4, 4)
+    expected = window[:, 0:4, 0:4] * (segments[0:4, 0:4] == 7)
+    np.testing.assert_array_equal(crops[0], expected)
+    alpha = extract_crops(window, segments, np.array([7]), np.array([[2, 2]]), 4, "alpha")
+    np.testing.assert_array_equal(alpha[0, :2], window[:, 0:4, 0:4])
+    np.testing.assert_array_equal(alpha[0, 2], (segments[0:4, 0:4] == 7) * 255)
+    with pytest.raises(ValueError, match="window edge"):
+        extract_crops(window, segments, np.array([7]), np.array([[1, 1]]), 4, "none")
+
+
+def test_to_uint8_scales_by_percentile_range_and_zeroes_nodata():
+    pixels = np.array([[[100, 600, 1100, 5000]]], dtype=np.uint16)
+    valid = np.array([[True, True, True, False]])
+    out = to_uint8(pixels, [100.0], [1100.0], valid)
+    np.testing.assert_array_equal(out, [[[0, 128, 255, 0]]])
+    same = to_uint8(np.array([[[3, 250]]], np.uint8), [0.0], [255.0])
+    np.testing.assert_array_equal(same, [[[3, 250]]])
+
+
+def test_majority_labels_by_hand():
+    segments = np.array([[1, 1, 2, 2], [1, 1, 2, 3]], np.uint32)
+    classes = np.array([[5, 5, 6, 0], [5, 6, 0, 0]])
+    majority, purity = majority_labels(segments, classes, np.array([2, 1, 3]), class_nodata=0)
+    np.testing.assert_array_equal(majority, [6, 5, -1])
+    np.testing.assert_allclose(purity, [1 / 3, 3 / 4, 0])
