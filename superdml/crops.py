@@ -412,18 +412,9 @@ def crop_tile(run: SegmentRun, rule: CropRule, table: pa.Table) -> tuple[np.ndar
     return extract_crops(pixels, segments, ids, centers, rule.crop_size, rule.mask), ids
 
 
-def _tile_table(run: SegmentRun, row: int, col: int, height: int, width: int) -> pa.Table:
-    """Superpixels whose centroid lies in a window (read with row-group pushdown)."""
-    filters = [
-        ("row", ">=", float(row)), ("row", "<", float(row + height)),
-        ("col", ">=", float(col)), ("col", "<", float(col + width)),
-    ]  # fmt: skip
-    return pq.read_table(run.table_path, filters=filters)
-
-
 def _label_task(job: _CropJob, row: int, col: int, height: int, width: int) -> pa.Table:
     """Majority class and purity of the superpixels owned by one tile."""
-    table = _tile_table(job.run, row, col, height, width)
+    table = job.run.superpixels_in(row, col, height, width)
     if table.num_rows == 0:
         return pa.table({"segment_id": pa.array([], pa.uint32()), "value": [], "purity": []})
     ids = table.column("segment_id").to_numpy()
@@ -451,7 +442,7 @@ def _crop_task(
     job: _CropJob, row: int, col: int, height: int, width: int, chosen: _Chosen | None
 ) -> pa.Table:
     """Write the PNG crops of one tile's chosen superpixels; return their table rows."""
-    table = _tile_table(job.run, row, col, height, width)
+    table = job.run.superpixels_in(row, col, height, width)
     labels: list[str] = [UNLABELED] * table.num_rows
     purity = np.full(table.num_rows, np.nan, dtype=np.float32)
     if chosen is not None:
@@ -513,7 +504,7 @@ def _choose(
 
 def _ids_task(job: _CropJob, row: int, col: int, height: int, width: int) -> pa.Table:
     """Ids of one tile's superpixels, unlabeled (value 0, purity 1)."""
-    ids = _tile_table(job.run, row, col, height, width).column("segment_id")
+    ids = job.run.superpixels_in(row, col, height, width).column("segment_id")
     n = len(ids)
     return pa.table(
         {"segment_id": ids, "value": np.zeros(n, np.int64), "purity": np.ones(n, np.float32)}

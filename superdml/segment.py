@@ -761,6 +761,19 @@ class SegmentRun:
         """Path of ``superpixels.parquet``."""
         return self.folder / TABLE_NAME
 
+    def superpixels_in(
+        self, row: int, col: int, height: int, width: int, columns: list[str] | None = None
+    ) -> pa.Table:
+        """Return the table rows of the superpixels whose centroid lies in a window.
+
+        Row groups follow the tiles, so the filter reads only the groups it needs.
+        """
+        filters = [
+            ("row", ">=", float(row)), ("row", "<", float(row + height)),
+            ("col", ">=", float(col)), ("col", "<", float(col + width)),
+        ]  # fmt: skip
+        return pq.read_table(self.table_path, columns=columns, filters=filters)
+
     def with_source(self, raster: str | Path) -> SegmentRun:
         """Return this run reading from `raster` instead (a moved source); grids must match."""
         info = raster_info(raster)
