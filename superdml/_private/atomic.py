@@ -11,9 +11,15 @@ from pathlib import Path
 from typing import Any
 
 
-def temp_path(path: str | os.PathLike[str]) -> Path:
-    """Return the temporary sibling name used while `path` is being written."""
+def temp_path(path: str | os.PathLike[str], keep_suffix: bool = False) -> Path:
+    """Return the temporary sibling name used while `path` is being written.
+
+    ``name.ext.tmp-<pid>``, or ``name.tmp-<pid>.ext`` with `keep_suffix` for writers that
+    insist on an extension (GeoPackage).
+    """
     path = Path(path)
+    if keep_suffix:
+        return path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
     return path.with_name(f"{path.name}.tmp-{os.getpid()}")
 
 
@@ -28,14 +34,14 @@ def _fsync(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_write(path: str | os.PathLike[str], keep_suffix: bool = False) -> Iterator[Path]:
     """Yield a temporary path; on success move it onto `path`, on failure remove it.
 
     Works for files and folders: whatever the body creates at the yielded path
     replaces `path` only when the body finishes without an exception.
     """
     final = Path(path)
-    tmp = temp_path(final)
+    tmp = temp_path(final, keep_suffix)
     _remove(tmp)
     try:
         yield tmp

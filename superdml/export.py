@@ -1,0 +1,353 @@
+"""GIS exports of predictions: label and score rasters, polygons, QGIS style, summary.
+
+Rasters are written window by window from ``segments.tif`` and the predictions parts of
+the window's tile and its neighbours (a small lookup table from segment id to class),
+never the whole raster in memory. With ``raster_format="cog"`` the tiled GeoTIFF is then
+copied by GDAL's COG driver (overviews by mode for labels, average for scores).
+Polygons are traced per tile over the superpixels that tile owns, so each superpixel
+is traced once, whole.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from xml.sax.saxutils import escape
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import rasterio
+import rasterio.features
+import rasterio.shutil
+from rasterio.windows import Window
+from rasterio.windows import transform as window_transform
+
+from superdml._private.atomic import atomic_write, temp_path, write_json
+from superdml._private.progress import progress
+from superdml.errors import InputError
+from superdml.predictions import LabelRun, load_label_run, lookup, neighbours
+from superdml.raster import geotiff_profile, open_raster, read_window
+from superdml.segment import SegmentRun, load_segment_runs
+
+logger = logging.getLogger(__name__)
+
+RasterFormat = Literal["cog", "gtiff"]
+VectorFormat = Literal["gpkg", "parquet", "none"]
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """Files written by :func:`export`, per raster name."""
+
+    outputs: dict[str, dict[str, Path]]
+    seconds: float
+
+
+def class_colors(n: int) -> list[tuple[int, int, int]]:
+    """Return `n` distinct RGB colors: tab20 first, then golden-angle hues."""
+    from matplotlib import colormaps
+
+    tab = [tuple(int(round(255 * c)) for c in colormaps["tab20"](i)[:3]) for i in range(20)]
+    if n <= 20:
+        return tab[:n]  # type: ignore[return-value]
+    extra = [
+        tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1, 0.65, 0.9))
+        for i in range(n - 20)
+    ]
+    return tab + extra  # type: ignore[return-value]
+
+
+def label_dtype(n_classes: int) -> str:
+    """uint8 for up to 254 classes (0 is unlabeled), else uint16."""
+    return "uint8" if n_classes <= 254 else "uint16"
+
+
+def qgis_style(class_names: list[str], colors: list[tuple[int, int, int]]) -> str:
+    """Return a QGIS ``.qml`` paletted style naming each class id."""
+    entries = "\n".join(
+        f'        <paletteEntry value="{i}" color="#{r:02x}{g:02x}{b:02x}" alpha="255" '
+        f'label="{escape(name, {chr(34): "&quot;"})}"/>'
+        for i, (name, (r, g, b)) in enumerate(zip(class_names, colors, strict=True), start=1)
+    )
+    return (
+        "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
+        '<qgis version="3.28" styleCategories="Symbology">\n'
+        "  <pipe>\n"
+        '    <rasterrenderer type="paletted" band="1" opacity="1" nodataColor="">\n'
+        "      <colorPalette>\n"
+        f"{entries}\n"
+        "      </colorPalette>\n"
+        "    </rasterrenderer>\n"
+        "  </pipe>\n"
+        "</qgis>\n"
+    )
+
+
+def _tile_lookup(
+    label_run: LabelRun, run: SegmentRun, tile: Any, by_index: dict[tuple[int, int], Any]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Segment ids, label ids and scores of the predictions around `tile`."""
+    table = label_run.read_parts(
+        run.name, neighbours(tile, by_index), ["segment_id", "label_id", "score"]
+    )
+    return (
+        table.column("segment_id").to_numpy(),
+        table.column("label_id").to_numpy().astype(np.uint16),
+        table.column("score").to_numpy(zero_copy_only=False).astype(np.float32),
+    )
+
+
+def write_label_rasters(
+    label_run: LabelRun, run: SegmentRun, labels_path: Path, scores_path: Path, cog: bool
+) -> None:
+    """Write ``labels.tif`` and ``scores.tif`` for one raster, window by window."""
+    names = label_run.class_names
+    colors = class_colors(len(names))
+    dtype = label_dtype(len(names))
+    tiles = label_run.tiles(run.source.height, run.source.width)
+    by_index = {(t.ti, t.tj): t for t in tiles}
+    label_profile = geotiff_profile(run.source, dtype, nodata=0)
+    score_profile = geotiff_profile(run.source, "float32", nodata=float("nan"))
+    tmp_labels = temp_path(labels_path.with_name(f"{labels_path.stem}-stage.tif"))
+    tmp_scores = temp_path(scores_path.with_name(f"{scores_path.stem}-stage.tif"))
+    try:
+        with (
+            rasterio.open(tmp_labels, "w", **label_profile) as dst_l,
+            rasterio.open(tmp_scores, "w", **score_profile) as dst_s,
+            open_raster(run.segments_path) as seg,
+        ):
+            for tile in progress(tiles, total=len(tiles), desc=f"{run.name}: rasters", unit="tile"):
+                segments, _ = read_window(seg, [1], tile.row, tile.col, tile.height, tile.width)
+                ids, label_ids, scores = _tile_lookup(label_run, run, tile, by_index)
+                window = Window(tile.col, tile.row, tile.width, tile.height)
+                dst_l.write(lookup(segments[0], ids, label_ids, 0).astype(dtype), 1, window=window)
+                dst_s.write(lookup(segments[0], ids, scores, np.nan), 1, window=window)
+            colormap = {0: (0, 0, 0, 0)}
+            colormap.update({i: (*c, 255) for i, c in enumerate(colors, start=1)})
+            if dtype == "uint8":
+                dst_l.write_colormap(1, colormap)
+            tags = {"class_names": json.dumps(names), "superdml_label_ids": "0=unlabeled"}
+            dst_l.update_tags(1, **tags)
+            dst_l.update_tags(**tags)
+            dst_s.update_tags(1, description="kNN vote share of the predicted class")
+        for tmp, final, resampling in (
+            (tmp_labels, labels_path, "MODE"),
+            (tmp_scores, scores_path, "AVERAGE"),
+        ):
+            with atomic_write(final) as out:
+                if cog:
+                    rasterio.shutil.copy(
+                        tmp, out, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=512,
+                        RESAMPLING=resampling, OVERVIEW_RESAMPLING=resampling, BIGTIFF="IF_SAFER",
+                    )  # fmt: skip
+                else:
+                    os.replace(tmp, out)
+    finally:
+        for tmp in (tmp_labels, tmp_scores):
+            tmp.unlink(missing_ok=True)
+
+
+def _owned_polygons(
+    label_run: LabelRun, run: SegmentRun, tile: Any
+) -> tuple[pa.Table, list[bytes]]:
+    """Polygons (WKB) of the superpixels owned by one tile, with their predictions."""
+    import shapely
+
+    path = label_run.part_path(run.name, tile)
+    if not path.exists():
+        return pa.table({}), []
+    preds = pq.read_table(path, columns=["segment_id", "label", "label_id", "score", "margin"])
+    if preds.num_rows == 0:
+        return preds, []
+    ids = preds.column("segment_id").to_numpy()
+    boxes = run.superpixels_in(
+        tile.row, tile.col, tile.height, tile.width,
+        ["segment_id", "row_start", "row_stop", "col_start", "col_stop"],
+    )  # fmt: skip
+    r0 = int(pa.compute.min(boxes.column("row_start")).as_py())
+    r1 = int(pa.compute.max(boxes.column("row_stop")).as_py())
+    c0 = int(pa.compute.min(boxes.column("col_start")).as_py())
+    c1 = int(pa.compute.max(boxes.column("col_stop")).as_py())
+    with open_raster(run.segments_path) as seg:
+        segments, _ = read_window(seg, [1], r0, c0, r1 - r0, c1 - c0)
+    # shapes() takes int32 at most: trace compact indexes, then map them back to ids
+    window_ids, compact = np.unique(segments[0], return_inverse=True)
+    compact = compact.reshape(segments[0].shape).astype(np.int32)
+    owned = np.isin(segments[0], ids)
+    affine = window_transform(Window(c0, r0, c1 - c0, r1 - r0), run.source.affine)
+    shapes = rasterio.features.shapes(compact, mask=owned, transform=affine, connectivity=4)
+    geoms, keys = [], []
+    for geom, value in shapes:
+        geoms.append(shapely.geometry.shape(geom))
+        keys.append(int(window_ids[int(value)]))
+    keys_arr = np.asarray(keys, dtype=np.int64)
+    order = np.argsort(keys_arr, kind="stable")
+    unique, starts = np.unique(keys_arr[order], return_index=True)
+    parts = np.split(np.asarray(geoms, dtype=object)[order], starts[1:])
+    merged = [p[0] if len(p) == 1 else shapely.union_all(p) for p in parts]
+    by_id = dict(zip(unique.tolist(), merged, strict=True))
+    wkb = [shapely.to_wkb(by_id[int(i)]) for i in ids]
+    return preds, wkb
+
+
+def write_polygons(label_run: LabelRun, run: SegmentRun, path: Path, fmt: VectorFormat) -> None:
+    """Write superpixel polygons with label, score and margin as GeoPackage or GeoParquet."""
+    tiles = label_run.tiles(run.source.height, run.source.width)
+    crs = rasterio.crs.CRS.from_wkt(run.source.crs) if run.source.crs else None
+    schema = pa.schema(
+        [
+            ("segment_id", pa.uint32()),
+            ("label", pa.string()),
+            ("label_id", pa.uint16()),
+            ("score", pa.float32()),
+            ("margin", pa.float32()),
+            ("geometry", pa.binary()),
+        ]
+    )
+    geo = {
+        "version": "1.1.0",
+        "primary_column": "geometry",
+        "columns": {
+            "geometry": {
+                "encoding": "WKB",
+                "geometry_types": ["Polygon", "MultiPolygon"],
+                "crs": crs.to_dict(projjson=True) if crs else None,
+            }
+        },
+    }
+    with atomic_write(path, keep_suffix=True) as tmp:
+        writer = (
+            pq.ParquetWriter(
+                tmp, schema.with_metadata({"geo": json.dumps(geo)}), compression="zstd"
+            )
+            if fmt == "parquet"
+            else None
+        )
+        first = True
+        for tile in progress(tiles, total=len(tiles), desc=f"{run.name}: polygons", unit="tile"):
+            preds, wkb = _owned_polygons(label_run, run, tile)
+            if not wkb:
+                continue
+            table = preds.append_column("geometry", pa.array(wkb, pa.binary())).cast(schema)
+            if writer is not None:
+                writer.write_table(table)
+            else:
+                _append_gpkg(tmp, table, crs, append=not first)
+            first = False
+        if writer is not None:
+            writer.close()
+        elif first:
+            _append_gpkg(tmp, schema.empty_table(), crs, append=False)
+
+
+def _append_gpkg(path: Path, table: pa.Table, crs: Any, append: bool) -> None:
+    from pyogrio.raw import write
+
+    columns = [c for c in table.column_names if c != "geometry"]
+    write(
+        str(path),
+        geometry=np.asarray(table.column("geometry").to_pylist(), dtype=object),
+        field_data=[table.column(c).to_numpy(zero_copy_only=False) for c in columns],
+        fields=columns,
+        crs=crs.to_wkt() if crs else None,
+        geometry_type="MultiPolygon",
+        driver="GPKG",
+        layer="superpixels",
+        append=append,
+        promote_to_multi=True,
+    )
+
+
+def summarize(label_run: LabelRun, run: SegmentRun) -> dict[str, Any]:
+    """Count, area (in map units squared) and mean score per class of one raster."""
+    tiles = label_run.tiles(run.source.height, run.source.width)
+    preds = label_run.read_parts(run.name, tiles, ["segment_id", "label", "score"])
+    areas = pq.read_table(run.table_path, columns=["segment_id", "area_px"])
+    area = lookup(
+        preds.column("segment_id").to_numpy(),
+        areas.column("segment_id").to_numpy(),
+        areas.column("area_px").to_numpy(),
+        0,
+    )
+    a, b, _, d, e, _ = run.source.transform
+    pixel_area = abs(a * e - b * d)
+    labels = np.asarray(preds.column("label").to_pylist(), dtype=object)
+    scores = preds.column("score").to_numpy(zero_copy_only=False)
+    classes = {}
+    for name in [*label_run.class_names, "unknown"]:
+        sel = labels == name
+        if sel.any() or name != "unknown":
+            classes[name] = {
+                "superpixels": int(sel.sum()),
+                "area_px": int(area[sel].sum()),
+                "area": float(area[sel].sum() * pixel_area),
+                "mean_score": float(scores[sel].mean()) if sel.any() else None,
+            }
+    return {"raster": run.name, "superpixels": int(preds.num_rows), "classes": classes}
+
+
+def export(
+    out: str | Path,
+    segment_dir: str | Path,
+    raster_format: RasterFormat = "cog",
+    vector: VectorFormat = "gpkg",
+) -> ExportResult:
+    """Export a label run as GIS files.
+
+    Writes per raster: ``labels.tif`` (class ids from 1, 0 = unlabeled/unknown/nodata,
+    class names in the tags and a color table), ``scores.tif`` (float32, NaN where
+    unlabeled), ``labels.qml`` (QGIS style), ``superpixels.gpkg`` or
+    ``superpixels.parquet`` (GeoParquet) polygons, and ``summary.json``. With one raster
+    the files go to `out`, with several to ``out/<raster>/``.
+
+    Parameters
+    ----------
+    out : path
+        The ``superdml label`` output folder.
+    segment_dir : path
+        The segment run (or one raster's subfolder) that was labeled.
+    raster_format : {"cog", "gtiff"}
+    vector : {"gpkg", "parquet", "none"}
+
+    Returns
+    -------
+    ExportResult
+    """
+    start = time.perf_counter()
+    if raster_format not in ("cog", "gtiff"):
+        raise InputError(f"--raster-format {raster_format!r}: expected cog or gtiff")
+    if vector not in ("gpkg", "parquet", "none"):
+        raise InputError(f"--vector {vector!r}: expected gpkg, parquet or none")
+    label_run = load_label_run(out)
+    runs = load_segment_runs(segment_dir)
+    labeled = set(label_run.meta.get("rasters", []))
+    missing = [run.name for run in runs if run.name not in labeled]
+    if missing:
+        raise InputError(f"{segment_dir}: raster {missing[0]!r} was not labeled in {out}")
+    outputs: dict[str, dict[str, Path]] = {}
+    for run in runs:
+        folder = Path(out) if len(runs) == 1 else Path(out) / run.name
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {"labels": folder / "labels.tif", "scores": folder / "scores.tif"}
+        write_label_rasters(
+            label_run, run, files["labels"], files["scores"], raster_format == "cog"
+        )
+        files["style"] = folder / "labels.qml"
+        with atomic_write(files["style"]) as tmp:
+            colors = class_colors(len(label_run.class_names))
+            tmp.write_text(qgis_style(label_run.class_names, colors))
+        if vector != "none":
+            suffix = "gpkg" if vector == "gpkg" else "parquet"
+            files["polygons"] = folder / f"superpixels.{suffix}"
+            write_polygons(label_run, run, files["polygons"], vector)
+        files["summary"] = folder / "summary.json"
+        write_json(files["summary"], summarize(label_run, run))
+        outputs[run.name] = files
+    return ExportResult(outputs, time.perf_counter() - start)

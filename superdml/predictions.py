@@ -1,0 +1,139 @@
+"""The predictions dataset: its schema, layout and readers.
+
+``superdml label`` writes ``OUT/predictions/<raster>/<tile>.parquet``, one part per
+raster tile, each holding the superpixels whose centroid lies in that tile, plus
+``OUT/label.json`` (classes, tile size, the checkpoint's and reference's hashes).
+``superdml export`` and ``superdml review`` read them back tile by tile.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from superdml.errors import InputError, require_dir
+from superdml.raster import Tile, tile_grid
+
+UNKNOWN = "unknown"
+MANIFEST = "label.json"
+PARTS = "predictions"
+
+
+def predictions_schema() -> pa.Schema:
+    """Arrow schema of a predictions part.
+
+    ``label_id`` is the class id of the label rasters: classes from 1 in the order of
+    the checkpoint's class names, 0 for ``unknown``. ``score`` is the winning class's
+    share of the similarity-weighted kNN vote (0-1), ``margin`` the best minus the
+    second-best share, ``similarity`` the cosine similarity to the nearest reference.
+    """
+    return pa.schema(
+        [
+            pa.field("segment_id", pa.uint32(), nullable=False),
+            pa.field("raster", pa.string(), nullable=False),
+            pa.field("x", pa.float64()),
+            pa.field("y", pa.float64()),
+            pa.field("label", pa.string()),
+            pa.field("label_id", pa.uint16()),
+            pa.field("score", pa.float32()),
+            pa.field("margin", pa.float32()),
+            pa.field("similarity", pa.float32()),
+            pa.field("topk_labels", pa.list_(pa.string())),
+            pa.field("topk_similarities", pa.list_(pa.float32())),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class LabelRun:
+    """What a finished (or partial) ``superdml label`` output folder holds.
+
+    Attributes
+    ----------
+    out_dir : Path
+    class_names : list of str
+        Class ``i`` has label id ``i + 1``.
+    tile_size : int
+        Tiles of the predictions parts.
+    meta : dict
+        The whole ``label.json``.
+    """
+
+    out_dir: Path
+    class_names: list[str]
+    tile_size: int
+    meta: dict[str, Any]
+
+    def part_path(self, raster: str, tile: Tile) -> Path:
+        """Path of the predictions part of one tile."""
+        return self.out_dir / PARTS / raster / f"{tile.key}.parquet"
+
+    def tiles(self, height: int, width: int) -> list[Tile]:
+        """Return the tiles of a raster of this size, as labeling cut them."""
+        return tile_grid(height, width, self.tile_size)
+
+    def read_parts(
+        self, raster: str, tiles: list[Tile], columns: list[str] | None = None
+    ) -> pa.Table:
+        """Concatenate the existing parts of `tiles` (missing parts are skipped)."""
+        tables = [
+            pq.read_table(path, columns=columns)
+            for tile in tiles
+            if (path := self.part_path(raster, tile)).exists()
+        ]
+        if not tables:
+            return predictions_schema().empty_table().select(columns or predictions_schema().names)
+        return pa.concat_tables(tables)
+
+
+def load_label_run(out_dir: str | Path) -> LabelRun:
+    """Read ``OUT/label.json``; a clear error when `out_dir` is not a label output."""
+    out_dir = Path(out_dir)
+    require_dir(out_dir, "label output folder")
+    manifest = out_dir / MANIFEST
+    if not manifest.exists():
+        raise InputError(
+            f"{out_dir}: not a label output (no {MANIFEST}): run `superdml label` first"
+        )
+    meta = json.loads(manifest.read_text())
+    return LabelRun(out_dir, list(meta["class_names"]), int(meta["tile_size"]), meta)
+
+
+def neighbours(tile: Tile, tiles_by_index: dict[tuple[int, int], Tile]) -> list[Tile]:
+    """`tile` and the existing tiles around it (3 x 3)."""
+    return [
+        t
+        for di in (-1, 0, 1)
+        for dj in (-1, 0, 1)
+        if (t := tiles_by_index.get((tile.ti + di, tile.tj + dj))) is not None
+    ]
+
+
+def lookup(ids: np.ndarray, keys: np.ndarray, values: np.ndarray, fill: Any) -> np.ndarray:
+    """Map `ids` through the table ``keys -> values``; ids not in `keys` get `fill`.
+
+    Parameters
+    ----------
+    ids : ndarray of any shape
+    keys : (N,) ndarray, unique
+    values : (N,) ndarray
+    fill : scalar
+
+    Returns
+    -------
+    ndarray of `ids`'s shape and `values`'s dtype
+    """
+    out = np.full(ids.shape, fill, dtype=values.dtype)
+    if keys.size == 0:
+        return out
+    order = np.argsort(keys)
+    pos = np.searchsorted(keys, ids, sorter=order).clip(0, keys.size - 1)
+    hit = keys[order[pos]] == ids
+    out[hit] = values[order[pos[hit]]]
+    return out

@@ -1,0 +1,151 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+from rasters import texture_mosaic, write_raster
+
+from superdml.config import SegmentConfig
+from superdml.crops import majority_labels
+from superdml.errors import InputError
+from superdml.export import class_colors, export, label_dtype, qgis_style
+from superdml.predictions import MANIFEST, lookup, predictions_schema
+from superdml.raster import tile_grid
+from superdml.segment import load_segment_runs, segment_raster
+
+CLASSES = ["brick", "grass", "gravel", "coffee"]
+
+
+def fake_label_run(seg_dir, truth, out, tile_size=128):
+    """Predictions as `superdml label` writes them, from the truth's majority class."""
+    run = load_segment_runs(seg_dir)[0]
+    with rasterio.open(run.segments_path) as src:
+        segments = src.read(1)
+    for tile in tile_grid(run.source.height, run.source.width, tile_size):
+        table = run.superpixels_in(tile.row, tile.col, tile.height, tile.width)
+        ids = table.column("segment_id").to_numpy()
+        value, purity = majority_labels(segments, truth, ids, None)
+        n = len(ids)
+        part = pa.table(
+            {
+                "segment_id": pa.array(ids, pa.uint32()),
+                "raster": [run.name] * n,
+                "x": table.column("x"),
+                "y": table.column("y"),
+                "label": [CLASSES[v - 1] for v in value],
+                "label_id": pa.array(value, pa.uint16()),
+                "score": pa.array(purity, pa.float32()),
+                "margin": pa.array(purity / 2, pa.float32()),
+                "similarity": pa.array(np.ones(n), pa.float32()),
+                "topk_labels": [[CLASSES[v - 1]] for v in value],
+                "topk_similarities": [[1.0]] * n,
+            },
+            schema=predictions_schema(),
+        )
+        path = out / "predictions" / run.name / f"{tile.key}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(part, path)
+    (out / MANIFEST).write_text(
+        json.dumps({"class_names": CLASSES, "tile_size": tile_size, "rasters": [run.name]})
+    )
+    return run, segments
+
+
+@pytest.fixture(scope="module")
+def labeled(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    rgb, truth = texture_mosaic(256)
+    source = write_raster(root / "mosaic.tif", rgb)
+    seg = segment_raster(source, root / "seg", SegmentConfig(region_size=16, tile_size=128))
+    out = root / "out"
+    run, segments = fake_label_run(seg.out_dir, truth, out)
+    return {"root": root, "seg": seg, "out": out, "segments": segments, "truth": truth, "run": run}
+
+
+@pytest.fixture(scope="module")
+def exported(labeled):
+    return export(labeled["out"], labeled["seg"].out_dir, "cog", "gpkg")
+
+
+def test_label_raster_matches_predictions_on_the_source_grid(labeled, exported):
+    files = exported.outputs["mosaic"]
+    with rasterio.open(files["labels"]) as src, rasterio.open(labeled["seg"].segments_path) as seg:
+        labels = src.read(1)
+        assert (src.crs, src.transform, src.shape) == (seg.crs, seg.transform, seg.shape)
+        assert src.dtypes[0] == "uint8" and src.nodata == 0
+        assert json.loads(src.tags(1)["class_names"]) == CLASSES
+        assert src.colormap(1)[1][:3] == class_colors(4)[0]
+        assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+    expected = np.zeros_like(labels)
+    for row in pq.read_table(labeled["out"] / "predictions").to_pylist():
+        expected[labeled["segments"] == row["segment_id"]] = row["label_id"]
+    np.testing.assert_array_equal(labels, expected)
+    assert (labels == labeled["truth"]).mean() > 0.9
+
+
+def test_score_raster_is_float_with_nan_nodata(labeled, exported):
+    with rasterio.open(exported.outputs["mosaic"]["scores"]) as src:
+        scores = src.read(1)
+        assert src.dtypes[0] == "float32" and np.isnan(src.nodata)
+    assert np.isfinite(scores).all() and (scores > 0).all() and (scores <= 1).all()
+
+
+def test_polygons_open_with_pyogrio_and_cover_each_superpixel(labeled, exported):
+    import pyogrio
+    import shapely
+
+    path = exported.outputs["mosaic"]["polygons"]
+    info = pyogrio.read_info(path)
+    assert info["crs"].endswith("32633") and info["features"] == labeled["seg"].n_superpixels
+    _, _, geometry, fields = pyogrio.raw.read(path)
+    areas = shapely.area(shapely.from_wkb(geometry))
+    table = pq.read_table(labeled["seg"].table_path)
+    expected = dict(
+        zip(
+            table.column("segment_id").to_pylist(), table.column("area_px").to_pylist(), strict=True
+        )
+    )
+    ids = fields[0]
+    np.testing.assert_allclose(areas, [expected[i] * 4.0 for i in ids])  # 2 m pixels
+
+
+def test_summary_and_qgis_style(labeled, exported):
+    summary = json.loads(exported.outputs["mosaic"]["summary"].read_text())
+    assert summary["superpixels"] == labeled["seg"].n_superpixels
+    assert sum(c["area_px"] for c in summary["classes"].values()) == 256 * 256
+    style = exported.outputs["mosaic"]["style"].read_text()
+    assert 'label="gravel"' in style and style.count("<paletteEntry") == 4
+
+
+def test_geoparquet_and_plain_gtiff(labeled, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(labeled["out"], out)
+    result = export(out, labeled["seg"].out_dir, "gtiff", "parquet")
+    table = pq.read_table(result.outputs["mosaic"]["polygons"])
+    geo = json.loads(table.schema.metadata[b"geo"])
+    assert geo["primary_column"] == "geometry" and geo["columns"]["geometry"]["encoding"] == "WKB"
+    assert geo["columns"]["geometry"]["crs"]["id"]["code"] == 32633
+    assert table.num_rows == labeled["seg"].n_superpixels
+    with rasterio.open(result.outputs["mosaic"]["labels"]) as src:
+        assert src.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") != "COG"
+    assert not list(out.glob("*.tmp-*"))
+
+
+def test_export_refuses_a_folder_without_label_run(labeled, tmp_path):
+    with pytest.raises(InputError, match="not a label output"):
+        export(tmp_path, labeled["seg"].out_dir)
+    with pytest.raises(InputError, match="--vector 'shp'"):
+        export(labeled["out"], labeled["seg"].out_dir, "cog", "shp")
+
+
+def test_helpers():
+    assert label_dtype(254) == "uint8" and label_dtype(255) == "uint16"
+    assert len(set(class_colors(60))) == 60
+    assert "&quot;" in qgis_style(['a "b"'], class_colors(1))
+    np.testing.assert_array_equal(
+        lookup(np.array([[5, 0], [9, 7]]), np.array([7, 5]), np.array([2, 1]), 0), [[1, 0], [0, 2]]
+    )
