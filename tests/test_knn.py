@@ -1,0 +1,305 @@
+"""kNN core of superdml.index: exact search, the weighted vote, the unknown threshold."""
+
+from __future__ import annotations
+
+import math
+
+import faiss
+import numpy as np
+import pytest
+
+from superdml.errors import ConfigError, InputError
+from superdml.index import (
+    UNKNOWN_LABEL,
+    KnnVote,
+    apply_unknown,
+    knn_search,
+    knn_search_chunks,
+    knn_vote,
+)
+
+
+def circle(degrees: list[float]) -> np.ndarray:
+    rad = np.deg2rad(degrees)
+    return np.stack([np.cos(rad), np.sin(rad)], axis=1).astype(np.float32)
+
+
+def cos(degrees: float) -> float:
+    return math.cos(math.radians(degrees))
+
+
+# references at 0, 10, 40, 100 degrees; queries at 6 and 68 degrees. The similarity of
+# two unit vectors is the cosine of their angle.
+REF = circle([0.0, 10.0, 40.0, 100.0])
+QUERY = circle([6.0, 68.0])
+
+
+# --------------------------------------------------------------------------- knn_search
+
+
+def test_knn_search_by_hand():
+    sims, ids = knn_search(QUERY, REF, k=3)
+    # query at 6: refs at 10 (4 deg), 0 (6 deg), 40 (34 deg)
+    assert ids[0].tolist() == [1, 0, 2]
+    np.testing.assert_allclose(sims[0], [cos(4), cos(6), cos(34)], rtol=1e-6)
+    # query at 68: refs at 40 (28 deg), 100 (32 deg), 10 (58 deg)
+    assert ids[1].tolist() == [2, 3, 1]
+    np.testing.assert_allclose(sims[1], [cos(28), cos(32), cos(58)], rtol=1e-6)
+    assert sims.dtype == np.float32
+    assert ids.dtype == np.int64
+
+
+def test_knn_search_pads_when_k_exceeds_references():
+    sims, ids = knn_search(QUERY[:1], REF[:2], k=4)
+    assert ids.tolist() == [[1, 0, -1, -1]]
+    assert np.isneginf(sims[0, 2:]).all()
+    np.testing.assert_allclose(sims[0, :2], [cos(4), cos(6)], rtol=1e-6)
+
+
+def test_knn_search_exclude_self_by_index_with_duplicates():
+    # rows 0 and 1 are the same vector: each must find the other, not itself
+    emb = circle([0.0, 0.0, 50.0, 55.0])
+    sims, ids = knn_search(emb, emb, k=2, exclude_self=True)
+    assert ids[:2].tolist() == [[1, 2], [0, 2]]
+    assert ids[2:, 0].tolist() == [3, 2]
+    assert set(ids[2:, 1].tolist()) <= {0, 1}  # rows 0 and 1 tie at 50 and 55 degrees
+    np.testing.assert_allclose(sims[:2, 0], 1.0, rtol=1e-6)
+    assert (ids != np.arange(4)[:, None]).all()
+
+
+def test_knn_search_exclude_self_with_more_duplicates_than_k():
+    # five identical rows: any 2 others are right, but never the row itself
+    emb = np.repeat(circle([20.0]), 5, axis=0)
+    sims, ids = knn_search(emb, emb, k=2, exclude_self=True, chunk_size=2)
+    assert (ids != np.arange(5)[:, None]).all()
+    assert (ids >= 0).all()
+    np.testing.assert_allclose(sims, 1.0, rtol=1e-6)
+
+
+def test_knn_search_exclude_self_pads_past_the_others():
+    emb = circle([0.0, 30.0])
+    sims, ids = knn_search(emb, emb, k=3, exclude_self=True)
+    assert ids.tolist() == [[1, -1, -1], [0, -1, -1]]
+    assert np.isneginf(sims[:, 1:]).all()
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_knn_search_chunking_does_not_change_results(exclude_self):
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(50, 8)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    whole = knn_search(emb, emb, k=5, exclude_self=exclude_self)
+    chunked = knn_search(emb, emb, k=5, exclude_self=exclude_self, chunk_size=7)
+    np.testing.assert_array_equal(whole[1], chunked[1])
+    np.testing.assert_array_equal(whole[0], chunked[0])
+    # brute force
+    full = emb @ emb.T
+    if exclude_self:
+        np.fill_diagonal(full, -np.inf)
+    np.testing.assert_array_equal(whole[1], np.argsort(-full, axis=1, kind="stable")[:, :5])
+    starts = [start for start, _, _ in knn_search_chunks(emb, emb, 5, chunk_size=20)]
+    assert starts == [0, 20, 40]
+
+
+def test_knn_search_accepts_a_faiss_index():
+    index = faiss.IndexFlatIP(2)
+    index.add(REF)
+    sims, ids = knn_search(QUERY, index, k=1)
+    assert ids[:, 0].tolist() == [1, 2]
+    np.testing.assert_allclose(sims[0, 0], cos(4), rtol=1e-6)
+
+
+def test_knn_search_casts_float64():
+    sims, ids = knn_search(QUERY.astype(np.float64), REF.astype(np.float64), k=1)
+    assert ids[0, 0] == 1
+    assert sims.dtype == np.float32
+
+
+def test_knn_search_empty_query():
+    sims, ids = knn_search(np.zeros((0, 2), np.float32), REF, k=2)
+    assert sims.shape == (0, 2)
+    assert ids.shape == (0, 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"query": QUERY[0]}, InputError, r"query: got a float32 array of shape \(2,\)"),
+        ({"query": np.zeros((2, 2), np.int64)}, InputError, "expected an \\(N, D\\) float array"),
+        ({"query": np.zeros((2, 3), np.float32)}, InputError, "size 3, the references have size 2"),
+        ({"exclude_self": True}, InputError, "got 2 queries and 4 references"),
+        ({"k": 0}, ConfigError, "k: got 0, expected an integer >= 1"),
+        ({"k": 2.0}, ConfigError, "k: got 2.0"),
+        ({"chunk_size": 0}, ConfigError, "chunk_size: got 0"),
+    ],
+)
+def test_knn_search_bad_arguments(kwargs, error, message):
+    args = {"query": QUERY, "reference": REF, "k": 2, **kwargs}
+    with pytest.raises(error, match=message):
+        knn_search(**args)
+    with pytest.raises(error, match=message):
+        knn_search_chunks(**args)  # checked on call, before iterating
+
+
+# --------------------------------------------------------------------------- knn_vote
+
+
+def test_vote_similarity_weighting_by_hand():
+    vote = knn_vote(np.array([[0.9, 0.8, 0.5]]), np.array([[1, 0, 1]]), num_classes=3)
+    # class 1: 0.9 + 0.5 = 1.4, class 0: 0.8, total 2.2
+    np.testing.assert_allclose(vote.class_scores, [[0.8 / 2.2, 1.4 / 2.2, 0.0]], rtol=1e-6)
+    assert vote.label_ids.tolist() == [1]
+    np.testing.assert_allclose(vote.scores, [1.4 / 2.2], rtol=1e-6)
+    np.testing.assert_allclose(vote.margins, [0.6 / 2.2], rtol=1e-6)
+    np.testing.assert_allclose(vote.similarity, [0.9], rtol=1e-6)
+    assert vote.topk_classes.tolist() == [[1, 0, 2]]
+    assert vote.label_ids.dtype == np.int64
+    assert vote.scores.dtype == vote.class_scores.dtype == np.float32
+
+
+def test_vote_clamps_negative_similarities():
+    vote = knn_vote(np.array([[0.5, -0.2, 0.3]]), np.array([[0, 1, 1]]), num_classes=2)
+    # weights 0.5, 0, 0.3
+    np.testing.assert_allclose(vote.class_scores, [[0.625, 0.375]], rtol=1e-6)
+
+
+def test_vote_all_zero_weights_count_equally():
+    vote = knn_vote(np.array([[-0.1, -0.2, -0.3]]), np.array([[2, 1, 2]]), num_classes=3)
+    np.testing.assert_allclose(vote.class_scores, [[0.0, 1 / 3, 2 / 3]], rtol=1e-6)
+    assert vote.label_ids.tolist() == [2]
+    np.testing.assert_allclose(vote.similarity, [-0.1], rtol=1e-6)
+
+
+def test_vote_softmax_weighting_by_hand():
+    vote = knn_vote(
+        np.array([[0.9, 0.8, 0.5]]),
+        np.array([[1, 0, 1]]),
+        num_classes=2,
+        weighting="softmax",
+        temperature=0.1,
+    )
+    e9, e8, e5 = math.exp(9), math.exp(8), math.exp(5)
+    share1 = (e9 + e5) / (e9 + e8 + e5)
+    np.testing.assert_allclose(vote.class_scores, [[1 - share1, share1]], rtol=1e-6)
+    np.testing.assert_allclose(vote.margins, [2 * share1 - 1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("weighting", ["similarity", "softmax"])
+def test_vote_padding_carries_no_weight(weighting):
+    sims = np.array([[0.7, -np.inf, -np.inf], [-np.inf, -np.inf, -np.inf]])
+    labels = np.array([[0, -1, -1], [-1, -1, -1]])
+    vote = knn_vote(sims, labels, num_classes=2, weighting=weighting)
+    np.testing.assert_allclose(vote.class_scores, [[1.0, 0.0], [0.0, 0.0]])
+    assert vote.label_ids.tolist() == [0, UNKNOWN_LABEL]
+    assert vote.scores.tolist() == [1.0, 0.0]
+    np.testing.assert_allclose(vote.similarity, [0.7, -np.inf], rtol=1e-6)
+    assert np.isfinite(vote.class_scores).all()
+
+
+def test_vote_ties_go_to_lowest_class_id():
+    vote = knn_vote(np.array([[0.5, 0.5]]), np.array([[2, 1]]), num_classes=3)
+    assert vote.label_ids.tolist() == [1]
+    assert vote.topk_classes.tolist() == [[1, 2, 0]]
+    assert vote.margins.tolist() == [0.0]
+
+
+def test_vote_single_class_and_num_top():
+    vote = knn_vote(np.array([[0.5, 0.4]]), np.array([[0, 0]]), num_classes=1)
+    assert vote.margins.tolist() == [1.0]
+    assert vote.topk_classes.shape == (1, 1)
+    vote = knn_vote(np.array([[0.5, 0.4]]), np.array([[0, 3]]), num_classes=9, num_top=2)
+    assert vote.topk_classes.tolist() == [[0, 3]]
+
+
+def vote_loop(sims, labels, num_classes, weighting, temperature):
+    """Per-query reference implementation of the vote."""
+    out = []
+    for s, lab in zip(sims, labels, strict=True):
+        valid = lab >= 0
+        if weighting == "similarity":
+            w = np.where(valid, np.maximum(s, 0), 0.0)
+            if w.sum() == 0:
+                w = valid.astype(float)
+        else:
+            z = np.where(valid, s / temperature, -np.inf)
+            w = np.exp(z - z[valid].max()) if valid.any() else np.zeros_like(s)
+        scores = np.zeros(num_classes)
+        for wi, li in zip(w, lab, strict=True):
+            if li >= 0:
+                scores[li] += wi
+        out.append(scores / w.sum() if w.sum() > 0 else scores)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("weighting", ["similarity", "softmax"])
+def test_vote_matches_loop_reference(weighting):
+    rng = np.random.default_rng(1)
+    sims = -np.sort(-rng.uniform(-0.3, 1.0, size=(200, 7)), axis=1)
+    labels = rng.integers(-1, 5, size=(200, 7))
+    vote = knn_vote(sims, labels, 5, weighting=weighting, temperature=0.2)
+    expected = vote_loop(sims, labels, 5, weighting, 0.2)
+    np.testing.assert_allclose(vote.class_scores, expected, rtol=1e-5, atol=1e-7)
+    has_vote = expected.sum(1) > 0
+    np.testing.assert_array_equal(vote.label_ids[has_vote], expected[has_vote].argmax(1))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (
+            {"neighbor_labels": np.array([[0, 1]])},
+            InputError,
+            r"shape \(1, 3\) and labels of shape \(1, 2\)",
+        ),
+        (
+            {"neighbor_labels": np.array([[0, 1, 3]])},
+            InputError,
+            r"class id 3, expected ids in \[-1, 3\)",
+        ),
+        ({"neighbor_labels": np.array([[0, -2, 1]])}, InputError, "class id -2"),
+        ({"neighbor_labels": np.array([[0.0, 1.0, 1.0]])}, InputError, "expected integers"),
+        (
+            {"weighting": "distance"},
+            ConfigError,
+            "weighting: got 'distance', expected one of similarity, softmax",
+        ),
+        ({"temperature": 0.0}, ConfigError, "temperature: got 0.0"),
+        ({"num_classes": 0}, ConfigError, "num_classes: got 0"),
+    ],
+)
+def test_vote_bad_arguments(kwargs, error, message):
+    args = {
+        "sims": np.array([[0.9, 0.8, 0.5]]),
+        "neighbor_labels": np.array([[0, 1, 1]]),
+        "num_classes": 3,
+        **kwargs,
+    }
+    with pytest.raises(error, match=message):
+        knn_vote(**args)
+
+
+# --------------------------------------------------------------------------- unknown
+
+
+def test_apply_unknown_marks_dissimilar_queries():
+    vote = knn_vote(np.array([[0.9, 0.1], [0.4, 0.3]]), np.array([[1, 0], [0, 0]]), 2)
+    out = apply_unknown(vote, threshold=0.5)
+    assert isinstance(out, KnnVote)
+    assert out.label_ids.tolist() == [1, UNKNOWN_LABEL]
+    np.testing.assert_array_equal(out.scores, vote.scores)
+    assert vote.label_ids.tolist() == [1, 0]  # the input vote is unchanged
+    assert apply_unknown(vote, threshold=0.4).label_ids.tolist() == [1, 0]  # not below
+
+
+def test_search_then_vote_end_to_end():
+    ref_labels = np.array([0, 0, 1, 1])
+    sims, ids = knn_search(QUERY, REF, k=3)
+    vote = knn_vote(sims, ref_labels[ids], num_classes=2)
+    # query at 6 deg: refs 1 (0), 0 (0), 2 (1) -> class 0 with (cos4 + cos6) / total
+    total = cos(4) + cos(6) + cos(34)
+    assert vote.label_ids[0] == 0
+    assert vote.scores[0] == pytest.approx((cos(4) + cos(6)) / total, rel=1e-6)
+    # query at 68 deg: refs 2 (1) at 28, 3 (1) at 32 and 1 (0) at 58 deg -> class 1
+    assert vote.label_ids[1] == 1
+    total = cos(28) + cos(32) + cos(58)
+    assert vote.scores[1] == pytest.approx((cos(28) + cos(32)) / total, rel=1e-6)
