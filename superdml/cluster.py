@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from superdml._private.progress import progress
+from superdml._private.progress import progress_bar
 from superdml.errors import InputError
 
 T = TypeVar("T")
@@ -82,6 +83,8 @@ def map_tasks(
     unit: str = "tile",
     max_in_flight: int | None = None,
     on_result: Callable[[int, T], None] | None = None,
+    count: Callable[[T], int] | None = None,
+    count_unit: str = "items",
 ) -> list[T]:
     """Run ``func(*args)`` for every tuple in `calls`; return results in call order.
 
@@ -99,15 +102,31 @@ def map_tasks(
         Tasks submitted but not yet collected (default: twice the worker threads).
     on_result : callable, optional
         ``on_result(index, result)`` called as each result arrives (in completion
-        order), for streaming writes; the result is then dropped when it returns None.
+        order), for streaming writes.
+    count : callable, optional
+        Items in a result (superpixels of a tile), shown as a rate on the bar.
+    count_unit : str
+        Name of those items.
     """
     results: list[Any] = [None] * len(calls)
-    bar = progress(range(len(calls)), total=len(calls), desc=desc, unit=unit)
+    bar = progress_bar(len(calls), desc=desc, unit=unit)
+    start, items = time.perf_counter(), 0
+
+    def collect(i: int, result: Any) -> None:
+        nonlocal items
+        results[i] = result
+        if on_result is not None:
+            on_result(i, result)
+        if count is not None:
+            items += count(result)
+            rate = items / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix_str(f"{rate:,.0f} {count_unit}/s", refresh=False)
+        bar.update(1)
+
     if client is None:
-        for i in bar:
-            results[i] = func(*calls[i])
-            if on_result is not None:
-                on_result(i, results[i])
+        for i, args in enumerate(calls):
+            collect(i, func(*args))
+        bar.close()
         return results
 
     from distributed import as_completed
@@ -129,10 +148,9 @@ def map_tasks(
         submit_next()
     for future in queue:
         i = futures.pop(future)
-        results[i] = future.result()
+        result = future.result()
         future.release()
-        if on_result is not None:
-            on_result(i, results[i])
-        next(bar, None)
+        collect(i, result)
         submit_next()
+    bar.close()
     return results

@@ -236,8 +236,8 @@ def from_dict(cls: type[C], data: Mapping[str, Any], prefix: str = "") -> C:
     for key, value in data.items():
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown key {prefix}{key!r}{hint}")
+            hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown key {prefix + str(key)!r}{hint}")
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
     try:
         return cls(**kwargs)
@@ -500,3 +500,62 @@ class TrainConfig:
         )
         check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
         check(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """Parameters of ``superdml label`` (the kNN rule is shared with ``infer``).
+
+    Attributes
+    ----------
+    k : int
+        Nearest references that vote.
+    weighting : {"similarity", "softmax"}
+        Vote weights: the similarities, or their softmax with `temperature`.
+    temperature : float
+        Softmax temperature of the ``softmax`` weighting.
+    unknown_threshold : float or None
+        Similarity to the nearest reference below which the label is ``unknown``.
+    batch_size : int
+        Crops per forward pass; the last batch of a tile is padded to it.
+    tile_size : int
+        Side of the raster tiles that are the unit of work.
+    crop_size : int or None
+        Crop side; the checkpoint's crop rule when None.
+    keep_embeddings : bool
+        Also write each tile's embeddings (float16), so a later run with the same
+        checkpoint and a new reference only re-votes.
+    """
+
+    k: int = 10
+    weighting: Literal["similarity", "softmax"] = "similarity"
+    temperature: float = 0.1
+    unknown_threshold: float | None = None
+    batch_size: int = 256
+    tile_size: int = 1024
+    crop_size: int | None = None
+    keep_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        check(self.k >= 1, "k", self.k, "an integer >= 1")
+        check(
+            self.weighting in ("similarity", "softmax"),
+            "weighting",
+            self.weighting,
+            "one of similarity, softmax",
+        )
+        check(self.temperature > 0, "temperature", self.temperature, "a number > 0")
+        check(
+            self.unknown_threshold is None or -1.0 <= self.unknown_threshold <= 1.0,
+            "unknown_threshold",
+            self.unknown_threshold,
+            "a cosine similarity in [-1, 1]",
+        )
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        check(self.tile_size >= 64, "tile_size", self.tile_size, "an integer >= 64")
+        check(
+            self.crop_size is None or self.crop_size >= 4,
+            "crop_size",
+            self.crop_size,
+            "an integer >= 4",
+        )

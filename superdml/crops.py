@@ -69,12 +69,16 @@ class CropRule:
         1-based source bands that become the color bands (None: the first three).
     scaling : str
         The 8-bit scaling rule (see the module docstring).
+    source_bands : int or None
+        How many source bands the color bands were made from (1 to 3), so labeling can
+        refuse a raster that would give other crops; None when unknown.
     """
 
     crop_size: int = 64
     mask: MaskMode = "outside"
     bands: tuple[int, ...] | None = None
     scaling: str = SCALING_RULE
+    source_bands: int | None = None
 
     @property
     def channels(self) -> int:
@@ -96,6 +100,7 @@ class CropRule:
             mask=d["mask"],
             bands=tuple(bands) if bands else None,
             scaling=d.get("scaling", SCALING_RULE),
+            source_bands=d.get("source_bands"),
         )
 
 
@@ -365,24 +370,39 @@ class _CropJob:
     class_nodata: int | None
 
 
-def _color_band_indexes(run: SegmentRun, rule: CropRule) -> list[int]:
-    """Positions (0-based, into the run's bands) of the crop's color bands."""
+def color_band_indexes(run: SegmentRun, rule: CropRule) -> list[int]:
+    """Return the positions (0-based, into the run's bands) of the crop's color bands.
+
+    Raises
+    ------
+    InputError
+        When the rule asks for bands the raster lacks or that were not segmented, or
+        the raster gives crops from another band count than the rule was made with.
+    """
     if rule.bands is None:
-        return list(range(min(3, len(run.bands))))
-    check_bands(run.source.path, run.source.count, rule.bands)
-    missing = [b for b in rule.bands if b not in run.bands]
-    if missing:
+        index = list(range(min(3, len(run.bands))))
+    else:
+        check_bands(run.source.path, run.source.count, rule.bands)
+        missing = [b for b in rule.bands if b not in run.bands]
+        if missing:
+            raise input_error(
+                run.folder, f"band {missing[0]} was not segmented (segmented: {run.bands})"
+            )
+        index = [run.bands.index(b) for b in rule.bands]
+    if rule.source_bands is not None and len(index) != rule.source_bands:
         raise input_error(
-            run.folder, f"band {missing[0]} was not segmented (segmented: {run.bands})"
+            run.source.path,
+            f"gives crops from {len(index)} band(s), the crop rule (and checkpoint) expects "
+            f"{rule.source_bands}: pass --bands or retrain",
         )
-    return [run.bands.index(b) for b in rule.bands]
+    return index
 
 
 def read_crop_window(
     run: SegmentRun, rule: CropRule, row: int, col: int, height: int, width: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read (3, h, w) uint8 color bands and (h, w) uint32 segments of a global window."""
-    index = _color_band_indexes(run, rule)
+    index = color_band_indexes(run, rule)
     bands = [run.bands[i] for i in index]
     with open_raster(run.source.path) as src:
         pixels, valid = read_window(src, bands, row, col, height, width)
@@ -556,8 +576,13 @@ def export_crops(
         names = read_class_names(label_raster, classes)
         for run in runs:
             _check_overlap(run, label_raster)
-    for run in runs:
-        _color_band_indexes(run, rule)
+    counts = {len(color_band_indexes(run, rule)) for run in runs}
+    if len(counts) > 1:
+        raise InputError(
+            f"{segment_dir}: rasters give crops from different band counts {sorted(counts)}: "
+            "crop them separately or pass --bands"
+        )
+    rule = dataclasses.replace(rule, source_bands=counts.pop())
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     calls = [

@@ -93,7 +93,7 @@ def test_mask_modes(mosaic, tmp_path, mask):
             np.testing.assert_array_equal(crop[..., 3], inside * 255)
             assert crop[~inside, :3].any()  # context kept
     rule = read_crop_rule(tmp_path / mask)
-    assert rule == CropRule(crop_size=32, mask=mask)
+    assert rule == CropRule(crop_size=32, mask=mask, source_bands=3)
     meta = json.loads(pq.read_schema(result.table_path).metadata[b"superdml"])
     assert meta["crop_rule"]["mask"] == mask
 

@@ -28,3 +28,15 @@ def progress(
             dynamic_ncols=True,
         )
     )
+
+
+def progress_bar(total: int, desc: str = "", unit: str = "it") -> tqdm:
+    """Return a manual tqdm bar (``update``/``set_postfix_str``) following the log level."""
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        disable=not logger.isEnabledFor(logging.INFO),
+        leave=False,
+        dynamic_ncols=True,
+    )
