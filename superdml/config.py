@@ -559,3 +559,35 @@ class LabelConfig:
             self.crop_size,
             "an integer >= 4",
         )
+
+
+# ------------------------------------------------------------------------ reference index
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Parameters of ``superdml index`` (the reference index of labeled crops).
+
+    Attributes
+    ----------
+    batch_size : int
+        Crops per forward pass while embedding.
+    ivf_threshold : int
+        Reference sets larger than this get an approximate IVF index
+        (``faiss.IndexIVFFlat``); smaller ones an exact ``faiss.IndexFlatIP``.
+    nlist : int or None
+        Inverted lists of the IVF index; ``round(4 * sqrt(N))`` for N references when None.
+    nprobe : int
+        Inverted lists visited per query by an IVF search (more: slower, closer to exact).
+    """
+
+    batch_size: int = 256
+    ivf_threshold: int = 100_000
+    nlist: int | None = None
+    nprobe: int = 32
+
+    def __post_init__(self) -> None:
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        check(self.ivf_threshold >= 1, "ivf_threshold", self.ivf_threshold, "an integer >= 1")
+        check(self.nlist is None or self.nlist >= 1, "nlist", self.nlist, "an integer >= 1")
+        check(self.nprobe >= 1, "nprobe", self.nprobe, "an integer >= 1")
