@@ -228,3 +228,61 @@ def crops(
         result = export_crops(segment_dir, out, config, label_raster, classes, client=client)
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.per_class.items()))
     click.echo(f"{result.n_crops} crops ({counts}) -> {result.out_dir}, {result.table_path}")
+
+
+@cli.command("train")
+@click.option(
+    "--train-dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Labeled crops: one sub-folder of images per class.",
+)
+@click.option(
+    "--val-dir",
+    type=click.Path(path_type=Path),
+    help="Validation crops (default: a stratified share of --train-dir, val_fraction).",
+)
+@click.option(
+    "--loss",
+    metavar="NAME",
+    help="triplet, proxy_nca, proxy_anchor or soft_triple; without --config the "
+    "shipped configs/losses/NAME.yaml is used.",
+)
+@config_option
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option(
+    "--init",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Warm-start from this checkpoint (its classes may differ).",
+)
+@click.option("--epochs", type=int, help="Training epochs (overrides the config).")
+@device_option
+def train_command(
+    train_dir: Path,
+    val_dir: Path | None,
+    loss: str | None,
+    config_path: Path | None,
+    out: Path,
+    resume: bool,
+    init: Path | None,
+    epochs: int | None,
+    device: str,
+) -> None:
+    """Train an embedding network on labeled crop folders: best.pt, last.pt, metrics.csv."""
+    from superdml.config import TrainConfig, load_config
+    from superdml.train import train, training_config_path
+
+    config = load_config(
+        training_config_path(config_path, loss, out, resume),
+        TrainConfig,
+        {"loss": loss, "epochs": epochs},
+    )
+    result = train(train_dir, out, config, val_dir, resume, init, device)
+    score = result.metrics.get("map_at_r")
+    validation = f", map_at_r {score:.4f}" if score is not None else ""
+    click.echo(
+        f"{result.epochs_run} epochs in {result.seconds:.0f} s{validation} -> "
+        f"{result.best_path}, {result.last_path}, {result.metrics_path}"
+    )
+
