@@ -286,3 +286,31 @@ def train_command(
         f"{result.best_path}, {result.last_path}, {result.metrics_path}"
     )
 
+
+@cli.command("evaluate")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--query-dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Labeled crops to evaluate: one sub-folder of images per class.",
+)
+@click.option(
+    "--reference-dir",
+    type=click.Path(path_type=Path),
+    help="Labeled references to search (default: the queries, each leaving itself out).",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@device_option
+def evaluate_command(
+    checkpoint: Path, query_dir: Path, reference_dir: Path | None, out: Path, device: str
+) -> None:
+    """Evaluate a checkpoint: metrics.json, confusion matrix, t-SNE and similarity figures."""
+    from superdml.evaluate import evaluate
+
+    result = evaluate(checkpoint, query_dir, out, reference_dir, device)
+    click.echo(
+        f"{result.n_query} queries, {result.n_reference} references: map_at_r "
+        f"{result.metrics['map_at_r']:.4f}, top1_accuracy {result.metrics['top1_accuracy']:.4f}"
+        f" -> {result.metrics_path}"
+    )

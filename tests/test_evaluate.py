@@ -1,0 +1,134 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_crop_folders
+from PIL import Image
+
+from superdml.checkpoint import save_checkpoint
+from superdml.cli import cli
+from superdml.data import imagenet_statistics
+from superdml.evaluate import confusion_matrix, evaluate, sample_examples, tsne_2d
+from superdml.models import EmbeddingNet
+
+METRIC_KEYS = {
+    "map_at_r", "r_precision", "precision_at_1", "precision_at_5", "recall_at_1",
+    "recall_at_5", "top1_accuracy", "top5_accuracy", "nmi",
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """An untrained ResNet-18 checkpoint at 32 px (evaluation needs no good model)."""
+    torch.manual_seed(0)
+    mean, std = imagenet_statistics(3)
+    return save_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "checkpoint.pt",
+        model=EmbeddingNet("resnet18", 16, 3),
+        input_size=32,
+        class_names=["brick", "grass", "gravel"],
+        normalization="imagenet",
+        mean=mean,
+        std=std,
+        loss_name="proxy_anchor",
+    )
+
+
+@pytest.fixture(scope="module")
+def queries(tmp_path_factory):
+    root = tmp_path_factory.mktemp("queries")
+    return make_crop_folders(root, classes=("brick", "grass", "gravel"), per_class=8, size=32)
+
+
+def test_confusion_matrix_by_hand():
+    true = np.array([0, 0, 1, 1, 1, 2])
+    predicted = np.array([0, 1, 1, 1, 0, 2])
+    matrix = confusion_matrix(true, predicted, 4)
+    expected = [[0.5, 0.5, 0, 0], [1 / 3, 2 / 3, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+    np.testing.assert_allclose(matrix, expected)
+    np.testing.assert_allclose(matrix.sum(axis=1), [1, 1, 1, 0])  # class 3 has no samples
+    with pytest.raises(ValueError, match="predicted: class ids must lie in"):
+        confusion_matrix(true, predicted + 2, 4)
+
+
+def test_sample_examples_groups_a_few_crops_of_spread_classes():
+    labels = np.repeat(np.arange(10), 5)
+    rows = sample_examples(labels, max_classes=3, per_class=2, seed=0)
+    assert labels[rows].tolist() == [0, 0, 4, 4, 9, 9]  # classes spread evenly
+    assert len(set(rows.tolist())) == 6
+    np.testing.assert_array_equal(rows, sample_examples(labels, 3, 2, seed=0))
+    few = np.array([0, 1, 1])
+    assert few[sample_examples(few, 6, 3)].tolist() == [0, 1, 1]
+
+
+def test_tsne_is_seeded_and_subsamples():
+    emb = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
+    points, chosen = tsne_2d(emb, max_points=25, seed=0)
+    assert points.shape == (25, 2) and np.all(np.diff(chosen) > 0)
+    again, _ = tsne_2d(emb, max_points=25, seed=0)
+    np.testing.assert_array_equal(points, again)
+
+
+def test_evaluate_writes_metrics_and_figures(checkpoint, queries, tmp_path):
+    result = evaluate(checkpoint, queries, tmp_path, device="cpu")
+    for path in (result.confusion_path, result.tsne_path, result.similarity_path):
+        assert path.parent == tmp_path
+        with Image.open(path) as image:
+            assert image.format == "PNG" and min(image.size) > 200
+    report = json.loads(result.metrics_path.read_text())
+    assert set(report) == {"metrics", "per_class_accuracy", "counts", "inputs"}
+    assert set(report["metrics"]) == METRIC_KEYS
+    assert report["counts"]["query"] == report["counts"]["reference"] == 24
+    assert report["inputs"]["exclude_self"] is True and len(report["inputs"]["checkpoint_sha256"])
+    # the confusion matrix is the kNN classifier behind top1_accuracy: 8 queries per class
+    per_class = np.array(list(report["per_class_accuracy"].values()))
+    assert per_class.mean() == pytest.approx(report["metrics"]["top1_accuracy"])
+    assert result.n_query == 24 and result.metrics == report["metrics"]
+
+
+def test_evaluate_against_references_of_other_classes(checkpoint, queries, tmp_path):
+    refs = make_crop_folders(tmp_path / "refs", classes=("brick", "coffee"), per_class=5, size=32)
+    result = evaluate(checkpoint, queries, tmp_path / "out", reference_dir=refs, device="cpu")
+    report = json.loads(result.metrics_path.read_text())
+    assert report["inputs"]["class_names"] == ["brick", "coffee", "grass", "gravel"]
+    assert result.n_reference == 10 and report["inputs"]["exclude_self"] is False
+    # grass and gravel have no reference: never predicted right
+    assert report["per_class_accuracy"]["grass"] == report["per_class_accuracy"]["gravel"] == 0
+    assert result.metrics["precision_at_1"] <= 8 / 24
+
+
+def test_cli_evaluate(checkpoint, queries, tmp_path):
+    args = ["-q", "evaluate", "--checkpoint", str(checkpoint), "--query-dir", str(queries)]
+    result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "24 queries, 24 references" in result.output and (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [("rgba", "has an alpha band"), ("text", "text.pt: "), ("missing", "no such folder")],
+)
+def test_evaluate_bad_input(checkpoint, queries, tmp_path, case, message):
+    rgba = make_crop_folders(tmp_path / "rgba", classes=("brick", "grass"), per_class=2, bands=4)
+    (tmp_path / "text.pt").write_text("hello")
+    query = {"rgba": rgba, "missing": tmp_path / "missing"}.get(case, queries)
+    ckpt = tmp_path / "text.pt" if case == "text" else checkpoint
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        cli, ["-q", "evaluate", "--checkpoint", str(ckpt), "--query-dir", str(query),
+              "--out", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert not out.exists()
