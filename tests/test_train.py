@@ -274,6 +274,7 @@ def test_cli_trains_with_the_shipped_config_and_resumes_longer(folders, tmp_path
         (["--train-dir", "{empty}"], "hollow: class folder has no readable images"),
         (["--train-dir", "{one}"], "one: only one class folder"),
         (["--train-dir", "{missing}"], "missing: no such folder"),
+        (["--val-dir", "{strange}"], "strange/astronaut: validation class 'astronaut' is not"),
         (["--config", "{typo}"], "typo.yaml: unknown key 'warmup_epoch' (did you mean"),
         (["--config", "{badtype}"], "badtype.yaml: lr: got 'fast', expected a number"),
         (["--loss", "proxy_anchr"], "did you mean 'proxy_anchor'"),
@@ -289,7 +290,8 @@ def test_bad_input_is_one_line_and_exit_code_2(folders, tmp_path, args, message)
     (tmp_path / "typo.yaml").write_text("warmup_epoch: 1\n")
     (tmp_path / "badtype.yaml").write_text("lr: fast\n")
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
-    paths = {"empty": empty, "one": one, "missing": tmp_path / "missing"}
+    strange = make_crop_folders(tmp_path / "strange", classes=("brick", "astronaut"), per_class=2)
+    paths = {"empty": empty, "one": one, "missing": tmp_path / "missing", "strange": strange}
     paths |= {k: tmp_path / f"{k}.yaml" for k in ("typo", "badtype")}
     paths["notes"] = tmp_path / "notes.txt"
     argv = [a.format(**paths) for a in args]
