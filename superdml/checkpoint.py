@@ -33,6 +33,7 @@ import os
 import pickle
 import random
 import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -392,6 +393,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """
     require_file(path, "checkpoint")
     name = os.fspath(path)
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
+        raise CheckpointError(f"{name}: not a torch checkpoint file (not a torch.save archive)")
     try:
         with warnings.catch_warnings():
             # the weights_only unpickler warns about foreign pickle protocols; the file is

@@ -74,8 +74,9 @@ def cluster_options(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
     return click.option(
         "--workers",
-        type=click.IntRange(min=1),
-        help="Worker processes of the local dask cluster (default: one per core).",
+        type=click.IntRange(min=0),
+        help="Worker processes of the local dask cluster (default: one per core; "
+        "0: no cluster, run in this process).",
     )(f)
 
 
@@ -228,6 +229,176 @@ def crops(
         result = export_crops(segment_dir, out, config, label_raster, classes, client=client)
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.per_class.items()))
     click.echo(f"{result.n_crops} crops ({counts}) -> {result.out_dir}, {result.table_path}")
+
+
+@cli.command("label")
+@click.argument("segment_dir", type=click.Path(path_type=Path))
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--reference",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="REF_DIR of `superdml index`.",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--raster", type=click.Path(path_type=Path), help="The source raster, if it moved.")
+@config_option
+@click.option("--k", type=int, help="Nearest references that vote [10].")
+@click.option("--batch-size", type=int, help="Crops per forward pass [256].")
+@click.option("--crop-size", type=int, help="Crop side (default: the checkpoint's crop rule).")
+@click.option("--tile-size", type=int, help="Raster tile side, the unit of work [1024].")
+@click.option(
+    "--unknown-threshold", type=float, help="Similarity below which the label is unknown."
+)
+@click.option(
+    "--keep-embeddings", is_flag=True, default=None, help="Keep tile embeddings for re-votes."
+)
+@click.option("--overwrite", is_flag=True, help="Replace predictions made with another checkpoint.")
+@device_option
+@cluster_options
+def label_command(
+    segment_dir: Path,
+    checkpoint: Path,
+    reference: Path,
+    out: Path,
+    raster: Path | None,
+    config_path: Path | None,
+    k: int | None,
+    batch_size: int | None,
+    crop_size: int | None,
+    tile_size: int | None,
+    unknown_threshold: float | None,
+    keep_embeddings: bool | None,
+    overwrite: bool,
+    device: str,
+    workers: int | None,
+    scheduler: str | None,
+) -> None:
+    """Label every superpixel of SEGMENT_DIR by kNN against a reference index."""
+    from superdml.cluster import make_client
+    from superdml.config import LabelConfig, load_config
+    from superdml.label import label
+
+    config = load_config(
+        config_path,
+        LabelConfig,
+        {
+            "k": k,
+            "batch_size": batch_size,
+            "crop_size": crop_size,
+            "tile_size": tile_size,
+            "unknown_threshold": unknown_threshold,
+            "keep_embeddings": keep_embeddings,
+        },
+    )
+    with make_client(workers, scheduler) as client:
+        result = label(
+            segment_dir, checkpoint, reference, out, config, raster, device, client, overwrite
+        )
+    click.echo(
+        f"{result.n_superpixels} superpixels in {result.n_tiles} tiles "
+        f"({result.n_skipped} already done), {result.superpixels_per_second:.0f} superpixels/s "
+        f"-> {result.out_dir / 'predictions'}"
+    )
+
+
+@cli.command("export")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--segments", required=True, type=click.Path(path_type=Path), help="SEGMENT_DIR.")
+@click.option(
+    "--raster-format", type=click.Choice(["cog", "gtiff"]), default="cog", show_default=True
+)
+@click.option(
+    "--vector", type=click.Choice(["gpkg", "parquet", "none"]), default="gpkg", show_default=True
+)
+def export_command(out: Path, segments: Path, raster_format: str, vector: str) -> None:
+    """Write label/score rasters, polygons, a QGIS style and a summary for OUT."""
+    from superdml.export import export
+
+    result = export(out, segments, raster_format, vector)  # type: ignore[arg-type]
+    for name, files in result.outputs.items():
+        click.echo(f"{name}: " + ", ".join(str(p) for p in files.values()))
+
+
+@cli.command("index")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--reference-dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Labeled crops, one folder per class.",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@config_option
+@click.option("--batch-size", type=int, help="Crops per forward pass [256].")
+@click.option("--ivf-threshold", type=int, help="More references than this get an IVF index.")
+@click.option("--nprobe", type=int, help="Inverted lists an IVF search visits [32].")
+@device_option
+def index_command(
+    checkpoint: Path,
+    reference_dir: Path,
+    out: Path,
+    config_path: Path | None,
+    batch_size: int | None,
+    ivf_threshold: int | None,
+    nprobe: int | None,
+    device: str,
+) -> None:
+    """Embed the labeled crops of --reference-dir into a reference index at --out."""
+    from superdml.config import IndexConfig, load_config
+    from superdml.index import build_index
+
+    config = load_config(
+        config_path,
+        IndexConfig,
+        {"batch_size": batch_size, "ivf_threshold": ivf_threshold, "nprobe": nprobe},
+    )
+    result = build_index(checkpoint, reference_dir, out, config, device)
+    counts = ", ".join(f"{k}: {v}" for k, v in result.per_class.items())
+    click.echo(
+        f"{result.n_references} references ({counts}); {result.n_embedded} embedded, "
+        f"{result.n_reused} reused, {result.n_removed} removed -> {result.out_dir} "
+        f"({result.index_type} index)"
+    )
+
+
+@cli.command("infer")
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
+@click.option("--reference", type=click.Path(path_type=Path), help="REF_DIR of `superdml index`.")
+@click.option(
+    "--reference-dir",
+    type=click.Path(path_type=Path),
+    help="Labeled crop folder to embed on the fly instead of --reference.",
+)
+@click.option("--k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Draw each image and its neighbours into this figure (.png, .pdf, .svg).",
+)
+@device_option
+def infer_command(
+    images: tuple[Path, ...],
+    checkpoint: Path,
+    reference: Path | None,
+    reference_dir: Path | None,
+    k: int,
+    plot: Path | None,
+    device: str,
+) -> None:
+    """Label IMAGES by their k nearest references and print those references."""
+    from superdml.infer import infer, plot_neighbours
+
+    if (reference is None) == (reference_dir is None):
+        raise click.UsageError("give exactly one of --reference and --reference-dir")
+    results = infer(images, checkpoint, reference, reference_dir, k, device)
+    for result in results:
+        click.echo(f"{result.image}: {result.label} (score {result.score:.3f})")
+        for rank, neighbour in enumerate(result.neighbours, 1):
+            click.echo(f"  {rank}. {neighbour.file}  {neighbour.label}  {neighbour.similarity:.4f}")
+    if plot is not None:
+        click.echo(f"-> {plot_neighbours(results, plot)}")
 
 
 @cli.command("train")

@@ -41,7 +41,8 @@ def make_client(
     Parameters
     ----------
     workers : int, optional
-        Worker processes of the local cluster (default: the core count).
+        Worker processes of the local cluster (default: the core count); 0 runs
+        everything in this process without a cluster (the client is None).
     scheduler : str, optional
         Address of a running ``dask scheduler`` (``tcp://host:8786``) to attach to.
     threads_per_worker : int
@@ -59,9 +60,12 @@ def make_client(
         with client:
             yield client
         return
+    if workers == 0:
+        yield None
+        return
     n = workers or default_workers()
     if n < 1:
-        raise InputError(f"--workers {n}: expected at least 1")
+        raise InputError(f"--workers {n}: expected at least 0")
     with (
         LocalCluster(
             n_workers=n,

@@ -44,6 +44,8 @@ def write_raster(
 def texture_mosaic(size: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """An RGB mosaic of four textures in irregular regions, and its truth (1..4).
 
+    Every class has a region in the left and in the right half.
+
     Returns
     -------
     rgb : (3, size, size) uint8 ndarray
@@ -63,11 +65,23 @@ def texture_mosaic(size: int = 512) -> tuple[np.ndarray, np.ndarray]:
             (transform.resize(data.coffee(), (200, 300), anti_aliasing=True) * 255).astype(np.uint8)
         ),
     ]
-    rows, cols = np.mgrid[0:size, 0:size] / size
-    truth = np.ones((size, size), dtype=np.uint8)
-    truth[(cols > 0.45 + 0.1 * np.sin(rows * 7))] = 2
-    truth[(rows > 0.55 + 0.08 * np.cos(cols * 9))] += 2
+    truth = voronoi_regions(size, n_classes=len(sources))
     rgb = np.zeros((size, size, 3), dtype=np.uint8)
     for k, src in enumerate(sources, start=1):
         rgb[truth == k] = src[truth == k]
     return rgb.transpose(2, 0, 1), truth
+
+
+def voronoi_regions(size: int, n_classes: int, seed: int = 7) -> np.ndarray:
+    """Irregular regions (wavy Voronoi cells), each class in both halves; (size, size) uint8."""
+    rng = np.random.default_rng(seed)
+    classes = np.repeat(np.arange(1, n_classes + 1), 2)
+    half = np.tile([0, 1], n_classes)
+    seeds = np.stack(
+        [rng.uniform(0.1, 0.9, classes.size), (half + rng.uniform(0.1, 0.9, classes.size)) / 2], 1
+    )
+    rows, cols = np.mgrid[0:size, 0:size] / size
+    rows = rows + 0.04 * np.sin(cols * 17)
+    cols = cols + 0.04 * np.cos(rows * 13)
+    dist = (rows[..., None] - seeds[:, 0]) ** 2 + (cols[..., None] - seeds[:, 1]) ** 2
+    return classes[dist.argmin(axis=2)].astype(np.uint8)

@@ -42,7 +42,7 @@ def test_segment_and_crops_on_a_local_dask_cluster(runner, small_tif, tmp_path):
     crops = tmp_path / "crops"
     result = runner.invoke(
         cli, ["-q", "crops", str(out), "--out", str(crops), "--crop-size", "16", "--sample", "7",
-              "--workers", "1"],
+              "--workers", "0"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert len(list((crops / "unlabeled").glob("small_*.png"))) == 7
@@ -64,7 +64,7 @@ def test_bad_input_is_one_line_and_exit_code_2(runner, tmp_path, small_tif, args
     (tmp_path / "notes.tif").write_text("hello")
     (tmp_path / "bad.yaml").write_text("region_sise: 16\n")
     argv = [a.format(tmp=tmp_path, small=small_tif) for a in ["--quiet", *args]]
-    result = runner.invoke(cli, [*argv[:2], *argv[2:], "--workers", "1"])
+    result = runner.invoke(cli, [*argv[:2], *argv[2:], "--workers", "0"])
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
@@ -89,6 +89,6 @@ def test_bad_bands_option_is_a_usage_error(runner, small_tif, tmp_path):
 def test_all_nodata_raster_exits_2(runner, tmp_path):
     path = write_raster(tmp_path / "void.tif", np.zeros((1, 32, 32), np.uint8), nodata=0)
     result = runner.invoke(
-        cli, ["-q", "segment", str(path), "--out", str(tmp_path / "o"), "--workers", "1"]
+        cli, ["-q", "segment", str(path), "--out", str(tmp_path / "o"), "--workers", "0"]
     )
     assert result.exit_code == 2 and "void.tif: has no valid pixel" in result.output

@@ -1,0 +1,449 @@
+"""Batch labeling of every superpixel of segmented rasters, one raster tile per task.
+
+A task reads the tile's source window (with the halo its crops need) and segment
+window, cuts the crops of the superpixels the tile owns (the crop rule of the
+checkpoint's training folder), embeds them in fixed-size batches, searches the
+reference index and votes, then writes one predictions part, renamed into place when
+complete. Tasks carry paths and small descriptions only: each worker process loads the
+model and the reference index once (a cache keyed by their SHA-256) and reuses them.
+
+On CUDA the batch is copied from pinned memory without blocking, normalized on the
+GPU, run in bf16 autocast with channels_last, and the kNN search runs on the GPU too;
+on the CPU the same code runs in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from superdml._private.atomic import atomic_write, write_json
+from superdml.cluster import default_workers, map_tasks
+from superdml.config import LabelConfig, config_hash, config_to_dict, dump_config
+from superdml.crops import CropRule, color_band_indexes, crop_tile
+from superdml.errors import InputError
+from superdml.predictions import MANIFEST, PARTS, UNKNOWN, predictions_schema
+from superdml.raster import Tile, open_raster, tile_grid
+from superdml.segment import SegmentRun, load_segment_runs
+
+logger = logging.getLogger(__name__)
+
+EMBEDDINGS = "embeddings"
+_ID_COLUMNS = ("segment_id", "raster", "x", "y")
+
+
+# ------------------------------------------------------------------ worker side
+
+
+class Embedder:
+    """A checkpoint's model ready for inference on uint8 crops.
+
+    Parameters
+    ----------
+    checkpoint : path
+    device : str
+        ``cpu`` or ``cuda``.
+    """
+
+    def __init__(self, checkpoint: str | Path, device: str) -> None:
+        import torch
+
+        from superdml.checkpoint import build_model_from_checkpoint, load_checkpoint
+        from superdml.embed import prepare_model
+
+        ckpt = load_checkpoint(checkpoint)
+        self.device = torch.device(device)
+        self.model = prepare_model(build_model_from_checkpoint(ckpt), self.device)
+        self.input_size = ckpt.input_size
+        self.bands = ckpt.bands
+        self.mean = torch.tensor(ckpt.mean, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(ckpt.std, device=self.device).view(1, -1, 1, 1)
+
+    def __call__(self, crops: np.ndarray, batch_size: int) -> np.ndarray:
+        """Embed crops in fixed-size batches (the last one padded).
+
+        Parameters
+        ----------
+        crops : (N, C, H, W) uint8 ndarray
+        batch_size : int
+
+        Returns
+        -------
+        (N, D) float32 ndarray, L2-normalized
+        """
+        import torch
+        from torchvision.transforms.v2 import functional as TF
+
+        from superdml.embed import autocast
+
+        cuda = self.device.type == "cuda"
+        out = []
+        with torch.inference_mode(), autocast(self.device):
+            for start in range(0, len(crops), batch_size):
+                batch = torch.from_numpy(crops[start : start + batch_size])
+                n = batch.shape[0]
+                if n < batch_size:
+                    pad = batch.new_zeros((batch_size - n, *batch.shape[1:]))
+                    batch = torch.cat([batch, pad])
+                if cuda:
+                    batch = batch.pin_memory()
+                x = batch.to(self.device, non_blocking=True)
+                if x.shape[-1] != self.input_size:
+                    x = TF.resize(x, [self.input_size] * 2, antialias=True)
+                x = (x.float() / 255.0 - self.mean) / self.std
+                if cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                out.append(self.model(x)[:n].float().cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+@functools.lru_cache(maxsize=2)
+def load_embedder(checkpoint: str, sha256: str, device: str, threads: int | None) -> Embedder:
+    """Load a checkpoint's model once per worker process (keyed by its hash)."""
+    if threads is not None:
+        import faiss
+        import torch
+
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
+    del sha256  # part of the cache key only
+    return Embedder(checkpoint, device)
+
+
+@functools.lru_cache(maxsize=2)
+def load_reference(ref_dir: str, sha256: str) -> Any:
+    """Load a reference index once per worker process (keyed by its hash)."""
+    from superdml.index import ReferenceIndex
+
+    del sha256  # part of the cache key only
+    return ReferenceIndex.load(ref_dir)
+
+
+# ---------------------------------------------------------------------- the task
+
+
+@dataclass(frozen=True)
+class _LabelJob:
+    """Everything a tile task needs, small and picklable."""
+
+    run: SegmentRun
+    rule: CropRule
+    config: LabelConfig
+    checkpoint: str
+    checkpoint_sha256: str
+    reference: str
+    reference_sha256: str
+    class_names: tuple[str, ...]
+    out: str
+    device: str
+    threads: int | None
+
+    @property
+    def part_meta(self) -> dict[str, str]:
+        return {
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "reference_sha256": self.reference_sha256,
+            "label_config": config_hash(self.config),
+        }
+
+    def part_path(self, tile: Tile) -> Path:
+        return Path(self.out) / PARTS / self.run.name / f"{tile.key}.parquet"
+
+    def embeddings_path(self, tile: Tile) -> Path:
+        folder = Path(self.out) / EMBEDDINGS / self.checkpoint_sha256[:16] / self.run.name
+        return folder / f"{tile.key}.npz"
+
+
+def _part_is_current(path: Path, meta: dict[str, str]) -> bool:
+    if not path.exists():
+        return False
+    stored = pq.read_schema(path).metadata or {}
+    return json.loads(stored.get(b"superdml", b"{}")) == meta
+
+
+def _label_tile(job: _LabelJob, tile: Tile) -> int:
+    """Label the superpixels owned by one tile; return how many."""
+    part = job.part_path(tile)
+    if _part_is_current(part, job.part_meta):
+        return pq.read_metadata(part).num_rows
+    table = job.run.superpixels_in(tile.row, tile.col, tile.height, tile.width)
+    ids = table.column("segment_id").to_numpy()
+    embeddings = _tile_embeddings(job, tile, table, ids)
+    reference = load_reference(job.reference, job.reference_sha256)
+    predictions = predict(embeddings, reference, job.config, job.class_names, job.device)
+    columns = {
+        "segment_id": pa.array(ids, pa.uint32()),
+        "raster": pa.array([job.run.name] * len(ids), pa.string()),
+        "x": table.column("x"),
+        "y": table.column("y"),
+        **predictions,
+    }
+    out = pa.table(columns, schema=predictions_schema()).replace_schema_metadata(
+        {"superdml": json.dumps(job.part_meta)}
+    )
+    part.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(part) as tmp:
+        pq.write_table(out, tmp, compression="zstd")
+    return len(ids)
+
+
+def _tile_embeddings(job: _LabelJob, tile: Tile, table: pa.Table, ids: np.ndarray) -> np.ndarray:
+    """Embed a tile's crops, or reuse the embeddings kept by an earlier run."""
+    kept = job.embeddings_path(tile)
+    if kept.exists():
+        with np.load(kept) as stored:
+            if np.array_equal(stored["segment_id"], ids):
+                return stored["embeddings"].astype(np.float32)
+    embedder = load_embedder(job.checkpoint, job.checkpoint_sha256, job.device, job.threads)
+    if len(ids) == 0:
+        return np.zeros((0, 1), np.float32)
+    crops, _ = crop_tile(job.run, job.rule, table)
+    embeddings = embedder(crops, job.config.batch_size)
+    if job.config.keep_embeddings:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(kept) as tmp, open(tmp, "wb") as f:
+            np.savez(f, segment_id=ids, embeddings=embeddings.astype(np.float16))
+    return embeddings
+
+
+def predict(
+    embeddings: np.ndarray,
+    reference: Any,
+    config: LabelConfig,
+    class_names: tuple[str, ...] | list[str],
+    device: str = "cpu",
+) -> dict[str, pa.Array]:
+    """Apply the kNN labeling rule to embeddings; return the predictions columns.
+
+    Parameters
+    ----------
+    embeddings : (N, D) float32 ndarray
+    reference : ReferenceIndex
+    config : LabelConfig
+        ``k``, ``weighting``, ``temperature``, ``unknown_threshold``.
+    class_names : sequence of str
+        The reference's classes; class ``i`` gets label id ``i + 1``.
+    device : str
+        Where the search runs.
+
+    Returns
+    -------
+    dict of pyarrow arrays
+        ``label``, ``label_id``, ``score``, ``margin``, ``similarity``, ``topk_labels``,
+        ``topk_similarities`` (of the k nearest references, nearest first).
+    """
+    from superdml.index import apply_unknown, knn_vote
+
+    n, k = len(embeddings), config.k
+    if n == 0:
+        empty = predictions_schema()
+        return {f.name: pa.array([], f.type) for f in empty if f.name not in _ID_COLUMNS}
+    sims, neighbours = reference.search(embeddings, k, device=device)
+    neighbour_labels = np.where(neighbours >= 0, reference.labels[neighbours.clip(0)], -1)
+    vote = knn_vote(sims, neighbour_labels, len(class_names), config.weighting, config.temperature)
+    if config.unknown_threshold is not None:
+        vote = apply_unknown(vote, config.unknown_threshold)
+    names = np.asarray([*class_names, UNKNOWN], dtype=object)
+    label_ids = vote.label_ids
+    offsets = np.arange(n + 1, dtype=np.int32) * k
+    return {
+        "label": pa.array(names[label_ids], pa.string()),
+        "label_id": pa.array(np.where(label_ids >= 0, label_ids + 1, 0), pa.uint16()),
+        "score": pa.array(vote.scores, pa.float32()),
+        "margin": pa.array(vote.margins, pa.float32()),
+        "similarity": pa.array(vote.similarity, pa.float32()),
+        "topk_labels": pa.ListArray.from_arrays(
+            offsets, pa.array(names[neighbour_labels.ravel()], pa.string())
+        ),
+        "topk_similarities": pa.ListArray.from_arrays(
+            offsets, pa.array(sims.ravel().astype(np.float32), pa.float32())
+        ),
+    }
+
+
+# ------------------------------------------------------------------------ the stage
+
+
+@dataclass(frozen=True)
+class LabelResult:
+    """What :func:`label` did.
+
+    Attributes
+    ----------
+    out_dir : Path
+    n_superpixels, n_tiles : int
+    n_skipped : int
+        Tiles whose predictions were already current.
+    seconds : float
+    superpixels_per_second : float
+    """
+
+    out_dir: Path
+    n_superpixels: int
+    n_tiles: int
+    n_skipped: int
+    seconds: float
+    superpixels_per_second: float
+
+
+def _check_inputs(
+    runs: list[SegmentRun], rule: CropRule, bands: int, checkpoint: str | Path
+) -> None:
+    """Fail before any work: crops the model cannot take, segments of another raster."""
+    if rule.channels != bands:
+        raise InputError(
+            f"{checkpoint}: the model takes {bands} bands, the crop rule gives {rule.channels} "
+            f"(mask {rule.mask!r}): retrain, or label with the checkpoint's crop rule"
+        )
+    for run in runs:
+        with open_raster(run.source.path) as src:
+            if (src.height, src.width) != (run.source.height, run.source.width):
+                raise InputError(
+                    f"{run.source.path}: {src.width}x{src.height} px, the segments in "
+                    f"{run.folder} are {run.source.width}x{run.source.height}: segment it again"
+                )
+        color_band_indexes(run, rule)
+
+
+def label(
+    segment_dir: str | Path,
+    checkpoint: str | Path,
+    reference: str | Path,
+    out: str | Path,
+    config: LabelConfig | None = None,
+    raster: str | Path | None = None,
+    device: str = "auto",
+    client: Any = None,
+    overwrite: bool = False,
+) -> LabelResult:
+    """Label every superpixel of a segment run by kNN against a reference index.
+
+    Parameters
+    ----------
+    segment_dir : path
+        A segment run (all its rasters) or one raster's subfolder.
+    checkpoint : path
+        The model (``superdml train``).
+    reference : path
+        A reference index built with that checkpoint (``superdml index``).
+    out : path
+        Output folder: ``predictions/<raster>/<tile>.parquet`` and ``label.json``.
+    config : LabelConfig, optional
+    raster : path, optional
+        The source raster when it moved since segmentation (one raster only).
+    device : {"auto", "cpu", "cuda"}
+    client : distributed.Client, optional
+        Where the tile tasks run; in this process when None.
+    overwrite : bool
+        Replace predictions made with another checkpoint (refused otherwise).
+
+    Returns
+    -------
+    LabelResult
+
+    Raises
+    ------
+    InputError, CheckpointError
+        Before any work: a reference made with another checkpoint, an empty reference,
+        k larger than the reference, a band count the model cannot take, a moved raster
+        of another size, or predictions of another checkpoint in `out`.
+    """
+    from superdml.checkpoint import checkpoint_sha256, load_checkpoint
+    from superdml.embed import resolve_device
+    from superdml.index import ReferenceIndex
+
+    start = time.perf_counter()
+    config = config or LabelConfig()
+    runs = load_segment_runs(segment_dir)
+    if raster is not None:
+        if len(runs) != 1:
+            raise InputError(f"{segment_dir}: --raster needs one raster's segment subfolder")
+        runs = [runs[0].with_source(raster)]
+    ckpt = load_checkpoint(checkpoint)
+    ckpt_sha = checkpoint_sha256(checkpoint)
+    ref = ReferenceIndex.load(reference)
+    if ref.checkpoint_sha256 != ckpt_sha:
+        raise InputError(
+            f"{reference}: reference built with another checkpoint "
+            f"({ref.checkpoint_sha256[:12]}, not {ckpt_sha[:12]} of {checkpoint}): "
+            "run `superdml index` with this checkpoint"
+        )
+    if config.k > ref.size:
+        raise InputError(f"{reference}: k={config.k} but the reference holds {ref.size} crops")
+    rule = CropRule.from_dict(ckpt.crop_rule) if ckpt.crop_rule else CropRule()
+    if config.crop_size is not None:
+        rule = dataclasses.replace(rule, crop_size=config.crop_size)
+    _check_inputs(runs, rule, ckpt.bands, checkpoint)
+    dev = resolve_device(device).type
+    out = Path(out)
+    _claim_output(out, ckpt_sha, overwrite)
+    manifest = {
+        "class_names": list(ref.class_names),
+        "tile_size": config.tile_size,
+        "rasters": [run.name for run in runs],
+        "segments": [str(run.folder.resolve()) for run in runs],
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "checkpoint_sha256": ckpt_sha,
+        "reference": str(Path(reference).resolve()),
+        "reference_sha256": ref.sha256,
+        "crop_rule": rule.to_dict(),
+        "config": config_to_dict(config),
+    }
+    write_json(out / MANIFEST, manifest)
+    dump_config(config, out / "label.yaml")
+    threads = _threads_per_worker(client)
+    calls = []
+    for run in runs:
+        job = _LabelJob(
+            run, rule, config, str(Path(checkpoint).resolve()), ckpt_sha,
+            str(Path(reference).resolve()), ref.sha256, tuple(ref.class_names), str(out), dev,
+            threads,
+        )  # fmt: skip
+        calls += [
+            (job, tile) for tile in tile_grid(run.source.height, run.source.width, config.tile_size)
+        ]
+    done_before = sum(_part_is_current(job.part_path(t), job.part_meta) for job, t in calls)
+    counts = map_tasks(
+        _label_tile, calls, client, desc="label", count=int, count_unit="superpixels"
+    )
+    seconds = time.perf_counter() - start
+    total = int(sum(counts))
+    logger.info("labeled %d superpixels in %.1f s (%.0f/s)", total, seconds, total / seconds)
+    return LabelResult(out, total, len(calls), done_before, seconds, total / max(seconds, 1e-9))
+
+
+def _claim_output(out: Path, checkpoint_sha: str, overwrite: bool) -> None:
+    """Refuse (or with `overwrite` clear) predictions of another checkpoint in `out`."""
+    manifest = out / MANIFEST
+    if manifest.exists():
+        previous = json.loads(manifest.read_text()).get("checkpoint_sha256")
+        if previous != checkpoint_sha:
+            if not overwrite:
+                raise InputError(
+                    f"{out}: holds predictions of another checkpoint ({str(previous)[:12]}): "
+                    "pass --overwrite to replace them, or choose another --out"
+                )
+            shutil.rmtree(out / PARTS, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _threads_per_worker(client: Any) -> int | None:
+    """Torch threads per worker so that workers x threads = cores (local clusters)."""
+    if client is None:
+        return None
+    workers = client.nthreads()
+    local = all(addr.startswith(("tcp://127.0.0.1", "inproc://")) for addr in workers)
+    if not local:
+        return None
+    return max(1, default_workers() // max(1, len(workers)))

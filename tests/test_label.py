@@ -1,0 +1,316 @@
+"""End to end: segment -> crops from a truth raster -> train -> index -> label -> export."""
+
+import json
+import shutil
+import threading
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+from click.testing import CliRunner
+from rasters import texture_mosaic, write_raster
+
+import superdml.label as label_module
+from superdml.cli import cli
+from superdml.config import CropsConfig, LabelConfig, SegmentConfig, TrainConfig
+from superdml.crops import export_crops
+from superdml.errors import InputError
+from superdml.export import export
+from superdml.index import build_index
+from superdml.label import label
+from superdml.predictions import predictions_schema
+from superdml.segment import segment_raster
+from superdml.train import train
+
+CLASSES = ["class_1", "class_2", "class_3", "class_4"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A mosaic of four textures; crops of its left half trained on and indexed."""
+    root = tmp_path_factory.mktemp("label")
+    rgb, truth = texture_mosaic(384)
+    source = write_raster(root / "mosaic.tif", rgb)
+    write_raster(root / "truth.tif", truth[None])
+    left = truth.copy()
+    left[:, 192:] = 0  # only the left half is labeled
+    left_tif = write_raster(root / "left.tif", left[None], nodata=0)
+    seg = segment_raster(source, root / "seg", SegmentConfig(region_size=16, tile_size=128))
+    export_crops(
+        seg.out_dir, root / "crops", CropsConfig(crop_size=32, mask="none", per_class=40), left_tif
+    )
+    config = TrainConfig(
+        input_size=32, embedding_size=32, epochs=6, loss="proxy_nca", classes_per_batch=4,
+        samples_per_class=8, warmup_epochs=0, val_fraction=0.2,
+    )  # fmt: skip
+    trained = train(root / "crops", root / "model", config, device="cpu")
+    checkpoint = root / "model" / "best.pt"
+    build_index(checkpoint, root / "crops", root / "ref", device="cpu")
+    return {"root": root, "truth": truth, "seg": seg, "checkpoint": checkpoint, "trained": trained}
+
+
+@pytest.fixture(scope="module")
+def labeled(world):
+    out = world["root"] / "out"
+    config = LabelConfig(k=5, tile_size=128, batch_size=64)
+    result = label(
+        world["seg"].out_dir, world["checkpoint"], world["root"] / "ref", out, config, device="cpu"
+    )
+    return {"out": out, "result": result, "config": config}
+
+
+def read_predictions(out):
+    return pq.read_table(out / "predictions").sort_by("segment_id")
+
+
+def majority_truth(world):
+    with rasterio.open(world["seg"].segments_path) as src:
+        segments = src.read(1)
+    table = pq.read_table(world["seg"].table_path)
+    ids = table.column("segment_id").to_numpy()
+    from superdml.crops import majority_labels
+
+    value, _ = majority_labels(segments, world["truth"], ids, None)
+    return dict(zip(ids.tolist(), value.tolist(), strict=True)), table
+
+
+def test_every_superpixel_labeled_once_with_the_schema(world, labeled):
+    table = read_predictions(labeled["out"])
+    assert table.schema.remove_metadata() == predictions_schema()
+    ids = table.column("segment_id").to_numpy()
+    assert len(ids) == len(np.unique(ids)) == world["seg"].n_superpixels
+    assert labeled["result"].n_tiles == 9 and labeled["result"].n_skipped == 0
+    topk = table.column("topk_similarities").to_pylist()
+    assert all(len(t) == 5 and t == sorted(t, reverse=True) for t in topk)
+    sims = table.column("similarity").to_numpy()
+    np.testing.assert_allclose(sims, [t[0] for t in topk], rtol=1e-6)
+    scores = table.column("score").to_numpy()
+    assert ((scores > 0) & (scores <= 1)).all()
+    meta = json.loads(
+        pq.read_schema(next((labeled["out"] / "predictions").rglob("*.parquet"))).metadata[
+            b"superdml"
+        ]
+    )
+    assert set(meta) == {"checkpoint_sha256", "reference_sha256", "label_config"}
+
+
+def test_most_superpixels_get_their_region_class(world, labeled):
+    truth, table = majority_truth(world)
+    preds = read_predictions(labeled["out"])
+    cols = dict(
+        zip(table.column("segment_id").to_pylist(), table.column("col").to_pylist(), strict=True)
+    )
+    ids = preds.column("segment_id").to_pylist()
+    predicted = preds.column("label_id").to_pylist()
+    right = [i for i in range(len(ids)) if cols[ids[i]] >= 192]  # the unseen half
+    accuracy = np.mean([predicted[i] == truth[ids[i]] for i in right])
+    assert accuracy > 0.55, accuracy  # chance is 0.25; 6 epochs on 160 crops from scratch
+
+
+def test_export_aligns_with_the_truth_grid(world, labeled):
+    result = export(labeled["out"], world["seg"].out_dir, "cog", "gpkg")
+    files = result.outputs["mosaic"]
+    with rasterio.open(files["labels"]) as src, rasterio.open(world["root"] / "truth.tif") as truth:
+        assert (src.crs, src.transform, src.shape) == (truth.crs, truth.transform, truth.shape)
+        labels = src.read(1)
+    right = labels[:, 192:] == world["truth"][:, 192:]
+    assert right.mean() > 0.55
+    import pyogrio
+
+    assert pyogrio.read_info(files["polygons"])["features"] == world["seg"].n_superpixels
+
+
+def test_rerun_skips_finished_tiles(world, labeled):
+    before = read_predictions(labeled["out"])
+    again = label(
+        world["seg"].out_dir,
+        world["checkpoint"],
+        world["root"] / "ref",
+        labeled["out"],
+        labeled["config"],
+        device="cpu",
+    )
+    assert again.n_skipped == again.n_tiles
+    assert read_predictions(labeled["out"]).equals(before)
+
+
+def test_interrupted_run_resumes_to_identical_predictions(world, labeled, tmp_path, monkeypatch):
+    real, calls = label_module._label_tile, {"n": 0}
+
+    def interrupted(job, tile):
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(job, tile)
+
+    monkeypatch.setattr(label_module, "_label_tile", interrupted)
+    args = (
+        world["seg"].out_dir,
+        world["checkpoint"],
+        world["root"] / "ref",
+        tmp_path / "out",
+        labeled["config"],
+    )
+    with pytest.raises(KeyboardInterrupt):
+        label(*args, device="cpu")
+    assert len(list((tmp_path / "out" / "predictions").rglob("*.parquet"))) == 4
+    assert not list((tmp_path / "out").rglob("*.tmp-*"))
+    monkeypatch.setattr(label_module, "_label_tile", real)
+    resumed = label(*args, device="cpu")
+    assert resumed.n_skipped == 4
+    assert read_predictions(tmp_path / "out").equals(read_predictions(labeled["out"]))
+
+
+@pytest.mark.slow
+def test_dask_cluster_with_a_killed_worker_gives_identical_predictions(world, labeled, tmp_path):
+    import os
+    import signal
+
+    from superdml.cluster import make_client
+
+    out = tmp_path / "out"
+    with make_client(workers=2) as client:
+        victim = sorted(client.nthreads())[0]
+        pid = client.run(os.getpid, workers=[victim])[victim]
+
+        def kill_when_started():
+            deadline = time.time() + 60
+            while time.time() < deadline and not list(out.rglob("*.parquet")):
+                time.sleep(0.05)
+            os.kill(pid, signal.SIGKILL)  # the nanny restarts it; dask reruns its tasks
+
+        killer = threading.Thread(target=kill_when_started)
+        killer.start()
+        args = (world["seg"].out_dir, world["checkpoint"], world["root"] / "ref", out)
+        result = label(*args, labeled["config"], device="cpu", client=client)
+        killer.join()
+    assert result.n_superpixels == world["seg"].n_superpixels
+    assert read_predictions(out).equals(read_predictions(labeled["out"]))
+
+
+def test_keep_embeddings_lets_a_new_reference_only_revote(world, labeled, tmp_path, monkeypatch):
+    config = LabelConfig(k=5, tile_size=128, batch_size=64, keep_embeddings=True)
+    out = tmp_path / "out"
+    label(
+        world["seg"].out_dir, world["checkpoint"], world["root"] / "ref", out, config, device="cpu"
+    )
+    assert len(list((out / "embeddings").rglob("*.npz"))) == 9
+    smaller = tmp_path / "crops"
+    shutil.copytree(world["root"] / "crops", smaller)
+    for png in sorted((smaller / "class_1").glob("*.png"))[::2]:
+        png.unlink()
+    build_index(world["checkpoint"], smaller, tmp_path / "ref2", device="cpu")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not be loaded: embeddings are kept")
+
+    monkeypatch.setattr(label_module, "load_embedder", no_model)
+    again = label(
+        world["seg"].out_dir, world["checkpoint"], tmp_path / "ref2", out, config, device="cpu"
+    )
+    assert again.n_skipped == 0 and again.n_superpixels == world["seg"].n_superpixels
+    monkeypatch.undo()
+    fresh = tmp_path / "fresh"
+    label(
+        world["seg"].out_dir,
+        world["checkpoint"],
+        tmp_path / "ref2",
+        fresh,
+        labeled["config"],
+        device="cpu",
+    )
+    revoted, computed = read_predictions(out), read_predictions(fresh)
+    # kept embeddings are float16: the same votes up to rounding
+    np.testing.assert_allclose(
+        revoted.column("similarity").to_numpy(), computed.column("similarity").to_numpy(), atol=5e-3
+    )
+    agree = revoted.column("label_id").to_numpy() == computed.column("label_id").to_numpy()
+    assert agree.mean() > 0.97
+
+
+# ------------------------------------------------------------------- bad input
+
+
+def test_reference_of_another_checkpoint_is_refused(world, tmp_path):
+    from checkpoints import save_untrained_checkpoint
+
+    other = save_untrained_checkpoint(tmp_path / "other.pt", CLASSES)
+    with pytest.raises(InputError, match="ref: reference built with another checkpoint"):
+        label(world["seg"].out_dir, other, world["root"] / "ref", tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_k_larger_than_the_reference(world, tmp_path):
+    with pytest.raises(InputError, match="k=100000 but the reference holds"):
+        label(
+            world["seg"].out_dir,
+            world["checkpoint"],
+            world["root"] / "ref",
+            tmp_path / "o",
+            LabelConfig(k=100_000),
+        )
+
+
+def test_moved_raster_of_another_size(world, tmp_path):
+    small = write_raster(tmp_path / "small.tif", np.zeros((3, 64, 64), np.uint8))
+    with pytest.raises(InputError, match="small.tif: grid 64x64 does not match"):
+        label(
+            world["seg"].out_dir,
+            world["checkpoint"],
+            world["root"] / "ref",
+            tmp_path / "o",
+            raster=small,
+        )
+
+
+def test_one_band_raster_for_an_rgb_model(world, tmp_path):
+    gray = write_raster(tmp_path / "gray.tif", texture_mosaic(128)[0][:1])
+    seg = segment_raster(gray, tmp_path / "seg", SegmentConfig(region_size=16, tile_size=128))
+    with pytest.raises(InputError, match="gray.tif: gives crops from 1 band.*expects 3"):
+        label(seg.out_dir, world["checkpoint"], world["root"] / "ref", tmp_path / "o")
+
+
+def test_other_checkpoint_in_out_needs_overwrite(world, labeled, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(labeled["out"], out)
+    manifest = json.loads((out / "label.json").read_text())
+    manifest["checkpoint_sha256"] = "0" * 64
+    (out / "label.json").write_text(json.dumps(manifest))
+    args = (
+        world["seg"].out_dir,
+        world["checkpoint"],
+        world["root"] / "ref",
+        out,
+        labeled["config"],
+    )
+    with pytest.raises(InputError, match="holds predictions of another checkpoint.*--overwrite"):
+        label(*args, device="cpu")
+    result = label(*args, device="cpu", overwrite=True)
+    assert result.n_skipped == 0
+
+
+def test_cli_label_and_export(world, labeled, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "out"
+    result = runner.invoke(
+        cli,
+        ["-q", "label", str(world["seg"].out_dir), "--checkpoint", str(world["checkpoint"]),
+         "--reference", str(world["root"] / "ref"), "--out", str(out), "--k", "5",
+         "--tile-size", "128", "--device", "cpu", "--workers", "0"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"{world['seg'].n_superpixels} superpixels in 9 tiles" in result.output
+    result = runner.invoke(
+        cli,
+        ["-q", "export", str(out), "--segments", str(world["seg"].out_dir), "--vector", "parquet"],
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "labels.tif").exists() and (out / "superpixels.parquet").exists()
+    bad = runner.invoke(
+        cli,
+        ["-q", "label", str(world["seg"].out_dir), "--checkpoint", str(world["root"] / "truth.tif"),
+         "--reference", str(world["root"] / "ref"), "--out", str(tmp_path / "x"), "--workers", "0"],
+    )  # fmt: skip
+    assert bad.exit_code == 2 and "truth.tif: not a torch checkpoint" in bad.output
