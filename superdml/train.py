@@ -161,16 +161,22 @@ def training_config_path(
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Learning-rate multiplier of optimizer step `step` (0-based).
+    """Return the learning-rate multiplier of optimizer step `step`.
 
-    Linear warm-up ``(step + 1) / warmup_steps`` for the first `warmup_steps` steps,
-    then a half cosine from 1 down to 0 at `total_steps` (clamped beyond).
+    Parameters
+    ----------
+    step : int
+        0-based optimizer step.
+    warmup_steps : int
+        Steps of linear warm-up: step s gets ``(s + 1) / warmup_steps``.
+    total_steps : int
+        Steps of the whole run; after the warm-up a half cosine goes from 1 down to 0
+        at `total_steps` (and stays at 0 beyond).
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    decay_steps = max(total_steps - warmup_steps, 1)
-    progress_ = min((step - warmup_steps) / decay_steps, 1.0)
-    return 0.5 * (1.0 + math.cos(math.pi * progress_))
+    done = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * done))
 
 
 def build_optimizer(model: nn.Module, loss: MetricLoss, config: TrainConfig) -> torch.optim.AdamW:
