@@ -485,3 +485,30 @@ def evaluate_command(
         f"{result.metrics['map_at_r']:.4f}, top1_accuracy {result.metrics['top1_accuracy']:.4f}"
         f" -> {result.metrics_path}"
     )
+
+
+@cli.command("run")
+@click.argument("pipeline", type=click.Path(path_type=Path))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a var or stage.option.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Where relative paths resolve.")
+@click.option("--force", multiple=True, metavar="STAGE", help="Rerun this stage and what follows.")
+@device_option
+@cluster_options
+def run_command(
+    pipeline: Path,
+    sets: tuple[str, ...],
+    workdir: Path | None,
+    force: tuple[str, ...],
+    device: str,
+    workers: int | None,
+    scheduler: str | None,
+) -> None:
+    """Run the stages of a PIPELINE file, skipping those already up to date."""
+    from superdml.cluster import make_client
+    from superdml.pipeline import load_pipeline, run_pipeline
+
+    load_pipeline(pipeline, list(sets), workdir)  # fail on a bad file before starting a cluster
+    with make_client(workers, scheduler) as client:
+        result = run_pipeline(pipeline, list(sets), workdir, list(force), client, device)
+    for stage in result.stages:
+        click.echo(f"{stage.name}: {stage.status} ({stage.seconds:.1f} s)")

@@ -1,0 +1,136 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+from rasters import texture_mosaic, write_raster
+
+from superdml.cli import cli
+from superdml.errors import ConfigError
+from superdml.pipeline import load_pipeline, run_pipeline, write_comparison
+
+PIPELINE = """\
+vars:
+  mosaic: mosaic.tif
+stages:
+  - stage: segment
+    rasters: ${mosaic}
+    out: seg
+    region_size: 16
+    tile_size: 128
+  - stage: crops
+    segments: seg
+    out: crops
+    label_raster: truth.tif
+    crop_size: 16
+    per_class: 5
+"""
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    rgb, truth = texture_mosaic(256)
+    write_raster(tmp_path / "mosaic.tif", rgb)
+    write_raster(tmp_path / "truth.tif", truth[None])
+    (tmp_path / "p.yaml").write_text(PIPELINE)
+    return tmp_path
+
+
+def statuses(result):
+    return {s.name: s.status for s in result.stages}
+
+
+def test_second_run_skips_every_stage(workdir):
+    first = run_pipeline(workdir / "p.yaml")
+    assert statuses(first) == {"segment": "ran", "crops": "ran"}
+    assert len(list((workdir / "crops").glob("class_*/*.png"))) == 20
+    again = run_pipeline(workdir / "p.yaml")
+    assert statuses(again) == {"segment": "skipped", "crops": "skipped"}
+
+
+def test_changing_an_option_reruns_that_stage_and_what_follows(workdir):
+    run_pipeline(workdir / "p.yaml")
+    result = run_pipeline(workdir / "p.yaml", sets=["crops.per_class=3"])
+    assert statuses(result) == {"segment": "skipped", "crops": "ran"}
+    assert len(list((workdir / "crops").glob("class_*/*.png"))) >= 12
+    result = run_pipeline(workdir / "p.yaml", sets=["segment.region_size=24", "crops.per_class=3"])
+    assert statuses(result) == {"segment": "ran", "crops": "ran"}
+
+
+def test_changed_input_file_reruns(workdir):
+    run_pipeline(workdir / "p.yaml")
+    rgb, truth = texture_mosaic(256)
+    write_raster(workdir / "truth.tif", (5 - truth)[None])
+    assert statuses(run_pipeline(workdir / "p.yaml")) == {"segment": "skipped", "crops": "ran"}
+
+
+def test_force_reruns_the_stage_and_the_following(workdir):
+    run_pipeline(workdir / "p.yaml")
+    assert statuses(run_pipeline(workdir / "p.yaml", force=["segment"])) == {
+        "segment": "ran",
+        "crops": "ran",
+    }
+
+
+def test_interrupted_stage_reruns(workdir, monkeypatch):
+    import superdml.pipeline as pipeline_module
+
+    run_pipeline(workdir / "p.yaml")
+    manifest = workdir / ".superdml" / "crops.json"
+    record = json.loads(manifest.read_text())
+    record["finished"] = None  # as if killed during the stage
+    manifest.write_text(json.dumps(record))
+    assert statuses(run_pipeline(workdir / "p.yaml")) == {"segment": "skipped", "crops": "ran"}
+    assert pipeline_module.STATE_DIR == ".superdml"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("stages:\n  - stage: sgement\n    out: x\n", "p.yaml:2: unknown stage 'sgement' (did you mean 'segment'?)"),
+        ("stages:\n  - stage: segment\n    rasters: [mosaic.tif]\n    out: s\n    regoin_size: 3\n",
+         "p.yaml:2: stage 'segment': unknown option 'regoin_size' (did you mean 'region_size'?)"),
+        ("stages:\n  - stage: segment\n    out: s\n", "missing option 'rasters'"),
+        ("stages:\n  - stage: segment\n    rasters: [nope.tif]\n    out: s\n", "nope.tif does not exist"),
+        ("stages:\n  - stage: segment\n    rasters: ${nothing}\n    out: s\n", "${nothing} has no value"),
+        ("stages:\n  - stage: segment\n    rasters: [mosaic.tif]\n    out: s\n    tile_size: 0\n",
+         "stage 'segment': tile_size: got 0"),
+        ("stages:\n  - stage: crops\n    segments: nowhere\n    out: c\n", "segments"),
+    ],
+)  # fmt: skip
+def test_validation_names_the_line_before_anything_runs(workdir, text, message):
+    (workdir / "p.yaml").write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(workdir / "p.yaml")
+    assert message in str(err.value)
+    assert not (workdir / ".superdml").exists()
+
+
+def test_later_stage_may_use_an_earlier_output(workdir):
+    pipeline = load_pipeline(workdir / "p.yaml", workdir=workdir)
+    assert [s.name for s in pipeline.stages] == ["segment", "crops"]
+    assert pipeline.stages[1].options["segments"] == str(workdir / "seg")
+
+
+def test_cli_run_and_bad_file(workdir):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["-q", "run", str(workdir / "p.yaml"), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "segment: ran" in result.output and "crops: ran" in result.output
+    result = runner.invoke(
+        cli, ["-q", "run", str(workdir / "p.yaml"), "--workers", "0", "--force", "nope"]
+    )
+    assert result.exit_code == 2 and "--force nope: no such stage" in result.output
+    (workdir / "bad.yaml").write_text("stages:\n  - stage: label\n")
+    result = runner.invoke(cli, ["-q", "run", str(workdir / "bad.yaml"), "--workers", "0"])
+    assert result.exit_code == 2 and "bad.yaml:2: stage 'label': missing option" in result.output
+
+
+def test_write_comparison(tmp_path):
+    write_comparison(
+        {"metrics": {"map_at_r": 0.5, "nmi": 0.2}},
+        {"metrics": {"map_at_r": 0.7, "nmi": 0.1}},
+        tmp_path,
+    )
+    rows = json.loads((tmp_path / "comparison.json").read_text())
+    assert rows["map_at_r"]["change"] == pytest.approx(0.2)
+    assert "| nmi | 0.200 | 0.100 | -0.100 |" in (tmp_path / "comparison.md").read_text()
