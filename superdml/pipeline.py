@@ -4,7 +4,8 @@ A pipeline file holds ``vars`` (strings referenced as ``${name}`` anywhere below
 list of ``stages``; each stage names its kind (``stage: train``), optionally a unique
 ``name`` (default: the kind) and the options of that stage: the command's paths and
 its config keys (``region_size``, ``epochs``, ``k``...). Relative paths resolve against
-the working folder (``--workdir``, default: the pipeline file's folder). ``--set
+the working folder (``--workdir``, default: the pipeline file's folder); ``${workdir}``
+and ``${configs}`` (the shipped ``configs/`` folder) are predefined. ``--set
 key=value`` overrides a var (``--set mosaic=big.tif``) or an option
 (``--set train.epochs=3``).
 
@@ -135,11 +136,11 @@ def _run_crops(options: dict[str, Any], ctx: RunContext) -> None:
 
 
 def _run_train(options: dict[str, Any], ctx: RunContext) -> None:
-    from superdml.train import train, training_config_path
+    from superdml.train import default_config_path, train
 
     names = {f.name for f in fields(TrainConfig)}
     keys = {k: v for k, v in options.items() if k in names}
-    config_file = options.get("config") or training_config_path(None, keys.get("loss"))
+    config_file = options.get("config") or default_config_path(keys.get("loss"))
     config = load_config(config_file, TrainConfig, keys)
     out = Path(options["out"])
     resume = ctx.resume and (out / "last.pt").exists()
@@ -382,6 +383,7 @@ def load_pipeline(
             variables[key] = value
     root = Path(workdir).resolve() if workdir else path.parent.resolve()
     variables.setdefault("workdir", str(root))
+    variables.setdefault("configs", str(Path(__file__).resolve().parents[1] / "configs"))
     pipeline = Pipeline(path, root)
     produced: set[Path] = set()
     names: set[str] = set()
@@ -447,9 +449,9 @@ def _check_config(spec: StageKind, options: dict[str, Any], where: str) -> None:
     keys = {k: v for k, v in options.items() if k in names}
     try:
         if spec.config is TrainConfig and "config" not in options:
-            from superdml.train import training_config_path
+            from superdml.train import default_config_path
 
-            load_config(training_config_path(None, keys.get("loss")), TrainConfig, keys)
+            load_config(default_config_path(keys.get("loss")), TrainConfig, keys)
         elif "config" in options:
             load_config(options["config"], spec.config, keys)
         else:

@@ -134,3 +134,15 @@ def test_write_comparison(tmp_path):
     rows = json.loads((tmp_path / "comparison.json").read_text())
     assert rows["map_at_r"]["change"] == pytest.approx(0.2)
     assert "| nmi | 0.200 | 0.100 | -0.100 |" in (tmp_path / "comparison.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["demo", "label_mosaic", "retrain", "export_gis"])
+def test_shipped_pipelines_validate(tmp_path, name):
+    from superdml.demo import pipeline_path
+
+    for folder in ("segments", "crops", "reference", "labels", "data", "model"):
+        (tmp_path / folder).mkdir()
+    for file in ("mosaic.tif", "model/best.pt", "data/mosaic.tif", "data/truth_left.tif"):
+        (tmp_path / file).write_text("")
+    pipeline = load_pipeline(pipeline_path(name), workdir=tmp_path)
+    assert pipeline.stages and all(str(tmp_path) in s.options.get("out", str(tmp_path)) for s in pipeline.stages)
