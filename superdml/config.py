@@ -591,3 +591,46 @@ class IndexConfig:
         check(self.ivf_threshold >= 1, "ivf_threshold", self.ivf_threshold, "an integer >= 1")
         check(self.nlist is None or self.nlist >= 1, "nlist", self.nlist, "an integer >= 1")
         check(self.nprobe >= 1, "nprobe", self.nprobe, "an integer >= 1")
+
+
+# --------------------------------------------------------------------------------- review
+
+
+@dataclass(frozen=True)
+class ReviewConfig:
+    """Parameters of ``superdml review`` (the least certain superpixels, for relabeling).
+
+    Attributes
+    ----------
+    max_score : float
+        Candidates have a kNN vote share (``score``) at most this.
+    unknown : bool
+        Also take every superpixel labeled ``unknown``, whatever its score.
+    per_class : int or None
+        At most this many crops per predicted class (then `limit` is not applied).
+    limit : int
+        At most this many crops in all, when `per_class` is None.
+    diverse : bool
+        Spread the picks over the embedding space (k-means over a pool of the least
+        certain candidates, the member nearest each centroid) instead of only the lowest.
+    seed : int
+        Seed of the k-means of `diverse`.
+    """
+
+    max_score: float = 0.6
+    unknown: bool = False
+    per_class: int | None = None
+    limit: int = 200
+    diverse: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(0.0 <= self.max_score <= 1.0, "max_score", self.max_score, "a number in [0, 1]")
+        check(
+            self.per_class is None or self.per_class >= 1,
+            "per_class",
+            self.per_class,
+            "an integer >= 1",
+        )
+        check(self.limit >= 1, "limit", self.limit, "an integer >= 1")
+        check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
