@@ -489,8 +489,14 @@ def evaluate_command(
 
 @cli.command("run")
 @click.argument("pipeline", type=click.Path(path_type=Path))
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a var or stage.option.")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Where relative paths resolve.")
+@click.option(
+    "--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a var or stage.option."
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where relative paths resolve.",
+)
 @click.option("--force", multiple=True, metavar="STAGE", help="Rerun this stage and what follows.")
 @device_option
 @cluster_options
@@ -512,3 +518,99 @@ def run_command(
         result = run_pipeline(pipeline, list(sets), workdir, list(force), client, device)
     for stage in result.stages:
         click.echo(f"{stage.name}: {stage.status} ({stage.seconds:.1f} s)")
+
+
+@cli.command("review")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--segments", required=True, type=click.Path(path_type=Path), help="SEGMENT_DIR.")
+@click.option("--raster", type=click.Path(path_type=Path), help="The source raster, if it moved.")
+@click.option(
+    "--out",
+    "folder",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for <predicted class>/ crops and crops.parquet.",
+)
+@config_option
+@click.option("--max-score", type=float, help="Candidates have a vote share at most this [0.6].")
+@click.option("--unknown", is_flag=True, default=None, help="Also every unknown superpixel.")
+@click.option("--per-class", type=int, help="At most this many per predicted class.")
+@click.option("--limit", type=int, help="At most this many in all, without --per-class [200].")
+@click.option(
+    "--diverse", is_flag=True, default=None, help="Spread the picks over the embedding space."
+)
+@click.option("--seed", type=int, help="Seed of the --diverse k-means [0].")
+@device_option
+def review_command(
+    out: Path,
+    segments: Path,
+    raster: Path | None,
+    folder: Path,
+    config_path: Path | None,
+    max_score: float | None,
+    unknown: bool | None,
+    per_class: int | None,
+    limit: int | None,
+    diverse: bool | None,
+    seed: int | None,
+    device: str,
+) -> None:
+    """Write crops of the least certain superpixels of OUT into class folders to relabel."""
+    from superdml.config import ReviewConfig, load_config
+    from superdml.review import review
+
+    if per_class is not None and limit is not None:
+        raise click.UsageError("give --per-class or --limit, not both")
+    config = load_config(
+        config_path,
+        ReviewConfig,
+        {
+            "max_score": max_score,
+            "unknown": unknown,
+            "per_class": per_class,
+            "limit": limit,
+            "diverse": diverse,
+            "seed": seed,
+        },
+    )
+    result = review(out, segments, folder, config, raster, device)
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.per_class.items()))
+    click.echo(f"{result.n_crops} crops to review ({counts}) -> {result.folder}")
+
+
+@cli.command("demo")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("demo-out"),
+    show_default=True,
+)
+@click.option(
+    "--size",
+    type=click.IntRange(min=256),
+    default=1024,
+    show_default=True,
+    help="Mosaic side in pixels.",
+)
+@click.option("--epochs", type=click.IntRange(min=1), help="Training epochs [8].")
+@device_option
+@cluster_options
+def demo_command(
+    out: Path,
+    size: int,
+    epochs: int | None,
+    device: str,
+    workers: int | None,
+    scheduler: str | None,
+) -> None:
+    """Label a sample mosaic end to end and write DIR/report.md and DIR/overview.png."""
+    from superdml.cluster import make_client
+    from superdml.demo import demo
+
+    with make_client(workers, scheduler) as client:
+        result = demo(out, device, size, epochs, client)
+    click.echo(
+        f"demo finished in {result.seconds:.0f} s: unseen-half pixel accuracy "
+        f"{result.pixel_accuracy:.3f}\n  report:   {result.report}\n  overview: {result.overview}\n"
+        f"  labels:   {result.out_dir / 'labels' / 'labels.tif'} (open in QGIS with labels.qml)"
+    )

@@ -41,6 +41,7 @@ from superdml.config import (
     CropsConfig,
     IndexConfig,
     LabelConfig,
+    ReviewConfig,
     SegmentConfig,
     TrainConfig,
     from_dict,
@@ -188,7 +189,6 @@ def _run_evaluate(options: dict[str, Any], ctx: RunContext) -> None:
 
 
 def _run_review(options: dict[str, Any], ctx: RunContext) -> None:
-    from superdml.config import ReviewConfig
     from superdml.review import review
 
     config, rest = _split(options, ReviewConfig)
@@ -219,14 +219,6 @@ def write_comparison(before: Mapping[str, Any], after: Mapping[str, Any], out: P
         for k, r in rows.items()
     ]
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
-
-
-def _review_config() -> type | None:
-    try:
-        from superdml.config import ReviewConfig
-    except ImportError:  # the review stage is not installed in this build
-        return None
-    return ReviewConfig
 
 
 STAGES: dict[str, StageKind] = {
@@ -262,8 +254,9 @@ STAGES: dict[str, StageKind] = {
         ("checkpoint", "query_dir", "reference_dir"), ("out",),
     ),
     "review": StageKind(
-        _run_review, ("out", "segments", "folder"), ("out", "segments", "folder", "raster", "config"),
-        ("out", "segments", "raster", "config"), ("folder",), _review_config(),
+        _run_review, ("out", "segments", "folder"),
+        ("out", "segments", "folder", "raster", "config"),
+        ("out", "segments", "raster", "config"), ("folder",), ReviewConfig,
     ),
     "compare": StageKind(
         _run_compare, ("before", "after", "out"), ("before", "after", "out"), ("before", "after"),

@@ -83,16 +83,20 @@ def test_interrupted_stage_reruns(workdir, monkeypatch):
     assert pipeline_module.STATE_DIR == ".superdml"
 
 
+SEG = "stages:\n  - stage: segment\n"
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("stages:\n  - stage: sgement\n    out: x\n", "p.yaml:2: unknown stage 'sgement' (did you mean 'segment'?)"),
-        ("stages:\n  - stage: segment\n    rasters: [mosaic.tif]\n    out: s\n    regoin_size: 3\n",
+        ("stages:\n  - stage: sgement\n    out: x\n",
+         "p.yaml:2: unknown stage 'sgement' (did you mean 'segment'?)"),
+        (SEG + "    rasters: [mosaic.tif]\n    out: s\n    regoin_size: 3\n",
          "p.yaml:2: stage 'segment': unknown option 'regoin_size' (did you mean 'region_size'?)"),
-        ("stages:\n  - stage: segment\n    out: s\n", "missing option 'rasters'"),
-        ("stages:\n  - stage: segment\n    rasters: [nope.tif]\n    out: s\n", "nope.tif does not exist"),
-        ("stages:\n  - stage: segment\n    rasters: ${nothing}\n    out: s\n", "${nothing} has no value"),
-        ("stages:\n  - stage: segment\n    rasters: [mosaic.tif]\n    out: s\n    tile_size: 0\n",
+        (SEG + "    out: s\n", "missing option 'rasters'"),
+        (SEG + "    rasters: [nope.tif]\n    out: s\n", "nope.tif does not exist"),
+        (SEG + "    rasters: ${nothing}\n    out: s\n", "${nothing} has no value"),
+        (SEG + "    rasters: [mosaic.tif]\n    out: s\n    tile_size: 0\n",
          "stage 'segment': tile_size: got 0"),
         ("stages:\n  - stage: crops\n    segments: nowhere\n    out: c\n", "segments"),
     ],
@@ -145,4 +149,6 @@ def test_shipped_pipelines_validate(tmp_path, name):
     for file in ("mosaic.tif", "model/best.pt", "data/mosaic.tif", "data/truth_left.tif"):
         (tmp_path / file).write_text("")
     pipeline = load_pipeline(pipeline_path(name), workdir=tmp_path)
-    assert pipeline.stages and all(str(tmp_path) in s.options.get("out", str(tmp_path)) for s in pipeline.stages)
+    assert pipeline.stages and all(
+        str(tmp_path) in s.options.get("out", str(tmp_path)) for s in pipeline.stages
+    )
