@@ -164,7 +164,10 @@ def unseen_half_scores(
     return {"pixel_accuracy": float(np.mean(p == t)), "per_class": per_class}
 
 
-def _overview(data: DemoData, labels: Path, scores: Path, out: Path, names: list[str]) -> None:
+def _overview(
+    data: DemoData, predicted: np.ndarray, scores: Path, out: Path, names: list[str]
+) -> None:
+    """Draw mosaic, truth, predicted labels (truth ids) and scores side by side."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
@@ -176,8 +179,6 @@ def _overview(data: DemoData, labels: Path, scores: Path, out: Path, names: list
         rgb = src.read().transpose(1, 2, 0)
     with rasterio.open(data.truth) as src:
         truth = src.read(1)
-    with rasterio.open(labels) as src:
-        predicted = src.read(1)
     with rasterio.open(scores) as src:
         score = src.read(1)
     colors = [(0, 0, 0), *class_colors(len(names))]
@@ -260,7 +261,7 @@ def demo(
     to_truth = np.array([0] + [CLASS_NAMES.index(n) + 1 if n in CLASS_NAMES else 0 for n in names])
     scores_half = unseen_half_scores(to_truth[predicted], truth, CLASS_NAMES)
     overview = out_dir / "overview.png"
-    _overview(data, labels, scores, overview, list(CLASS_NAMES))
+    _overview(data, to_truth[predicted], scores, overview, list(CLASS_NAMES))
     seconds = time.perf_counter() - start
     report = out_dir / "report.md"
     report.write_text(_report(out_dir, result, scores_half, seconds))
