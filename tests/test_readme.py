@@ -15,10 +15,10 @@ def readme_commands():
 def test_readme_states_two_setup_commands():
     commands = readme_commands()
     assert len(commands) == 2
-    assert "pip install" in commands[0] and "superdml" in commands[0]
+    assert "pip install" in commands[0] and "superdml demo" in commands[0]
     assert "pip install" in commands[1] and "pytest" in commands[1]
 
 
-def test_ci_runs_the_readme_test_command_verbatim():
+def test_ci_runs_both_readme_commands_verbatim():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
-    assert readme_commands()[1] in ci
+    assert readme_commands()[0] in ci and readme_commands()[1] in ci
