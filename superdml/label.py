@@ -34,7 +34,7 @@ from superdml.config import LabelConfig, config_hash, config_to_dict, dump_confi
 from superdml.crops import CropRule, color_band_indexes, crop_tile
 from superdml.errors import InputError
 from superdml.predictions import MANIFEST, PARTS, UNKNOWN, predictions_schema
-from superdml.raster import Tile, open_raster, tile_grid
+from superdml.raster import Tile, tile_grid
 from superdml.segment import SegmentRun, load_segment_runs
 
 logger = logging.getLogger(__name__)
@@ -307,12 +307,7 @@ def _check_inputs(
             f"(mask {rule.mask!r}): retrain, or label with the checkpoint's crop rule"
         )
     for run in runs:
-        with open_raster(run.source.path) as src:
-            if (src.height, src.width) != (run.source.height, run.source.width):
-                raise InputError(
-                    f"{run.source.path}: {src.width}x{src.height} px, the segments in "
-                    f"{run.folder} are {run.source.width}x{run.source.height}: segment it again"
-                )
+        run.check_source()
         color_band_indexes(run, rule)
 
 

@@ -46,7 +46,7 @@ from superdml.crops import (
 )
 from superdml.errors import input_error
 from superdml.predictions import UNKNOWN, LabelRun, load_label_run, lookup
-from superdml.raster import Tile, open_raster
+from superdml.raster import Tile
 from superdml.segment import SegmentRun, load_segment_runs
 
 logger = logging.getLogger(__name__)
@@ -390,13 +390,7 @@ def _check_inputs(out: Path, segment_dir: Path, inputs: _Inputs) -> None:
                 f"raster {run.name!r} was not labeled in {out} (labeled: "
                 f"{', '.join(sorted(labeled)) or 'none'}): pass the segments given to label",
             )
-        with open_raster(run.source.path) as src:
-            if (src.height, src.width) != (run.source.height, run.source.width):
-                raise input_error(
-                    run.source.path,
-                    f"{src.width}x{src.height} px, the segments in {run.folder} are "
-                    f"{run.source.width}x{run.source.height}: pass --raster with the source",
-                )
+        run.check_source()
         color_band_indexes(run, inputs.rule)
 
 

@@ -774,6 +774,16 @@ class SegmentRun:
         ]  # fmt: skip
         return pq.read_table(self.table_path, columns=columns, filters=filters)
 
+    def check_source(self) -> None:
+        """Raise :class:`InputError` unless the source raster opens with the segments' size."""
+        with open_raster(self.source.path) as src:
+            if (src.height, src.width) != (self.source.height, self.source.width):
+                raise InputError(
+                    f"{self.source.path}: {src.width}x{src.height} px, the segments in "
+                    f"{self.folder} are {self.source.width}x{self.source.height}: pass --raster "
+                    "with the source, or segment it again"
+                )
+
     def with_source(self, raster: str | Path) -> SegmentRun:
         """Return this run reading from `raster` instead (a moved source); grids must match."""
         info = raster_info(raster)

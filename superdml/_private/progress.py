@@ -13,26 +13,15 @@ T = TypeVar("T")
 logger = logging.getLogger("superdml")
 
 
-def progress(
-    iterable: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it"
-) -> Iterator[T]:
-    """Wrap `iterable` in a tqdm bar, disabled when INFO logging is off."""
-    return iter(
-        tqdm(
-            iterable,
-            total=total,
-            desc=desc,
-            unit=unit,
-            disable=not logger.isEnabledFor(logging.INFO),
-            leave=False,
-            dynamic_ncols=True,
-        )
-    )
+def progress_bar(
+    total: int | None, desc: str = "", unit: str = "it", iterable: Iterable[T] | None = None
+) -> tqdm:
+    """Return a tqdm bar, disabled when INFO logging is off (``--quiet``).
 
-
-def progress_bar(total: int, desc: str = "", unit: str = "it") -> tqdm:
-    """Return a manual tqdm bar (``update``/``set_postfix_str``) following the log level."""
+    Without `iterable` it is a manual bar (``update``, ``set_postfix_str``).
+    """
     return tqdm(
+        iterable,
         total=total,
         desc=desc,
         unit=unit,
@@ -40,3 +29,10 @@ def progress_bar(total: int, desc: str = "", unit: str = "it") -> tqdm:
         leave=False,
         dynamic_ncols=True,
     )
+
+
+def progress(
+    iterable: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it"
+) -> Iterator[T]:
+    """Iterate over `iterable` with a progress bar."""
+    return iter(progress_bar(total, desc, unit, iterable))
