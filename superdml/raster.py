@@ -24,6 +24,11 @@ from superdml.errors import MissingInputError, input_error
 
 BLOCK_SIZE = 512
 
+# GDAL's block cache defaults to 5% of RAM per process: it would hold most of a large
+# raster and make peak memory grow with raster size. 64 MB (GDAL reads a bare number as
+# MB) holds a tile's windows; set GDAL_CACHEMAX in the environment to change it.
+os.environ.setdefault("GDAL_CACHEMAX", "64")
+
 
 @dataclass(frozen=True)
 class RasterInfo:
@@ -199,7 +204,7 @@ def read_window(
 
 
 def band_ranges(
-    src: rasterio.DatasetReader,
+    path: str | os.PathLike[str],
     bands: list[int],
     nodata: float | None = None,
     max_side: int = 1024,
@@ -208,8 +213,9 @@ def band_ranges(
     """Per-band value ranges used to scale bands to [0, 1] (and crops to 8 bit).
 
     uint8 rasters use the fixed range 0..255. Other dtypes use the `percentiles` of
-    the valid pixels of a decimated read (at most `max_side` pixels a side), so memory
-    does not grow with the raster.
+    the valid pixels of a decimated sample (at most `max_side` pixels a side), read one
+    strip of block rows at a time, reopening the raster for each, so that neither the
+    sample nor GDAL's block cache grows with the raster.
 
     Returns
     -------
@@ -221,24 +227,35 @@ def band_ranges(
     InputError
         When the raster has no valid pixel at all (all nodata).
     """
-    scale = max(src.height, src.width) / max_side
-    shape = (
-        len(bands),
-        max(1, int(round(src.height / max(scale, 1)))),
-        max(1, int(round(src.width / max(scale, 1)))),
-    )
-    data = src.read(bands, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
-    if nodata is not None:
-        ok = ~np.any(data == nodata, axis=0)
-    else:
-        ok = np.all(src.read_masks(bands, out_shape=shape) > 0, axis=0)
-    if data.dtype.kind == "f":
-        ok &= np.all(np.isfinite(data), axis=0)
-    if not ok.any() and not _any_valid(src, bands, nodata):
-        raise input_error(src.name, "has no valid pixel (every pixel is nodata)")
-    if data.dtype == np.uint8:
+    with open_raster(path) as src:
+        height, width, dtype = src.height, src.width, np.dtype(src.dtypes[bands[0] - 1])
+        strip = max(BLOCK_SIZE, src.block_shapes[0][0])
+    step = max(1, int(np.ceil(max(height, width) / max_side)))
+    out_width = max(1, width // step)
+    samples, valid = [], []
+    for row in range(0, height, strip):
+        h = min(strip, height - row)
+        out_shape = (len(bands), max(1, h // step), out_width)
+        with open_raster(path) as src:
+            window = Window(0, row, width, h)
+            data = src.read(bands, window=window, out_shape=out_shape)
+            if nodata is not None:
+                ok = ~np.any(data == nodata, axis=0)
+            else:
+                ok = np.all(src.read_masks(bands, window=window, out_shape=out_shape) > 0, axis=0)
+        if data.dtype.kind == "f":
+            ok &= np.all(np.isfinite(data), axis=0)
+        samples.append(data[:, ok].astype(np.float64) if dtype != np.uint8 else data[:, :0])
+        valid.append(bool(ok.any()))
+    if not any(valid):
+        with open_raster(path) as src:
+            if not _any_valid(src, bands, nodata):
+                raise input_error(path, "has no valid pixel (every pixel is nodata)")
+    if dtype == np.uint8:
         return [0.0] * len(bands), [255.0] * len(bands)
-    values = data[:, ok].astype(np.float64) if ok.any() else data.reshape(len(bands), -1)
+    values = np.concatenate(samples, axis=1)
+    if values.shape[1] == 0:  # valid pixels exist, but between the sampled ones
+        return [0.0] * len(bands), [1.0] * len(bands)
     lo = np.percentile(values, percentiles[0], axis=1)
     hi = np.percentile(values, percentiles[1], axis=1)
     hi = np.where(hi > lo, hi, lo + 1.0)

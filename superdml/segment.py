@@ -342,26 +342,22 @@ def superpixel_stats(
         ``area_px`` and ``mean`` ((N, C) float64).
     """
     flat = labels.ravel()
-    keep = np.flatnonzero(flat > 0)
+    keep = np.flatnonzero(flat > 0).astype(np.int32 if flat.size < 2**31 else np.int64)
     ids, inverse = np.unique(flat[keep], return_inverse=True)
     n = ids.size
     area = np.bincount(inverse, minlength=n)
     rr, cc = np.divmod(keep, labels.shape[1])
+    del keep
     order = np.argsort(inverse, kind="stable")
     starts = np.r_[0, np.cumsum(area)[:-1]] if n else np.zeros(0, dtype=np.int64)
     r_sorted, c_sorted = rr[order], cc[order]
-    band_values = pixels.reshape(pixels.shape[0], -1)[:, keep].astype(np.float64)
-    mean = (
-        np.stack(
-            [
-                np.bincount(inverse, weights=v, minlength=n) / np.maximum(area, 1)
-                for v in band_values
-            ],
-            axis=1,
-        )
-        if n
-        else np.zeros((0, pixels.shape[0]))
-    )
+    del order
+    valid = flat > 0
+    # one band at a time: a float64 copy of all bands would double the tile's memory
+    mean = np.zeros((n, pixels.shape[0]))
+    for band in range(pixels.shape[0]):
+        values = pixels[band].ravel()[valid]
+        mean[:, band] = np.bincount(inverse, weights=values, minlength=n) / np.maximum(area, 1)
     return {
         "segment_id": ids,
         "row": np.bincount(inverse, weights=rr, minlength=n) / np.maximum(area, 1) + row0,
@@ -509,6 +505,7 @@ def _assign_task(grid: _Grid, tile: Tile) -> int:
     gi = wr0 - 1 + index // ext_cols
     gj = wc0 - 1 + index % ext_cols
     labels = np.where(index >= 0, gi * grid.cell_cols + gj + 1, 0)
+    del features, index, gi, gj  # the tile's largest arrays; free them before the stats
     labels = enforce_connectivity(labels)
     core = (
         slice(tile.row - row0, tile.row - row0 + tile.height),
@@ -669,8 +666,7 @@ def segment_raster(
             )  # fmt: skip
     write_json(folder / "source.json", {"source": info.path})
     remove_stale_temporaries(folder)
-    with open_raster(path) as src:
-        lo, hi = band_ranges(src, bands, config.nodata)
+    lo, hi = band_ranges(path, bands, config.nodata)
     work = folder / f".work-{digest}"
     for stale in folder.glob(".work-*"):
         if stale != work:
