@@ -424,8 +424,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             f"({__version__}) reads version {FORMAT_VERSION}: retrain or use a matching "
             "superdml version"
         )
-    for key, kind in _REQUIRED.items():
-        if not isinstance(data.get(key), kind):
+    for key, expected in _REQUIRED.items():
+        if not isinstance(data.get(key), expected):
             raise CheckpointError(f"{name}: damaged checkpoint, {key!r} is missing or wrong")
     spec, norm = data["model"], data["normalization"]
     for key in ("backbone", "embedding_size", "in_channels", "input_size"):

@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -444,7 +444,8 @@ def _label_task(job: _CropJob, row: int, col: int, height: int, width: int) -> p
     c1 = int(pc.max(table.column("col_stop")).as_py())
     with open_raster(job.run.segments_path) as seg:
         segments, _ = read_window(seg, [1], r0, c0, r1 - r0, c1 - c0)
-    classes = read_labels_on_grid(job.label_path, job.run, r0, c0, r1 - r0, c1 - c0)
+    label_path = cast(str, job.label_path)  # this task only runs when a label raster is given
+    classes = read_labels_on_grid(label_path, job.run, r0, c0, r1 - r0, c1 - c0)
     value, purity = majority_labels(segments[0], classes, ids, job.class_nodata)
     return pa.table({"segment_id": pa.array(ids, pa.uint32()), "value": value, "purity": purity})
 

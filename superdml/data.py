@@ -470,6 +470,9 @@ class TrainTransform(nn.Module):
     global generator (seeded per DataLoader worker).
     """
 
+    mean: Tensor  # buffers registered in __init__
+    std: Tensor
+
     def __init__(
         self, augment: AugmentConfig, input_size: int, mean: Sequence[float], std: Sequence[float]
     ) -> None:

@@ -199,7 +199,8 @@ def _overview(
         ax.set_axis_off()
     fig.colorbar(shown, ax=axes[3], fraction=0.046)
     handles = [
-        Patch(color=np.asarray(c) / 255.0, label=n) for n, c in zip(names, colors[1:], strict=True)
+        Patch(color=(r / 255.0, g / 255.0, b / 255.0), label=n)
+        for n, (r, g, b) in zip(names, colors[1:], strict=True)
     ]
     fig.legend(handles=handles, loc="lower center", ncol=len(names), frameon=False)
     fig.subplots_adjust(left=0.01, right=0.97, top=0.92, bottom=0.1, wspace=0.05)

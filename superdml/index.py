@@ -42,7 +42,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import faiss
 import numpy as np
@@ -109,7 +109,7 @@ def _as_matrix(array: np.ndarray, name: str) -> np.ndarray:
 
 def _is_count(value: object) -> bool:
     """Whether `value` is an integer >= 1 (Python or NumPy, not bool)."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= 1
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and bool(value >= 1)
 
 
 def _drop_self(
@@ -531,13 +531,19 @@ def _make_faiss_index(
 ) -> faiss.Index:
     """Return an exact IndexFlatIP, or a trained IndexIVFFlat above `ivf_threshold` rows."""
     n, d = embeddings.shape
+    index: faiss.Index
     if n <= ivf_threshold:
         index = faiss.IndexFlatIP(d)
     else:
         lists = int(np.clip(nlist or round(4 * np.sqrt(n)), 1, n))
-        index = faiss.index_factory(d, f"IVF{lists},Flat", faiss.METRIC_INNER_PRODUCT)
-        index.train(embeddings)
-        index.nprobe = min(nprobe, lists)
+        # faiss returns the factory's index downcast: "IVF...,Flat" gives an IndexIVFFlat
+        ivf = cast(
+            faiss.IndexIVFFlat,
+            faiss.index_factory(d, f"IVF{lists},Flat", faiss.METRIC_INNER_PRODUCT),
+        )
+        ivf.train(embeddings)
+        ivf.nprobe = min(nprobe, lists)
+        index = ivf
     index.add(embeddings)
     return index
 

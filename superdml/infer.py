@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -173,7 +174,9 @@ def infer(
     pixels = _read_images(paths, ckpt.bands, ckpt.input_size)
     model = prepare_model(build_model_from_checkpoint(ckpt), dev)
     if ref is None:
-        ref = reference_from_folder(ckpt, ckpt_sha, reference_dir, dev, model=model)
+        # exactly one of reference and reference_dir is given (checked above)
+        folder = cast("str | os.PathLike[str]", reference_dir)
+        ref = reference_from_folder(ckpt, ckpt_sha, folder, dev, model=model)
     transform = build_transforms(AugmentConfig(), ckpt.input_size, ckpt.mean, ckpt.std, train=False)
     dataset = TensorDataset(transform(pixels), torch.zeros(len(paths), dtype=torch.int64))
     embeddings, _ = embed_folder(model, dataset, BATCH_SIZE, dev, "infer")

@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
@@ -302,7 +303,8 @@ def _pool_embeddings(inputs: _Inputs, pool: _Candidates, device: str) -> np.ndar
             if kept[i] is None:
                 crops, _ = _tile_crops(inputs, r, t, pool.segment_id[index])
                 kept[i] = embedder(crops, batch_size)
-    out = np.empty((len(pool), kept[0].shape[1]), np.float32)
+    dim = cast(np.ndarray, kept[0]).shape[1]  # every None was filled in above
+    out = np.empty((len(pool), dim), np.float32)
     for (_, _, index), emb in zip(tiles, kept, strict=True):
         out[index] = emb
     return out

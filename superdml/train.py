@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import io
 import logging
 import math
@@ -561,17 +562,18 @@ def train(
     history = _read_history(out_dir / METRICS_CSV, start_epoch)
     dump_config(config, out_dir / CONFIG_YAML)
     writer = _summary_writer(out_dir, start_epoch + 1)
-    common = {
-        "input_size": config.input_size,
-        "class_names": data.class_names,
-        "normalization": config.normalization,
-        "mean": data.mean,
-        "std": data.std,
-        "loss_name": config.loss,
-        "loss_params": loss_fn.hyperparameters,
-        "train_config": config,
-        "crop_rule": data.crop_rule,
-    }
+    save = functools.partial(
+        save_checkpoint,
+        input_size=config.input_size,
+        class_names=data.class_names,
+        normalization=config.normalization,
+        mean=data.mean,
+        std=data.std,
+        loss_name=config.loss,
+        loss_params=loss_fn.hyperparameters,
+        train_config=config,
+        crop_rule=data.crop_rule,
+    )
     row: dict[str, Any] = {}
     try:
         for epoch in range(start_epoch, config.epochs):
@@ -608,16 +610,16 @@ def train(
             score = metrics.get(SELECTION_METRIC, math.inf)
             if score > best_score or not metrics:
                 best_score = score
-                save_checkpoint(
+                save(
                     best_path, model=model, metrics=ckpt_metrics,
-                    loss_state=loss_fn.state_dict(), **common,
+                    loss_state=loss_fn.state_dict(),
                 )  # fmt: skip
             resume_info = resume_state(epoch + 1, optimizer, scheduler)
             resume_info["loader_rng"] = loader_rng.get_state()
             resume_info["best_score"] = best_score
-            save_checkpoint(
+            save(
                 last_path, model=model, metrics=ckpt_metrics, resume=resume_info,
-                loss_state=loss_fn.state_dict(), **common,
+                loss_state=loss_fn.state_dict(),
             )  # fmt: skip
     finally:
         if writer is not None:

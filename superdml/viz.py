@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from matplotlib import colormaps
@@ -32,12 +33,19 @@ def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def _listed_colors(name: str) -> Sequence[tuple[float, float, float]]:
+    """Return the colors of matplotlib's qualitative colormap `name` (tab10, tab20)."""
+    # these are ListedColormaps holding a tuple of RGB tuples; the stubs type it ArrayLike
+    colors = cast(ListedColormap, colormaps[name]).colors
+    return cast(Sequence[tuple[float, float, float]], colors)
+
+
 def class_colors(n: int) -> Colormap:
     """Return a colormap of `n` distinct colors: tab10, tab20, or turbo samples beyond 20."""
     if n <= 10:
-        return ListedColormap(colormaps["tab10"].colors[:n])
+        return ListedColormap(_listed_colors("tab10")[:n])
     if n <= 20:
-        return ListedColormap(colormaps["tab20"].colors[:n])
+        return ListedColormap(_listed_colors("tab20")[:n])
     return ListedColormap(colormaps["turbo"](np.linspace(0.0, 1.0, n)))
 
 
@@ -199,8 +207,8 @@ def plot_similarity(
     ax.tick_params(length=0)
     edges = np.flatnonzero(np.diff(np.asarray(labels))) + 1
     for e in edges:
-        ax.axhline(e, xmin=1.0 / (m + 1), color="white", linewidth=1.5)
-        ax.axvline(e, ymax=m / (m + 1), color="white", linewidth=1.5)
+        ax.axhline(float(e), xmin=1.0 / (m + 1), color="white", linewidth=1.5)
+        ax.axvline(float(e), ymax=m / (m + 1), color="white", linewidth=1.5)
     if m <= ANNOTATE_MAX:
         _annotate(ax, similarity, similarity < 0.2, 0.5)
     for spine in ax.spines.values():
