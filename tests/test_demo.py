@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from superdml.cli import cli
 from superdml.crops import majority_labels
-from superdml.demo import CLASS_NAMES, demo, demo_mosaic, pipeline_path, unseen_half_scores
+from superdml.demo import CLASS_NAMES, demo_mosaic, pipeline_path, unseen_half_scores
 from superdml.pipeline import run_pipeline
 
 
@@ -112,6 +112,3 @@ def test_demo_mosaic_has_every_class_in_both_halves():
     for half in (truth[:, :128], truth[:, 128:]):
         assert set(np.unique(half)) == {1, 2, 3, 4, 5}
 
-
-def test_demo_function_signature_matches_cli():
-    assert demo.__defaults__[:2] == ("auto", 1024)

@@ -148,6 +148,7 @@ def test_shipped_pipelines_validate(tmp_path, name):
         (tmp_path / folder).mkdir()
     for file in ("mosaic.tif", "model/best.pt", "data/mosaic.tif", "data/truth_left.tif"):
         (tmp_path / file).write_text("")
+    (tmp_path / "model" / "train.yaml").write_text("loss: proxy_nca\n")  # the previous run's
     pipeline = load_pipeline(pipeline_path(name), workdir=tmp_path)
     assert pipeline.stages and all(
         str(tmp_path) in s.options.get("out", str(tmp_path)) for s in pipeline.stages
