@@ -71,7 +71,7 @@ class Embedder:
         self.std = torch.tensor(ckpt.std, device=self.device).view(1, -1, 1, 1)
 
     def __call__(self, crops: np.ndarray, batch_size: int) -> np.ndarray:
-        """Embed crops in fixed-size batches (the last one padded).
+        """Embed crops in batches of `batch_size` (on CUDA the last one padded to it).
 
         Parameters
         ----------
@@ -93,7 +93,7 @@ class Embedder:
             for start in range(0, len(crops), batch_size):
                 batch = torch.from_numpy(crops[start : start + batch_size])
                 n = batch.shape[0]
-                if n < batch_size:
+                if cuda and n < batch_size:  # fixed shapes for cuDNN; on the CPU padding only costs
                     pad = batch.new_zeros((batch_size - n, *batch.shape[1:]))
                     batch = torch.cat([batch, pad])
                 if cuda:
