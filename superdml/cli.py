@@ -173,7 +173,7 @@ def segment(
 @click.option(
     "--mask",
     type=click.Choice(["none", "outside", "alpha"]),
-    help="Pixels outside the superpixel: kept, zeroed, or kept with an alpha mask [outside].",
+    help="Pixels outside the superpixel: kept, zeroed, or kept with an alpha mask [none].",
 )
 @bands_option
 @click.option("--sample", type=int, help="Draw this many superpixels at random.")

@@ -107,7 +107,7 @@ class CropsConfig:
     """
 
     crop_size: int = 64
-    mask: MaskMode = "outside"
+    mask: MaskMode = "none"  # benchmarks/quality.py: the best of the three on the demo
     bands: tuple[int, ...] | None = None
     sample: int | None = None
     per_class: int | None = None

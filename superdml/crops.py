@@ -75,7 +75,7 @@ class CropRule:
     """
 
     crop_size: int = 64
-    mask: MaskMode = "outside"
+    mask: MaskMode = "none"
     bands: tuple[int, ...] | None = None
     scaling: str = SCALING_RULE
     source_bands: int | None = None

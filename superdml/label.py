@@ -40,6 +40,7 @@ from superdml.segment import SegmentRun, load_segment_runs
 logger = logging.getLogger(__name__)
 
 EMBEDDINGS = "embeddings"
+EXACT_MATCH = 0.9995  # cosine similarity of a crop to itself, up to float16/bf16 rounding
 _ID_COLUMNS = ("segment_id", "raster", "x", "y")
 
 
@@ -226,6 +227,10 @@ def predict(
 ) -> dict[str, pa.Array]:
     """Apply the kNN labeling rule to embeddings; return the predictions columns.
 
+    The similarity-weighted vote of the k nearest references decides, except that a
+    superpixel whose nearest reference is its own crop (similarity >= ``EXACT_MATCH``:
+    it was labeled by people) keeps that reference's class, with score and margin 1.
+
     Parameters
     ----------
     embeddings : (N, D) float32 ndarray
@@ -254,14 +259,17 @@ def predict(
     vote = knn_vote(sims, neighbour_labels, len(class_names), config.weighting, config.temperature)
     if config.unknown_threshold is not None:
         vote = apply_unknown(vote, config.unknown_threshold)
+    label_ids, scores, margins = vote.label_ids.copy(), vote.scores.copy(), vote.margins.copy()
+    # A superpixel whose own crop is a labeled reference keeps the class people gave it.
+    exact = (sims[:, 0] >= EXACT_MATCH) & (neighbour_labels[:, 0] >= 0)
+    label_ids[exact], scores[exact], margins[exact] = neighbour_labels[exact, 0], 1.0, 1.0
     names = np.asarray([*class_names, UNKNOWN], dtype=object)
-    label_ids = vote.label_ids
     offsets = np.arange(n + 1, dtype=np.int32) * k
     return {
         "label": pa.array(names[label_ids], pa.string()),
         "label_id": pa.array(np.where(label_ids >= 0, label_ids + 1, 0), pa.uint16()),
-        "score": pa.array(vote.scores, pa.float32()),
-        "margin": pa.array(vote.margins, pa.float32()),
+        "score": pa.array(scores, pa.float32()),
+        "margin": pa.array(margins, pa.float32()),
         "similarity": pa.array(vote.similarity, pa.float32()),
         "topk_labels": pa.ListArray.from_arrays(
             offsets, pa.array(names[neighbour_labels.ravel()], pa.string())

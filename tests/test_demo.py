@@ -20,7 +20,7 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     runner = CliRunner()
     result = runner.invoke(
-        cli, ["-q", "demo", "--out", str(out), "--size", "512", "--epochs", "6", "--device", "cpu",
+        cli, ["-q", "demo", "--out", str(out), "--size", "384", "--epochs", "4", "--device", "cpu",
               "--workers", "0"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -51,7 +51,7 @@ def test_rerunning_the_demo_pipeline_skips_every_stage(demo_run):
     sets = [
         f"mosaic={out / 'data' / 'mosaic.tif'}",
         f"truth_left={out / 'data' / 'truth_left.tif'}",
-        "epochs=6",
+        "epochs=4",
     ]
     result = run_pipeline(pipeline_path("demo"), sets, out, device="cpu")
     assert {s.status for s in result.stages} == {"skipped"}
