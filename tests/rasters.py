@@ -9,6 +9,8 @@ import rasterio
 from rasterio.transform import from_origin
 from skimage import data, transform
 
+from superdml.demo import voronoi_regions
+
 CRS = "EPSG:32633"
 TRANSFORM = from_origin(500_000.0, 4_000_000.0, 2.0, 2.0)
 
@@ -70,18 +72,3 @@ def texture_mosaic(size: int = 512) -> tuple[np.ndarray, np.ndarray]:
     for k, src in enumerate(sources, start=1):
         rgb[truth == k] = src[truth == k]
     return rgb.transpose(2, 0, 1), truth
-
-
-def voronoi_regions(size: int, n_classes: int, seed: int = 7) -> np.ndarray:
-    """Irregular regions (wavy Voronoi cells), each class in both halves; (size, size) uint8."""
-    rng = np.random.default_rng(seed)
-    classes = np.repeat(np.arange(1, n_classes + 1), 2)
-    half = np.tile([0, 1], n_classes)
-    seeds = np.stack(
-        [rng.uniform(0.1, 0.9, classes.size), (half + rng.uniform(0.1, 0.9, classes.size)) / 2], 1
-    )
-    rows, cols = np.mgrid[0:size, 0:size] / size
-    rows = rows + 0.04 * np.sin(cols * 17)
-    cols = cols + 0.04 * np.cos(rows * 13)
-    dist = (rows[..., None] - seeds[:, 0]) ** 2 + (cols[..., None] - seeds[:, 1]) ** 2
-    return classes[dist.argmin(axis=2)].astype(np.uint8)
