@@ -93,3 +93,14 @@ def crop_folders_rgba(tmp_path_factory: pytest.TempPathFactory) -> Path:
         size=48,
         bands=4,
     )
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared CPU: thread synchronization costs more than it gains."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -2,46 +2,27 @@ import json
 
 import numpy as np
 import pytest
-import torch
+from checkpoints import save_untrained_checkpoint
 from click.testing import CliRunner
 from conftest import make_crop_folders
 from PIL import Image
 
-from superdml.checkpoint import save_checkpoint
 from superdml.cli import cli
-from superdml.data import imagenet_statistics
 from superdml.evaluate import confusion_matrix, evaluate, sample_examples, tsne_2d
-from superdml.models import EmbeddingNet
 
 METRIC_KEYS = {
     "map_at_r", "r_precision", "precision_at_1", "precision_at_5", "recall_at_1",
     "recall_at_5", "top1_accuracy", "top5_accuracy", "nmi",
 }  # fmt: skip
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """An untrained ResNet-18 checkpoint at 32 px (evaluation needs no good model)."""
-    torch.manual_seed(0)
-    mean, std = imagenet_statistics(3)
-    return save_checkpoint(
-        tmp_path_factory.mktemp("ckpt") / "checkpoint.pt",
-        model=EmbeddingNet("resnet18", 16, 3),
-        input_size=32,
-        class_names=["brick", "grass", "gravel"],
-        normalization="imagenet",
-        mean=mean,
-        std=std,
-        loss_name="proxy_anchor",
-    )
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
+    return save_untrained_checkpoint(path, ["brick", "grass", "gravel"])
 
 
 @pytest.fixture(scope="module")

@@ -31,14 +31,7 @@ from superdml.train import (
 LOSSES = ("triplet", "proxy_nca", "proxy_anchor", "soft_triple")
 CLASSES = ("brick", "grass", "gravel", "coffee")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared CPU: thread synchronization costs more than it gains."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
