@@ -30,6 +30,10 @@ class CheckpointError(SuperDMLError, ValueError):
     """A checkpoint is not one of ours, of another format version, or does not fit."""
 
 
+class OutputLockedError(SuperDMLError, BlockingIOError):
+    """Another superdml run holds the lock of the output folder."""
+
+
 class DependencyError(SuperDMLError, ImportError):
     """An optional dependency needed by the requested feature is not installed."""
 
