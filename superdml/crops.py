@@ -16,6 +16,7 @@ The crop rule, shared by ``superdml crops``, training and labeling:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,16 +31,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from superdml._private.atomic import atomic_write
+from superdml._private.atomic import atomic_write, write_json
+from superdml._private.ownership import check_apart, claim_output
 from superdml.cluster import map_tasks
-from superdml.config import CropsConfig, MaskMode, config_to_dict
+from superdml.config import CropsConfig, MaskMode, config_hash, config_to_dict
 from superdml.errors import InputError, input_error, require_file
+from superdml.provenance import fingerprint
 from superdml.raster import check_bands, open_raster, read_window, tile_grid
 from superdml.segment import SegmentRun, load_segment_runs
 
 logger = logging.getLogger(__name__)
 
 CROPS_TABLE = "crops.parquet"
+PENDING = ".crops-pending.json"  # what an unfinished run crops (its provenance)
 UNLABELED = "unlabeled"
 SCALING_RULE = "uint8 as is; else linear 1st..99th percentile -> 0..255, clipped"
 TILE_SIZE = 2048
@@ -585,51 +589,84 @@ def export_crops(
         )
     rule = dataclasses.replace(rule, source_bands=counts.pop())
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    calls = [
-        (
-            _CropJob(run, rule, str(out_dir), label_raster, class_nodata),
-            t.row,
-            t.col,
-            t.height,
-            t.width,
-        )
-        for run in runs
-        for t in tile_grid(run.source.height, run.source.width, TILE_SIZE)
-    ]
-    chosen: list[_Chosen | None] = [None] * len(calls)
-    if label_raster is not None or config.sample is not None:
-        task = _label_task if label_raster is not None else _ids_task
-        parts = map_tasks(task, calls, client, desc="classes")
-        tile = np.repeat(np.arange(len(parts)), [p.num_rows for p in parts])
-        cand = pa.concat_tables(parts)
-        value = cand.column("value").to_numpy()
-        purity = cand.column("purity").to_numpy()
-        picked = _choose(tile, value, purity, config)
-        ids = cand.column("segment_id").to_numpy()
-        for t in range(len(calls)):
-            sel = picked[tile[picked] == t]
-            names_t = [
-                names.get(int(v), f"class_{int(v)}") if label_raster else UNLABELED
-                for v in value[sel]
-            ]
-            kept = purity[sel].astype(np.float32) if label_raster else np.full(sel.size, np.nan)
-            chosen[t] = _Chosen(ids[sel], names_t, kept)
-    tables = map_tasks(
-        _crop_task, [(*c, ch) for c, ch in zip(calls, chosen, strict=True)], client, desc="crops"
-    )
-    table = pa.concat_tables(tables) if tables else CROPS_SCHEMA.empty_table()
-    meta = {
-        "crop_rule": rule.to_dict(),
-        "config": config_to_dict(config),
-        "segments": [str(run.folder.resolve()) for run in runs],
-        "label_raster": label_raster,
+    inputs = [run.folder for run in runs] + [p for p in (label_raster, classes) if p is not None]
+    check_apart(out_dir, inputs)
+    provenance = {
+        "segments": {run.name: run.fingerprint for run in runs},
+        "label_raster": None if label_raster is None else fingerprint(label_raster),
+        "classes": None if classes is None else fingerprint(classes),
+        "config": config_hash(config),
     }
     table_path = out_dir / CROPS_TABLE
-    with atomic_write(table_path) as tmp:
-        pq.write_table(
-            table.replace_schema_metadata({"superdml": json.dumps(meta)}), tmp, compression="zstd"
+    with claim_output(out_dir, "crops"):
+        if table_path.exists() and (done := _finished(out_dir, table_path, provenance, start)):
+            return done
+        _check_pending(out_dir, provenance)
+        calls = [
+            (
+                _CropJob(run, rule, str(out_dir), label_raster, class_nodata),
+                t.row,
+                t.col,
+                t.height,
+                t.width,
+            )
+            for run in runs
+            for t in tile_grid(run.source.height, run.source.width, TILE_SIZE)
+        ]
+        chosen: list[_Chosen | None] = [None] * len(calls)
+        if label_raster is not None or config.sample is not None:
+            task = _label_task if label_raster is not None else _ids_task
+            parts = map_tasks(task, calls, client, desc="classes")
+            tile = np.repeat(np.arange(len(parts)), [p.num_rows for p in parts])
+            cand = pa.concat_tables(parts)
+            value = cand.column("value").to_numpy()
+            purity = cand.column("purity").to_numpy()
+            picked = _choose(tile, value, purity, config)
+            ids = cand.column("segment_id").to_numpy()
+            for t in range(len(calls)):
+                sel = picked[tile[picked] == t]
+                names_t = [
+                    names.get(int(v), f"class_{int(v)}") if label_raster else UNLABELED
+                    for v in value[sel]
+                ]
+                kept = purity[sel].astype(np.float32) if label_raster else np.full(sel.size, np.nan)
+                chosen[t] = _Chosen(ids[sel], names_t, kept)
+        tables = map_tasks(
+            _crop_task,
+            [(*c, ch) for c, ch in zip(calls, chosen, strict=True)],
+            client,
+            desc="crops",
         )
+        table = pa.concat_tables(tables) if tables else CROPS_SCHEMA.empty_table()
+        meta = {
+            "crop_rule": rule.to_dict(),
+            "config": config_to_dict(config),
+            "segments": [str(run.folder.resolve()) for run in runs],
+            "label_raster": label_raster,
+            "provenance": provenance,
+        }
+        with atomic_write(table_path) as tmp:
+            pq.write_table(
+                table.replace_schema_metadata({"superdml": json.dumps(meta)}),
+                tmp,
+                compression="zstd",
+            )
+    return _result(out_dir, table_path, table, start)
+
+
+def _check_pending(out_dir: Path, provenance: dict[str, Any]) -> None:
+    """Record what this run crops; refuse to mix with an interrupted run of other inputs."""
+    pending = out_dir / PENDING
+    if pending.exists() and json.loads(pending.read_text()) != provenance:
+        raise input_error(
+            out_dir,
+            "holds the crops of an interrupted run of other inputs: rerun that to finish "
+            "it, or choose another --out",
+        )
+    write_json(pending, provenance)
+
+
+def _result(out_dir: Path, table_path: Path, table: pa.Table, start: float) -> CropsResult:
     per_class = pc.value_counts(table.column("label")).to_pylist()
     return CropsResult(
         out_dir,
@@ -638,6 +675,43 @@ def export_crops(
         {d["values"]: d["counts"] for d in per_class},
         time.perf_counter() - start,
     )
+
+
+def _finished(
+    out_dir: Path, table_path: Path, provenance: dict[str, Any], start: float
+) -> CropsResult | None:
+    """Return the finished crops of the same inputs in `out_dir`, or clear untouched ones.
+
+    Crops of other inputs are removed (None: crop again) only while nobody has sorted
+    them: every file in the folder is one the table lists, where it wrote it. Otherwise
+    the run is refused; crops people may have sorted are never rewritten.
+    """
+    table = pq.read_table(table_path)
+    meta = json.loads((table.schema.metadata or {}).get(b"superdml", b"{}"))
+    if meta.get("provenance") == provenance:
+        logger.info("%s: up to date, skipped", out_dir)
+        return _result(out_dir, table_path, table, start)
+    written = set(table.column("file").to_pylist())
+    present = {
+        p.relative_to(out_dir).as_posix()
+        for p in out_dir.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and p != table_path
+    }
+    if not present <= written:
+        raise input_error(
+            out_dir,
+            f"holds crops made from other segments, label raster or options, and "
+            f"{sorted(present - written)[0]} is not where crops put it (sorted by people?): "
+            "choose another --out",
+        )
+    for name in sorted(present):
+        (out_dir / name).unlink()
+    for folder in {(out_dir / name).parent for name in present} - {out_dir}:
+        with contextlib.suppress(OSError):  # a class folder holding other files stays
+            folder.rmdir()
+    (out_dir / PENDING).unlink(missing_ok=True)
+    table_path.unlink()  # last: until then a rerun finds the table and clears again
+    return None
 
 
 def read_crop_rule(folder: str | Path) -> CropRule | None:

@@ -18,6 +18,8 @@ import numpy as np
 import rasterio
 from rasterio.transform import from_origin
 
+from superdml._private.atomic import atomic_write, write_json
+from superdml._private.ownership import claim_output
 from superdml.errors import MissingInputError
 
 CLASS_NAMES = ("brick", "grass", "gravel", "coffee", "cat")
@@ -247,26 +249,30 @@ def demo(
 
     start = time.perf_counter()
     out_dir = Path(out_dir).resolve()
-    data = write_demo_data(out_dir / "data", size)
-    sets = [f"mosaic={data.mosaic}", f"truth_left={data.truth_left}"]
-    if epochs is not None:
-        sets.append(f"epochs={epochs}")
-    result = run_pipeline(pipeline_path("demo"), sets, out_dir, client=client, device=device)
-    names = load_label_run(out_dir / "labels").class_names
-    labels, scores = out_dir / "labels" / "labels.tif", out_dir / "labels" / "scores.tif"
-    with rasterio.open(labels) as src:
-        predicted = src.read(1)
-    with rasterio.open(data.truth) as src:
-        truth = src.read(1)
-    # predicted ids follow the reference's (sorted) class names; map them to truth ids
-    to_truth = np.array([0] + [CLASS_NAMES.index(n) + 1 if n in CLASS_NAMES else 0 for n in names])
-    scores_half = unseen_half_scores(to_truth[predicted], truth, CLASS_NAMES)
-    overview = out_dir / "overview.png"
-    _overview(data, to_truth[predicted], scores, overview, list(CLASS_NAMES))
-    seconds = time.perf_counter() - start
-    report = out_dir / "report.md"
-    report.write_text(_report(out_dir, result, scores_half, seconds))
-    (out_dir / "report.json").write_text(json.dumps(scores_half, indent=2) + "\n")
+    with claim_output(out_dir, "demo"):
+        data = write_demo_data(out_dir / "data", size)
+        sets = [f"mosaic={data.mosaic}", f"truth_left={data.truth_left}"]
+        if epochs is not None:
+            sets.append(f"epochs={epochs}")
+        result = run_pipeline(pipeline_path("demo"), sets, out_dir, client=client, device=device)
+        names = load_label_run(out_dir / "labels").class_names
+        labels, scores = out_dir / "labels" / "labels.tif", out_dir / "labels" / "scores.tif"
+        with rasterio.open(labels) as src:
+            predicted = src.read(1)
+        with rasterio.open(data.truth) as src:
+            truth = src.read(1)
+        # predicted ids follow the reference's (sorted) class names; map them to truth ids
+        to_truth = np.array(
+            [0] + [CLASS_NAMES.index(n) + 1 if n in CLASS_NAMES else 0 for n in names]
+        )
+        scores_half = unseen_half_scores(to_truth[predicted], truth, CLASS_NAMES)
+        overview = out_dir / "overview.png"
+        _overview(data, to_truth[predicted], scores, overview, list(CLASS_NAMES))
+        seconds = time.perf_counter() - start
+        report = out_dir / "report.md"
+        with atomic_write(report) as tmp:
+            tmp.write_text(_report(out_dir, result, scores_half, seconds))
+        write_json(out_dir / "report.json", scores_half)
     return DemoResult(out_dir, report, overview, scores_half["pixel_accuracy"], seconds)
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from superdml._private.atomic import write_json
+from superdml._private.ownership import check_apart, check_output, claim_output
 from superdml.checkpoint import build_model_from_checkpoint, checkpoint_sha256, load_checkpoint
 from superdml.config import AugmentConfig
 from superdml.data import ImageFolderDataset, build_transforms
@@ -221,6 +222,8 @@ def evaluate(
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
+    check_apart(out_dir, [p for p in (checkpoint, query_dir, reference_dir) if p is not None])
+    check_output(out_dir, "evaluate")
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
     transform = build_transforms(AugmentConfig(), ckpt.input_size, ckpt.mean, ckpt.std, train=False)
@@ -250,43 +253,43 @@ def evaluate(
     predicted = knn_vote(sims, neighbor_labels, num_classes).label_ids
     matrix = confusion_matrix(query_labels, predicted, num_classes)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    confusion_path = plot_confusion_matrix(matrix, class_names, out_dir / CONFUSION_PNG)
-    points, chosen = tsne_2d(query_emb)
-    tsne_path = plot_embedding_2d(points, query_labels[chosen], class_names, out_dir / TSNE_PNG)
-    examples = sample_examples(query_labels)
-    crops = np.stack([datasets[0].read(int(i)).numpy() for i in examples])
-    similarity = query_emb[examples] @ query_emb[examples].T
-    similarity_path = plot_similarity(
-        crops, similarity, query_labels[examples], class_names, out_dir / SIMILARITY_PNG
-    )
-    present = np.unique(query_labels)
-    metrics_path = out_dir / METRICS_JSON
-    write_json(
-        metrics_path,
-        {
-            "metrics": {k: float(v) for k, v in metrics.items()},
-            "per_class_accuracy": {class_names[c]: float(matrix[c, c]) for c in present},
-            "counts": {
-                "query": len(query_emb),
-                "reference": len(ref_emb),
-                "classes": num_classes,
-                "query_per_class": {
-                    class_names[c]: int(n)
-                    for c, n in zip(*np.unique(query_labels, return_counts=True), strict=True)
+    with claim_output(out_dir, "evaluate"):
+        confusion_path = plot_confusion_matrix(matrix, class_names, out_dir / CONFUSION_PNG)
+        points, chosen = tsne_2d(query_emb)
+        tsne_path = plot_embedding_2d(points, query_labels[chosen], class_names, out_dir / TSNE_PNG)
+        examples = sample_examples(query_labels)
+        crops = np.stack([datasets[0].read(int(i)).numpy() for i in examples])
+        similarity = query_emb[examples] @ query_emb[examples].T
+        similarity_path = plot_similarity(
+            crops, similarity, query_labels[examples], class_names, out_dir / SIMILARITY_PNG
+        )
+        present = np.unique(query_labels)
+        metrics_path = out_dir / METRICS_JSON
+        write_json(
+            metrics_path,
+            {
+                "metrics": {k: float(v) for k, v in metrics.items()},
+                "per_class_accuracy": {class_names[c]: float(matrix[c, c]) for c in present},
+                "counts": {
+                    "query": len(query_emb),
+                    "reference": len(ref_emb),
+                    "classes": num_classes,
+                    "query_per_class": {
+                        class_names[c]: int(n)
+                        for c, n in zip(*np.unique(query_labels, return_counts=True), strict=True)
+                    },
+                },
+                "inputs": {
+                    "checkpoint": os.fspath(checkpoint),
+                    "checkpoint_sha256": checkpoint_sha256(checkpoint),
+                    "query_dir": os.fspath(query_dir),
+                    "reference_dir": None if reference_dir is None else os.fspath(reference_dir),
+                    "exclude_self": exclude_self,
+                    "knn_k": knn_k,
+                    "class_names": class_names,
                 },
             },
-            "inputs": {
-                "checkpoint": os.fspath(checkpoint),
-                "checkpoint_sha256": checkpoint_sha256(checkpoint),
-                "query_dir": os.fspath(query_dir),
-                "reference_dir": None if reference_dir is None else os.fspath(reference_dir),
-                "exclude_self": exclude_self,
-                "knn_k": knn_k,
-                "class_names": class_names,
-            },
-        },
-    )
+        )
     logger.info("%s: %s", metrics_path, metrics)
     return EvaluateResult(
         out_dir=out_dir,

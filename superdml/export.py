@@ -30,6 +30,7 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from superdml._private.atomic import atomic_write, temp_path, write_json
+from superdml._private.ownership import claim_output
 from superdml._private.progress import progress
 from superdml.errors import InputError
 from superdml.predictions import LabelRun, load_label_run, lookup, neighbours
@@ -327,27 +328,31 @@ def export(
         raise InputError(f"--vector {vector!r}: expected gpkg, parquet or none")
     label_run = load_label_run(out)
     runs = load_segment_runs(segment_dir)
-    labeled = set(label_run.meta.get("rasters", []))
-    missing = [run.name for run in runs if run.name not in labeled]
-    if missing:
-        raise InputError(f"{segment_dir}: raster {missing[0]!r} was not labeled in {out}")
-    outputs: dict[str, dict[str, Path]] = {}
-    for run in runs:
-        folder = Path(out) if len(runs) == 1 else Path(out) / run.name
-        folder.mkdir(parents=True, exist_ok=True)
-        files = {"labels": folder / "labels.tif", "scores": folder / "scores.tif"}
-        write_label_rasters(
-            label_run, run, files["labels"], files["scores"], raster_format == "cog"
-        )
-        files["style"] = folder / "labels.qml"
-        with atomic_write(files["style"]) as tmp:
-            colors = class_colors(len(label_run.class_names))
-            tmp.write_text(qgis_style(label_run.class_names, colors))
-        if vector != "none":
-            suffix = "gpkg" if vector == "gpkg" else "parquet"
-            files["polygons"] = folder / f"superpixels.{suffix}"
-            write_polygons(label_run, run, files["polygons"], vector)
-        files["summary"] = folder / "summary.json"
-        write_json(files["summary"], summarize(label_run, run))
-        outputs[run.name] = files
+    label_run.check_segments(runs, segment_dir)
+    with claim_output(out, "export", accept=("label",)):
+        outputs = {run.name: _export_run(label_run, run, len(runs), raster_format, vector)
+                   for run in runs}  # fmt: skip
     return ExportResult(outputs, time.perf_counter() - start)
+
+
+def _export_run(
+    label_run: LabelRun, run: SegmentRun, n_runs: int, raster_format: RasterFormat,
+    vector: VectorFormat,
+) -> dict[str, Path]:  # fmt: skip
+    """Write one raster's export files; return them by kind."""
+    out = label_run.out_dir
+    folder = Path(out) if n_runs == 1 else Path(out) / run.name
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"labels": folder / "labels.tif", "scores": folder / "scores.tif"}
+    write_label_rasters(label_run, run, files["labels"], files["scores"], raster_format == "cog")
+    files["style"] = folder / "labels.qml"
+    with atomic_write(files["style"]) as tmp:
+        colors = class_colors(len(label_run.class_names))
+        tmp.write_text(qgis_style(label_run.class_names, colors))
+    if vector != "none":
+        suffix = "gpkg" if vector == "gpkg" else "parquet"
+        files["polygons"] = folder / f"superpixels.{suffix}"
+        write_polygons(label_run, run, files["polygons"], vector)
+    files["summary"] = folder / "summary.json"
+    write_json(files["summary"], summarize(label_run, run))
+    return files

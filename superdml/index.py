@@ -19,7 +19,8 @@ file                holds
 ``files.json``      path of every crop relative to the reference folder (``root``)
 ``index.faiss``     ``faiss.IndexFlatIP`` (exact), or ``faiss.IndexIVFFlat`` above
                     ``IndexConfig.ivf_threshold`` references
-``reference.json``  format, ``checkpoint_sha256``, the content hash ``sha256``, counts
+``reference.json``  format, ``checkpoint_sha256``, ``sha256`` (the reference's hash over
+                    content, ``index.faiss`` and file names), ``index_sha256``, counts
                     per class, index type, ``root`` and (from :func:`build_index`) the
                     effective config and what was embedded or reused
 ``file_stats.npy``  (N, 2) int64 size and mtime_ns of each crop (incremental rebuilds)
@@ -52,6 +53,12 @@ from torch.utils.data import Subset
 
 from superdml import __version__
 from superdml._private.atomic import atomic_write
+from superdml._private.ownership import (
+    check_apart,
+    claim_output,
+    foreign_files,
+    mark_output,
+)
 from superdml.checkpoint import (
     Checkpoint,
     build_model_from_checkpoint,
@@ -69,6 +76,7 @@ from superdml.config import (
 from superdml.data import ImageFolderDataset, build_transforms
 from superdml.embed import embed_folder, prepare_model, resolve_device
 from superdml.errors import InputError, SuperDMLError, input_error, require_dir
+from superdml.provenance import combine
 
 __all__ = [
     "UNKNOWN_LABEL",
@@ -475,6 +483,10 @@ INDEX_FAISS = "index.faiss"
 REFERENCE_JSON = "reference.json"
 FILE_STATS_NPY = "file_stats.npy"
 CONFIG_YAML = "config.yaml"
+REFERENCE_FILES = (
+    EMBEDDINGS_NPY, LABELS_NPY, CLASSES_JSON, FILES_JSON, INDEX_FAISS, REFERENCE_JSON,
+    FILE_STATS_NPY, CONFIG_YAML,
+)  # fmt: skip
 #: Largest accepted deviation of an embedding's L2 norm from 1.
 NORM_TOLERANCE = 1e-3
 
@@ -600,6 +612,7 @@ class ReferenceIndex:
         files: list[str],
         checkpoint_sha256: str,
         index: faiss.Index,
+        index_sha256: str,
         root: Path | None,
         path: Path | None,
     ) -> None:
@@ -611,7 +624,10 @@ class ReferenceIndex:
         self._class_names = class_names
         self._files = files
         self._checkpoint_sha256 = checkpoint_sha256
-        self._sha256 = content_sha256(embeddings, labels, class_names)
+        self._index_sha256 = index_sha256
+        self._sha256 = combine(
+            content_sha256(embeddings, labels, class_names), index_sha256, json.dumps(files)
+        )
         self._index = index
         self._root = root
         self._path = path
@@ -684,6 +700,7 @@ class ReferenceIndex:
             file_list,
             str(checkpoint_sha256),
             index,
+            hashlib.sha256(faiss.serialize_index(index).tobytes()).hexdigest(),
             None if root is None else Path(root).absolute(),
             None,
         )
@@ -731,7 +748,11 @@ class ReferenceIndex:
             labels = np.load(folder / LABELS_NPY, allow_pickle=False)
             class_names = json.loads((folder / CLASSES_JSON).read_text())
             files = json.loads((folder / FILES_JSON).read_text())
-            index = faiss.read_index(os.fspath(folder / INDEX_FAISS))
+            index_bytes = (folder / INDEX_FAISS).read_bytes()
+            index_sha = hashlib.sha256(index_bytes).hexdigest()
+            if index_sha != meta["index_sha256"]:  # never parse an unverified index
+                raise _damaged(folder, f"{INDEX_FAISS} does not match its hash in {REFERENCE_JSON}")
+            index = faiss.deserialize_index(np.frombuffer(index_bytes, dtype=np.uint8))
             stored_sha, ckpt_sha = str(meta["sha256"]), str(meta["checkpoint_sha256"])
             root = None if meta.get("root") is None else Path(meta["root"])
         except InputError:
@@ -751,11 +772,14 @@ class ReferenceIndex:
             raise _damaged(folder, problem)
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         labels = labels.astype(np.int64, copy=False)
-        if content_sha256(embeddings, labels, class_names) != stored_sha:
+        loaded = cls(
+            embeddings, labels, class_names, files, ckpt_sha, index, index_sha, root, folder
+        )
+        if loaded.sha256 != stored_sha:
             raise _damaged(folder, f"content does not match its sha256 in {REFERENCE_JSON}")
         if nprobe is not None and isinstance(index, faiss.IndexIVF):
             index.nprobe = min(int(nprobe), index.nlist)
-        return cls(embeddings, labels, class_names, files, ckpt_sha, index, root, folder)
+        return loaded
 
     def save(
         self, directory: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None
@@ -776,16 +800,17 @@ class ReferenceIndex:
             folder (it is never deleted).
         """
         folder = Path(directory)
-        _check_out_dir(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(folder) as tmp:
-            self._write(tmp, metadata)
+        with claim_output(folder, "index"):
+            _check_replaceable(folder)
+            with atomic_write(folder) as tmp:
+                self._write(tmp, metadata)
         self._path = folder
         return folder
 
     def _write(self, folder: Path, metadata: Mapping[str, Any] | None) -> None:
         """Write every part of the reference into the new folder `folder`."""
         folder.mkdir()
+        mark_output(folder, "index")
         np.save(folder / EMBEDDINGS_NPY, self._embeddings)
         np.save(folder / LABELS_NPY, self._labels)
         (folder / CLASSES_JSON).write_text(json.dumps(self._class_names, indent=1) + "\n")
@@ -797,6 +822,7 @@ class ReferenceIndex:
             "superdml_version": __version__,
             "checkpoint_sha256": self._checkpoint_sha256,
             "sha256": self._sha256,
+            "index_sha256": self._index_sha256,
             "size": self.size,
             "dim": self.dim,
             "class_names": self._class_names,
@@ -986,7 +1012,7 @@ class ReferenceIndex:
 
     @property
     def sha256(self) -> str:
-        """Content hash (:func:`content_sha256`) of embeddings, labels and class names."""
+        """The reference's hash: its content (:func:`content_sha256`), index and file names."""
         return self._sha256
 
     @property
@@ -1033,19 +1059,15 @@ def _damaged(folder: Path, problem: str) -> InputError:
     )
 
 
-def _check_out_dir(folder: Path) -> None:
-    """Refuse an output that is a file or a non-empty folder other than a reference folder."""
-    if folder.is_file():
-        raise input_error(folder, "is a file, expected a reference folder")
-    if folder.is_dir() and not (folder / REFERENCE_JSON).is_file() and any(folder.iterdir()):
+def _check_replaceable(folder: Path) -> None:
+    """Refuse to replace a reference folder that holds files the index stage did not write."""
+    foreign = foreign_files(folder, REFERENCE_FILES)
+    if foreign:
         raise input_error(
             folder,
-            f"exists and is not a reference folder (no {REFERENCE_JSON}): choose another "
-            "output folder or empty it",
+            f"holds {foreign[0]}, which superdml index did not write: move it away, or choose "
+            "another output folder (the reference folder is replaced as a whole)",
         )
-
-
-# -------------------------------------------------------------------------- the stage
 
 
 @dataclass(frozen=True)
@@ -1294,44 +1316,41 @@ def build_index(
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
     require_dir(reference_dir, "labeled reference crop folder")
-    _check_out_dir(out)
-    if out.resolve().is_relative_to(Path(reference_dir).resolve()):
-        raise input_error(
-            out, f"is inside the reference crop folder {reference_dir}: write it elsewhere"
+    check_apart(out, [reference_dir, checkpoint])
+    with claim_output(out, "index"):
+        _check_replaceable(out)
+        ckpt_sha = checkpoint_sha256(checkpoint)
+        scan = _scan(reference_dir, ckpt)
+        rows, previous, n_previous = _previous_rows(out, ckpt_sha, scan)
+        embeddings = _embed_reference(ckpt, scan, dev, config.batch_size, rows, previous)
+        reference = ReferenceIndex.build(
+            embeddings,
+            np.array(scan.dataset.labels, dtype=np.int64),
+            scan.dataset.class_names,
+            scan.files,
+            ckpt_sha,
+            ivf_threshold=config.ivf_threshold,
+            nprobe=config.nprobe,
+            nlist=config.nlist,
+            root=scan.dataset.root,
         )
-    ckpt_sha = checkpoint_sha256(checkpoint)
-    scan = _scan(reference_dir, ckpt)
-    rows, previous, n_previous = _previous_rows(out, ckpt_sha, scan)
-    embeddings = _embed_reference(ckpt, scan, dev, config.batch_size, rows, previous)
-    reference = ReferenceIndex.build(
-        embeddings,
-        np.array(scan.dataset.labels, dtype=np.int64),
-        scan.dataset.class_names,
-        scan.files,
-        ckpt_sha,
-        ivf_threshold=config.ivf_threshold,
-        nprobe=config.nprobe,
-        nlist=config.nlist,
-        root=scan.dataset.root,
-    )
-    n_reused = int(np.count_nonzero(rows >= 0))
-    unseen = sorted(set(reference.class_names) - set(ckpt.class_names))
-    if unseen:
-        logger.info("classes the checkpoint was not trained on: %s", ", ".join(unseen))
-    metadata = {
-        "checkpoint": os.fspath(checkpoint),
-        "config": config_to_dict(config),
-        "config_hash": config_hash(config),
-        "classes_not_in_checkpoint": unseen,
-        "n_embedded": reference.size - n_reused,
-        "n_reused": n_reused,
-        "n_skipped": scan.dataset.n_skipped,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out) as tmp:
-        reference._write(tmp, metadata)
-        np.save(tmp / FILE_STATS_NPY, scan.stats)
-        dump_config(config, tmp / CONFIG_YAML)
+        n_reused = int(np.count_nonzero(rows >= 0))
+        unseen = sorted(set(reference.class_names) - set(ckpt.class_names))
+        if unseen:
+            logger.info("classes the checkpoint was not trained on: %s", ", ".join(unseen))
+        metadata = {
+            "checkpoint": os.fspath(checkpoint),
+            "config": config_to_dict(config),
+            "config_hash": config_hash(config),
+            "classes_not_in_checkpoint": unseen,
+            "n_embedded": reference.size - n_reused,
+            "n_reused": n_reused,
+            "n_skipped": scan.dataset.n_skipped,
+        }
+        with atomic_write(out) as tmp:
+            reference._write(tmp, metadata)
+            np.save(tmp / FILE_STATS_NPY, scan.stats)
+            dump_config(config, tmp / CONFIG_YAML)
     logger.info("%s: %s", out, reference)
     return IndexResult(
         out_dir=out,

@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,17 +28,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from superdml._private.atomic import atomic_write, write_json
+from superdml._private.ownership import check_apart, claim_output, remove_files
 from superdml.cluster import default_workers, map_tasks
 from superdml.config import LabelConfig, config_hash, config_to_dict, dump_config
 from superdml.crops import CropRule, color_band_indexes, crop_tile
 from superdml.errors import InputError
-from superdml.predictions import MANIFEST, PARTS, UNKNOWN, predictions_schema
+from superdml.predictions import (
+    MANIFEST,
+    PART_FILES,
+    PARTS,
+    UNKNOWN,
+    embeddings_path,
+    predictions_schema,
+)
+from superdml.provenance import combine
 from superdml.raster import Tile, tile_grid
 from superdml.segment import SegmentRun, load_segment_runs
 
 logger = logging.getLogger(__name__)
 
-EMBEDDINGS = "embeddings"
 EXACT_MATCH = 0.9995  # cosine similarity of a crop to itself, up to float16/bf16 rounding
 _ID_COLUMNS = ("segment_id", "raster", "x", "y")
 
@@ -152,18 +159,42 @@ class _LabelJob:
 
     @property
     def part_meta(self) -> dict[str, str]:
-        return {
-            "checkpoint_sha256": self.checkpoint_sha256,
-            "reference_sha256": self.reference_sha256,
-            "label_config": config_hash(self.config),
-        }
+        return part_meta(
+            self.run.fingerprint, self.rule, self.checkpoint_sha256, self.reference_sha256,
+            self.config,
+        )  # fmt: skip
 
     def part_path(self, tile: Tile) -> Path:
         return Path(self.out) / PARTS / self.run.name / f"{tile.key}.parquet"
 
     def embeddings_path(self, tile: Tile) -> Path:
-        folder = Path(self.out) / EMBEDDINGS / self.checkpoint_sha256[:16] / self.run.name
-        return folder / f"{tile.key}.npz"
+        return embeddings_path(
+            self.out, self.checkpoint_sha256, self.rule.to_dict(), self.run.fingerprint,
+            self.run.name, tile,
+        )  # fmt: skip
+
+
+def part_meta(
+    segments: str, rule: CropRule, checkpoint_sha256: str, reference_sha256: str,
+    config: LabelConfig,
+) -> dict[str, str]:  # fmt: skip
+    """Return the provenance of a predictions part (reused only when all of it matches).
+
+    Parameters
+    ----------
+    segments : str
+        The segment run's fingerprint (:attr:`SegmentRun.fingerprint`).
+    rule : CropRule
+    checkpoint_sha256, reference_sha256 : str
+    config : LabelConfig
+    """
+    return {
+        "segments": segments,
+        "crop_rule": combine(rule.to_dict()),
+        "checkpoint_sha256": checkpoint_sha256,
+        "reference_sha256": reference_sha256,
+        "label_config": config_hash(config),
+    }
 
 
 def _part_is_current(path: Path, meta: dict[str, str]) -> bool:
@@ -390,44 +421,50 @@ def label(
     _check_inputs(runs, rule, ckpt.bands, checkpoint)
     dev = resolve_device(device).type
     out = Path(out)
-    _claim_output(out, ckpt_sha, overwrite)
-    manifest = {
-        "class_names": list(ref.class_names),
-        "tile_size": config.tile_size,
-        "rasters": [run.name for run in runs],
-        "segments": [str(run.folder.resolve()) for run in runs],
-        "checkpoint": str(Path(checkpoint).resolve()),
-        "checkpoint_sha256": ckpt_sha,
-        "reference": str(Path(reference).resolve()),
-        "reference_sha256": ref.sha256,
-        "crop_rule": rule.to_dict(),
-        "config": config_to_dict(config),
-    }
-    write_json(out / MANIFEST, manifest)
-    dump_config(config, out / "label.yaml")
-    threads = _threads_per_worker(client)
-    calls = []
-    for run in runs:
-        job = _LabelJob(
-            run, rule, config, str(Path(checkpoint).resolve()), ckpt_sha,
-            str(Path(reference).resolve()), ref.sha256, tuple(ref.class_names), str(out), dev,
-            threads,
-        )  # fmt: skip
-        calls += [
-            (job, tile) for tile in tile_grid(run.source.height, run.source.width, config.tile_size)
-        ]
-    done_before = sum(_part_is_current(job.part_path(t), job.part_meta) for job, t in calls)
-    counts = map_tasks(
-        _label_tile, calls, client, desc="label", count=int, count_unit="superpixels"
-    )
+    check_apart(out, [*(run.folder for run in runs), checkpoint, reference])
+    with claim_output(out, "label"):
+        _claim_predictions(out, ckpt_sha, overwrite)
+        manifest = {
+            "class_names": list(ref.class_names),
+            "tile_size": config.tile_size,
+            "rasters": [run.name for run in runs],
+            "segments": [str(run.folder.resolve()) for run in runs],
+            "segment_fingerprints": {run.name: run.fingerprint for run in runs},
+            "checkpoint": str(Path(checkpoint).resolve()),
+            "checkpoint_sha256": ckpt_sha,
+            "reference": str(Path(reference).resolve()),
+            "reference_sha256": ref.sha256,
+            "crop_rule": rule.to_dict(),
+            "config": config_to_dict(config),
+        }
+        write_json(out / MANIFEST, manifest)
+        dump_config(config, out / "label.yaml")
+        threads = _threads_per_worker(client)
+        calls = []
+        for run in runs:
+            job = _LabelJob(
+                run, rule, config, str(Path(checkpoint).resolve()), ckpt_sha,
+                str(Path(reference).resolve()), ref.sha256, tuple(ref.class_names), str(out),
+                dev, threads,
+            )  # fmt: skip
+            grid = tile_grid(run.source.height, run.source.width, config.tile_size)
+            calls += [(job, tile) for tile in grid]
+        done_before = sum(_part_is_current(job.part_path(t), job.part_meta) for job, t in calls)
+        counts = map_tasks(
+            _label_tile, calls, client, desc="label", count=int, count_unit="superpixels"
+        )
     seconds = time.perf_counter() - start
     total = int(sum(counts))
     logger.info("labeled %d superpixels in %.1f s (%.0f/s)", total, seconds, total / seconds)
     return LabelResult(out, total, len(calls), done_before, seconds, total / max(seconds, 1e-9))
 
 
-def _claim_output(out: Path, checkpoint_sha: str, overwrite: bool) -> None:
-    """Refuse (or with `overwrite` clear) predictions of another checkpoint in `out`."""
+def _claim_predictions(out: Path, checkpoint_sha: str, overwrite: bool) -> None:
+    """Refuse (or with `overwrite` remove) predictions of another checkpoint in `out`.
+
+    Parts of the same checkpoint stay: each is reused only when its provenance matches
+    (:func:`part_meta`), else relabeled.
+    """
     manifest = out / MANIFEST
     if manifest.exists():
         previous = json.loads(manifest.read_text()).get("checkpoint_sha256")
@@ -437,8 +474,7 @@ def _claim_output(out: Path, checkpoint_sha: str, overwrite: bool) -> None:
                     f"{out}: holds predictions of another checkpoint ({str(previous)[:12]}): "
                     "pass --overwrite to replace them, or choose another --out"
                 )
-            shutil.rmtree(out / PARTS, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
+            remove_files(out / PARTS, PART_FILES, "superdml label")
 
 
 def _threads_per_worker(client: Any) -> int | None:

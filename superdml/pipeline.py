@@ -25,9 +25,7 @@ import difflib
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -37,6 +35,7 @@ from typing import Any
 import yaml
 
 from superdml._private.atomic import write_json
+from superdml._private.ownership import check_apart, claim_output, remove_output
 from superdml.config import (
     CropsConfig,
     IndexConfig,
@@ -48,7 +47,8 @@ from superdml.config import (
     load_config,
     parse_override,
 )
-from superdml.errors import ConfigError, MissingInputError
+from superdml.errors import ConfigError, InputError, MissingInputError
+from superdml.provenance import fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,9 @@ class StageKind:
         Dataclass of the stage's config keys, accepted as options.
     extra : tuple of str
         Other accepted options.
+    edited : tuple of str
+        Inputs people edit by hand (crop folders they sort): fingerprinted by content
+        even when an earlier stage made them.
     """
 
     run: Callable[[dict[str, Any], RunContext], None]
@@ -88,6 +91,7 @@ class StageKind:
     outputs: tuple[str, ...]
     config: type | None = None
     extra: tuple[str, ...] = ()
+    edited: tuple[str, ...] = ()
 
     def options(self) -> list[str]:
         """Every option name this kind accepts."""
@@ -137,16 +141,16 @@ def _run_crops(options: dict[str, Any], ctx: RunContext) -> None:
 
 
 def _run_train(options: dict[str, Any], ctx: RunContext) -> None:
-    from superdml.train import default_config_path, train
+    from superdml.train import LAST, TRAIN_FILES, default_config_path, train
 
     names = {f.name for f in fields(TrainConfig)}
     keys = {k: v for k, v in options.items() if k in names}
     config_file = options.get("config") or default_config_path(keys.get("loss"))
     config = load_config(config_file, TrainConfig, keys)
     out = Path(options["out"])
-    resume = ctx.resume and (out / "last.pt").exists()
-    if not resume and out.exists():
-        shutil.rmtree(out)  # this stage's own output of an older run
+    resume = ctx.resume and (out / LAST).exists()
+    if not resume:
+        remove_output(out, "train", TRAIN_FILES)  # this stage's own output of an older run
     train(
         options["train_dir"], out, config, options.get("val_dir"), resume=resume,
         init=options.get("init"), device=ctx.device,
@@ -189,11 +193,10 @@ def _run_evaluate(options: dict[str, Any], ctx: RunContext) -> None:
 
 
 def _run_review(options: dict[str, Any], ctx: RunContext) -> None:
-    from superdml.review import review
+    from superdml.review import REVIEW_FILES, review
 
     config, rest = _split(options, ReviewConfig)
-    if Path(rest["folder"]).exists():
-        shutil.rmtree(rest["folder"])  # this stage's own output of an older run
+    remove_output(rest["folder"], "review", REVIEW_FILES)  # its own output of an older run
     review(rest["out"], rest["segments"], rest["folder"], config, rest.get("raster"), ctx.device)
 
 
@@ -233,11 +236,13 @@ STAGES: dict[str, StageKind] = {
     "train": StageKind(
         _run_train, ("train_dir", "out"), ("train_dir", "val_dir", "out", "init", "config"),
         ("train_dir", "val_dir", "init", "config"), ("out",), TrainConfig,
+        edited=("train_dir", "val_dir"),
     ),
     "index": StageKind(
         _run_index, ("checkpoint", "reference_dir", "out"),
         ("checkpoint", "reference_dir", "out", "config"),
         ("checkpoint", "reference_dir", "config"), ("out",), IndexConfig,
+        edited=("reference_dir",),
     ),
     "label": StageKind(
         _run_label, ("segments", "checkpoint", "reference", "out"),
@@ -252,6 +257,7 @@ STAGES: dict[str, StageKind] = {
         _run_evaluate, ("checkpoint", "query_dir", "out"),
         ("checkpoint", "query_dir", "reference_dir", "out"),
         ("checkpoint", "query_dir", "reference_dir"), ("out",),
+        edited=("query_dir", "reference_dir"),
     ),
     "review": StageKind(
         _run_review, ("out", "segments", "folder"),
@@ -379,6 +385,7 @@ def load_pipeline(
     variables.setdefault("configs", str(Path(__file__).resolve().parents[1] / "configs"))
     pipeline = Pipeline(path, root)
     produced: set[Path] = set()
+    read: set[tuple[Path, str]] = set()  # (input, stage) of this and earlier stages
     names: set[str] = set()
     for entry in doc["stages"]:
         line = entry.get("__line__", 0) if isinstance(entry, dict) else 0
@@ -426,7 +433,19 @@ def load_pipeline(
                         f"{where}: stage {name!r}: {key} {value} does not exist and no "
                         "earlier stage makes it"
                     )
+        for key in spec.inputs:
+            values = options.get(key)
+            read |= {(Path(v), name) for v in (values if isinstance(values, list) else [values])
+                     if v is not None}  # fmt: skip
         for key in spec.outputs:
+            for used, reader in sorted(read):
+                try:
+                    check_apart(options[key], [used])
+                except InputError:
+                    raise ConfigError(
+                        f"{where}: stage {name!r}: {key} {options[key]} overlaps {used}, an input "
+                        f"of stage {reader!r}: writing there could destroy it"
+                    ) from None
             produced.add(Path(options[key]))
         pipeline.stages.append(Stage(name, kind, options, line))
     if stage_sets:
@@ -456,26 +475,20 @@ def _check_config(spec: StageKind, options: dict[str, Any], where: str) -> None:
 # ------------------------------------------------------------------------ running
 
 
-def _fingerprint(path: Path, state: Path) -> str:
-    """Content token of an input: a producing stage's manifest, a file's stat, a tree's."""
+def _fingerprint(path: Path, state: Path, edited: bool) -> str:
+    """Token of an input: the producing stage's run, or the input's content.
+
+    An input made by an earlier stage is named by that stage's run (its hash and when it
+    finished), plus its content when people edit it (`edited`: crops sorted into a
+    folder a stage made); any other input by its content (:mod:`superdml.provenance`).
+    """
     for manifest in sorted(state.glob("*.json")):
         record = json.loads(manifest.read_text())
         for out in record.get("outputs", []):
             if path == Path(out) or Path(out) in path.parents:
-                return f"stage:{record['name']}:{record['hash']}:{record.get('finished')}"
-    if path.is_file():
-        st = path.stat()
-        return f"file:{st.st_size}:{st.st_mtime_ns}"
-    if path.is_dir():
-        digest = hashlib.sha256()
-        for root, dirs, files in os.walk(path):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(files):
-                st = (Path(root) / name).stat()
-                rel = os.path.relpath(Path(root) / name, path)
-                digest.update(f"{rel}:{st.st_size}:{st.st_mtime_ns};".encode())
-        return f"dir:{digest.hexdigest()}"
-    return "missing"
+                made = f"stage:{record['name']}:{record['hash']}:{record.get('finished')}"
+                return f"{made}:{fingerprint(path)}" if edited else made
+    return fingerprint(path)
 
 
 def _stage_hash(stage: Stage, spec: StageKind, state: Path) -> str:
@@ -484,7 +497,7 @@ def _stage_hash(stage: Stage, spec: StageKind, state: Path) -> str:
         values = stage.options.get(key)
         for value in values if isinstance(values, list) else [values]:
             if value is not None:
-                inputs[f"{key}:{value}"] = _fingerprint(Path(value), state)
+                inputs[f"{key}:{value}"] = _fingerprint(Path(value), state, key in spec.edited)
     blob = json.dumps(
         {"kind": stage.kind, "options": stage.options, "inputs": inputs}, sort_keys=True
     )
@@ -542,13 +555,20 @@ def run_pipeline(
     for name in force or []:
         if name not in known:
             raise ConfigError(f"--force {name}: no such stage in {path} ({', '.join(known)})")
-    state = pipeline.workdir / STATE_DIR
-    state.mkdir(parents=True, exist_ok=True)
+    with claim_output(pipeline.workdir / STATE_DIR, "pipeline") as state:
+        outcomes = _run_stages(pipeline, state, force or [], client, device)
+    return PipelineResult(pipeline.workdir, outcomes, time.perf_counter() - start)
+
+
+def _run_stages(
+    pipeline: Pipeline, state: Path, force: list[str], client: Any, device: str
+) -> list[StageOutcome]:
+    """Run or skip each stage in order (see :func:`run_pipeline`)."""
     forced = False
     outcomes = []
     for stage in pipeline.stages:
         spec = STAGES[stage.kind]
-        forced = forced or stage.name in (force or [])
+        forced = forced or stage.name in force
         digest = _stage_hash(stage, spec, state)
         manifest_path = state / f"{stage.name}.json"
         previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
@@ -573,4 +593,4 @@ def run_pipeline(
         record["finished"] = time.time()
         write_json(manifest_path, record)
         outcomes.append(StageOutcome(stage.name, "ran", time.perf_counter() - t0))
-    return PipelineResult(pipeline.workdir, outcomes, time.perf_counter() - start)
+    return outcomes

@@ -17,12 +17,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from superdml.errors import InputError, require_dir
+from superdml.errors import InputError, input_error, require_dir
+from superdml.provenance import combine
 from superdml.raster import Tile, tile_grid
+from superdml.segment import SegmentRun
 
 UNKNOWN = "unknown"
 MANIFEST = "label.json"
 PARTS = "predictions"
+EMBEDDINGS = "embeddings"
+PART_FILES = ("*/*.parquet",)
+"""What ``superdml label`` writes under ``OUT/predictions`` (it replaces nothing else)."""
 
 
 def predictions_schema() -> pa.Schema:
@@ -78,6 +83,37 @@ class LabelRun:
         """Return the tiles of a raster of this size, as labeling cut them."""
         return tile_grid(height, width, self.tile_size)
 
+    def embeddings_path(self, run: SegmentRun, tile: Tile) -> Path:
+        """Where ``label --keep-embeddings`` kept the embeddings of one tile of `run`."""
+        return embeddings_path(
+            self.out_dir, self.meta["checkpoint_sha256"], self.meta["crop_rule"],
+            self.meta["segment_fingerprints"][run.name], run.name, tile,
+        )  # fmt: skip
+
+    def check_segments(self, runs: list[SegmentRun], segment_dir: str | Path) -> None:
+        """Refuse segment runs that are not the ones this label run labeled.
+
+        Raises
+        ------
+        InputError
+            For a raster that was not labeled here, or one segmented again since (its
+            fingerprint differs from the one recorded at labeling time).
+        """
+        labeled = self.meta.get("segment_fingerprints", {})
+        for run in runs:
+            if run.name not in labeled:
+                raise input_error(
+                    segment_dir,
+                    f"raster {run.name!r} was not labeled in {self.out_dir} (labeled: "
+                    f"{', '.join(sorted(labeled)) or 'none'}): pass the segments given to label",
+                )
+            if labeled[run.name] != run.fingerprint:
+                raise input_error(
+                    run.folder,
+                    f"segmented again since {self.out_dir} was labeled (the superpixels "
+                    "differ): run superdml label again before exporting or reviewing",
+                )
+
     def read_parts(
         self, raster: str, tiles: list[Tile], columns: list[str] | None = None
     ) -> pa.Table:
@@ -90,6 +126,28 @@ class LabelRun:
         if not tables:
             return predictions_schema().empty_table().select(columns or predictions_schema().names)
         return pa.concat_tables(tables)
+
+
+def embeddings_path(
+    out_dir: str | Path, checkpoint_sha256: str, crop_rule: dict[str, Any], segments: str,
+    raster: str, tile: Tile,
+) -> Path:  # fmt: skip
+    """Return the kept-embeddings file of one tile, keyed by what made the embeddings.
+
+    Parameters
+    ----------
+    out_dir : path
+        The label run.
+    checkpoint_sha256 : str
+    crop_rule : dict
+        :meth:`CropRule.to_dict` of the crops embedded.
+    segments : str
+        The segment run's fingerprint.
+    raster : str
+    tile : Tile
+    """
+    key = combine(checkpoint_sha256, json.dumps(crop_rule, sort_keys=True), segments)[:16]
+    return Path(out_dir) / EMBEDDINGS / key / raster / f"{tile.key}.npz"
 
 
 def load_label_run(out_dir: str | Path) -> LabelRun:

@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from superdml._private.atomic import atomic_write
+from superdml._private.ownership import check_apart, check_output, claim_output
 from superdml._private.progress import progress
 from superdml.config import ReviewConfig, config_to_dict, dump_config
 from superdml.crops import (
@@ -54,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 #: With ``diverse``, k-means runs over this many times the crops to write (least certain first).
 POOL_FACTOR = 10
+REVIEW_FILES = ("*/*.png", "crops.parquet", "review.yaml")
+"""What ``review`` writes into its folder (a rerun replaces only a folder of these)."""
 REVIEW_SCHEMA = CROPS_SCHEMA.append(pa.field("score", pa.float32())).append(
     pa.field("margin", pa.float32())
 )
@@ -276,15 +279,14 @@ def _pool_embeddings(inputs: _Inputs, pool: _Candidates, device: str) -> np.ndar
     """
     from superdml.checkpoint import checkpoint_sha256
     from superdml.embed import resolve_device
-    from superdml.label import EMBEDDINGS, load_embedder
+    from superdml.label import load_embedder
 
     meta = inputs.label_run.meta
     sha = str(meta["checkpoint_sha256"])
-    kept_dir = inputs.label_run.out_dir / EMBEDDINGS / sha[:16]
     tiles = list(_by_tile(pool))
     kept = [
         _kept_embeddings(
-            kept_dir / inputs.runs[r].name / f"{inputs.grids[r][t].key}.npz",
+            inputs.label_run.embeddings_path(inputs.runs[r], inputs.grids[r][t]),
             pool.segment_id[index],
         )
         for r, t, index in tiles
@@ -384,14 +386,8 @@ def _spread(inputs: _Inputs, pool: _Candidates, config: ReviewConfig, device: st
 
 def _check_inputs(out: Path, segment_dir: Path, inputs: _Inputs) -> None:
     """Fail before any work: segments that were not labeled, a source that does not fit."""
-    labeled = set(inputs.label_run.meta.get("rasters", []))
+    inputs.label_run.check_segments(inputs.runs, segment_dir)
     for run in inputs.runs:
-        if run.name not in labeled:
-            raise input_error(
-                segment_dir,
-                f"raster {run.name!r} was not labeled in {out} (labeled: "
-                f"{', '.join(sorted(labeled)) or 'none'}): pass the segments given to label",
-            )
         run.check_source()
         color_band_indexes(run, inputs.rule)
 
@@ -438,6 +434,8 @@ def review(
     out, segment_dir, folder = Path(out), Path(segment_dir), Path(folder)
     label_run = load_label_run(out)
     runs = load_segment_runs(segment_dir)
+    check_apart(folder, [out, *(run.folder for run in runs)])
+    check_output(folder, "review")
     if raster is not None:
         if len(runs) != 1:
             raise input_error(segment_dir, "--raster needs one raster's segment subfolder")
@@ -470,24 +468,25 @@ def review(
     if config.diverse:
         picks = _spread(inputs, picks, config, device)
     names = np.asarray([UNKNOWN, *label_run.class_names], dtype=object)  # by label_id
-    folder.mkdir(parents=True, exist_ok=True)
-    tables = [
-        _write_tile(folder, inputs, r, t, picks.take(index), names)
-        for r, t, index in progress(_by_tile(picks), desc="review crops", unit="tile")
-    ]
-    table = pa.concat_tables(tables).sort_by([("score", "ascending"), ("margin", "ascending")])
-    meta = {
-        "crop_rule": rule.to_dict(),
-        "config": config_to_dict(config),
-        "label_run": str(out.resolve()),
-        "checkpoint_sha256": label_run.meta.get("checkpoint_sha256"),
-        "segments": [str(run.folder.resolve()) for run in runs],
-    }
-    dump_config(config, folder / "review.yaml")
-    with atomic_write(folder / CROPS_TABLE) as tmp:
-        pq.write_table(
-            table.replace_schema_metadata({"superdml": json.dumps(meta)}), tmp, compression="zstd"
-        )
+    with claim_output(folder, "review"):
+        tables = [
+            _write_tile(folder, inputs, r, t, picks.take(index), names)
+            for r, t, index in progress(_by_tile(picks), desc="review crops", unit="tile")
+        ]
+        table = pa.concat_tables(tables).sort_by([("score", "ascending"), ("margin", "ascending")])
+        meta = {
+            "crop_rule": rule.to_dict(),
+            "config": config_to_dict(config),
+            "label_run": str(out.resolve()),
+            "checkpoint_sha256": label_run.meta.get("checkpoint_sha256"),
+            "segments": [str(run.folder.resolve()) for run in runs],
+        }
+        dump_config(config, folder / "review.yaml")
+        with atomic_write(folder / CROPS_TABLE) as tmp:
+            pq.write_table(
+                table.replace_schema_metadata({"superdml": json.dumps(meta)}), tmp,
+                compression="zstd",
+            )  # fmt: skip
     counts = pc.value_counts(table.column("label")).to_pylist()
     per_class = {d["values"]: d["counts"] for d in counts}
     seconds = time.perf_counter() - start

@@ -34,6 +34,7 @@ Peak memory is that of one tile, whatever the raster size.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -50,10 +51,12 @@ from rasterio.windows import Window
 from skimage.measure import label as connected_components
 
 from superdml import __version__
-from superdml._private.atomic import atomic_write, remove_stale_temporaries, write_json
+from superdml._private.atomic import atomic_write, write_json
+from superdml._private.ownership import claim_output
 from superdml.cluster import map_tasks
 from superdml.config import SegmentConfig, config_hash, config_to_dict, dump_config
 from superdml.errors import InputError
+from superdml.provenance import combine, file_fingerprint, sha256_file
 from superdml.raster import (
     RasterInfo,
     Tile,
@@ -650,54 +653,70 @@ def segment_raster(
     n_cells = math.ceil(info.height / step) * math.ceil(info.width / step)
     if n_cells >= 2**32 - 1:
         raise InputError(f"{path}: {n_cells} grid cells do not fit uint32 ids: raise region_size")
-    folder = run_dir(out_dir, info.path)
-    folder.mkdir(parents=True, exist_ok=True)
-    segments_path, table_path = folder / SEGMENTS_NAME, folder / TABLE_NAME
-    manifest_path = folder / MANIFEST_NAME
-    digest = config_hash(config)
-    tiles = tile_grid(info.height, info.width, tile_size)
-    if manifest_path.exists() and segments_path.exists() and table_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("config_hash") == digest and manifest["source"]["path"] == info.path:
-            logger.info("%s: up to date, skipped", folder)
-            return SegmentResult(
-                folder.name, folder, segments_path, table_path,
-                manifest["n_superpixels"], len(tiles), True, time.perf_counter() - start,
-            )  # fmt: skip
-    write_json(folder / "source.json", {"source": info.path})
-    remove_stale_temporaries(folder)
-    lo, hi = band_ranges(path, bands, config.nodata)
-    work = folder / f".work-{digest}"
-    for stale in folder.glob(".work-*"):
-        if stale != work:
-            shutil.rmtree(stale)
-    work.mkdir(exist_ok=True)
-    remove_stale_temporaries(work)
-    grid = _Grid(
-        source=info.path, name=folder.name, bands=tuple(bands), nodata=config.nodata,
-        lo=tuple(lo), hi=tuple(hi), step=step, compactness=config.compactness,
-        max_iter=config.max_iter, tile_size=tile_size, height=info.height, width=info.width,
-        transform=info.transform, work=str(work),
-    )  # fmt: skip
-    logger.info("%s: %d tiles of %d px, region size %d", info.path, len(tiles), tile_size, step)
-    calls = [(grid, tile) for tile in tiles]
-    map_tasks(_centers_task, calls, client, desc=f"{folder.name}: centers")
-    counts = map_tasks(_assign_task, calls, client, desc=f"{folder.name}: labels")
-    meta = {
-        "superdml_version": __version__,
-        "source": info.to_dict(),
-        "bands": bands,
-        "band_lo": lo,
-        "band_hi": hi,
-        "config": config_to_dict(config),
-        "config_hash": digest,
-        "tile_size": tile_size,
-    }
-    _write_segments(grid, info, tiles, segments_path)
-    _write_table(grid, tiles, table_path, meta)
-    dump_config(config, folder / "segment.yaml")
-    write_json(manifest_path, {**meta, "n_superpixels": int(sum(counts)), "n_tiles": len(tiles)})
-    shutil.rmtree(work)
+    source_fp = file_fingerprint(info.path)
+    with claim_output(out_dir, "segment"):
+        folder = run_dir(out_dir, info.path)
+        folder.mkdir(exist_ok=True)
+        segments_path, table_path = folder / SEGMENTS_NAME, folder / TABLE_NAME
+        manifest_path = folder / MANIFEST_NAME
+        digest = config_hash(config)
+        tiles = tile_grid(info.height, info.width, tile_size)
+        if manifest_path.exists() and segments_path.exists() and table_path.exists():
+            manifest = json.loads(manifest_path.read_text())
+            if (
+                manifest.get("config_hash") == digest
+                and manifest["source"]["path"] == info.path
+                and manifest.get("source_fingerprint") == source_fp
+            ):
+                logger.info("%s: up to date, skipped", folder)
+                return SegmentResult(
+                    folder.name, folder, segments_path, table_path,
+                    manifest["n_superpixels"], len(tiles), True, time.perf_counter() - start,
+                )  # fmt: skip
+        manifest_path.unlink(missing_ok=True)  # the run's commit mark: gone until redone
+        write_json(folder / "source.json", {"source": info.path})
+        lo, hi = band_ranges(path, bands, config.nodata)
+        work = folder / f".work-{combine(digest, source_fp)[:16]}"
+        for stale in folder.glob(".work-*"):
+            if stale != work:
+                shutil.rmtree(stale)
+        work.mkdir(exist_ok=True)
+        grid = _Grid(
+            source=info.path, name=folder.name, bands=tuple(bands), nodata=config.nodata,
+            lo=tuple(lo), hi=tuple(hi), step=step, compactness=config.compactness,
+            max_iter=config.max_iter, tile_size=tile_size, height=info.height, width=info.width,
+            transform=info.transform, work=str(work),
+        )  # fmt: skip
+        logger.info("%s: %d tiles of %d px, region size %d", info.path, len(tiles), tile_size, step)
+        calls = [(grid, tile) for tile in tiles]
+        map_tasks(_centers_task, calls, client, desc=f"{folder.name}: centers")
+        counts = map_tasks(_assign_task, calls, client, desc=f"{folder.name}: labels")
+        meta = {
+            "superdml_version": __version__,
+            "source": info.to_dict(),
+            "source_fingerprint": source_fp,
+            "bands": bands,
+            "band_lo": lo,
+            "band_hi": hi,
+            "config": config_to_dict(config),
+            "config_hash": digest,
+            "tile_size": tile_size,
+        }
+        _write_segments(grid, info, tiles, segments_path)
+        _write_table(grid, tiles, table_path, meta)
+        dump_config(config, folder / "segment.yaml")
+        table_sha = sha256_file(table_path)
+        write_json(
+            manifest_path,
+            {
+                **meta,
+                "table_sha256": table_sha,
+                "fingerprint": combine(source_fp, digest, table_sha),
+                "n_superpixels": int(sum(counts)),
+                "n_tiles": len(tiles),
+            },
+        )
+        shutil.rmtree(work)
     return SegmentResult(
         folder.name, folder, segments_path, table_path, int(sum(counts)), len(tiles), False,
         time.perf_counter() - start,
@@ -738,6 +757,9 @@ class SegmentRun:
         1-based bands segmented on.
     band_lo, band_hi : list of float
         Per-band value ranges (see :func:`superdml.raster.band_ranges`).
+    fingerprint : str
+        Content fingerprint of the run (source, config, superpixel table): what later
+        stages record and compare (:mod:`superdml.provenance`).
     """
 
     folder: Path
@@ -746,6 +768,7 @@ class SegmentRun:
     bands: list[int]
     band_lo: list[float]
     band_hi: list[float]
+    fingerprint: str
 
     @property
     def segments_path(self) -> Path:
@@ -791,7 +814,7 @@ class SegmentRun:
                 f"{self.folder} ({self.source.width}x{self.source.height}, same transform "
                 "expected)"
             )
-        return SegmentRun(self.folder, self.name, info, self.bands, self.band_lo, self.band_hi)
+        return dataclasses.replace(self, source=info)
 
 
 def load_segment_runs(path: str | Path) -> list[SegmentRun]:
@@ -829,6 +852,7 @@ def load_segment_runs(path: str | Path) -> list[SegmentRun]:
                 list(manifest["bands"]),
                 list(manifest["band_lo"]),
                 list(manifest["band_hi"]),
+                str(manifest.get("fingerprint", "")),
             )  # fmt: skip
         )
     return runs

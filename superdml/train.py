@@ -67,7 +67,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import superdml
-from superdml._private.atomic import atomic_write, remove_stale_temporaries
+from superdml._private.atomic import atomic_write
+from superdml._private.ownership import check_apart, claim_output
 from superdml._private.progress import progress
 from superdml.checkpoint import (
     Checkpoint,
@@ -91,6 +92,7 @@ from superdml.errors import CheckpointError, ConfigError, input_error
 from superdml.losses import MetricLoss, get_loss, transfer_proxies
 from superdml.metrics import retrieval_metrics
 from superdml.models import EmbeddingNet, build_model
+from superdml.provenance import combine, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +101,8 @@ LAST = "last.pt"
 METRICS_CSV = "metrics.csv"
 CONFIG_YAML = "train.yaml"
 TENSORBOARD_DIR = "tb"
+TRAIN_FILES = (BEST, LAST, METRICS_CSV, CONFIG_YAML, f"{TENSORBOARD_DIR}/*")
+"""What ``train`` writes into its folder (a pipeline rerun replaces only a folder of these)."""
 SELECTION_METRIC = "map_at_r"
 EMBED_BATCH_SIZE = 256
 
@@ -509,16 +513,39 @@ def train(
     train_dir, out_dir = Path(train_dir), Path(out_dir)
     val_dir = Path(val_dir) if val_dir is not None else None
     dev = resolve_device(device)
-    last_path, best_path = out_dir / LAST, out_dir / BEST
     if resume and init is not None:
         raise ConfigError("--resume and --init: a resumed run keeps its own start; pass one")
     get_loss(config.loss, 2, config.embedding_size, **config.loss_params)  # check early
+    check_apart(out_dir, [p for p in (train_dir, val_dir, init) if p is not None])
+    with claim_output(out_dir, "train"):
+        return _train(train_dir, out_dir, config, val_dir, resume, init, dev, start_time)
+
+
+def _train(
+    train_dir: Path,
+    out_dir: Path,
+    config: TrainConfig,
+    val_dir: Path | None,
+    resume: bool,
+    init: str | os.PathLike[str] | None,
+    dev: torch.device,
+    start_time: float,
+) -> TrainResult:
+    """Run :func:`train` in its claimed output folder."""
+    last_path, best_path = out_dir / LAST, out_dir / BEST
     ckpt = _open_resume(last_path, config) if resume else None
     if not resume and last_path.exists():
         raise input_error(
             last_path, "a training run is already here: pass --resume, or choose another --out"
         )
     init_ckpt = load_checkpoint(init) if init is not None else None
+    crops = combine(fingerprint(train_dir), None if val_dir is None else fingerprint(val_dir))
+    if ckpt is not None and ckpt.resume is not None and ckpt.resume.get("crops") != crops:
+        raise input_error(
+            train_dir,
+            f"crops changed since the run in {out_dir} started: resuming would mix two "
+            "training sets; start a new run (--init with its last.pt keeps its weights)",
+        )
 
     stats = (ckpt.mean, ckpt.std) if ckpt is not None else None
     data = _load_data(train_dir, val_dir, config, stats)
@@ -557,8 +584,6 @@ def train(
     start_epoch, best_score = 0, -math.inf
     if ckpt is not None:
         start_epoch, best_score = _restore(ckpt, model, loss_fn, optimizer, scheduler, loader_rng)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out_dir)
     history = _read_history(out_dir / METRICS_CSV, start_epoch)
     dump_config(config, out_dir / CONFIG_YAML)
     writer = _summary_writer(out_dir, start_epoch + 1)
@@ -617,6 +642,7 @@ def train(
             resume_info = resume_state(epoch + 1, optimizer, scheduler)
             resume_info["loader_rng"] = loader_rng.get_state()
             resume_info["best_score"] = best_score
+            resume_info["crops"] = crops
             save(
                 last_path, model=model, metrics=ckpt_metrics, resume=resume_info,
                 loss_state=loss_fn.state_dict(),

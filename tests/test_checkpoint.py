@@ -75,7 +75,7 @@ def test_checkpoint_loads_with_plain_weights_only(trained):
     assert data["format"] == FORMAT and data["format_version"] == 1
     assert data["class_names"] == CLASSES
     assert isinstance(data["resume"]["rng"]["torch"], torch.Tensor)
-    assert not list(trained["path"].parent.glob("*.tmp-*"))
+    assert not list(trained["path"].parent.glob("*.sdml-tmp-*"))
 
 
 def test_round_trip_keeps_everything(trained):

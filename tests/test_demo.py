@@ -111,4 +111,3 @@ def test_demo_mosaic_has_every_class_in_both_halves():
     assert rgb.shape == (3, 256, 256) and rgb.dtype == np.uint8
     for half in (truth[:, :128], truth[:, 128:]):
         assert set(np.unique(half)) == {1, 2, 3, 4, 5}
-

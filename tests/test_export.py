@@ -7,6 +7,7 @@ import pytest
 import rasterio
 from rasters import texture_mosaic, write_raster
 
+from superdml._private.ownership import mark_output
 from superdml.config import SegmentConfig
 from superdml.crops import majority_labels
 from superdml.errors import InputError
@@ -23,6 +24,8 @@ def fake_label_run(seg_dir, truth, out, tile_size=128):
     run = load_segment_runs(seg_dir)[0]
     with rasterio.open(run.segments_path) as src:
         segments = src.read(1)
+    out.mkdir(parents=True)
+    mark_output(out, "label")
     for tile in tile_grid(run.source.height, run.source.width, tile_size):
         table = run.superpixels_in(tile.row, tile.col, tile.height, tile.width)
         ids = table.column("segment_id").to_numpy()
@@ -48,7 +51,14 @@ def fake_label_run(seg_dir, truth, out, tile_size=128):
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(part, path)
     (out / MANIFEST).write_text(
-        json.dumps({"class_names": CLASSES, "tile_size": tile_size, "rasters": [run.name]})
+        json.dumps(
+            {
+                "class_names": CLASSES,
+                "tile_size": tile_size,
+                "rasters": [run.name],
+                "segment_fingerprints": {run.name: run.fingerprint},
+            }
+        )
     )
     return run, segments
 
@@ -132,7 +142,7 @@ def test_geoparquet_and_plain_gtiff(labeled, tmp_path):
     assert table.num_rows == labeled["seg"].n_superpixels
     with rasterio.open(result.outputs["mosaic"]["labels"]) as src:
         assert src.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") != "COG"
-    assert not list(out.glob("*.tmp-*"))
+    assert not list(out.glob("*.sdml-tmp-*"))
 
 
 def test_export_refuses_a_folder_without_label_run(labeled, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from superdml.index import (
     knn_search,
     knn_search_torch,
 )
+from superdml.provenance import combine
 
 CLASSES = ("brick", "grass", "coffee")
 PER_CLASS = 6
@@ -241,10 +243,13 @@ def test_build_index_writes_a_reference_of_the_models_embeddings(crops, checkpoi
     np.testing.assert_allclose(np.linalg.norm(ref.embeddings, axis=1), 1.0, rtol=1e-6)
     meta = json.loads((tmp_path / "ref" / "reference.json").read_text())
     assert meta["checkpoint_sha256"] == checkpoint_sha256(checkpoints[0])
-    assert meta["sha256"] == content_sha256(ref.embeddings, ref.labels, ref.class_names)
+    index_bytes = (tmp_path / "ref" / "index.faiss").read_bytes()
+    assert meta["index_sha256"] == hashlib.sha256(index_bytes).hexdigest()
+    content = content_sha256(ref.embeddings, ref.labels, ref.class_names)
+    assert meta["sha256"] == combine(content, meta["index_sha256"], json.dumps(ref.files))
     assert meta["build"]["config"] == {"batch_size": 256, "ivf_threshold": 100000,
                                        "nlist": None, "nprobe": 32}  # fmt: skip
-    assert not list(tmp_path.glob("*.tmp-*"))
+    assert not list(tmp_path.glob("*.sdml-tmp-*"))
 
 
 def test_rebuild_embeds_only_added_and_changed_crops(crop_copy, checkpoints, tmp_path):
@@ -310,7 +315,7 @@ def test_cli_index_prints_counts(crops, checkpoints, tmp_path):
         ("missing_dir", "missing: no such folder"),
         ("empty_class", "empty: class folder has no readable images"),
         ("not_a_checkpoint", "notes.pt: not a torch checkpoint file"),
-        ("foreign_out", "out: exists and is not a reference folder"),
+        ("foreign_out", "out: is not empty and was not made by superdml index"),
         ("bad_config", "index.yaml: unknown key 'nprobes' (did you mean 'nprobe'?)"),
     ],
 )
@@ -338,6 +343,6 @@ def test_cli_index_bad_input_is_one_line_and_exit_code_2(
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
-    assert not (out / "reference.json").exists() and not list(tmp_path.glob("out.tmp-*"))
+    assert not (out / "reference.json").exists() and not list(tmp_path.glob("out.sdml-tmp-*"))
     if case == "foreign_out":
         assert (out / "keep.txt").read_text() == "mine"

@@ -93,7 +93,13 @@ def test_every_superpixel_labeled_once_with_the_schema(world, labeled):
             b"superdml"
         ]
     )
-    assert set(meta) == {"checkpoint_sha256", "reference_sha256", "label_config"}
+    assert set(meta) == {
+        "segments",
+        "crop_rule",
+        "checkpoint_sha256",
+        "reference_sha256",
+        "label_config",
+    }
 
 
 def test_most_superpixels_get_their_region_class(world, labeled):
@@ -156,7 +162,7 @@ def test_interrupted_run_resumes_to_identical_predictions(world, labeled, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         label(*args, device="cpu")
     assert len(list((tmp_path / "out" / "predictions").rglob("*.parquet"))) == 4
-    assert not list((tmp_path / "out").rglob("*.tmp-*"))
+    assert not list((tmp_path / "out").rglob("*.sdml-tmp-*"))
     monkeypatch.setattr(label_module, "_label_tile", real)
     resumed = label(*args, device="cpu")
     assert resumed.n_skipped == 4
@@ -187,7 +193,13 @@ def test_dask_cluster_with_a_killed_worker_gives_identical_predictions(world, la
         result = label(*args, labeled["config"], device="cpu", client=client)
         killer.join()
     assert result.n_superpixels == world["seg"].n_superpixels
-    assert read_predictions(out).equals(read_predictions(labeled["out"]))
+    got, expected = read_predictions(out), read_predictions(labeled["out"])
+    # workers run torch on 1 thread, the in-process run on all: sums differ in the last bits
+    assert got.drop(["score", "margin", "similarity", "topk_similarities"]).equals(
+        expected.drop(["score", "margin", "similarity", "topk_similarities"])
+    )
+    for column in ("score", "margin", "similarity"):
+        np.testing.assert_allclose(got[column], expected[column], atol=1e-5)
 
 
 def test_keep_embeddings_lets_a_new_reference_only_revote(world, labeled, tmp_path, monkeypatch):

@@ -137,7 +137,7 @@ def test_resume_after_interruption_gives_identical_output(
         segment_raster(mosaic_tif, tmp_path, config)
     folder = tmp_path / "mosaic"
     assert not (folder / "segments.tif").exists() and not (folder / "superpixels.parquet").exists()
-    assert not list(folder.rglob("*.tmp-*"))
+    assert not list(folder.rglob("*.sdml-tmp-*"))
     done = sorted(p.name for p in folder.glob(".work-*/labels_*.npy"))
     assert len(done) == 2
 
