@@ -78,6 +78,14 @@ class LabelRun:
         """Return the tiles of a raster of this size, as labeling cut them."""
         return tile_grid(height, width, self.tile_size)
 
+    def missing_tiles(self, raster: str, height: int, width: int) -> list[Tile]:
+        """Return the tiles of a raster of this size that have no predictions part.
+
+        Labeling writes a part for every tile, an empty one where a tile owns no
+        superpixel, so a missing part means an unfinished (interrupted) label run.
+        """
+        return [t for t in self.tiles(height, width) if not self.part_path(raster, t).exists()]
+
     def read_parts(
         self, raster: str, tiles: list[Tile], columns: list[str] | None = None
     ) -> pa.Table:
