@@ -315,7 +315,7 @@ def read_class_names(path: str | Path, classes_yaml: str | Path | None) -> dict[
                 f"class_names tag {tag[:60]!r} is not a JSON list of names: fix the tag "
                 "or pass --classes",
             )
-        names = check_class_names({i: n for i, n in enumerate(listed, start=1)}, path)
+        names = check_class_names(dict(enumerate(listed, start=1)), path)
     for value, name in names.items():
         default = re.fullmatch(r"class_(-?\d+)", name, re.IGNORECASE)
         if default is not None and int(default[1]) != value:
