@@ -311,11 +311,18 @@ def label_command(
 @click.option(
     "--vector", type=click.Choice(["gpkg", "parquet", "none"]), default="gpkg", show_default=True
 )
-def export_command(out: Path, segments: Path, raster_format: str, vector: str) -> None:
+@click.option(
+    "--allow-incomplete",
+    is_flag=True,
+    help="Export a label run with tiles that have no predictions (left unlabeled).",
+)
+def export_command(
+    out: Path, segments: Path, raster_format: str, vector: str, allow_incomplete: bool
+) -> None:
     """Write label/score rasters, polygons, a QGIS style and a summary for OUT."""
     from superdml.export import export
 
-    result = export(out, segments, raster_format, vector)  # type: ignore[arg-type]
+    result = export(out, segments, raster_format, vector, allow_incomplete)  # type: ignore[arg-type]
     for name, files in result.outputs.items():
         click.echo(f"{name}: " + ", ".join(str(p) for p in files.values()))
 

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from PIL import Image
 
 from superdml._private.atomic import atomic_write, write_json
 from superdml._private.ownership import check_apart, claim_output
+from superdml.classes import UNLABELED, check_class_names
 from superdml.cluster import map_tasks
 from superdml.config import CropsConfig, MaskMode, config_hash, config_to_dict
 from superdml.errors import InputError, input_error, require_file
@@ -44,7 +46,6 @@ logger = logging.getLogger(__name__)
 
 CROPS_TABLE = "crops.parquet"
 PENDING = ".crops-pending.json"  # what an unfinished run crops (its provenance)
-UNLABELED = "unlabeled"
 SCALING_RULE = "uint8 as is; else linear 1st..99th percentile -> 0..255, clipped"
 TILE_SIZE = 2048
 
@@ -57,6 +58,14 @@ CROPS_SCHEMA = pa.schema(
         pa.field("y", pa.float64()),
         pa.field("label", pa.string()),
         pa.field("purity", pa.float32()),
+    ]
+)
+#: One tile's candidates: majority class value (-1: none) and its share of the superpixel.
+CANDIDATES_SCHEMA = pa.schema(
+    [
+        pa.field("segment_id", pa.uint32(), nullable=False),
+        pa.field("value", pa.int64(), nullable=False),
+        pa.field("purity", pa.float32(), nullable=False),
     ]
 )
 
@@ -267,25 +276,81 @@ def write_png(path: Path, crop: np.ndarray) -> None:
 
 
 def read_class_names(path: str | Path, classes_yaml: str | Path | None) -> dict[int, str]:
-    """Return the class names of a label raster, by class value.
+    """Return the class names of a label raster, by class value, checked as folder names.
 
     From a YAML mapping value -> name when given, else from the raster's ``class_names``
-    tag (written by ``superdml export``); values without a name become ``class_<v>``.
+    tag (a JSON list of names for values 1, 2, ..., as ``superdml export`` writes it);
+    values without a name become ``class_<v>``.
+
+    Raises
+    ------
+    InputError
+        The YAML or the tag is malformed, a name is not a folder name (see
+        :mod:`superdml.classes`), two values share a name, or a name is the default
+        name ``class_<v>`` of another value.
     """
     import yaml
 
     if classes_yaml is not None:
         require_file(classes_yaml, "--classes mapping")
-        loaded = yaml.safe_load(Path(classes_yaml).read_text())
-        if not isinstance(loaded, dict) or not all(isinstance(k, int) for k in loaded):
+        source: str | Path = classes_yaml
+        try:
+            loaded = yaml.safe_load(Path(classes_yaml).read_text())
+        except yaml.YAMLError as err:
+            raise input_error(
+                classes_yaml, f"not valid YAML ({' '.join(str(err).split())})"
+            ) from None
+        if not isinstance(loaded, dict) or not all(type(k) is int for k in loaded):
             raise input_error(classes_yaml, "expected a YAML mapping of class value -> name")
-        return {int(k): str(v) for k, v in loaded.items()}
-    with open_raster(path) as src:
-        tag = src.tags(1).get("class_names") or src.tags().get("class_names")
-    if tag:
-        names = json.loads(tag)
-        return {i + 1: str(n) for i, n in enumerate(names)}
-    return {}
+        names = check_class_names(loaded, classes_yaml)
+    else:
+        source = path
+        with open_raster(path) as src:
+            tag = src.tags(1).get("class_names") or src.tags().get("class_names")
+        if not tag:
+            return {}
+        try:
+            listed = json.loads(tag)
+        except json.JSONDecodeError:
+            listed = None
+        if not isinstance(listed, list):
+            raise input_error(
+                path,
+                f"class_names tag {tag[:60]!r} is not a JSON list of names: fix the tag "
+                "or pass --classes",
+            )
+        names = check_class_names(dict(enumerate(listed, start=1)), path)
+    for value, name in names.items():
+        default = re.fullmatch(r"class_(-?\d+)", name, re.IGNORECASE)
+        if default is not None and int(default[1]) != value:
+            raise input_error(
+                source,
+                f"class name {name!r} for value {value} is the default name of value "
+                f"{int(default[1])}: choose another name",
+            )
+    return names
+
+
+def read_class_nodata(path: str | Path) -> int | None:
+    """Return a label raster's nodata value (no class), checking that it holds classes.
+
+    Raises
+    ------
+    InputError
+        The raster's first band is not of an integer type, or its nodata is not an
+        integer (a float label raster with NaN nodata, say).
+    """
+    with open_raster(path) as lab:
+        dtype, nodata = np.dtype(lab.dtypes[0]), lab.nodata
+    if dtype.kind not in "ui":
+        raise input_error(
+            path, f"label raster must be of an integer type (class values), got {dtype}"
+        )
+    if nodata is None:
+        return None
+    if not float(nodata).is_integer():
+        raise input_error(path, f"label raster nodata {nodata} is not an integer class value")
+    return int(nodata)
 
 
 def _check_overlap(run: SegmentRun, label_path: str) -> None:
@@ -293,8 +358,6 @@ def _check_overlap(run: SegmentRun, label_path: str) -> None:
     from rasterio.warp import transform_bounds
 
     with open_raster(label_path) as lab:
-        if lab.count < 1 or np.dtype(lab.dtypes[0]).kind not in "ui":
-            raise input_error(label_path, f"label raster must be integer, got {lab.dtypes[0]}")
         src_crs, lab_crs = run.source.crs, lab.crs
         if src_crs is None or lab_crs is None:
             same = (lab.height, lab.width) == (run.source.height, run.source.width)
@@ -440,7 +503,7 @@ def _label_task(job: _CropJob, row: int, col: int, height: int, width: int) -> p
     """Majority class and purity of the superpixels owned by one tile."""
     table = job.run.superpixels_in(row, col, height, width)
     if table.num_rows == 0:
-        return pa.table({"segment_id": pa.array([], pa.uint32()), "value": [], "purity": []})
+        return CANDIDATES_SCHEMA.empty_table()
     ids = table.column("segment_id").to_numpy()
     r0 = int(pc.min(table.column("row_start")).as_py())
     r1 = int(pc.max(table.column("row_stop")).as_py())
@@ -451,7 +514,7 @@ def _label_task(job: _CropJob, row: int, col: int, height: int, width: int) -> p
     label_path = cast(str, job.label_path)  # this task only runs when a label raster is given
     classes = read_labels_on_grid(label_path, job.run, r0, c0, r1 - r0, c1 - c0)
     value, purity = majority_labels(segments[0], classes, ids, job.class_nodata)
-    return pa.table({"segment_id": pa.array(ids, pa.uint32()), "value": value, "purity": purity})
+    return pa.table([ids, value, purity], schema=CANDIDATES_SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -531,9 +594,7 @@ def _ids_task(job: _CropJob, row: int, col: int, height: int, width: int) -> pa.
     """Ids of one tile's superpixels, unlabeled (value 0, purity 1)."""
     ids = job.run.superpixels_in(row, col, height, width).column("segment_id")
     n = len(ids)
-    return pa.table(
-        {"segment_id": ids, "value": np.zeros(n, np.int64), "purity": np.ones(n, np.float32)}
-    )
+    return pa.table([ids, np.zeros(n, np.int64), np.ones(n, np.float32)], schema=CANDIDATES_SCHEMA)
 
 
 def export_crops(
@@ -576,8 +637,7 @@ def export_crops(
     class_nodata = None
     if label_raster is not None:
         label_raster = str(Path(label_raster).resolve())
-        with open_raster(label_raster) as lab:
-            class_nodata = None if lab.nodata is None else int(lab.nodata)
+        class_nodata = read_class_nodata(label_raster)
         names = read_class_names(label_raster, classes)
         for run in runs:
             _check_overlap(run, label_raster)

@@ -32,7 +32,7 @@ from rasterio.windows import transform as window_transform
 from superdml._private.atomic import atomic_write, temp_path, write_json
 from superdml._private.ownership import claim_output
 from superdml._private.progress import progress
-from superdml.errors import InputError
+from superdml.errors import InputError, input_error
 from superdml.predictions import LabelRun, load_label_run, lookup, neighbours
 from superdml.raster import geotiff_profile, open_raster, read_window
 from superdml.segment import SegmentRun, load_segment_runs
@@ -294,11 +294,58 @@ def summarize(label_run: LabelRun, run: SegmentRun) -> dict[str, Any]:
     return {"raster": run.name, "superpixels": int(preds.num_rows), "classes": classes}
 
 
+def check_complete(
+    label_run: LabelRun, runs: list[SegmentRun], allow_incomplete: bool
+) -> dict[str, dict[str, int]]:
+    """Refuse a label run with tiles that have no predictions part, unless allowed.
+
+    Parameters
+    ----------
+    label_run : LabelRun
+    runs : list of SegmentRun
+        The rasters to export.
+    allow_incomplete : bool
+        Log a warning instead of refusing.
+
+    Returns
+    -------
+    dict of str to dict
+        By raster name, for incomplete rasters only: ``{"missing_tiles": m, "tiles": n}``.
+
+    Raises
+    ------
+    InputError
+        When a raster has missing parts and `allow_incomplete` is false.
+    """
+    incomplete = {}
+    for run in runs:
+        height, width = run.source.height, run.source.width
+        missing = len(label_run.missing_tiles(run.name, height, width))
+        if missing:
+            incomplete[run.name] = {
+                "missing_tiles": missing,
+                "tiles": len(label_run.tiles(height, width)),
+            }
+    for name, counts in incomplete.items():
+        problem = (
+            f"{counts['missing_tiles']} of {counts['tiles']} tiles of {name!r} have no "
+            "predictions (interrupted label run?)"
+        )
+        if not allow_incomplete:
+            raise input_error(
+                label_run.out_dir,
+                f"{problem}: rerun superdml label, or pass --allow-incomplete",
+            )
+        logger.warning("%s: %s: exported with those tiles unlabeled", label_run.out_dir, problem)
+    return incomplete
+
+
 def export(
     out: str | Path,
     segment_dir: str | Path,
     raster_format: RasterFormat = "cog",
     vector: VectorFormat = "gpkg",
+    allow_incomplete: bool = False,
 ) -> ExportResult:
     """Export a label run as GIS files.
 
@@ -308,6 +355,11 @@ def export(
     ``superpixels.parquet`` (GeoParquet) polygons, and ``summary.json``. With one raster
     the files go to `out`, with several to ``out/<raster>/``.
 
+    A label run with tiles that have no predictions part (an interrupted ``superdml
+    label``) is refused, before anything is written, unless `allow_incomplete`: then
+    those tiles are unlabeled and ``summary.json`` says
+    ``"incomplete": {"missing_tiles": m, "tiles": n}``.
+
     Parameters
     ----------
     out : path
@@ -316,10 +368,18 @@ def export(
         The segment run (or one raster's subfolder) that was labeled.
     raster_format : {"cog", "gtiff"}
     vector : {"gpkg", "parquet", "none"}
+    allow_incomplete : bool
+        Export a label run with missing predictions parts (a warning, not an error).
 
     Returns
     -------
     ExportResult
+
+    Raises
+    ------
+    InputError
+        Before anything is written: `out` is not a label run, a raster was not labeled
+        there, or (without `allow_incomplete`) tiles have no predictions.
     """
     start = time.perf_counter()
     if raster_format not in ("cog", "gtiff"):
@@ -329,17 +389,26 @@ def export(
     label_run = load_label_run(out)
     runs = load_segment_runs(segment_dir)
     label_run.check_segments(runs, segment_dir)
+    incomplete = check_complete(label_run, runs, allow_incomplete)
     with claim_output(out, "export", accept=("label",)):
-        outputs = {run.name: _export_run(label_run, run, len(runs), raster_format, vector)
-                   for run in runs}  # fmt: skip
+        outputs = {
+            run.name: _export_run(
+                label_run, run, len(runs), raster_format, vector, incomplete.get(run.name)
+            )
+            for run in runs
+        }
     return ExportResult(outputs, time.perf_counter() - start)
 
 
 def _export_run(
     label_run: LabelRun, run: SegmentRun, n_runs: int, raster_format: RasterFormat,
-    vector: VectorFormat,
+    vector: VectorFormat, incomplete: dict[str, int] | None,
 ) -> dict[str, Path]:  # fmt: skip
-    """Write one raster's export files; return them by kind."""
+    """Write one raster's export files; return them by kind.
+
+    `incomplete` (missing tiles of a run exported with ``allow_incomplete``) goes into
+    ``summary.json``.
+    """
     out = label_run.out_dir
     folder = Path(out) if n_runs == 1 else Path(out) / run.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -354,5 +423,8 @@ def _export_run(
         files["polygons"] = folder / f"superpixels.{suffix}"
         write_polygons(label_run, run, files["polygons"], vector)
     files["summary"] = folder / "summary.json"
-    write_json(files["summary"], summarize(label_run, run))
+    summary = summarize(label_run, run)
+    if incomplete is not None:
+        summary["incomplete"] = incomplete
+    write_json(files["summary"], summary)
     return files

@@ -39,6 +39,7 @@ from superdml.predictions import (
     PARTS,
     UNKNOWN,
     embeddings_path,
+    part_is_current,
     predictions_schema,
 )
 from superdml.provenance import combine
@@ -197,17 +198,10 @@ def part_meta(
     }
 
 
-def _part_is_current(path: Path, meta: dict[str, str]) -> bool:
-    if not path.exists():
-        return False
-    stored = pq.read_schema(path).metadata or {}
-    return json.loads(stored.get(b"superdml", b"{}")) == meta
-
-
 def _label_tile(job: _LabelJob, tile: Tile) -> int:
     """Label the superpixels owned by one tile; return how many."""
     part = job.part_path(tile)
-    if _part_is_current(part, job.part_meta):
+    if part_is_current(part, job.part_meta):
         return pq.read_metadata(part).num_rows
     table = job.run.superpixels_in(tile.row, tile.col, tile.height, tile.width)
     ids = table.column("segment_id").to_numpy()
@@ -436,9 +430,8 @@ def label(
             "reference_sha256": ref.sha256,
             "crop_rule": rule.to_dict(),
             "config": config_to_dict(config),
+            "part_meta": {},
         }
-        write_json(out / MANIFEST, manifest)
-        dump_config(config, out / "label.yaml")
         threads = _threads_per_worker(client)
         calls = []
         for run in runs:
@@ -447,9 +440,12 @@ def label(
                 str(Path(reference).resolve()), ref.sha256, tuple(ref.class_names), str(out),
                 dev, threads,
             )  # fmt: skip
+            manifest["part_meta"][run.name] = job.part_meta
             grid = tile_grid(run.source.height, run.source.width, config.tile_size)
             calls += [(job, tile) for tile in grid]
-        done_before = sum(_part_is_current(job.part_path(t), job.part_meta) for job, t in calls)
+        write_json(out / MANIFEST, manifest)
+        dump_config(config, out / "label.yaml")
+        done_before = sum(part_is_current(job.part_path(t), job.part_meta) for job, t in calls)
         counts = map_tasks(
             _label_tile, calls, client, desc="label", count=int, count_unit="superpixels"
         )

@@ -114,6 +114,20 @@ class LabelRun:
                     "differ): run superdml label again before exporting or reviewing",
                 )
 
+    def missing_tiles(self, raster: str, height: int, width: int) -> list[Tile]:
+        """Return the tiles of a raster of this size without a current predictions part.
+
+        Labeling writes a part for every tile (an empty one where a tile owns no
+        superpixel) and records the parts' provenance in ``label.json``; a missing part,
+        or one left by an earlier run with other inputs, means the run did not finish.
+        """
+        expected = self.meta.get("part_meta", {}).get(raster)
+        return [
+            t
+            for t in self.tiles(height, width)
+            if not part_is_current(self.part_path(raster, t), expected)
+        ]
+
     def read_parts(
         self, raster: str, tiles: list[Tile], columns: list[str] | None = None
     ) -> pa.Table:
@@ -126,6 +140,16 @@ class LabelRun:
         if not tables:
             return predictions_schema().empty_table().select(columns or predictions_schema().names)
         return pa.concat_tables(tables)
+
+
+def part_is_current(path: Path, meta: dict[str, str] | None) -> bool:
+    """Whether the part at `path` exists and (unless `meta` is None) was made as `meta` says."""
+    if not path.exists():
+        return False
+    if meta is None:
+        return True
+    stored = pq.read_schema(path).metadata or {}
+    return bool(json.loads(stored.get(b"superdml", b"{}")) == meta)
 
 
 def embeddings_path(

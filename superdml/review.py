@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from superdml._private.atomic import atomic_write
 from superdml._private.ownership import check_apart, check_output, claim_output
 from superdml._private.progress import progress
+from superdml.classes import check_class_names
 from superdml.config import ReviewConfig, config_to_dict, dump_config
 from superdml.crops import (
     CROPS_SCHEMA,
@@ -47,7 +48,7 @@ from superdml.crops import (
     write_png,
 )
 from superdml.errors import input_error
-from superdml.predictions import UNKNOWN, LabelRun, load_label_run, lookup
+from superdml.predictions import MANIFEST, UNKNOWN, LabelRun, load_label_run, lookup
 from superdml.raster import Tile
 from superdml.segment import SegmentRun, load_segment_runs
 
@@ -384,6 +385,15 @@ def _spread(inputs: _Inputs, pool: _Candidates, config: ReviewConfig, device: st
 # ------------------------------------------------------------------------ the stage
 
 
+def _check_class_names(label_run: LabelRun) -> None:
+    """Fail before any work when a class name of the label run is not a folder name."""
+    check_class_names(
+        dict(enumerate(label_run.class_names, start=1)),
+        label_run.out_dir / MANIFEST,
+        key="class id",
+    )
+
+
 def _check_inputs(out: Path, segment_dir: Path, inputs: _Inputs) -> None:
     """Fail before any work: segments that were not labeled, a source that does not fit."""
     inputs.label_run.check_segments(inputs.runs, segment_dir)
@@ -426,13 +436,15 @@ def review(
     Raises
     ------
     InputError, MissingInputError
-        Before any work: `out` is not a label output, `segment_dir` holds a raster that
+        Before any work: `out` is not a label output, a class name of the label run is
+        not a folder name (see :mod:`superdml.classes`), `segment_dir` holds a raster that
         was not labeled there, or the source raster is missing or does not fit.
     """
     start = time.perf_counter()
     config = config or ReviewConfig()
     out, segment_dir, folder = Path(out), Path(segment_dir), Path(folder)
     label_run = load_label_run(out)
+    _check_class_names(label_run)
     runs = load_segment_runs(segment_dir)
     check_apart(folder, [out, *(run.folder for run in runs)])
     check_output(folder, "review")

@@ -4,10 +4,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import rasterio
+from click.testing import CliRunner
 from PIL import Image
 from rasterio.transform import from_origin
 from rasters import texture_mosaic, write_raster
 
+from superdml.cli import cli
 from superdml.config import CropsConfig, SegmentConfig
 from superdml.crops import (
     CropRule,
@@ -162,6 +164,131 @@ def test_bad_inputs(mosaic, tmp_path):
         export_crops(tmp_path, tmp_path / "c")
     with pytest.raises(InputError, match="band 4 was not segmented|has 3 band"):
         export_crops(mosaic["seg"].out_dir, tmp_path / "c", CropsConfig(bands=(4,)))
+
+
+# ------------------------------------------------- class names and label rasters
+
+
+def files_under(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def crops_cli(seg_dir, out, *options):
+    args = ["-q", "crops", str(seg_dir), "--out", str(out), "--workers", "0", *map(str, options)]
+    return CliRunner().invoke(cli, args)
+
+
+def assert_one_line_error(result, message):
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert "Traceback" not in result.output
+
+
+NOT_A_FOLDER = "is not a folder name"
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("1: a\n3: ../../x\n", f"class name '../../x' for value 3 {NOT_A_FOLDER} (it contains '/'"),
+        ("3: /abs/path\n", f"class name '/abs/path' for value 3 {NOT_A_FOLDER} (it contains '/'"),
+        ("2: a/b\n", f"class name 'a/b' for value 2 {NOT_A_FOLDER} (it contains '/'"),
+        ("2: 'a\\b'\n", f"class name 'a\\\\b' for value 2 {NOT_A_FOLDER} (it contains '/'"),
+        ("1: '.'\n", f"class name '.' for value 1 {NOT_A_FOLDER} (it starts with '.')"),
+        ("1: '..'\n", f"class name '..' for value 1 {NOT_A_FOLDER} (it starts with '.')"),
+        ("1: ''\n", f"class name '' for value 1 {NOT_A_FOLDER} (it is empty)"),
+        ("1: ' field'\n", f"class name ' field' for value 1 {NOT_A_FOLDER} (it has leading"),
+        ('1: "a\\tb"\n', f"class name 'a\\tb' for value 1 {NOT_A_FOLDER} (it contains a control"),
+        ("4: Unknown\n", f"class name 'Unknown' for value 4 {NOT_A_FOLDER} ('unknown' and"),
+        ("4: unlabeled\n", f"class name 'unlabeled' for value 4 {NOT_A_FOLDER} ('unknown' and"),
+        (f"1: {'x' * 256}\n", f"class name '{'x' * 256}' for value 1 {NOT_A_FOLDER} (it is longer"),
+        ("1: water\n2: Water\n", "values 1 and 2 have the same class name ('water', 'Water')"),
+        ("1: 2020\n", "class name 2020 for value 1 is not a string (got int)"),
+        ("1: null\n", "class name None for value 1 is not a string (got NoneType)"),
+        ("1: class_2\n", "class name 'class_2' for value 1 is the default name of value 2"),
+        ("- field\n", "expected a YAML mapping of class value -> name"),
+        ("1: [field\n", "not valid YAML (while parsing"),
+    ],
+)  # fmt: skip
+def test_bad_class_names_from_yaml_write_nothing(mosaic, tmp_path, yaml_text, message):
+    classes = tmp_path / "classes.yaml"
+    classes.write_text(yaml_text)
+    out = tmp_path / "a" / "crops"
+    result = crops_cli(
+        mosaic["seg"].out_dir, out, "--label-raster", mosaic["truth_tif"], "--classes", classes
+    )
+    assert_one_line_error(result, f"error: {classes}: {message}")
+    assert files_under(tmp_path) == ["classes.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("tag", "message"),
+    [
+        ('["brick", "../x"]', f"class name '../x' for value 2 {NOT_A_FOLDER} (it contains '/'"),
+        ('["brick", "brick"]', "values 1 and 2 have the same class name ('brick', 'brick')"),
+        ('["brick", 7]', "class name 7 for value 2 is not a string (got int)"),
+        ("brick,grass", "class_names tag 'brick,grass' is not a JSON list of names"),
+        ('{"1": "brick"}', 'class_names tag \'{"1": "brick"}\' is not a JSON list of names'),
+    ],
+)
+def test_bad_class_names_tag_of_the_label_raster_writes_nothing(mosaic, tmp_path, tag, message):
+    labels = write_raster(tmp_path / "labels.tif", mosaic["truth"][None], nodata=0)
+    with rasterio.open(labels, "r+") as dst:
+        dst.update_tags(1, class_names=tag)
+    result = crops_cli(mosaic["seg"].out_dir, tmp_path / "crops", "--label-raster", labels)
+    assert_one_line_error(result, f"error: {labels}: {message}")
+    assert files_under(tmp_path) == ["labels.tif"]
+
+
+def test_class_names_tag_names_the_folders(mosaic, tmp_path):
+    labels = write_raster(tmp_path / "labels.tif", mosaic["truth"][None], nodata=0)
+    with rasterio.open(labels, "r+") as dst:
+        dst.update_tags(1, class_names='["brick", "grass", "gravel", "coffee"]')
+    result = crops_cli(
+        mosaic["seg"].out_dir, tmp_path / "crops", "--label-raster", labels, "--per-class", 2,
+        "--crop-size", 16,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    folders = sorted(p.name for p in (tmp_path / "crops").iterdir() if p.is_dir())
+    assert folders == ["brick", "coffee", "grass", "gravel"]
+
+
+def test_float_label_raster_with_nan_nodata_writes_nothing(mosaic, tmp_path):
+    labels = write_raster(
+        tmp_path / "labels.tif", mosaic["truth"][None].astype(np.float32), nodata=float("nan")
+    )
+    result = crops_cli(mosaic["seg"].out_dir, tmp_path / "crops", "--label-raster", labels)
+    assert_one_line_error(
+        result, f"error: {labels}: label raster must be of an integer type (class values), got"
+    )
+    assert files_under(tmp_path) == ["labels.tif"]
+
+
+def test_a_crops_tile_without_superpixels(tmp_path):
+    """Crops tiles are 2048 px: the second tile of this strip is all nodata."""
+    rgb, _ = texture_mosaic(256)
+    strip = np.zeros((3, 32, 2100), np.uint8)
+    strip[:, :, :2048] = np.tile(rgb[:, :32, :], (1, 1, 8))
+    strip[:, :, :2048] = np.maximum(strip[:, :, :2048], 1)  # 0 is nodata
+    source = write_raster(tmp_path / "strip.tif", strip, nodata=0)
+    truth = np.ones((1, 32, 2100), np.uint8)
+    truth[:, :, 1024:] = 2
+    labels = write_raster(tmp_path / "truth.tif", truth)
+    seg = segment_raster(source, tmp_path / "seg", SegmentConfig(region_size=16, tile_size=512))
+    cols = pq.read_table(seg.table_path).column("col").to_numpy()
+    assert len(cols) > 0 and cols.max() < 2048
+    result = crops_cli(
+        seg.out_dir, tmp_path / "crops", "--label-raster", labels, "--crop-size", 16,
+        "--per-class", 3,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(tmp_path / "crops" / "crops.parquet")
+    assert sorted(table.column("label").to_pylist()) == ["class_1"] * 3 + ["class_2"] * 3
+    pngs = sorted(
+        str(p.relative_to(tmp_path / "crops")) for p in (tmp_path / "crops").rglob("*.png")
+    )
+    assert pngs == sorted(table.column("file").to_pylist())
 
 
 # --------------------------------------------------------------- pure functions

@@ -1,13 +1,16 @@
 import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import rasterio
+from click.testing import CliRunner
 from rasters import texture_mosaic, write_raster
 
 from superdml._private.ownership import mark_output
+from superdml.cli import cli
 from superdml.config import SegmentConfig
 from superdml.crops import majority_labels
 from superdml.errors import InputError
@@ -150,6 +153,65 @@ def test_export_refuses_a_folder_without_label_run(labeled, tmp_path):
         export(tmp_path, labeled["seg"].out_dir)
     with pytest.raises(InputError, match="--vector 'shp'"):
         export(labeled["out"], labeled["seg"].out_dir, "cog", "shp")
+
+
+def files_under(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.fixture
+def interrupted(labeled, tmp_path):
+    """A copy of the label run (no exports) whose last tile's predictions part is missing."""
+    out = tmp_path / "out"
+    shutil.copytree(labeled["out"] / "predictions", out / "predictions")
+    shutil.copy(labeled["out"] / MANIFEST, out)
+    mark_output(out, "label")
+    part = sorted((out / "predictions" / "mosaic").glob("*.parquet"))[-1]
+    lost = pq.read_table(part).column("segment_id").to_numpy()
+    part.unlink()
+    assert len(lost) > 0
+    return out, lost
+
+
+def test_export_refuses_a_label_run_with_missing_parts(labeled, interrupted):
+    out, _ = interrupted
+    before = files_under(out)
+    result = CliRunner().invoke(
+        cli, ["-q", "export", str(out), "--segments", str(labeled["seg"].out_dir)]
+    )
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        f"error: {out}: 1 of 4 tiles of 'mosaic' have no predictions (interrupted label run?): "
+        "rerun superdml label, or pass --allow-incomplete"
+    ]
+    assert files_under(out) == before
+
+
+def test_allow_incomplete_exports_and_says_so(labeled, interrupted):
+    out, lost = interrupted
+    before = files_under(out)
+    result = CliRunner().invoke(
+        cli,
+        ["-q", "export", str(out), "--segments", str(labeled["seg"].out_dir), "--vector", "none",
+         "--allow-incomplete"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"WARNING superdml.export: {out}: 1 of 4 tiles of 'mosaic' have no predictions" in (
+        result.output
+    )
+    written = [".superdml.lock", "labels.qml", "labels.tif", "scores.tif", "summary.json"]
+    assert files_under(out) == sorted([*before, *written])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["incomplete"] == {"missing_tiles": 1, "tiles": 4}
+    assert summary["superpixels"] == labeled["seg"].n_superpixels - len(lost)
+    with rasterio.open(out / "labels.tif") as src:
+        labels = src.read(1)
+    unlabeled = np.isin(labeled["segments"], lost)
+    assert (labels[unlabeled] == 0).all() and (labels[~unlabeled] > 0).all()
+
+
+def test_complete_export_has_no_incomplete_entry(exported):
+    assert "incomplete" not in json.loads(exported.outputs["mosaic"]["summary"].read_text())
 
 
 def test_helpers():

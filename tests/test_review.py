@@ -304,3 +304,39 @@ def test_cli_review(world, reviewed, tmp_path):
     )  # fmt: skip
     assert bad.exit_code == 2 and "max_score: got 2.0" in bad.output
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    ("class_names", "message"),
+    [
+        (["../../a", "../../b", "../../c", "../../d"],
+         "class name '../../a' for class id 1 is not a folder name (it contains '/' or '\\')"),
+        (["{tmp}/abs/a", "{tmp}/abs/b", "{tmp}/abs/c", "{tmp}/abs/d"],
+         "class name '{tmp}/abs/a' for class id 1 is not a folder name (it contains '/' or '\\')"),
+        (["a", "b", "unknown", "d"],
+         "class name 'unknown' for class id 3 is not a folder name "
+         "('unknown' and 'unlabeled' are reserved)"),
+        (["a", "A", "b", "c"],
+         "class ids 1 and 2 have the same class name ('a', 'A'): class names must be distinct"),
+        ([1, 2, 3, 4], "class name 1 for class id 1 is not a string (got int)"),
+    ],
+)  # fmt: skip
+def test_cli_review_refuses_class_names_that_are_not_folder_names(
+    world, reviewed, tmp_path, class_names, message
+):
+    out = tmp_path / "out"
+    shutil.copytree(world["out"] / "predictions", out / "predictions")
+    meta = json.loads((world["out"] / "label.json").read_text())
+    meta["class_names"] = [n.format(tmp=tmp_path) if isinstance(n, str) else n for n in class_names]
+    (out / "label.json").write_text(json.dumps(meta))
+    before = sorted(tmp_path.rglob("*"))
+    result = CliRunner().invoke(
+        cli,
+        ["-q", "review", str(out), "--segments", str(world["seg"].out_dir),
+         "--out", str(tmp_path / "r"), "--max-score", str(reviewed["max_score"]), "--limit", "20"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        f"error: {out / 'label.json'}: {message.format(tmp=tmp_path)}"
+    ]
+    assert sorted(tmp_path.rglob("*")) == before

@@ -219,3 +219,25 @@ def test_a_second_run_into_the_same_folder_stops_at_once(work):
         code, line, _ = invoke(*label_args(work))
     assert code == 2 and "labels: in use by another superdml run (pid" in line
     assert snapshot(work / "labels") == before
+
+
+def test_export_refuses_parts_left_by_a_run_with_other_inputs(work, monkeypatch):
+    import superdml.label
+
+    assert invoke(*label_args(work))[0] == 0
+    calls = []
+    original = superdml.label.predict
+
+    def fail_on_the_third_tile(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("power cut")  # in the middle of a rerun with another k
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(superdml.label, "predict", fail_on_the_third_tile)
+    with pytest.raises(RuntimeError, match="power cut"):
+        CliRunner().invoke(cli, ["-q", *map(str, label_args(work, "labels", "--k", "5"))],
+                           catch_exceptions=False)  # fmt: skip
+    code, line, _ = invoke("export", work / "labels", "--segments", work / "seg")
+    assert code == 2 and "2 of 4 tiles of 'mosaic' have no predictions" in line
+    assert not (work / "labels" / "labels.tif").exists()
