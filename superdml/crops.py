@@ -16,7 +16,6 @@ The crop rule, shared by ``superdml crops``, training and labeling:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -33,7 +32,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from superdml._private.atomic import atomic_write, write_json
-from superdml._private.ownership import check_apart, claim_output
+from superdml._private.ownership import check_apart, claim_output, clear_listed
 from superdml.classes import UNLABELED, check_class_names
 from superdml.cluster import map_tasks
 from superdml.config import CropsConfig, MaskMode, config_hash, config_to_dict
@@ -717,7 +716,8 @@ def export_crops(
 def _check_pending(out_dir: Path, provenance: dict[str, Any]) -> None:
     """Record what this run crops; refuse to mix with an interrupted run of other inputs."""
     pending = out_dir / PENDING
-    if pending.exists() and json.loads(pending.read_text()) != provenance:
+    crops = (p for p in out_dir.rglob("*.png") if not p.name.startswith("."))
+    if pending.exists() and json.loads(pending.read_text()) != provenance and any(crops):
         raise input_error(
             out_dir,
             "holds the crops of an interrupted run of other inputs: rerun that to finish "
@@ -751,26 +751,8 @@ def _finished(
     if meta.get("provenance") == provenance:
         logger.info("%s: up to date, skipped", out_dir)
         return _result(out_dir, table_path, table, start)
-    written = set(table.column("file").to_pylist())
-    present = {
-        p.relative_to(out_dir).as_posix()
-        for p in out_dir.rglob("*")
-        if p.is_file() and not p.name.startswith(".") and p != table_path
-    }
-    if not present <= written:
-        raise input_error(
-            out_dir,
-            f"holds crops made from other segments, label raster or options, and "
-            f"{sorted(present - written)[0]} is not where crops put it (sorted by people?): "
-            "choose another --out",
-        )
-    for name in sorted(present):
-        (out_dir / name).unlink()
-    for folder in {(out_dir / name).parent for name in present} - {out_dir}:
-        with contextlib.suppress(OSError):  # a class folder holding other files stays
-            folder.rmdir()
-    (out_dir / PENDING).unlink(missing_ok=True)
-    table_path.unlink()  # last: until then a rerun finds the table and clears again
+    reason = "holds crops made from other segments, label raster or options"
+    clear_listed(out_dir, table_path, table.column("file").to_pylist(), "crops", reason)
     return None
 
 

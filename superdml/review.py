@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from superdml._private.atomic import atomic_write
-from superdml._private.ownership import check_apart, check_output, claim_output
+from superdml._private.ownership import check_apart, check_output, claim_output, clear_listed
 from superdml._private.progress import progress
 from superdml.classes import check_class_names
 from superdml.config import ReviewConfig, config_to_dict, dump_config
@@ -56,7 +56,8 @@ logger = logging.getLogger(__name__)
 
 #: With ``diverse``, k-means runs over this many times the crops to write (least certain first).
 POOL_FACTOR = 10
-REVIEW_FILES = ("*/*.png", "crops.parquet", "review.yaml")
+REVIEW_YAML = "review.yaml"
+REVIEW_FILES = ("*/*.png", CROPS_TABLE, REVIEW_YAML)
 """What ``review`` writes into its folder (a rerun replaces only a folder of these)."""
 REVIEW_SCHEMA = CROPS_SCHEMA.append(pa.field("score", pa.float32())).append(
     pa.field("margin", pa.float32())
@@ -402,6 +403,14 @@ def _check_inputs(out: Path, segment_dir: Path, inputs: _Inputs) -> None:
         color_band_indexes(run, inputs.rule)
 
 
+def _clear_earlier_review(folder: Path) -> None:
+    """Remove an earlier review's crops, unless people moved or added files there."""
+    table = folder / CROPS_TABLE
+    if table.exists():
+        files = pq.read_table(table, columns=["file"]).column("file").to_pylist()
+        clear_listed(folder, table, [*files, REVIEW_YAML], "review", "holds an earlier review")
+
+
 def review(
     out: str | Path,
     segment_dir: str | Path,
@@ -481,6 +490,7 @@ def review(
         picks = _spread(inputs, picks, config, device)
     names = np.asarray([UNKNOWN, *label_run.class_names], dtype=object)  # by label_id
     with claim_output(folder, "review"):
+        _clear_earlier_review(folder)
         tables = [
             _write_tile(folder, inputs, r, t, picks.take(index), names)
             for r, t, index in progress(_by_tile(picks), desc="review crops", unit="tile")
@@ -493,7 +503,7 @@ def review(
             "checkpoint_sha256": label_run.meta.get("checkpoint_sha256"),
             "segments": [str(run.folder.resolve()) for run in runs],
         }
-        dump_config(config, folder / "review.yaml")
+        dump_config(config, folder / REVIEW_YAML)
         with atomic_write(folder / CROPS_TABLE) as tmp:
             pq.write_table(
                 table.replace_schema_metadata({"superdml": json.dumps(meta)}), tmp,

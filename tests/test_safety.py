@@ -23,7 +23,6 @@ from superdml.index import ReferenceIndex, build_index
 from superdml.segment import segment_raster
 
 CLASSES = ["class_1", "class_2", "class_3", "class_4"]
-PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +96,11 @@ def test_second_retrain_round_into_the_previous_model_is_refused_before_anything
         (model / "train.yaml").write_text("loss: proxy_anchor\n")
     before = snapshot(work)
     code, line, result = invoke(
-        "run", PIPELINES / "retrain.yaml", "--workdir", work, "--set", "previous=retrain/model",
+        "run", "retrain", "--workdir", work, "--set", "previous=retrain/model",
         "--set", "segments=seg", "--workers", "0",
     )  # fmt: skip
     assert code == 2, result.output
-    assert "retrain.yaml:" in line and "overlaps" in line and "retrain/model" in line
+    assert "pipelines/retrain.yaml:" in line and "overlaps" in line and "retrain/model" in line
     assert snapshot(work) == before
 
 
@@ -241,3 +240,34 @@ def test_export_refuses_parts_left_by_a_run_with_other_inputs(work, monkeypatch)
     code, line, _ = invoke("export", work / "labels", "--segments", work / "seg")
     assert code == 2 and "2 of 4 tiles of 'mosaic' have no predictions" in line
     assert not (work / "labels" / "labels.tif").exists()
+
+
+def test_crops_of_other_options_are_replaced_until_people_sort_them(work):
+    args = ["crops", work / "seg", "--out", work / "new", "--crop-size", "32", "--sample", "12",
+            "--workers", "0"]  # fmt: skip
+    assert invoke(*args)[0] == 0
+    assert invoke(*args[:-2], "--seed", "1", "--workers", "0")[0] == 0  # nobody sorted: replaced
+    assert len(list((work / "new" / "unlabeled").glob("*.png"))) == 12
+    crop = next((work / "new" / "unlabeled").glob("*.png"))
+    (work / "new" / "forest").mkdir()
+    shutil.move(crop, work / "new" / "forest" / crop.name)  # a person sorts one crop
+    before = snapshot(work / "new")
+    code, line, _ = invoke(*args)
+    assert code == 2 and f"forest/{crop.name} is not where superdml crops put it" in line
+    assert snapshot(work / "new") == before
+
+
+def test_review_replaces_its_own_earlier_crops_but_not_sorted_ones(work):
+    assert invoke(*label_args(work))[0] == 0
+    args = ["review", work / "labels", "--segments", work / "seg", "--out", work / "rev",
+            "--max-score", "1", "--limit", "6"]  # fmt: skip
+    assert invoke(*args)[0] == 0
+    assert invoke(*args[:-1], "4")[0] == 0
+    assert len(list((work / "rev").glob("*/*.png"))) == 4  # the earlier 6 went
+    crop = next((work / "rev").glob("*/*.png"))
+    (work / "rev" / "sorted").mkdir()
+    shutil.move(crop, work / "rev" / "sorted" / crop.name)
+    before = snapshot(work / "rev")
+    code, line, _ = invoke(*args)
+    assert code == 2 and "rev: holds an earlier review, and sorted/" in line
+    assert snapshot(work / "rev") == before

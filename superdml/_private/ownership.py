@@ -206,6 +206,38 @@ def remove_output(folder: str | os.PathLike[str], stage: str, patterns: Iterable
         os.close(fd)
 
 
+def clear_listed(folder: Path, table: Path, listed: Iterable[str], stage: str, reason: str) -> None:
+    """Delete the files `table` lists (paths relative to `folder`) and then `table`.
+
+    Only while nobody has added or moved a file: every visible file under `folder` must
+    be one the table lists, where the stage wrote it (people sort crops by moving
+    them). Hidden files (our marker, lock, state) stay. Emptied sub-folders go.
+
+    Raises
+    ------
+    InputError
+        ``<folder>: <reason>, and <file> is not where superdml <stage> put it ...``.
+    """
+    present = {
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and p != table
+    }
+    strangers = sorted(present - set(listed))
+    if strangers:
+        raise input_error(
+            folder,
+            f"{reason}, and {strangers[0]} is not where superdml {stage} put it (moved or "
+            "added by people?): choose another output folder",
+        )
+    for name in sorted(present):
+        (folder / name).unlink()
+    for sub in sorted({(folder / name).parent for name in present} - {folder}, reverse=True):
+        with contextlib.suppress(OSError):  # a sub-folder holding other files stays
+            sub.rmdir()
+    table.unlink()  # last: until then a rerun finds the table and clears again
+
+
 def check_apart(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]]) -> None:
     """Refuse an output that is, contains or lies inside one of `inputs`.
 
