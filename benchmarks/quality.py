@@ -50,8 +50,9 @@ import torch
 import yaml
 
 from superdml import pipeline as pipeline_mod
-from superdml.demo import CLASS_NAMES, pipeline_path, unseen_half_scores, write_demo_data
+from superdml.demo import CLASS_NAMES, unseen_half_scores, write_demo_data
 from superdml.predictions import load_label_run
+from superdml.shipped import pipeline_path
 
 MASKS = ("none", "outside", "alpha")
 CROP_SIZES = (32, 64)

@@ -495,7 +495,7 @@ def evaluate_command(
 
 
 @cli.command("run")
-@click.argument("pipeline", type=click.Path(path_type=Path))
+@click.argument("pipeline")
 @click.option(
     "--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a var or stage.option."
 )
@@ -508,7 +508,7 @@ def evaluate_command(
 @device_option
 @cluster_options
 def run_command(
-    pipeline: Path,
+    pipeline: str,
     sets: tuple[str, ...],
     workdir: Path | None,
     force: tuple[str, ...],
@@ -516,7 +516,11 @@ def run_command(
     workers: int | None,
     scheduler: str | None,
 ) -> None:
-    """Run the stages of a PIPELINE file, skipping those already up to date."""
+    """Run the stages of a PIPELINE file (or a shipped one by name), skipping those up to date.
+
+    A shipped pipeline runs in the current folder unless --workdir says otherwise;
+    `superdml init DIR` writes editable copies of them.
+    """
     from superdml.cluster import make_client
     from superdml.pipeline import load_pipeline, run_pipeline
 
@@ -525,6 +529,20 @@ def run_command(
         result = run_pipeline(pipeline, list(sets), workdir, list(force), client, device)
     for stage in result.stages:
         click.echo(f"{stage.name}: {stage.status} ({stage.seconds:.1f} s)")
+
+
+@cli.command("init")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+def init_command(folder: Path) -> None:
+    """Write editable copies of the shipped configs and pipelines into a new FOLDER."""
+    from superdml.shipped import copy_shipped, pipeline_names
+
+    written = copy_shipped(folder)
+    click.echo(f"{len(written)} files -> {folder}/configs, {folder}/pipelines")
+    click.echo(
+        f"run one with: superdml run {folder}/pipelines/<name>.yaml "
+        f"--set configs={folder}/configs (pipelines: {', '.join(pipeline_names())})"
+    )
 
 
 @cli.command("review")

@@ -20,7 +20,6 @@ from rasterio.transform import from_origin
 
 from superdml._private.atomic import atomic_write, write_json
 from superdml._private.ownership import claim_output
-from superdml.errors import MissingInputError
 
 CLASS_NAMES = ("brick", "grass", "gravel", "coffee", "cat")
 DEMO_CRS = "EPSG:32633"  # WGS 84 / UTM zone 33N
@@ -122,17 +121,6 @@ def write_demo_data(folder: Path, size: int = 1024) -> DemoData:
             dst.write(values, 1)
             dst.update_tags(1, class_names=json.dumps(list(CLASS_NAMES)))
     return files
-
-
-def pipeline_path(name: str) -> Path:
-    """Return the path of a shipped pipeline file (``pipelines/<name>.yaml``)."""
-    path = Path(__file__).resolve().parents[1] / "pipelines" / f"{name}.yaml"
-    if not path.exists():
-        raise MissingInputError(
-            f"{path}: shipped pipeline not found: install superdml from a source checkout "
-            "(pip install -e .)"
-        )
-    return path
 
 
 def unseen_half_scores(
@@ -254,7 +242,7 @@ def demo(
         sets = [f"mosaic={data.mosaic}", f"truth_left={data.truth_left}"]
         if epochs is not None:
             sets.append(f"epochs={epochs}")
-        result = run_pipeline(pipeline_path("demo"), sets, out_dir, client=client, device=device)
+        result = run_pipeline("demo", sets, out_dir, client=client, device=device)
         names = load_label_run(out_dir / "labels").class_names
         labels, scores = out_dir / "labels" / "labels.tif", out_dir / "labels" / "scores.tif"
         with rasterio.open(labels) as src:

@@ -5,7 +5,8 @@ list of ``stages``; each stage names its kind (``stage: train``), optionally a u
 ``name`` (default: the kind) and the options of that stage: the command's paths and
 its config keys (``region_size``, ``epochs``, ``k``...). Relative paths resolve against
 the working folder (``--workdir``, default: the pipeline file's folder); ``${workdir}``
-and ``${configs}`` (the shipped ``configs/`` folder) are predefined. ``--set
+and ``${configs}`` (the shipped configs, :func:`superdml.shipped.configs_dir`) are
+predefined. A shipped pipeline runs by name (``label_mosaic``). ``--set
 key=value`` overrides a var (``--set mosaic=big.tif``) or an option
 (``--set train.epochs=3``).
 
@@ -47,8 +48,9 @@ from superdml.config import (
     load_config,
     parse_override,
 )
-from superdml.errors import ConfigError, InputError, MissingInputError
+from superdml.errors import ConfigError, InputError
 from superdml.provenance import fingerprint
+from superdml.shipped import configs_dir, loss_config_path, resolve_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -141,11 +143,11 @@ def _run_crops(options: dict[str, Any], ctx: RunContext) -> None:
 
 
 def _run_train(options: dict[str, Any], ctx: RunContext) -> None:
-    from superdml.train import LAST, TRAIN_FILES, default_config_path, train
+    from superdml.train import LAST, TRAIN_FILES, train
 
     names = {f.name for f in fields(TrainConfig)}
     keys = {k: v for k, v in options.items() if k in names}
-    config_file = options.get("config") or default_config_path(keys.get("loss"))
+    config_file = options.get("config") or loss_config_path(keys.get("loss"))
     config = load_config(config_file, TrainConfig, keys)
     out = Path(options["out"])
     resume = ctx.resume and (out / LAST).exists()
@@ -348,20 +350,22 @@ def load_pipeline(
     Parameters
     ----------
     path : path
-        The pipeline YAML.
+        The pipeline YAML, or the name of a shipped pipeline (``label_mosaic``).
     sets : list of str, optional
         ``key=value`` overrides of vars or ``stage.option`` values.
     workdir : path, optional
-        Where relative paths resolve (default: the file's folder).
+        Where relative paths resolve (default: the file's folder; for a shipped
+        pipeline, the current folder).
 
     Raises
     ------
     ConfigError
         ``<file>:<line>: <problem>`` for anything that would fail later.
+    MissingInputError
+        When `path` is neither a file nor a shipped pipeline.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MissingInputError(f"{path}: no such file (pipeline)")
+    shipped = not Path(path).is_file()
+    path = resolve_pipeline(path)
     try:
         doc = yaml.load(path.read_text(), Loader=_LineLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:
@@ -380,9 +384,9 @@ def load_pipeline(
             stage_sets.setdefault(stage, {})[option] = value
         else:
             variables[key] = value
-    root = Path(workdir).resolve() if workdir else path.parent.resolve()
+    root = Path(workdir or (Path.cwd() if shipped else path.parent)).resolve()
     variables.setdefault("workdir", str(root))
-    variables.setdefault("configs", str(Path(__file__).resolve().parents[1] / "configs"))
+    variables.setdefault("configs", str(configs_dir()))
     pipeline = Pipeline(path, root)
     produced: set[Path] = set()
     read: set[tuple[Path, str]] = set()  # (input, stage) of this and earlier stages
@@ -461,9 +465,7 @@ def _check_config(spec: StageKind, options: dict[str, Any], where: str) -> None:
     keys = {k: v for k, v in options.items() if k in names}
     try:
         if spec.config is TrainConfig and "config" not in options:
-            from superdml.train import default_config_path
-
-            load_config(default_config_path(keys.get("loss")), TrainConfig, keys)
+            load_config(loss_config_path(keys.get("loss")), TrainConfig, keys)
         elif "config" in options:
             load_config(options["config"], spec.config, keys)
         else:

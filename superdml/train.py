@@ -66,7 +66,6 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset, Subset
 
-import superdml
 from superdml._private.atomic import atomic_write
 from superdml._private.ownership import check_apart, claim_output
 from superdml._private.progress import progress
@@ -93,6 +92,7 @@ from superdml.losses import MetricLoss, get_loss, transfer_proxies
 from superdml.metrics import retrieval_metrics
 from superdml.models import EmbeddingNet, build_model
 from superdml.provenance import combine, fingerprint
+from superdml.shipped import loss_config_path
 
 logger = logging.getLogger(__name__)
 
@@ -135,14 +135,6 @@ class TrainResult:
     seconds: float
 
 
-def default_config_path(loss: str | None) -> Path | None:
-    """Return ``configs/losses/<loss>.yaml`` of the source tree, if there is one."""
-    if loss is None:
-        return None
-    path = Path(superdml.__file__).resolve().parents[1] / "configs" / "losses" / f"{loss}.yaml"
-    return path if path.is_file() else None
-
-
 def training_config_path(
     config_path: str | os.PathLike[str] | None,
     loss: str | None,
@@ -159,7 +151,7 @@ def training_config_path(
     saved = Path(out_dir) / CONFIG_YAML
     if resume and saved.is_file():
         return saved
-    return default_config_path(loss)
+    return loss_config_path(loss)
 
 
 # ------------------------------------------------------------------ pure functions

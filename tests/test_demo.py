@@ -11,8 +11,9 @@ from click.testing import CliRunner
 
 from superdml.cli import cli
 from superdml.crops import majority_labels
-from superdml.demo import CLASS_NAMES, demo_mosaic, pipeline_path, unseen_half_scores
+from superdml.demo import CLASS_NAMES, demo_mosaic, unseen_half_scores
 from superdml.pipeline import run_pipeline
+from superdml.shipped import pipeline_path
 
 
 @pytest.fixture(scope="module")

@@ -142,7 +142,7 @@ def test_write_comparison(tmp_path):
 
 @pytest.mark.parametrize("name", ["demo", "label_mosaic", "retrain", "export_gis"])
 def test_shipped_pipelines_validate(tmp_path, name):
-    from superdml.demo import pipeline_path
+    from superdml.shipped import pipeline_path
 
     for folder in ("segments", "crops", "reference", "labels", "data", "model"):
         (tmp_path / folder).mkdir()

@@ -20,9 +20,9 @@ from superdml.crops import CROPS_TABLE, CropRule
 from superdml.errors import CheckpointError, ConfigError
 from superdml.losses import get_loss
 from superdml.models import build_model
+from superdml.shipped import loss_config_path
 from superdml.train import (
     build_optimizer,
-    default_config_path,
     lr_factor,
     train,
     training_config_path,
@@ -94,12 +94,12 @@ def test_optimizer_trains_the_proxies_at_proxy_lr(loss):
 
 
 def test_config_lookup():
-    assert default_config_path("triplet").name == "triplet.yaml"
-    assert default_config_path("nope") is None and default_config_path(None) is None
+    assert loss_config_path("triplet").name == "triplet.yaml"
+    assert loss_config_path("nope") is None and loss_config_path(None) is None
     for loss in LOSSES:
-        config = load_config(default_config_path(loss), TrainConfig)
+        config = load_config(loss_config_path(loss), TrainConfig)
         assert config.loss == loss
-        text = yaml.safe_load(default_config_path(loss).read_text())
+        text = yaml.safe_load(loss_config_path(loss).read_text())
         assert set(text) == set(TrainConfig.__dataclass_fields__)  # every key spelled out
 
 
@@ -251,7 +251,7 @@ def test_cli_trains_with_the_shipped_config_and_resumes_longer(folders, tmp_path
     result = CliRunner().invoke(cli, [*args, "--out", str(out), "--epochs", "1"])
     assert result.exit_code == 0, result.output
     assert str(out / "best.pt") in result.output
-    shipped = load_config(default_config_path("triplet"), TrainConfig)
+    shipped = load_config(loss_config_path("triplet"), TrainConfig)
     assert load_config(out / "train.yaml", TrainConfig) == dataclasses.replace(shipped, epochs=1)
     result = CliRunner().invoke(
         cli, ["-q", "train", "--train-dir", str(folders[0]), "--out", str(out), "--resume",
