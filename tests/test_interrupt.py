@@ -20,17 +20,10 @@ import pytest
 import rasterio
 import torch
 import yaml
-from checkpoints import save_untrained_checkpoint
-from rasters import texture_mosaic, write_raster
-
-from superdml.config import CropsConfig, IndexConfig, SegmentConfig
-from superdml.crops import export_crops
-from superdml.index import build_index
-from superdml.segment import segment_raster
+from worlds import untrained_world
 
 pytestmark = pytest.mark.slow
 
-CLASSES = ["class_1", "class_2", "class_3", "class_4"]
 KILLS = 2
 TRAIN_YAML = """\
 input_size: 32
@@ -46,16 +39,7 @@ val_fraction: 0.25
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("interrupt")
-    rgb, truth = texture_mosaic(256)
-    write_raster(root / "mosaic.tif", rgb)
-    write_raster(root / "truth.tif", truth[None])
-    seg = segment_raster(root / "mosaic.tif", root / "seg", SegmentConfig(16, tile_size=128))
-    export_crops(
-        seg.out_dir, root / "crops", CropsConfig(crop_size=32, per_class=8), root / "truth.tif"
-    )
-    save_untrained_checkpoint(root / "model.pt", CLASSES)
-    build_index(root / "model.pt", root / "crops", root / "ref", IndexConfig(batch_size=32), "cpu")
+    root = untrained_world(tmp_path_factory.mktemp("interrupt"))
     (root / "train.yaml").write_text(TRAIN_YAML)
     return root
 

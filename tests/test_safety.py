@@ -11,34 +11,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from checkpoints import save_untrained_checkpoint
 from click.testing import CliRunner
 from rasters import texture_mosaic, write_raster
+from worlds import untrained_world
 
 from superdml._private.ownership import LOCK, claim_output
 from superdml.cli import cli
-from superdml.config import CropsConfig, IndexConfig, SegmentConfig
-from superdml.crops import export_crops
-from superdml.index import ReferenceIndex, build_index
-from superdml.segment import segment_raster
-
-CLASSES = ["class_1", "class_2", "class_3", "class_4"]
+from superdml.index import ReferenceIndex
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A segmented mosaic, crops from its truth, an untrained model and its reference."""
-    root = tmp_path_factory.mktemp("safety")
-    rgb, truth = texture_mosaic(256)
-    write_raster(root / "mosaic.tif", rgb)
-    write_raster(root / "truth.tif", truth[None])
-    seg = segment_raster(root / "mosaic.tif", root / "seg", SegmentConfig(16, tile_size=128))
-    export_crops(
-        seg.out_dir, root / "crops", CropsConfig(crop_size=32, per_class=6), root / "truth.tif"
-    )
-    checkpoint = save_untrained_checkpoint(root / "model.pt", CLASSES)
-    build_index(checkpoint, root / "crops", root / "ref", IndexConfig(batch_size=64), "cpu")
-    return root
+    return untrained_world(tmp_path_factory.mktemp("safety"))
 
 
 @pytest.fixture
