@@ -34,11 +34,13 @@ Peak memory is that of one tile, whatever the raster size.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -392,6 +394,8 @@ class _Grid:
     width: int
     transform: tuple[float, ...]
     work: str
+    backend: str = "numpy"
+    device: str = "cpu"
 
     @property
     def cell_rows(self) -> int:
@@ -433,6 +437,20 @@ class _Grid:
         return pixels, features, valid
 
 
+def _kernels(
+    grid: _Grid,
+) -> tuple[Callable[..., tuple[np.ndarray, np.ndarray]], Callable[..., np.ndarray]]:
+    """Return the grid's backend: its ``slic_centers`` and ``assign_pixels``."""
+    if grid.backend == "numpy":
+        return slic_centers, assign_pixels
+    from superdml import slic
+
+    return (
+        functools.partial(slic.slic_centers, device=grid.device),
+        functools.partial(slic.assign_pixels, device=grid.device),
+    )
+
+
 def _tile_cells(grid: _Grid, tile: Tile) -> tuple[int, int, int, int]:
     """Cell range ``(r0, c0, r1, c1)`` of a tile's core."""
     tc = grid.tile_cells
@@ -454,7 +472,7 @@ def _centers_task(grid: _Grid, tile: Tile) -> str:
     wr1, wc1 = min(r1 + HALO_CELLS, grid.cell_rows), min(c1 + HALO_CELLS, grid.cell_cols)
     with open_raster(grid.source) as src:
         _, features, valid = grid.read_features(src, wr0, wc0, wr1 - wr0, wc1 - wc0)
-    centers, active = slic_centers(features, valid, grid.step, grid.max_iter)
+    centers, active = _kernels(grid)[0](features, valid, grid.step, grid.max_iter)
     core = (slice(r0 - wr0, r1 - wr0), slice(c0 - wc0, c1 - wc0))
     centers = centers[core].astype(np.float64)
     centers[..., 0] += wr0 * grid.step
@@ -500,7 +518,8 @@ def _assign_task(grid: _Grid, tile: Tile) -> int:
     row0, col0 = wr0 * grid.step, wc0 * grid.step
     centers[..., 0] -= row0
     centers[..., 1] -= col0
-    index = assign_pixels(features, valid, centers.astype(np.float32), active, grid.step)
+    assign = _kernels(grid)[1]
+    index = assign(features, valid, centers.astype(np.float32), active, grid.step)
     ext_cols = wc1 - wc0 + 2
     gi = wr0 - 1 + index // ext_cols
     gj = wc0 - 1 + index % ext_cols
@@ -643,6 +662,9 @@ def segment_raster(
     """
     start = time.perf_counter()
     config = config or SegmentConfig()
+    from superdml.slic import resolve_backend  # torch: imported only when segmenting
+
+    backend, device = resolve_backend(config.backend, config.device)
     info = raster_info(path)
     bands = check_bands(path, info.count, config.bands)
     step = config.region_size
@@ -677,9 +699,12 @@ def segment_raster(
         source=info.path, name=folder.name, bands=tuple(bands), nodata=config.nodata,
         lo=tuple(lo), hi=tuple(hi), step=step, compactness=config.compactness,
         max_iter=config.max_iter, tile_size=tile_size, height=info.height, width=info.width,
-        transform=info.transform, work=str(work),
+        transform=info.transform, work=str(work), backend=backend, device=device,
     )  # fmt: skip
-    logger.info("%s: %d tiles of %d px, region size %d", info.path, len(tiles), tile_size, step)
+    logger.info(
+        "%s: %d tiles of %d px, region size %d, %s backend on %s",
+        info.path, len(tiles), tile_size, step, backend, device,
+    )  # fmt: skip
     calls = [(grid, tile) for tile in tiles]
     map_tasks(_centers_task, calls, client, desc=f"{folder.name}: centers")
     counts = map_tasks(_assign_task, calls, client, desc=f"{folder.name}: labels")
