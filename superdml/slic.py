@@ -116,9 +116,10 @@ def nearest_centers(
     for dy, dx in OFFSETS:
         sub = centers[1 + dy : 1 + dy + ny, 1 + dx : 1 + dx + nx][:, None, :, None]
         on = active[1 + dy : 1 + dy + ny, 1 + dx : 1 + dx + nx][:, None, :, None]
-        dist = ((rows - sub[..., 0]) ** 2 + (cols - sub[..., 1]) ** 2) / step**2
+        # the numpy path's float32 operations, in its order
+        dist = ((rows - sub[..., 0]).square() + (cols - sub[..., 1]).square()) * (1.0 / step**2)
         for band in range(c):
-            dist = dist + (blocks[band] - sub[..., 2 + band]) ** 2
+            dist = dist + (blocks[band] - sub[..., 2 + band]).square()
         better = on & (dist < best_d)
         best_d = torch.where(better, dist, best_d)
         best_k = torch.where(better, (base + dy * ext_cols + dx)[:, None, :, None], best_k)
