@@ -49,6 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import rasterio
 from rasterio.windows import Window
+from scipy import ndimage
 from skimage.measure import label as connected_components
 
 from superdml import __version__
@@ -295,10 +296,17 @@ def enforce_connectivity(labels: np.ndarray, max_rounds: int = 64) -> np.ndarray
     resolved[sorted_comps[first]] = comp_label[sorted_comps[first]]
     if (resolved[1:] >= 0).all():
         return labels
-    a = np.concatenate([comp[:, :-1].ravel(), comp[:-1, :].ravel()])
-    b = np.concatenate([comp[:, 1:].ravel(), comp[1:, :].ravel()])
-    edge = (a != b) & (a > 0) & (b > 0)
-    a, b = np.concatenate([a[edge], b[edge]]), np.concatenate([b[edge], a[edge]])
+    # borders (fragment, neighbour): the only ones a merge looks at; few pixels have one
+    fragment = resolved < 0
+    fragment[0] = False
+    a_parts, b_parts = [], []
+    for x, y in ((comp[:, :-1], comp[:, 1:]), (comp[:-1, :], comp[1:, :])):
+        fx, fy = fragment[x], fragment[y]
+        edge = (fx | fy) & (x != y) & (x > 0) & (y > 0)
+        x, y, fx, fy = x[edge], y[edge], fx[edge], fy[edge]
+        a_parts += [x[fx], y[fy]]
+        b_parts += [y[fx], x[fy]]
+    a, b = np.concatenate(a_parts).astype(np.int64), np.concatenate(b_parts).astype(np.int64)
     pair_key, pair_count = np.unique(a * (n + 1) + b, return_counts=True)
     pa_, pb_ = np.divmod(pair_key, n + 1)
     for _ in range(max_rounds):
@@ -330,7 +338,7 @@ def superpixel_stats(
     Parameters
     ----------
     labels : (H, W) int64 ndarray
-        Superpixel ids, 0 = nodata.
+        Superpixel ids, 0 = nodata; those of one window span less than ``2**31``.
     pixels : (C, H, W) ndarray
         Raw band values.
     row0, col0 : int
@@ -343,33 +351,35 @@ def superpixel_stats(
         ``row_stop``, ``col_start``, ``col_stop`` (half-open global bounding box),
         ``area_px`` and ``mean`` ((N, C) float64).
     """
-    flat = labels.ravel()
-    keep = np.flatnonzero(flat > 0).astype(np.int32 if flat.size < 2**31 else np.int64)
-    ids, inverse = np.unique(flat[keep], return_inverse=True)
-    n = ids.size
-    area = np.bincount(inverse, minlength=n)
-    rr, cc = np.divmod(keep, labels.shape[1])
-    del keep
-    order = np.argsort(inverse, kind="stable")
-    starts = np.r_[0, np.cumsum(area)[:-1]] if n else np.zeros(0, dtype=np.int64)
-    r_sorted, c_sorted = rr[order], cc[order]
-    del order
-    valid = flat > 0
-    # one band at a time: a float64 copy of all bands would double the tile's memory
-    mean = np.zeros((n, pixels.shape[0]))
-    for band in range(pixels.shape[0]):
-        values = pixels[band].ravel()[valid]
-        mean[:, band] = np.bincount(inverse, weights=values, minlength=n) / np.maximum(area, 1)
+    h, w = labels.shape
+    valid = labels > 0
+    # ids of a window span a few grid rows: shifted to 1..n they index bincount directly
+    lo = int(labels[valid].min()) if valid.any() else 1
+    local = np.where(valid, labels - (lo - 1), 0).astype(np.int32).ravel()
+    area = np.bincount(local)[1:]
+    present = np.flatnonzero(area)
+    area = area[present]
+
+    def mean_of(weights: np.ndarray) -> np.ndarray:
+        return np.bincount(local, weights=weights.ravel())[1:][present] / area
+
+    rows = np.broadcast_to(np.arange(h, dtype=np.float64)[:, None], (h, w))
+    cols = np.broadcast_to(np.arange(w, dtype=np.float64)[None, :], (h, w))
+    objects = ndimage.find_objects(local.reshape(h, w))
+    boxes = [objects[k] for k in present]
+    bounds = np.array([(r.start, r.stop, c.start, c.stop) for r, c in boxes], dtype=np.int64)
+    bounds = bounds.reshape(-1, 4)
     return {
-        "segment_id": ids,
-        "row": np.bincount(inverse, weights=rr, minlength=n) / np.maximum(area, 1) + row0,
-        "col": np.bincount(inverse, weights=cc, minlength=n) / np.maximum(area, 1) + col0,
-        "row_start": (np.minimum.reduceat(r_sorted, starts) if n else rr[:0]) + row0,
-        "row_stop": (np.maximum.reduceat(r_sorted, starts) if n else rr[:0]) + row0 + 1,
-        "col_start": (np.minimum.reduceat(c_sorted, starts) if n else cc[:0]) + col0,
-        "col_stop": (np.maximum.reduceat(c_sorted, starts) if n else cc[:0]) + col0 + 1,
+        "segment_id": present + lo,
+        "row": mean_of(rows) + row0,
+        "col": mean_of(cols) + col0,
+        "row_start": bounds[:, 0] + row0,
+        "row_stop": bounds[:, 1] + row0,
+        "col_start": bounds[:, 2] + col0,
+        "col_stop": bounds[:, 3] + col0,
         "area_px": area.astype(np.int64),
-        "mean": mean,
+        # one band at a time: a float64 copy of all bands would double the tile's memory
+        "mean": np.stack([mean_of(band) for band in pixels], axis=1),
     }
 
 
@@ -520,11 +530,11 @@ def _assign_task(grid: _Grid, tile: Tile) -> int:
     centers[..., 1] -= col0
     assign = _kernels(grid)[1]
     index = assign(features, valid, centers.astype(np.float32), active, grid.step)
-    ext_cols = wc1 - wc0 + 2
-    gi = wr0 - 1 + index // ext_cols
-    gj = wc0 - 1 + index % ext_cols
-    labels = np.where(index >= 0, gi * grid.cell_cols + gj + 1, 0)
-    del features, index, gi, gj  # the tile's largest arrays; free them before the stats
+    gi = np.arange(wr0 - 1, wr1 + 1)[:, None]
+    gj = np.arange(wc0 - 1, wc1 + 1)[None, :]
+    ids = np.append((gi * grid.cell_cols + gj + 1).ravel(), 0)  # index -1 (none): id 0
+    labels = ids[index]
+    del features, index  # the tile's largest arrays; free them before the stats
     labels = enforce_connectivity(labels)
     core = (
         slice(tile.row - row0, tile.row - row0 + tile.height),
