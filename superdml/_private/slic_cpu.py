@@ -3,11 +3,13 @@
 Eager torch (and numpy) evaluate the nine candidate distances as whole-window passes and
 the center update as scatters over materialized value stacks; ``torch.compile`` fuses the
 distances but its CPU scatter is an atomic loop. Here each thread walks its band of cell
-rows once: per cell it loads the 3 x 3 neighbouring centers, finds each pixel's nearest
-(a loop over the cell's columns that LLVM vectorizes) and adds the pixel to its
-thread's partial sums. Same arithmetic as :func:`superdml.segment.assign_pixels`
-(float32 distance in the same order, offsets in the same order, strict ``<``), so the
-labels are those of the numpy path for the same centers.
+rows once: per cell row it spreads the 3 x 3 neighbouring centers over the columns,
+finds each pixel's nearest with loops over whole pixel rows that LLVM vectorizes, and
+adds the pixel to its thread's partial sums. Same arithmetic as
+:func:`superdml.segment.assign_pixels` (float32 distance in the same order, offsets in
+the same order, strict ``<``; an inactive center is at an infinite row, so it never
+wins, as numpy skips it), so the labels are those of the numpy path for the same
+centers.
 """
 
 from __future__ import annotations
@@ -52,55 +54,51 @@ def slic_sweep(
     n_bands = partial.shape[0]
     accumulate = partial.shape[1] > 0
     for t in numba.prange(n_bands):
-        dist = np.empty(step, dtype=np.float32)
-        best_d = np.empty(step, dtype=np.float32)
-        best_k = np.empty(step, dtype=np.int64)
-        nb = np.empty((9, 2 + c), dtype=np.float32)
-        nb_k = np.empty(9, dtype=np.int64)
-        acc = np.empty((9, 3 + c), dtype=np.float64)
+        # the 3 x 3 neighbours' centers spread over the columns of one cell row: the
+        # pixel loops then run over whole rows (contiguous, vectorized); an inactive
+        # center sits at an infinite row, so it never wins, as numpy's skip
+        near = np.empty((9, 2 + c, w), dtype=np.float32)
+        dist = np.empty(w, dtype=np.float32)
+        best_d = np.empty(w, dtype=np.float32)
+        best_k = np.empty(w, dtype=np.int64)
+        cols = np.arange(w).astype(np.float32)
         for i in range(t * ny // n_bands, (t + 1) * ny // n_bands):
-            for j in range(nx):
-                n_on = 0
-                for dy in range(-1, 2):
-                    for dx in range(-1, 2):
-                        if active[i + 1 + dy, j + 1 + dx]:
-                            nb[n_on] = centers[i + 1 + dy, j + 1 + dx]
-                            nb_k[n_on] = (i + 1 + dy) * ext_cols + j + 1 + dx
-                            n_on += 1
-                acc[:] = 0.0
-                c0 = j * step
-                for rr in range(step):
-                    r = i * step + rr
-                    fr = np.float32(r)
-                    for cc in range(step):
-                        best_d[cc] = np.inf
-                        best_k[cc] = -1
-                    for k in range(n_on):
-                        d_row = (fr - nb[k, 0]) * (fr - nb[k, 0])
-                        for cc in range(step):
-                            d_col = np.float32(c0 + cc) - nb[k, 1]
-                            dist[cc] = (d_row + d_col * d_col) * inv_s2
+            for k in range(9):
+                dy, dx = k // 3 - 1, k % 3 - 1
+                for j in range(nx):
+                    for q in range(2 + c):
+                        value = centers[i + 1 + dy, j + 1 + dx, q]
+                        if q == 0 and not active[i + 1 + dy, j + 1 + dx]:
+                            value = np.inf
+                        near[k, q, j * step : (j + 1) * step] = value
+            for rr in range(step):
+                r = i * step + rr
+                fr = np.float32(r)
+                best_d[:] = np.inf
+                best_k[:] = -1
+                for k in range(9):
+                    for col in range(w):
+                        d_row = fr - near[k, 0, col]
+                        d_col = cols[col] - near[k, 1, col]
+                        dist[col] = (d_row * d_row + d_col * d_col) * inv_s2
+                    for b in range(c):
+                        for col in range(w):
+                            diff = features[b, r, col] - near[k, 2 + b, col]
+                            dist[col] += diff * diff
+                    for col in range(w):
+                        if dist[col] < best_d[col]:
+                            best_d[col] = dist[col]
+                            best_k[col] = k
+                for col in range(w):
+                    k = best_k[col]
+                    if not valid[r, col] or k < 0:
+                        labels[r, col] = -1
+                        continue
+                    index = (i + 1 + k // 3 - 1) * ext_cols + col // step + 1 + k % 3 - 1
+                    labels[r, col] = index
+                    if accumulate:
+                        partial[t, index, 0] += 1.0
+                        partial[t, index, 1] += r
+                        partial[t, index, 2] += col
                         for b in range(c):
-                            for cc in range(step):
-                                diff = features[b, r, c0 + cc] - nb[k, 2 + b]
-                                dist[cc] += diff * diff
-                        for cc in range(step):
-                            if dist[cc] < best_d[cc]:
-                                best_d[cc] = dist[cc]
-                                best_k[cc] = k
-                    for cc in range(step):
-                        col = c0 + cc
-                        k = best_k[cc]
-                        if not valid[r, col] or k < 0:
-                            labels[r, col] = -1
-                            continue
-                        labels[r, col] = nb_k[k]
-                        if accumulate:
-                            acc[k, 0] += 1.0
-                            acc[k, 1] += r
-                            acc[k, 2] += col
-                            for b in range(c):
-                                acc[k, 3 + b] += features[b, r, col]
-                if accumulate:
-                    for k in range(n_on):
-                        partial[t, nb_k[k]] += acc[k]
+                            partial[t, index, 3 + b] += features[b, r, col]
