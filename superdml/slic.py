@@ -246,7 +246,9 @@ def cpu_sweep(
 
     from superdml._private.slic_cpu import slic_sweep
 
-    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    # the size of numba's pool (config attributes are set at import: mypy cannot see them)
+    pool = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+    threads = min(torch.get_num_threads(), pool)
     numba.set_num_threads(threads)
     c, h, w = features.shape
     labels = np.empty((h, w), dtype=np.int64)
