@@ -26,7 +26,9 @@ the 3 x 3 cells around its own cell (the gSLIC search), with scikit-image's dist
    as its neighbours do. Pixels are written by the tile whose core holds them; a
    superpixel's table row by the tile whose core holds its centroid.
 
-Both phases write one small file per tile into a work folder, so an interrupted run
+The SLIC steps of both phases run on the numpy functions below or on the torch backend
+(:mod:`superdml.slic`, CPU or CUDA), which keeps their contract. Both phases write one
+small file per tile into a work folder, so an interrupted run
 resumes where it stopped and gives identical output; the final ``segments.tif`` and
 ``superpixels.parquet`` are assembled tile by tile and renamed into place when complete.
 Peak memory is that of one tile, whatever the raster size.
@@ -53,6 +55,7 @@ from scipy import ndimage
 from skimage.measure import label as connected_components
 
 from superdml import __version__
+from superdml._private import read_ahead
 from superdml._private.atomic import atomic_write, remove_stale_temporaries, write_json
 from superdml.cluster import map_tasks
 from superdml.config import SegmentConfig, config_hash, config_to_dict, dump_config
@@ -472,16 +475,54 @@ def _tile_cells(grid: _Grid, tile: Tile) -> tuple[int, int, int, int]:
     )
 
 
+def _grown_cells(grid: _Grid, tile: Tile, cells: int) -> tuple[int, int, int, int]:
+    """Cell range ``(r0, c0, r1, c1)`` of a tile's core grown by `cells`, within the raster."""
+    r0, c0, r1, c1 = _tile_cells(grid, tile)
+    return (
+        max(r0 - cells, 0),
+        max(c0 - cells, 0),
+        min(r1 + cells, grid.cell_rows),
+        min(c1 + cells, grid.cell_cols),
+    )
+
+
+def _reads_ahead(grid: _Grid) -> bool:
+    """Whether tile tasks read the next tile while computing: on a GPU, not on the CPU."""
+    return grid.device != "cpu"
+
+
+def _read_cells(grid: _Grid, tile: Tile, cells: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read a tile's core grown by `cells` cells: pixels, features and valid mask.
+
+    With :func:`_reads_ahead`, the window comes from the read-ahead when one was started
+    for it, and the next tile's window (row-major, as the tasks are submitted) starts
+    reading on the reader thread before this tile computes.
+    """
+
+    def read(t: Tile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        wr0, wc0, wr1, wc1 = _grown_cells(grid, t, cells)
+        with open_raster(grid.source) as src:
+            return grid.read_features(src, wr0, wc0, wr1 - wr0, wc1 - wc0)
+
+    if not _reads_ahead(grid):
+        return read(tile)
+    pending = read_ahead.claim((grid.work, cells, tile.key))
+    tiles = tile_grid(grid.height, grid.width, grid.tile_size)
+    following = tiles.index(tile) + 1
+    if following < len(tiles):
+        after = tiles[following]
+        read_ahead.start((grid.work, cells, after.key), functools.partial(read, after))
+    return pending.result() if pending is not None else read(tile)
+
+
 def _centers_task(grid: _Grid, tile: Tile) -> str:
     """Phase 1: SLIC on the tile plus halo; save the centers of the core's cells."""
     out = grid.centers_path(tile.ti, tile.tj)
     if out.exists():
         return str(out)
     r0, c0, r1, c1 = _tile_cells(grid, tile)
-    wr0, wc0 = max(r0 - HALO_CELLS, 0), max(c0 - HALO_CELLS, 0)
-    wr1, wc1 = min(r1 + HALO_CELLS, grid.cell_rows), min(c1 + HALO_CELLS, grid.cell_cols)
-    with open_raster(grid.source) as src:
-        _, features, valid = grid.read_features(src, wr0, wc0, wr1 - wr0, wc1 - wc0)
+    wr0, wc0, _, _ = _grown_cells(grid, tile, HALO_CELLS)
+    _, features, valid = _read_cells(grid, tile, HALO_CELLS)
     centers, active = _kernels(grid)[0](features, valid, grid.step, grid.max_iter)
     core = (slice(r0 - wr0, r1 - wr0), slice(c0 - wc0, c1 - wc0))
     centers = centers[core].astype(np.float64)
@@ -519,11 +560,8 @@ def _assign_task(grid: _Grid, tile: Tile) -> int:
     labels_out, table_out = grid.labels_path(tile), grid.table_path(tile)
     if labels_out.exists() and table_out.exists():
         return pq.ParquetFile(table_out).metadata.num_rows
-    r0, c0, r1, c1 = _tile_cells(grid, tile)
-    wr0, wc0 = max(r0 - MARGIN_CELLS, 0), max(c0 - MARGIN_CELLS, 0)
-    wr1, wc1 = min(r1 + MARGIN_CELLS, grid.cell_rows), min(c1 + MARGIN_CELLS, grid.cell_cols)
-    with open_raster(grid.source) as src:
-        pixels, features, valid = grid.read_features(src, wr0, wc0, wr1 - wr0, wc1 - wc0)
+    wr0, wc0, wr1, wc1 = _grown_cells(grid, tile, MARGIN_CELLS)
+    pixels, features, valid = _read_cells(grid, tile, MARGIN_CELLS)
     centers, active = _gather_centers(grid, wr0 - 1, wc0 - 1, wr1 + 1, wc1 + 1)
     row0, col0 = wr0 * grid.step, wc0 * grid.step
     centers[..., 0] -= row0

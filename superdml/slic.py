@@ -13,7 +13,7 @@ pixels assigned to it (the update step). Two kernels compute it:
   operations (nine masked distance passes and an ``index_add_``) that run eagerly on
   any device, and through ``torch.compile`` on CUDA, where it fuses the nine passes;
 - on the **CPU**, :func:`superdml._private.slic_cpu.slic_sweep`, the same arithmetic as one
-  numba kernel: measured 6 to 8 times faster than the numpy path per sweep on 2 cores,
+  numba kernel: measured 8 to 10 times faster than the numpy path per sweep on 2 cores,
   while ``torch.compile``'s CPU code was as fast for the distances but its scatter an
   atomic loop several times slower, after a cold compile of over a minute
   (``benchmarks/README.md``).
@@ -24,6 +24,7 @@ The tests check the CPU kernel against the reference and the reference against n
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from typing import Literal
 
@@ -36,8 +37,9 @@ Backend = Literal["numpy", "torch"]
 Kernel = Literal["fast", "reference"]
 
 OFFSETS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
-BACKENDS = ("auto", "numpy", "torch")
-DEVICES = ("auto", "cpu", "cuda")
+# numba's workqueue threading layer (where neither OpenMP nor TBB is found) aborts on
+# concurrent calls, as from a dask worker with several threads; each call uses all threads
+_CPU_KERNEL_LOCK = threading.Lock()
 
 
 def resolve_backend(backend: str, device: str) -> tuple[Backend, str]:
@@ -197,8 +199,9 @@ def reference_sweep(
     active: torch.Tensor,
     step: int,
     with_sums: bool,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One sweep with the reference kernel, eager on the CPU, compiled on CUDA.
+    """One sweep with the reference kernel, eager or through ``torch.compile``.
 
     Parameters
     ----------
@@ -206,6 +209,8 @@ def reference_sweep(
         As :func:`nearest_centers`.
     with_sums : bool
         Also return the center sums (the update step).
+    compiled : bool
+        Run the kernels through ``torch.compile`` (compiled once per process).
 
     Returns
     -------
@@ -214,7 +219,7 @@ def reference_sweep(
     sums : (Ny + 2, Nx + 2, 3 + C) float32 tensor or None
         As :func:`center_sums`, on the grid of `centers`.
     """
-    assign, sums_of = _reference_kernels(features.device.type == "cuda")
+    assign, sums_of = _reference_kernels(compiled)
     labels = assign(features, valid, centers, active, step)
     if not with_sums:
         return labels, None
@@ -254,15 +259,21 @@ def cpu_sweep(
     labels = np.empty((h, w), dtype=np.int64)
     n = active.numel() if with_sums else 0
     partial = np.zeros((threads, n, 3 + c), dtype=np.float64)
-    slic_sweep(
-        features.numpy(), valid.numpy(), centers.numpy(), active.numpy(), step, labels, partial
-    )
+    with _CPU_KERNEL_LOCK:
+        slic_sweep(
+            features.numpy(), valid.numpy(), centers.numpy(), active.numpy(), step, labels, partial
+        )
     sums = torch.from_numpy(partial.sum(axis=0)).view(*active.shape, -1) if with_sums else None
     return torch.from_numpy(labels), sums
 
 
 def _sweep_for(device: torch.device, kernel: Kernel) -> Sweep:
-    return cpu_sweep if kernel == "fast" and device.type == "cpu" else reference_sweep
+    """Return the sweep of `kernel` on `device`: eager reference, numba or compiled."""
+    if kernel == "reference":
+        return reference_sweep
+    if device.type == "cpu":
+        return cpu_sweep
+    return functools.partial(reference_sweep, compiled=True)
 
 
 def slic_centers(
