@@ -8,7 +8,8 @@ deflate-compressed GeoTIFF written window by window, so the raster is never whol
 memory), then segments it with :func:`superdml.segment.segment_raster` using the default
 :class:`~superdml.config.SegmentConfig` (region size 32, compactness 0.2, 10 iterations,
 2048 px tiles), in process (``client=None``) and/or on a dask ``LocalCluster``
-(``--workers``). The reference is one plain ``skimage.segmentation.slic`` call on the
+(``--workers``), once per SLIC backend (``--backends``: numpy, and torch on ``--device``).
+The reference is one plain ``skimage.segmentation.slic`` call on the
 whole ``--baseline-size`` image, measured in the same run (at the start and at the end,
 the ratio uses the mean of both), because the machine is shared and only ratios between
 figures of one run mean anything.
@@ -216,13 +217,15 @@ def write_texture_raster(path: Path, size: int, seed: int = 0) -> None:
 # ---------------------------------------------------------------- cases (subprocess)
 
 
-def child_superdml(raster: str, out: str, workers: int) -> dict[str, object]:
+def child_superdml(
+    raster: str, out: str, workers: int, backend: str, device: str
+) -> dict[str, object]:
     """Segment `raster` into `out` in process (`workers` 0) or on a local dask cluster."""
     from superdml.cluster import make_client
     from superdml.config import SegmentConfig
     from superdml.segment import segment_raster
 
-    config = SegmentConfig()
+    config = SegmentConfig(backend=backend, device=device if backend == "torch" else "auto")
     if workers == 0:
         start = time.perf_counter()
         result = segment_raster(raster, out, config, client=None)
@@ -311,21 +314,22 @@ def run_case(args: list[str], result_path: Path) -> dict[str, object]:
 def format_table(rows: list[dict[str, object]], baseline_mps: float) -> str:
     """One text table: case, megapixels, seconds, MP/s, ratio, peak RSS."""
     header = (
-        f"{'case':<34} {'MP':>7} {'seconds':>9} {'MP/s':>7} {'vs skimage':>10} "
+        f"{'case':<44} {'MP':>7} {'seconds':>9} {'MP/s':>7} {'vs skimage':>10} "
         f"{'max RSS MiB':>11} {'tree RSS MiB':>12}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         mps = row["mp"] / row["seconds"]
         lines.append(
-            f"{row['case']:<34} {row['mp']:>7.1f} {row['seconds']:>9.1f} {mps:>7.3f} "
+            f"{row['case']:<44} {row['mp']:>7.1f} {row['seconds']:>9.1f} {mps:>7.3f} "
             f"{mps / baseline_mps:>10.2f} {row['max_rss_mib']:>11.0f} {row['tree_rss_mib']:>12.0f}"
         )
     return "\n".join(lines)
 
 
-def mode_name(workers: int) -> str:
-    return "in-process" if workers == 0 else f"dask {workers} worker{'s' * (workers > 1)}"
+def mode_name(workers: int, backend: str, device: str) -> str:
+    where = "in-process" if workers == 0 else f"dask {workers} worker{'s' * (workers > 1)}"
+    return f"{where}, {backend}" + (f" {device}" if backend != "numpy" else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,6 +346,19 @@ def main(argv: list[str] | None = None) -> int:
         default=[0],
         help="0: in process (client=None); N: a dask LocalCluster of N worker processes\n"
         "(one thread each); several values run each mode (default: 0)",
+    )
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=["numpy", "torch"],
+        choices=["numpy", "torch"],
+        help="SLIC backends, one row each (default: numpy torch)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="device of the torch backend (default: auto, CUDA when present)",
     )
     parser.add_argument(
         "--baseline-size", type=int, default=4000, help="side of the skimage reference image"
@@ -362,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         if kind == "skimage":
             result = child_skimage(raster)
         else:
-            result = child_superdml(raster, extra[0], int(extra[1]))
+            result = child_superdml(raster, extra[0], int(extra[1]), extra[2], extra[3])
         args.child.write_text(json.dumps(result))
         return 0
     if rest:
@@ -397,22 +414,18 @@ def main(argv: list[str] | None = None) -> int:
 
         rows = [baseline()]
         print(f"done: {rows[-1]['case']} {rows[-1]['seconds']:.1f} s", flush=True)
-        for workers in args.workers:
+        modes = [(w, b) for w in args.workers for b in args.backends]
+        for workers, backend in modes:
             for size in args.sizes:
-                out = root / f"run_{size}_{workers}"
+                out = root / f"run_{size}_{workers}_{backend}"
                 shutil.rmtree(out, ignore_errors=True)
                 row = run_case(
-                    ["superdml", str(rasters[size]), str(out), str(workers)],
+                    ["superdml", str(rasters[size]), str(out), str(workers), backend, args.device],
                     root / "result.json",
                 )
                 shutil.rmtree(out, ignore_errors=True)
-                rows.append(
-                    {
-                        **row,
-                        "case": f"superdml {size}^2 ({mode_name(workers)})",
-                        "mp": size**2 / 1e6,
-                    }
-                )
+                name = mode_name(workers, backend, args.device)
+                rows.append({**row, "case": f"superdml {size}^2 ({name})", "mp": size**2 / 1e6})
                 print(f"done: {rows[-1]['case']} {rows[-1]['seconds']:.1f} s", flush=True)
         rows.append(baseline())
         print(f"done: {rows[-1]['case']} {rows[-1]['seconds']:.1f} s", flush=True)
@@ -426,13 +439,14 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows, baseline_mps))
     print(f"\nvs skimage: MP/s over the mean skimage MP/s of both runs ({baseline_mps:.3f} MP/s)")
     sizes = sorted(args.sizes)
-    for workers in args.workers:
+    for workers, backend in modes:
         if len(sizes) < 2:
             break
-        by_size = {r["mp"]: r for r in rows if str(r["case"]).endswith(f"({mode_name(workers)})")}
+        name = mode_name(workers, backend, args.device)
+        by_size = {r["mp"]: r for r in rows if str(r["case"]).endswith(f"({name})")}
         small, large = by_size[sizes[0] ** 2 / 1e6], by_size[sizes[-1] ** 2 / 1e6]
         print(
-            f"peak RSS {sizes[-1]}^2 / {sizes[0]}^2, {mode_name(workers)}: "
+            f"peak RSS {sizes[-1]}^2 / {sizes[0]}^2, {name}: "
             f"max {large['max_rss_mib'] / small['max_rss_mib']:.2f}x, "
             f"tree {large['tree_rss_mib'] / small['tree_rss_mib']:.2f}x"
         )

@@ -127,6 +127,10 @@ def main() -> None:
 @click.option("--tile-size", type=int, help="Core tile side in pixels [2048].")
 @bands_option
 @click.option("--nodata", type=float, help="Value to treat as nodata (default: the raster's).")
+@click.option("--backend", metavar="auto|numpy|torch", help="SLIC implementation [auto: torch].")
+@click.option(
+    "--device", metavar="auto|cpu|cuda", help="Where the torch backend runs [auto: CUDA if any]."
+)
 @cluster_options
 def segment(
     rasters: tuple[Path, ...],
@@ -137,6 +141,8 @@ def segment(
     tile_size: int | None,
     bands: tuple[int, ...] | None,
     nodata: float | None,
+    backend: str | None,
+    device: str | None,
     workers: int | None,
     scheduler: str | None,
 ) -> None:
@@ -154,6 +160,8 @@ def segment(
             "tile_size": tile_size,
             "bands": bands,
             "nodata": nodata,
+            "backend": backend,
+            "device": device,
         },
     )
     with make_client(workers, scheduler) as client:

@@ -27,6 +27,8 @@ from superdml.errors import ConfigError
 C = TypeVar("C")
 
 MaskMode = Literal["none", "outside", "alpha"]
+SegmentBackend = Literal["auto", "numpy", "torch"]
+SegmentDevice = Literal["auto", "cpu", "cuda"]
 
 
 def check(condition: bool, key: str, value: Any, expected: str) -> None:
@@ -55,6 +57,12 @@ class SegmentConfig:
         1-based band indexes to segment on; all bands when None.
     nodata : float or None
         Value treated as nodata; the raster's own nodata/mask when None.
+    backend : {"auto", "numpy", "torch"}
+        SLIC implementation (:mod:`superdml.slic`); ``auto`` is ``torch``, the fastest
+        on the CPU and the one that runs on a GPU. Both give the same superpixels up to
+        floating-point ties.
+    device : {"auto", "cpu", "cuda"}
+        Where the torch backend runs; ``auto``: CUDA when torch sees a GPU.
     """
 
     region_size: int = 32
@@ -63,6 +71,8 @@ class SegmentConfig:
     tile_size: int = 2048
     bands: tuple[int, ...] | None = None
     nodata: float | None = None
+    backend: SegmentBackend = "auto"
+    device: SegmentDevice = "auto"
 
     def __post_init__(self) -> None:
         check(self.region_size >= 2, "region_size", self.region_size, "an integer >= 2")
@@ -81,6 +91,9 @@ class SegmentConfig:
                 self.bands,
                 "a non-empty list of 1-based band numbers",
             )
+        for key, choices in (("backend", SegmentBackend), ("device", SegmentDevice)):
+            value = getattr(self, key)
+            check(value in get_args(choices), key, value, "one of " + ", ".join(get_args(choices)))
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,9 @@ the 3 x 3 cells around its own cell (the gSLIC search), with scikit-image's dist
    as its neighbours do. Pixels are written by the tile whose core holds them; a
    superpixel's table row by the tile whose core holds its centroid.
 
-Both phases write one small file per tile into a work folder, so an interrupted run
+The SLIC steps of both phases run on the numpy functions below or on the torch backend
+(:mod:`superdml.slic`, CPU or CUDA), which keeps their contract. Both phases write one
+small file per tile into a work folder, so an interrupted run
 resumes where it stopped and gives identical output; the final ``segments.tif`` and
 ``superpixels.parquet`` are assembled tile by tile and renamed into place when complete.
 Peak memory is that of one tile, whatever the raster size.
@@ -35,11 +37,13 @@ Peak memory is that of one tile, whatever the raster size.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,9 +52,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import rasterio
 from rasterio.windows import Window
+from scipy import ndimage
 from skimage.measure import label as connected_components
 
 from superdml import __version__
+from superdml._private import read_ahead
 from superdml._private.atomic import atomic_write, write_json
 from superdml._private.ownership import claim_output
 from superdml.cluster import map_tasks
@@ -296,10 +302,17 @@ def enforce_connectivity(labels: np.ndarray, max_rounds: int = 64) -> np.ndarray
     resolved[sorted_comps[first]] = comp_label[sorted_comps[first]]
     if (resolved[1:] >= 0).all():
         return labels
-    a = np.concatenate([comp[:, :-1].ravel(), comp[:-1, :].ravel()])
-    b = np.concatenate([comp[:, 1:].ravel(), comp[1:, :].ravel()])
-    edge = (a != b) & (a > 0) & (b > 0)
-    a, b = np.concatenate([a[edge], b[edge]]), np.concatenate([b[edge], a[edge]])
+    # borders (fragment, neighbour): the only ones a merge looks at; few pixels have one
+    fragment = resolved < 0
+    fragment[0] = False
+    a_parts, b_parts = [], []
+    for x, y in ((comp[:, :-1], comp[:, 1:]), (comp[:-1, :], comp[1:, :])):
+        fx, fy = fragment[x], fragment[y]
+        edge = (fx | fy) & (x != y) & (x > 0) & (y > 0)
+        x, y, fx, fy = x[edge], y[edge], fx[edge], fy[edge]
+        a_parts += [x[fx], y[fy]]
+        b_parts += [y[fx], x[fy]]
+    a, b = np.concatenate(a_parts).astype(np.int64), np.concatenate(b_parts).astype(np.int64)
     pair_key, pair_count = np.unique(a * (n + 1) + b, return_counts=True)
     pa_, pb_ = np.divmod(pair_key, n + 1)
     for _ in range(max_rounds):
@@ -331,7 +344,7 @@ def superpixel_stats(
     Parameters
     ----------
     labels : (H, W) int64 ndarray
-        Superpixel ids, 0 = nodata.
+        Superpixel ids, 0 = nodata; those of one window span less than ``2**31``.
     pixels : (C, H, W) ndarray
         Raw band values.
     row0, col0 : int
@@ -344,33 +357,35 @@ def superpixel_stats(
         ``row_stop``, ``col_start``, ``col_stop`` (half-open global bounding box),
         ``area_px`` and ``mean`` ((N, C) float64).
     """
-    flat = labels.ravel()
-    keep = np.flatnonzero(flat > 0).astype(np.int32 if flat.size < 2**31 else np.int64)
-    ids, inverse = np.unique(flat[keep], return_inverse=True)
-    n = ids.size
-    area = np.bincount(inverse, minlength=n)
-    rr, cc = np.divmod(keep, labels.shape[1])
-    del keep
-    order = np.argsort(inverse, kind="stable")
-    starts = np.r_[0, np.cumsum(area)[:-1]] if n else np.zeros(0, dtype=np.int64)
-    r_sorted, c_sorted = rr[order], cc[order]
-    del order
-    valid = flat > 0
-    # one band at a time: a float64 copy of all bands would double the tile's memory
-    mean = np.zeros((n, pixels.shape[0]))
-    for band in range(pixels.shape[0]):
-        values = pixels[band].ravel()[valid]
-        mean[:, band] = np.bincount(inverse, weights=values, minlength=n) / np.maximum(area, 1)
+    h, w = labels.shape
+    valid = labels > 0
+    # ids of a window span a few grid rows: shifted to 1..n they index bincount directly
+    lo = int(labels[valid].min()) if valid.any() else 1
+    local = np.where(valid, labels - (lo - 1), 0).astype(np.int32).ravel()
+    area = np.bincount(local)[1:]
+    present = np.flatnonzero(area)
+    area = area[present]
+
+    def mean_of(weights: np.ndarray) -> np.ndarray:
+        return np.bincount(local, weights=weights.ravel())[1:][present] / area
+
+    rows = np.broadcast_to(np.arange(h, dtype=np.float64)[:, None], (h, w))
+    cols = np.broadcast_to(np.arange(w, dtype=np.float64)[None, :], (h, w))
+    objects = ndimage.find_objects(local.reshape(h, w))
+    boxes = [objects[k] for k in present]
+    bounds = np.array([(r.start, r.stop, c.start, c.stop) for r, c in boxes], dtype=np.int64)
+    bounds = bounds.reshape(-1, 4)
     return {
-        "segment_id": ids,
-        "row": np.bincount(inverse, weights=rr, minlength=n) / np.maximum(area, 1) + row0,
-        "col": np.bincount(inverse, weights=cc, minlength=n) / np.maximum(area, 1) + col0,
-        "row_start": (np.minimum.reduceat(r_sorted, starts) if n else rr[:0]) + row0,
-        "row_stop": (np.maximum.reduceat(r_sorted, starts) if n else rr[:0]) + row0 + 1,
-        "col_start": (np.minimum.reduceat(c_sorted, starts) if n else cc[:0]) + col0,
-        "col_stop": (np.maximum.reduceat(c_sorted, starts) if n else cc[:0]) + col0 + 1,
+        "segment_id": present + lo,
+        "row": mean_of(rows) + row0,
+        "col": mean_of(cols) + col0,
+        "row_start": bounds[:, 0] + row0,
+        "row_stop": bounds[:, 1] + row0,
+        "col_start": bounds[:, 2] + col0,
+        "col_stop": bounds[:, 3] + col0,
         "area_px": area.astype(np.int64),
-        "mean": mean,
+        # one band at a time: a float64 copy of all bands would double the tile's memory
+        "mean": np.stack([mean_of(band) for band in pixels], axis=1),
     }
 
 
@@ -395,6 +410,8 @@ class _Grid:
     width: int
     transform: tuple[float, ...]
     work: str
+    backend: str = "numpy"
+    device: str = "cpu"
 
     @property
     def cell_rows(self) -> int:
@@ -436,6 +453,20 @@ class _Grid:
         return pixels, features, valid
 
 
+def _kernels(
+    grid: _Grid,
+) -> tuple[Callable[..., tuple[np.ndarray, np.ndarray]], Callable[..., np.ndarray]]:
+    """Return the grid's backend: its ``slic_centers`` and ``assign_pixels``."""
+    if grid.backend == "numpy":
+        return slic_centers, assign_pixels
+    from superdml import slic
+
+    return (
+        functools.partial(slic.slic_centers, device=grid.device),
+        functools.partial(slic.assign_pixels, device=grid.device),
+    )
+
+
 def _tile_cells(grid: _Grid, tile: Tile) -> tuple[int, int, int, int]:
     """Cell range ``(r0, c0, r1, c1)`` of a tile's core."""
     tc = grid.tile_cells
@@ -447,17 +478,55 @@ def _tile_cells(grid: _Grid, tile: Tile) -> tuple[int, int, int, int]:
     )
 
 
+def _grown_cells(grid: _Grid, tile: Tile, cells: int) -> tuple[int, int, int, int]:
+    """Cell range ``(r0, c0, r1, c1)`` of a tile's core grown by `cells`, within the raster."""
+    r0, c0, r1, c1 = _tile_cells(grid, tile)
+    return (
+        max(r0 - cells, 0),
+        max(c0 - cells, 0),
+        min(r1 + cells, grid.cell_rows),
+        min(c1 + cells, grid.cell_cols),
+    )
+
+
+def _reads_ahead(grid: _Grid) -> bool:
+    """Whether tile tasks read the next tile while computing: on a GPU, not on the CPU."""
+    return grid.device != "cpu"
+
+
+def _read_cells(grid: _Grid, tile: Tile, cells: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read a tile's core grown by `cells` cells: pixels, features and valid mask.
+
+    With :func:`_reads_ahead`, the window comes from the read-ahead when one was started
+    for it, and the next tile's window (row-major, as the tasks are submitted) starts
+    reading on the reader thread before this tile computes.
+    """
+
+    def read(t: Tile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        wr0, wc0, wr1, wc1 = _grown_cells(grid, t, cells)
+        with open_raster(grid.source) as src:
+            return grid.read_features(src, wr0, wc0, wr1 - wr0, wc1 - wc0)
+
+    if not _reads_ahead(grid):
+        return read(tile)
+    pending = read_ahead.claim((grid.work, cells, tile.key))
+    tiles = tile_grid(grid.height, grid.width, grid.tile_size)
+    following = tiles.index(tile) + 1
+    if following < len(tiles):
+        after = tiles[following]
+        read_ahead.start((grid.work, cells, after.key), functools.partial(read, after))
+    return pending.result() if pending is not None else read(tile)
+
+
 def _centers_task(grid: _Grid, tile: Tile) -> str:
     """Phase 1: SLIC on the tile plus halo; save the centers of the core's cells."""
     out = grid.centers_path(tile.ti, tile.tj)
     if out.exists():
         return str(out)
     r0, c0, r1, c1 = _tile_cells(grid, tile)
-    wr0, wc0 = max(r0 - HALO_CELLS, 0), max(c0 - HALO_CELLS, 0)
-    wr1, wc1 = min(r1 + HALO_CELLS, grid.cell_rows), min(c1 + HALO_CELLS, grid.cell_cols)
-    with open_raster(grid.source) as src:
-        _, features, valid = grid.read_features(src, wr0, wc0, wr1 - wr0, wc1 - wc0)
-    centers, active = slic_centers(features, valid, grid.step, grid.max_iter)
+    wr0, wc0, _, _ = _grown_cells(grid, tile, HALO_CELLS)
+    _, features, valid = _read_cells(grid, tile, HALO_CELLS)
+    centers, active = _kernels(grid)[0](features, valid, grid.step, grid.max_iter)
     core = (slice(r0 - wr0, r1 - wr0), slice(c0 - wc0, c1 - wc0))
     centers = centers[core].astype(np.float64)
     centers[..., 0] += wr0 * grid.step
@@ -494,21 +563,19 @@ def _assign_task(grid: _Grid, tile: Tile) -> int:
     labels_out, table_out = grid.labels_path(tile), grid.table_path(tile)
     if labels_out.exists() and table_out.exists():
         return pq.ParquetFile(table_out).metadata.num_rows
-    r0, c0, r1, c1 = _tile_cells(grid, tile)
-    wr0, wc0 = max(r0 - MARGIN_CELLS, 0), max(c0 - MARGIN_CELLS, 0)
-    wr1, wc1 = min(r1 + MARGIN_CELLS, grid.cell_rows), min(c1 + MARGIN_CELLS, grid.cell_cols)
-    with open_raster(grid.source) as src:
-        pixels, features, valid = grid.read_features(src, wr0, wc0, wr1 - wr0, wc1 - wc0)
+    wr0, wc0, wr1, wc1 = _grown_cells(grid, tile, MARGIN_CELLS)
+    pixels, features, valid = _read_cells(grid, tile, MARGIN_CELLS)
     centers, active = _gather_centers(grid, wr0 - 1, wc0 - 1, wr1 + 1, wc1 + 1)
     row0, col0 = wr0 * grid.step, wc0 * grid.step
     centers[..., 0] -= row0
     centers[..., 1] -= col0
-    index = assign_pixels(features, valid, centers.astype(np.float32), active, grid.step)
-    ext_cols = wc1 - wc0 + 2
-    gi = wr0 - 1 + index // ext_cols
-    gj = wc0 - 1 + index % ext_cols
-    labels = np.where(index >= 0, gi * grid.cell_cols + gj + 1, 0)
-    del features, index, gi, gj  # the tile's largest arrays; free them before the stats
+    assign = _kernels(grid)[1]
+    index = assign(features, valid, centers.astype(np.float32), active, grid.step)
+    gi = np.arange(wr0 - 1, wr1 + 1)[:, None]
+    gj = np.arange(wc0 - 1, wc1 + 1)[None, :]
+    ids = np.append((gi * grid.cell_cols + gj + 1).ravel(), 0)  # index -1 (none): id 0
+    labels = ids[index]
+    del features, index  # the tile's largest arrays; free them before the stats
     labels = enforce_connectivity(labels)
     core = (
         slice(tile.row - row0, tile.row - row0 + tile.height),
@@ -646,6 +713,9 @@ def segment_raster(
     """
     start = time.perf_counter()
     config = config or SegmentConfig()
+    from superdml.slic import resolve_backend  # torch: imported only when segmenting
+
+    backend, device = resolve_backend(config.backend, config.device)
     info = raster_info(path)
     bands = check_bands(path, info.count, config.bands)
     step = config.region_size
@@ -685,9 +755,12 @@ def segment_raster(
             source=info.path, name=folder.name, bands=tuple(bands), nodata=config.nodata,
             lo=tuple(lo), hi=tuple(hi), step=step, compactness=config.compactness,
             max_iter=config.max_iter, tile_size=tile_size, height=info.height, width=info.width,
-            transform=info.transform, work=str(work),
+            transform=info.transform, work=str(work), backend=backend, device=device,
         )  # fmt: skip
-        logger.info("%s: %d tiles of %d px, region size %d", info.path, len(tiles), tile_size, step)
+        logger.info(
+            "%s: %d tiles of %d px, region size %d, %s backend on %s",
+            info.path, len(tiles), tile_size, step, backend, device,
+        )  # fmt: skip
         calls = [(grid, tile) for tile in tiles]
         map_tasks(_centers_task, calls, client, desc=f"{folder.name}: centers")
         counts = map_tasks(_assign_task, calls, client, desc=f"{folder.name}: labels")
