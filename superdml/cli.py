@@ -20,8 +20,22 @@ from superdml.errors import SuperDMLError
 logger = logging.getLogger("superdml")
 
 
+_ANYWHERE = ("--quiet", "-q", "--debug")
+"""Group options also accepted after the command name (``superdml train ... --quiet``)."""
+
+
 class _Group(click.Group):
-    """A click group that turns :class:`SuperDMLError` into one line and exit code 2."""
+    """A click group that turns :class:`SuperDMLError` into one line and exit code 2.
+
+    :data:`_ANYWHERE` options may come anywhere before a ``--``: they are moved in
+    front of the command name, where the group parses them.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        end = args.index("--") if "--" in args else len(args)
+        moved = [a for a in args[:end] if a in _ANYWHERE]
+        rest = [a for a in args[:end] if a not in _ANYWHERE]
+        return super().parse_args(ctx, [*moved, *rest, *args[end:]])
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -7,6 +9,7 @@ from skimage import data
 
 from superdml import __version__
 from superdml.cli import cli
+from superdml.errors import MissingInputError
 
 
 @pytest.fixture
@@ -92,3 +95,16 @@ def test_all_nodata_raster_exits_2(runner, tmp_path):
         cli, ["-q", "segment", str(path), "--out", str(tmp_path / "o"), "--workers", "0"]
     )
     assert result.exit_code == 2 and "void.tif: has no valid pixel" in result.output
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_quiet_and_debug_go_before_or_after_the_command(tmp_path, where):
+    args = ["segment", str(tmp_path / "missing.tif"), "--out", str(tmp_path / "o")]
+
+    def run(flag):
+        return CliRunner().invoke(cli, [flag, *args] if where == "before" else [*args, flag])
+
+    debug = run("--debug")
+    assert isinstance(debug.exception, MissingInputError)  # --debug: raised, with traceback
+    quiet = run("-q")
+    assert quiet.exit_code == 2 and logging.getLogger().level == logging.WARNING
