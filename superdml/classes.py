@@ -273,28 +273,40 @@ class ClassScheme:
                 )
         return self
 
+    def with_classes(self, added: Mapping[int, str], source: str | os.PathLike[str]) -> ClassScheme:
+        """Return the scheme plus the classes ``code -> name`` of `added` (colors chosen).
+
+        Raises
+        ------
+        InputError
+            Naming `source`, when an added code or name is already in the scheme.
+        """
+        raw: dict[int, Mapping[str, Any]] = {
+            e.code: {"name": e.name, "color": _hex(e.color), "description": e.description}
+            for e in self.entries
+        }
+        for code, name in added.items():
+            if code in raw:
+                raise input_error(source, f"code {code} is already {raw[code]['name']!r}")
+            raw[code] = {"name": name}
+        unknown = None if self.unknown in added else self.unknown
+        return make_scheme(raw, source, unknown, self.nodata)
+
     def extended(self, names: list[str]) -> ClassScheme:
         """Return the scheme plus `names` it lacks, on free codes after the highest one.
 
         Classes already in the scheme keep their codes and colors (retraining with an
         added class keeps the codes of the others).
         """
-        new = [n for n in names if n not in self.codes]
-        if not new:
-            return self
         taken = {e.code for e in self.entries} | {self.unknown, self.nodata}
-        raw: dict[int, dict[str, Any]] = {
-            e.code: {"name": e.name, "color": _hex(e.color), "description": e.description}
-            for e in self.entries
-        }
+        added: dict[int, str] = {}
         code = max([0, *(e.code for e in self.entries)])
-        for name in new:
+        for name in (n for n in names if n not in self.codes):
             code += 1
             while code in taken:
                 code += 1
-            raw[code] = {"name": name}
-        unknown = None if self.unknown in raw else self.unknown
-        return make_scheme(raw, "class scheme", unknown, self.nodata)
+            added[code] = name
+        return self.with_classes(added, "class scheme") if added else self
 
 
 def _hex(color: tuple[int, int, int]) -> str:
@@ -346,7 +358,7 @@ def make_scheme(
 
     Colors missing from an entry come from `colormap` (a label raster's color table),
     else from :func:`palette` (distinct from the given colors). Without `unknown`, it is
-    255 when every other code is below 255, else 65535.
+    255 (254 when nodata is 255) when every class code is below 254, else 65535 (65534).
 
     Raises
     ------
@@ -372,9 +384,9 @@ def make_scheme(
         if description is not None and not isinstance(description, str):
             raise input_error(source, f"description of code {c} is not a string")
         entries.append(ClassEntry(c, names[c], given[c] or next(fill), description or None))
-    top = max([nodata, *raw])
     if unknown is None:
-        unknown = 255 if top < 255 else MAX_CODE
+        top = 255 if max([0, *raw]) < 254 else MAX_CODE
+        unknown = top if top != nodata else top - 1
     unknown = _code(unknown, source, "unknown code")
     for what, code in (("unknown", unknown), ("nodata", nodata)):
         if code in raw:
@@ -407,7 +419,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def read_scheme(
-    path: str | os.PathLike[str], colormap: Mapping[int, tuple[int, ...]] | None = None
+    path: str | os.PathLike[str],
+    colormap: Mapping[int, tuple[int, ...]] | None = None,
+    nodata: int = 0,
 ) -> ClassScheme:
     """Read a scheme file (``--classes``, ``classes.yaml``).
 
@@ -419,6 +433,8 @@ def read_scheme(
     path : path
     colormap : mapping of int to RGB(A), optional
         Colors for codes the file gives no color (a label raster's color table).
+    nodata : int
+        The nodata code when the file gives none.
 
     Raises
     ------
@@ -435,7 +451,7 @@ def read_scheme(
         raise input_error(path, f"not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(loaded, dict):
         raise input_error(path, "expected a YAML mapping of class code -> name")
-    unknown, nodata = loaded.pop("unknown", None), loaded.pop("nodata", 0)
+    unknown, nodata = loaded.pop("unknown", None), loaded.pop("nodata", nodata)
     raw: dict[int, Mapping[str, Any]] = {}
     for code, entry in loaded.items():
         if type(code) is not int:
