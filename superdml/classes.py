@@ -31,8 +31,9 @@ import yaml
 
 from superdml._private.atomic import atomic_write
 from superdml.errors import InputError, input_error, require_file
-from superdml.predictions import UNKNOWN
 
+#: What labeling calls a superpixel too far from every reference.
+UNKNOWN = "unknown"
 #: The folder of crops without a class (``superdml crops`` without a label raster).
 UNLABELED = "unlabeled"
 RESERVED = frozenset({UNKNOWN, UNLABELED})

@@ -175,7 +175,7 @@ def _overview(
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    from superdml.export import class_colors
+    from superdml.classes import palette as class_colors
 
     with rasterio.open(data.mosaic) as src:
         rgb = src.read().transpose(1, 2, 0)
