@@ -21,7 +21,7 @@ key                       value
 ``state_dict``            model weights (CPU tensors)
 ``crop_rule``             ``{"crop_size", "mask", "scaling", ...}`` or None
 ``class_scheme``          :meth:`ClassScheme.to_dict <superdml.classes.ClassScheme.to_dict>`
-                          (codes, names, colors) or None (codes 1..N by sorted name)
+                          (codes, names, colors) or None (not recorded)
 ``resume``                None, or :func:`resume_state`: ``epoch``, ``optimizer``,
                           ``scheduler``, ``scaler`` state_dicts and ``rng`` states
 ========================  ==============================================================
@@ -47,7 +47,7 @@ from torch import Tensor
 
 from superdml import __version__
 from superdml._private.atomic import atomic_write
-from superdml.classes import ClassScheme, default_scheme
+from superdml.classes import ClassScheme
 from superdml.config import config_to_dict
 from superdml.errors import CheckpointError, require_file
 from superdml.models import EmbeddingNet, model_spec
@@ -364,8 +364,8 @@ class Checkpoint:
         return None if rule is None else dict(rule)
 
     @property
-    def class_scheme(self) -> ClassScheme:
-        """Codes, names and colors of the classes (codes 1..N by sorted name if unrecorded).
+    def class_scheme(self) -> ClassScheme | None:
+        """Codes, names and colors of the classes; None when the checkpoint records none.
 
         Raises
         ------
@@ -374,7 +374,7 @@ class Checkpoint:
         """
         stored = self.data.get("class_scheme")
         if stored is None:
-            return default_scheme(self.class_names)
+            return None
         scheme = ClassScheme.from_dict(stored, self.path)
         return scheme.covering(self.class_names, self.path)
 

@@ -371,10 +371,7 @@ def make_scheme(
         _code(code, source, "code")
     nodata = _code(nodata, source, "nodata code")
     names = check_class_names({c: e.get("name") for c, e in raw.items()}, source, "code")
-    given = {
-        c: _color(e["color"], source, c) if e.get("color") is not None else None
-        for c, e in raw.items()
-    }
+    given = {c: _color(e["color"], source, c) if "color" in e else None for c, e in raw.items()}
     for c in raw:
         if given[c] is None and colormap is not None and c in colormap:
             given[c] = cast(tuple[int, int, int], tuple(int(v) for v in colormap[c][:3]))
@@ -404,6 +401,10 @@ def default_scheme(names: list[str]) -> ClassScheme:
     return make_scheme({i: {"name": n} for i, n in enumerate(sorted(names), 1)}, "class names")
 
 
+class _CodeTwice(yaml.YAMLError):
+    """A mapping key given twice."""
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """A safe loader that refuses a mapping key given twice (two names on one code)."""
 
@@ -412,8 +413,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
             if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"code {key!r} is given twice", key_node.start_mark
+                raise _CodeTwice(
+                    f"code {key!r} is given twice (line {key_node.start_mark.line + 1})"
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
@@ -448,6 +449,8 @@ def read_scheme(
     require_file(path, "class scheme")
     try:
         loaded = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)  # noqa: S506  # a SafeLoader subclass
+    except _CodeTwice as err:
+        raise input_error(path, f"{err}: one name per code") from None
     except yaml.YAMLError as err:
         raise input_error(path, f"not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(loaded, dict):

@@ -1275,12 +1275,15 @@ def _reference_scheme(
 ) -> ClassScheme:
     """Return the reference folder's class scheme; refuse codes the checkpoint uses otherwise.
 
-    The folder's ``classes.yaml`` when present, else the checkpoint's scheme extended by
-    the folder's new classes (:func:`superdml.classes.folder_scheme`).
+    The folder's ``classes.yaml`` when present, else the checkpoint's scheme (when it
+    records one) extended by the folder's new classes (see
+    :func:`superdml.classes.folder_scheme`).
     """
     theirs = ckpt.class_scheme
     scheme = folder_scheme(reference_dir, class_names, theirs)
-    scheme.check_compatible(theirs, Path(reference_dir) / SCHEME_FILE, f"checkpoint {checkpoint}")
+    if theirs is not None:
+        where = Path(reference_dir) / SCHEME_FILE
+        scheme.check_compatible(theirs, where, f"checkpoint {checkpoint}")
     return scheme
 
 

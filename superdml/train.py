@@ -558,7 +558,7 @@ def _train(
     # codes of classes that stay are kept on retraining; classes.yaml in the folder rules
     previous = ckpt or init_ckpt
     scheme = folder_scheme(
-        train_dir, data.class_names, previous.class_scheme if previous is not None else None
+        train_dir, data.class_names, None if previous is None else previous.class_scheme
     )
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = False
