@@ -12,6 +12,13 @@ as it is, never rewritten, so it must be one ordinary path component:
   ``unlabeled`` (the folder of crops without a class), in any letter case;
 - distinct from the other names of the same source, ignoring letter case (folders that
   differ only in case are one folder on macOS and Windows).
+
+A class scheme (:class:`ClassScheme`) gives every class a code (its value in label
+rasters), a color and an optional description, plus the codes of ``unknown`` and of
+nodata. This module is the one reader and writer of its two forms: the YAML scheme file
+people write (``--classes``, a crop folder's ``classes.yaml``; :func:`read_scheme`,
+:func:`write_scheme`) and the JSON form stored in checkpoints, references and
+``label.json`` (:meth:`ClassScheme.to_dict`, :meth:`ClassScheme.from_dict`).
 """
 
 from __future__ import annotations

@@ -163,7 +163,7 @@ class _LabelJob:
     def part_meta(self) -> dict[str, str]:
         return part_meta(
             self.run.fingerprint, self.rule, self.checkpoint_sha256, self.reference_sha256,
-            self.config,
+            self.config, self.codes,
         )  # fmt: skip
 
     def part_path(self, tile: Tile) -> Path:
@@ -178,7 +178,7 @@ class _LabelJob:
 
 def part_meta(
     segments: str, rule: CropRule, checkpoint_sha256: str, reference_sha256: str,
-    config: LabelConfig,
+    config: LabelConfig, codes: tuple[int, ...],
 ) -> dict[str, str]:  # fmt: skip
     """Return the provenance of a predictions part (reused only when all of it matches).
 
@@ -189,6 +189,9 @@ def part_meta(
     rule : CropRule
     checkpoint_sha256, reference_sha256 : str
     config : LabelConfig
+    codes : tuple of int
+        The class scheme's code of each class, then of unknown (a part holds codes: an
+        edited ``classes.yaml`` relabels, though the reference's content is the same).
     """
     return {
         "segments": segments,
@@ -196,6 +199,7 @@ def part_meta(
         "checkpoint_sha256": checkpoint_sha256,
         "reference_sha256": reference_sha256,
         "label_config": config_hash(config),
+        "label_codes": combine(*codes),
     }
 
 

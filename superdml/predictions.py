@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from superdml.classes import ClassScheme, default_scheme
+from superdml.classes import ClassScheme
 from superdml.errors import InputError, input_error, require_dir
 from superdml.provenance import combine
 from superdml.raster import Tile, tile_grid
@@ -77,12 +77,17 @@ class LabelRun:
 
     @property
     def scheme(self) -> ClassScheme:
-        """The class scheme the predictions' codes belong to (codes 1..N if unrecorded)."""
-        stored = self.meta.get("class_scheme")
-        if stored is None:
-            return default_scheme(self.class_names)
+        """The class scheme the predictions' codes belong to (``label.json``'s).
+
+        Raises
+        ------
+        InputError
+            When the recorded scheme is malformed or lacks a class of the label run.
+        """
         source = self.out_dir / MANIFEST
-        return ClassScheme.from_dict(stored, source).covering(self.class_names, source)
+        return ClassScheme.from_dict(self.meta["class_scheme"], source).covering(
+            self.class_names, source
+        )
 
     def part_path(self, raster: str, tile: Tile) -> Path:
         """Path of the predictions part of one tile."""
@@ -193,6 +198,11 @@ def load_label_run(out_dir: str | Path) -> LabelRun:
             f"{out_dir}: not a label output (no {MANIFEST}): run `superdml label` first"
         )
     meta = json.loads(manifest.read_text())
+    if "class_scheme" not in meta:
+        raise InputError(
+            f"{manifest}: made by an older superdml (no class scheme, predictions without "
+            "label_code): run `superdml label` again"
+        )
     return LabelRun(out_dir, list(meta["class_names"]), int(meta["tile_size"]), meta)
 
 

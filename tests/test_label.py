@@ -99,6 +99,7 @@ def test_every_superpixel_labeled_once_with_the_schema(world, labeled):
         "checkpoint_sha256",
         "reference_sha256",
         "label_config",
+        "label_codes",
     }
 
 
