@@ -371,11 +371,13 @@ def export(
 ) -> ExportResult:
     """Export a label run as GIS files.
 
-    Writes per raster: ``labels.tif`` (class ids from 1, 0 = unlabeled/unknown/nodata,
-    class names in the tags and a color table), ``scores.tif`` (float32, NaN where
-    unlabeled), ``labels.qml`` (QGIS style), ``superpixels.gpkg`` or
-    ``superpixels.parquet`` (GeoParquet) polygons, and ``summary.json``. With one raster
-    the files go to `out`, with several to ``out/<raster>/``.
+    Writes per raster, in the label run's class scheme: ``labels.tif`` (the scheme's
+    codes, its unknown code for ``unknown``, its nodata code where unlabeled; class
+    names in the tags and the scheme's colors as the color table), ``scores.tif``
+    (float32, NaN where unlabeled), ``labels.qml`` (QGIS style), ``superpixels.gpkg`` or
+    ``superpixels.parquet`` (GeoParquet) polygons with ``label`` and ``label_code``, and
+    ``summary.json``. With one raster the files go to `out`, with several to
+    ``out/<raster>/``.
 
     A label run with tiles that have no predictions part (an interrupted ``superdml
     label``) is refused, before anything is written, unless `allow_incomplete`: then

@@ -63,7 +63,7 @@ class LabelRun:
     ----------
     out_dir : Path
     class_names : list of str
-        Class ``i`` has label id ``i + 1``.
+        The reference's classes, in the order of its labels.
     tile_size : int
         Tiles of the predictions parts.
     meta : dict
