@@ -228,6 +228,25 @@ def test_init_keeps_shared_proxies_and_adds_new_ones(tmp_path, monkeypatch):
         assert torch.equal(value, new_ckpt.state_dict[key]), key
 
 
+def test_init_keeps_the_codes_of_the_classes_that_stayed(tmp_path, monkeypatch):
+    abc = make_crop_folders(tmp_path / "abc", classes=("brick", "grass", "gravel"), per_class=4)
+    scheme_file = abc / "classes.yaml"
+    scheme_file.write_text('10: brick\n20: {name: grass, color: "#00ff00"}\n30: gravel\n')
+    abd = make_crop_folders(tmp_path / "abd", classes=("brick", "coffee", "grass"), per_class=4)
+    monkeypatch.setattr(train_module, "_train_epoch", no_steps)
+    old = train(abc, tmp_path / "old", tiny(epochs=1), device="cpu")
+    new = train(abd, tmp_path / "new", tiny(epochs=1), init=old.last_path, device="cpu")
+    scheme = load_checkpoint(new.last_path).class_scheme
+    assert scheme.codes == {"brick": 10, "grass": 20, "gravel": 30, "coffee": 31}
+    assert scheme.entries[1].color == (0, 255, 0)
+    scratch = train(abd, tmp_path / "scratch", tiny(epochs=1), device="cpu")
+    assert load_checkpoint(scratch.last_path).class_scheme.codes == {
+        "brick": 1,
+        "coffee": 2,
+        "grass": 3,
+    }
+
+
 def test_init_refuses_a_checkpoint_of_another_network(folders, tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "_train_epoch", no_steps)
     old = train(folders[0], tmp_path / "old", tiny(epochs=1), device="cpu")
