@@ -289,8 +289,10 @@ def read_label_scheme(path: str | Path, classes_yaml: str | Path | None) -> Clas
     Names from the `classes_yaml` scheme file when given (see
     :func:`superdml.classes.read_scheme`), else from the raster's ``class_names`` tag (a
     JSON object code -> name, or a JSON list of names for codes 1, 2, ..., as older
-    exports wrote it). Colors the names' source does not give come from the raster's
-    color table, else from a palette. The nodata code is the raster's nodata (else 0)
+    exports wrote it), else from GDAL's category names of band 1 (``CategoryNames`` in
+    the ``<raster>.aux.xml`` sidecar, where GDAL and QGIS keep them for GeoTIFFs).
+    Colors the names' source does not give come from the raster's color table, else
+    from a palette. The nodata code is the raster's nodata (else 0)
     unless the file says otherwise. Codes without a name are not in the returned scheme
     (crops name them ``class_<code>``).
 
@@ -314,7 +316,8 @@ def read_label_scheme(path: str | Path, classes_yaml: str | Path | None) -> Clas
         source = classes_yaml
         scheme = read_scheme(classes_yaml, colormap, nodata)
     else:
-        scheme = make_scheme(_tag_names(path, tag), path, nodata=nodata, colormap=colormap)
+        names = _tag_names(path, tag) if tag else _category_names(path)
+        scheme = make_scheme(names, path, nodata=nodata, colormap=colormap)
     for entry in scheme.entries:
         if not info.min <= entry.code <= info.max:
             raise input_error(
@@ -332,10 +335,24 @@ def read_label_scheme(path: str | Path, classes_yaml: str | Path | None) -> Clas
     return scheme
 
 
-def _tag_names(path: str | Path, tag: str | None) -> dict[int, dict[str, Any]]:
-    """Entries ``code -> {"name": ...}`` of a ``class_names`` tag (none without a tag)."""
-    if not tag:
+def _category_names(path: str | Path) -> dict[int, dict[str, Any]]:
+    """Entries ``code -> {"name": ...}`` of GDAL's category names (empty names skipped)."""
+    import xml.etree.ElementTree as ET
+
+    sidecar = Path(f"{path}.aux.xml")
+    if not sidecar.is_file():
         return {}
+    try:
+        root = ET.parse(sidecar).getroot()
+    except ET.ParseError as err:
+        raise input_error(sidecar, f"not valid XML ({err})") from None
+    band = root.find("PAMRasterBand[@band='1']")
+    categories = [] if band is None else band.findall("CategoryNames/Category")
+    return {code: {"name": c.text} for code, c in enumerate(categories) if c.text}
+
+
+def _tag_names(path: str | Path, tag: str) -> dict[int, dict[str, Any]]:
+    """Entries ``code -> {"name": ...}`` of a ``class_names`` tag."""
     try:
         listed = json.loads(tag)
     except json.JSONDecodeError:

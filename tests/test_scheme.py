@@ -21,7 +21,7 @@ from superdml.classes import (
 )
 from superdml.cli import cli
 from superdml.config import CropsConfig, LabelConfig, SegmentConfig
-from superdml.crops import export_crops, read_crop_rule
+from superdml.crops import export_crops, read_crop_rule, read_label_scheme
 from superdml.errors import InputError
 from superdml.index import build_index
 from superdml.label import label
@@ -223,3 +223,18 @@ def test_unrecorded_scheme_gets_sorted_codes_and_distinct_colors():
     assert len({e.color for e in scheme.entries}) == 3
     with pytest.raises(InputError, match="nodata code 0 is also the code of 'a'"):
         make_scheme({0: {"name": "a"}}, "test")
+
+
+def test_gdal_category_names_of_the_label_raster_name_the_classes(world, tmp_path):
+    cover = tmp_path / "cover.tif"
+    shutil.copy(world["cover"], cover)
+    categories = "".join(f"<Category>{n}</Category>" for n in ["", "sea", "", "pond"])
+    (tmp_path / "cover.tif.aux.xml").write_text(
+        f'<PAMDataset><PAMRasterBand band="1"><CategoryNames>{categories}</CategoryNames>'
+        "</PAMRasterBand></PAMDataset>"
+    )
+    scheme = read_label_scheme(cover, None)
+    assert {e.code: (e.name, e.color) for e in scheme.entries} == {
+        1: ("sea", COLORS[1]),
+        3: ("pond", COLORS[3]),
+    }
