@@ -238,3 +238,18 @@ def test_gdal_category_names_of_the_label_raster_name_the_classes(world, tmp_pat
         1: ("sea", COLORS[1]),
         3: ("pond", COLORS[3]),
     }
+
+
+def test_relabeling_after_the_codes_changed_writes_the_new_codes(world, tmp_path):
+    folder = tmp_path / "ref"
+    shutil.copytree(world["crops"], folder)
+    rule = read_crop_rule(world["crops"]).to_dict()
+    ckpt = save_untrained_checkpoint(tmp_path / "c.pt", ["lake", "land", "ocean"], crop_rule=rule)
+    out, config = tmp_path / "out", LabelConfig(k=3)
+    for codes in ({1: "ocean", 2: "land", 3: "lake"}, {10: "ocean", 20: "land", 30: "lake"}):
+        (folder / SCHEME_FILE).write_text("".join(f"{c}: {n}\n" for c, n in codes.items()))
+        build_index(ckpt, folder, tmp_path / "index", device="cpu")
+        label(world["seg"].out_dir, ckpt, tmp_path / "index", out, config, device="cpu")
+        preds = pq.read_table(out / "predictions")
+        pairs = set(zip(preds["label_code"].to_pylist(), preds["label"].to_pylist(), strict=True))
+        assert pairs == set(codes.items())
