@@ -231,9 +231,9 @@ class ClassScheme:
         try:
             raw = {int(c["code"]): dict(c) for c in data["classes"]}
             return make_scheme(raw, source, data.get("unknown"), int(data.get("nodata", 0)))
+        except InputError:
+            raise
         except (KeyError, TypeError, ValueError) as err:
-            if isinstance(err, InputError):
-                raise
             raise input_error(source, f"malformed class scheme ({err!r})") from None
 
     def check_compatible(
