@@ -722,7 +722,7 @@ def export_crops(
             picked = _choose(tile, value, purity, config)
             ids = cand.column("segment_id").to_numpy()
             if scheme is not None:
-                scheme = _name_unnamed(scheme, value[picked], classes or label_raster)
+                scheme = _name_unnamed(scheme, value[picked], classes or str(label_raster))
             names = {} if scheme is None else {e.code: e.name for e in scheme.entries}
             for t in range(len(calls)):
                 sel = picked[tile[picked] == t]
