@@ -292,6 +292,8 @@ def test_cli_trains_with_the_shipped_config_and_resumes_longer(folders, tmp_path
         (["--loss", "proxy_anchr"], "did you mean 'proxy_anchor'"),
         (["--resume"], "last.pt: no such file"),
         (["--init", "{notes}"], "notes.txt: "),  # CheckpointError naming the file
+        (["--train-dir", "{unnamed}"], "classes.yaml: class folder 'grass' is not in the class"),
+        (["--train-dir", "{uncolored}"], "classes.yaml: color 'green' for code 2 is not a color"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_exit_code_2(folders, tmp_path, args, message):
@@ -303,7 +305,12 @@ def test_bad_input_is_one_line_and_exit_code_2(folders, tmp_path, args, message)
     (tmp_path / "badtype.yaml").write_text("lr: fast\n")
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
     strange = make_crop_folders(tmp_path / "strange", classes=("brick", "astronaut"), per_class=2)
+    unnamed = make_crop_folders(tmp_path / "unnamed", classes=("brick", "grass"), per_class=2)
+    (unnamed / "classes.yaml").write_text("1: brick\n")
+    uncolored = make_crop_folders(tmp_path / "uncolored", classes=("brick", "grass"), per_class=2)
+    (uncolored / "classes.yaml").write_text("1: brick\n2: {name: grass, color: green}\n")
     paths = {"empty": empty, "one": one, "missing": tmp_path / "missing", "strange": strange}
+    paths |= {"unnamed": unnamed, "uncolored": uncolored}
     paths |= {k: tmp_path / f"{k}.yaml" for k in ("typo", "badtype")}
     paths["notes"] = tmp_path / "notes.txt"
     argv = [a.format(**paths) for a in args]
