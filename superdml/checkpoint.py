@@ -20,6 +20,8 @@ key                       value
 ``metrics``               validation metrics, ``{name: float}``
 ``state_dict``            model weights (CPU tensors)
 ``crop_rule``             ``{"crop_size", "mask", "scaling", ...}`` or None
+``class_scheme``          :meth:`ClassScheme.to_dict <superdml.classes.ClassScheme.to_dict>`
+                          (codes, names, colors) or None (not recorded)
 ``resume``                None, or :func:`resume_state`: ``epoch``, ``optimizer``,
                           ``scheduler``, ``scaler`` state_dicts and ``rng`` states
 ========================  ==============================================================
@@ -45,6 +47,7 @@ from torch import Tensor
 
 from superdml import __version__
 from superdml._private.atomic import atomic_write
+from superdml.classes import ClassScheme
 from superdml.config import config_to_dict
 from superdml.errors import CheckpointError, require_file
 from superdml.models import EmbeddingNet, model_spec
@@ -173,6 +176,7 @@ def save_checkpoint(
     train_config: Any = None,
     metrics: Mapping[str, float] | None = None,
     crop_rule: Mapping[str, Any] | None = None,
+    class_scheme: ClassScheme | None = None,
     resume: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint atomically (temporary name, then rename) and return its path.
@@ -203,6 +207,8 @@ def save_checkpoint(
         Validation metrics.
     crop_rule : mapping, optional
         ``crop_size``, ``mask``, ``scaling`` of the crops the model was trained on.
+    class_scheme : ClassScheme, optional
+        Codes, names and colors of the classes (it names every class of `class_names`).
     resume : mapping, optional
         :func:`resume_state`, for ``train --resume``.
 
@@ -242,6 +248,7 @@ def save_checkpoint(
             "metrics": {str(k): float(v) for k, v in (metrics or {}).items()},
             "state_dict": model.state_dict(),
             "crop_rule": None if crop_rule is None else dict(crop_rule),
+            "class_scheme": None if class_scheme is None else class_scheme.to_dict(),
             "resume": None if resume is None else dict(resume),
         },
         "",
@@ -357,6 +364,21 @@ class Checkpoint:
         return None if rule is None else dict(rule)
 
     @property
+    def class_scheme(self) -> ClassScheme | None:
+        """Codes, names and colors of the classes; None when the checkpoint records none.
+
+        Raises
+        ------
+        InputError
+            When the recorded scheme is malformed or lacks a class of the checkpoint.
+        """
+        stored = self.data.get("class_scheme")
+        if stored is None:
+            return None
+        scheme = ClassScheme.from_dict(stored, self.path)
+        return scheme.covering(self.class_names, self.path)
+
+    @property
     def resume(self) -> dict[str, Any] | None:
         """Resume state (:func:`resume_state`), or None."""
         state = self.data["resume"]
@@ -427,6 +449,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     for key, expected in _REQUIRED.items():
         if not isinstance(data.get(key), expected):
             raise CheckpointError(f"{name}: damaged checkpoint, {key!r} is missing or wrong")
+    if not isinstance(data.get("class_scheme"), (dict, type(None))):  # absent before schemes
+        raise CheckpointError(f"{name}: damaged checkpoint, 'class_scheme' is wrong")
     spec, norm = data["model"], data["normalization"]
     for key in ("backbone", "embedding_size", "in_channels", "input_size"):
         if key not in spec:

@@ -209,7 +209,7 @@ def segment(
 @click.option(
     "--classes",
     type=click.Path(path_type=Path),
-    help="YAML mapping label value -> class name.",
+    help="Class scheme YAML: code -> name or {name, color, description} (see README).",
 )
 @click.option("--min-purity", type=float, help="Minimum majority share [0.8].")
 @cluster_options

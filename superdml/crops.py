@@ -33,10 +33,18 @@ from PIL import Image
 
 from superdml._private.atomic import atomic_write, write_json
 from superdml._private.ownership import check_apart, claim_output, clear_listed
-from superdml.classes import UNLABELED, check_class_names
+from superdml.classes import (
+    MAX_CODE,
+    SCHEME_FILE,
+    UNLABELED,
+    ClassScheme,
+    make_scheme,
+    read_scheme,
+    write_scheme,
+)
 from superdml.cluster import map_tasks
 from superdml.config import CropsConfig, MaskMode, config_hash, config_to_dict
-from superdml.errors import InputError, input_error, require_file
+from superdml.errors import InputError, input_error
 from superdml.provenance import fingerprint
 from superdml.raster import check_bands, open_raster, read_window, tile_grid
 from superdml.segment import SegmentRun, load_segment_runs
@@ -274,60 +282,89 @@ def write_png(path: Path, crop: np.ndarray) -> None:
 # ------------------------------------------------------------------- label rasters
 
 
-def read_class_names(path: str | Path, classes_yaml: str | Path | None) -> dict[int, str]:
-    """Return the class names of a label raster, by class value, checked as folder names.
+def read_label_scheme(path: str | Path, classes_yaml: str | Path | None) -> ClassScheme:
+    """Return the class scheme of a label raster: codes, names (checked) and colors.
 
-    From a YAML mapping value -> name when given, else from the raster's ``class_names``
-    tag (a JSON list of names for values 1, 2, ..., as ``superdml export`` writes it);
-    values without a name become ``class_<v>``.
+    Names from the `classes_yaml` scheme file when given (see
+    :func:`superdml.classes.read_scheme`), else from the raster's ``class_names`` tag (a
+    JSON object code -> name, or a JSON list of names for codes 1, 2, ..., as older
+    exports wrote it), else from GDAL's category names of band 1 (``CategoryNames`` in
+    the ``<raster>.aux.xml`` sidecar, where GDAL and QGIS keep them for GeoTIFFs).
+    Colors the names' source does not give come from the raster's color table, else
+    from a palette. The nodata code is the raster's nodata (else 0)
+    unless the file says otherwise. Codes without a name are not in the returned scheme
+    (crops name them ``class_<code>``).
 
     Raises
     ------
     InputError
-        The YAML or the tag is malformed, a name is not a folder name (see
-        :mod:`superdml.classes`), two values share a name, or a name is the default
-        name ``class_<v>`` of another value.
+        The scheme file or the tag is malformed (see :func:`superdml.classes.make_scheme`),
+        a code does not fit the raster's data type, or a name is the default name
+        ``class_<v>`` of another code.
     """
-    import yaml
-
+    with open_raster(path) as src:
+        try:
+            colormap: dict[int, tuple[int, ...]] | None = src.colormap(1)
+        except ValueError:  # no color table
+            colormap = None
+        tag = src.tags(1).get("class_names") or src.tags().get("class_names")
+        info, nodata = np.iinfo(np.dtype(src.dtypes[0])), src.nodata
+    nodata = int(nodata) if nodata is not None and 0 <= nodata <= MAX_CODE else 0
+    source: str | Path = path
     if classes_yaml is not None:
-        require_file(classes_yaml, "--classes mapping")
-        source: str | Path = classes_yaml
-        try:
-            loaded = yaml.safe_load(Path(classes_yaml).read_text())
-        except yaml.YAMLError as err:
-            raise input_error(
-                classes_yaml, f"not valid YAML ({' '.join(str(err).split())})"
-            ) from None
-        if not isinstance(loaded, dict) or not all(type(k) is int for k in loaded):
-            raise input_error(classes_yaml, "expected a YAML mapping of class value -> name")
-        names = check_class_names(loaded, classes_yaml)
+        source = classes_yaml
+        scheme = read_scheme(classes_yaml, colormap, nodata)
     else:
-        source = path
-        with open_raster(path) as src:
-            tag = src.tags(1).get("class_names") or src.tags().get("class_names")
-        if not tag:
-            return {}
-        try:
-            listed = json.loads(tag)
-        except json.JSONDecodeError:
-            listed = None
-        if not isinstance(listed, list):
-            raise input_error(
-                path,
-                f"class_names tag {tag[:60]!r} is not a JSON list of names: fix the tag "
-                "or pass --classes",
-            )
-        names = check_class_names(dict(enumerate(listed, start=1)), path)
-    for value, name in names.items():
-        default = re.fullmatch(r"class_(-?\d+)", name, re.IGNORECASE)
-        if default is not None and int(default[1]) != value:
+        names = _tag_names(path, tag) if tag else _category_names(path)
+        scheme = make_scheme(names, path, nodata=nodata, colormap=colormap)
+    for entry in scheme.entries:
+        if not info.min <= entry.code <= info.max:
             raise input_error(
                 source,
-                f"class name {name!r} for value {value} is the default name of value "
-                f"{int(default[1])}: choose another name",
+                f"code {entry.code} of {entry.name!r} is outside the label raster's values "
+                f"({info.dtype}: {info.min}..{info.max}, {path})",
             )
-    return names
+        default = re.fullmatch(r"class_(-?\d+)", entry.name, re.IGNORECASE)
+        if default is not None and int(default[1]) != entry.code:
+            raise input_error(
+                source,
+                f"class name {entry.name!r} for code {entry.code} is the default name of "
+                f"code {int(default[1])}: choose another name",
+            )
+    return scheme
+
+
+def _category_names(path: str | Path) -> dict[int, dict[str, Any]]:
+    """Entries ``code -> {"name": ...}`` of GDAL's category names (empty names skipped)."""
+    import xml.etree.ElementTree as ET
+
+    sidecar = Path(f"{path}.aux.xml")
+    if not sidecar.is_file():
+        return {}
+    try:
+        root = ET.parse(sidecar).getroot()
+    except ET.ParseError as err:
+        raise input_error(sidecar, f"not valid XML ({err})") from None
+    band = root.find("PAMRasterBand[@band='1']")
+    categories = [] if band is None else band.findall("CategoryNames/Category")
+    return {code: {"name": c.text} for code, c in enumerate(categories) if c.text}
+
+
+def _tag_names(path: str | Path, tag: str) -> dict[int, dict[str, Any]]:
+    """Entries ``code -> {"name": ...}`` of a ``class_names`` tag."""
+    try:
+        listed = json.loads(tag)
+    except json.JSONDecodeError:
+        listed = None
+    if isinstance(listed, list):
+        return {code: {"name": name} for code, name in enumerate(listed, start=1)}
+    if isinstance(listed, dict) and all(re.fullmatch(r"\d+", k) for k in listed):
+        return {int(code): {"name": name} for code, name in listed.items()}
+    raise input_error(
+        path,
+        f"class_names tag {tag[:60]!r} is not a JSON object of code -> name (or a list of "
+        "names): fix the tag or pass --classes",
+    )
 
 
 def read_class_nodata(path: str | Path) -> int | None:
@@ -611,15 +648,16 @@ def export_crops(
     segment_dir : path
         A segment run folder (every raster in it) or one raster's subfolder.
     out_dir : path
-        Crop folder: ``<class>/<raster>_<segment_id>.png``, or ``unlabeled/...`` without
-        a label raster.
+        Crop folder: ``<class>/<raster>_<segment_id>.png`` and the class scheme used in
+        ``classes.yaml``, or ``unlabeled/...`` without a label raster.
     config : CropsConfig, optional
         Crop size, mask mode, bands, sampling and purity.
     label_raster : path, optional
         Categorical raster (any grid; reprojected with nearest) giving each superpixel
         its majority class; superpixels below ``min_purity`` are skipped.
     classes : path, optional
-        YAML mapping class value -> name for the label raster.
+        Scheme file (code -> name or {name, color, description}) of the label raster;
+        see :func:`read_label_scheme`.
     client : distributed.Client, optional
 
     Returns
@@ -632,12 +670,12 @@ def export_crops(
         raise InputError("--per-class needs --label-raster (classes come from it)")
     runs = load_segment_runs(segment_dir)
     rule = CropRule(config.crop_size, config.mask, config.bands)
-    names: dict[int, str] = {}
+    scheme: ClassScheme | None = None
     class_nodata = None
     if label_raster is not None:
         label_raster = str(Path(label_raster).resolve())
         class_nodata = read_class_nodata(label_raster)
-        names = read_class_names(label_raster, classes)
+        scheme = read_label_scheme(label_raster, classes)
         for run in runs:
             _check_overlap(run, label_raster)
     counts = {len(color_band_indexes(run, rule)) for run in runs}
@@ -682,12 +720,12 @@ def export_crops(
             purity = cand.column("purity").to_numpy()
             picked = _choose(tile, value, purity, config)
             ids = cand.column("segment_id").to_numpy()
+            if scheme is not None:
+                scheme = _name_unnamed(scheme, value[picked], classes or str(label_raster))
+            names = {} if scheme is None else {e.code: e.name for e in scheme.entries}
             for t in range(len(calls)):
                 sel = picked[tile[picked] == t]
-                names_t = [
-                    names.get(int(v), f"class_{int(v)}") if label_raster else UNLABELED
-                    for v in value[sel]
-                ]
+                names_t = [names.get(int(v), UNLABELED) for v in value[sel]]
                 kept = purity[sel].astype(np.float32) if label_raster else np.full(sel.size, np.nan)
                 chosen[t] = _Chosen(ids[sel], names_t, kept)
         tables = map_tasks(
@@ -697,6 +735,8 @@ def export_crops(
             desc="crops",
         )
         table = pa.concat_tables(tables) if tables else CROPS_SCHEMA.empty_table()
+        if scheme is not None:
+            write_scheme(out_dir / SCHEME_FILE, scheme)
         meta = {
             "crop_rule": rule.to_dict(),
             "config": config_to_dict(config),
@@ -711,6 +751,13 @@ def export_crops(
                 compression="zstd",
             )
     return _result(out_dir, table_path, table, start)
+
+
+def _name_unnamed(scheme: ClassScheme, values: np.ndarray, source: str | Path) -> ClassScheme:
+    """Return `scheme` plus ``class_<v>`` for the cropped class values `values` it lacks."""
+    named = {e.code for e in scheme.entries}
+    unnamed = sorted({int(v) for v in values} - named)
+    return scheme.with_classes({v: f"class_{v}" for v in unnamed}, source)
 
 
 def _check_pending(out_dir: Path, provenance: dict[str, Any]) -> None:
@@ -752,7 +799,8 @@ def _finished(
         logger.info("%s: up to date, skipped", out_dir)
         return _result(out_dir, table_path, table, start)
     reason = "holds crops made from other segments, label raster or options"
-    clear_listed(out_dir, table_path, table.column("file").to_pylist(), "crops", reason)
+    listed = [*table.column("file").to_pylist(), SCHEME_FILE]
+    clear_listed(out_dir, table_path, listed, "crops", reason)
     return None
 
 

@@ -163,7 +163,7 @@ def _overview(
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    from superdml.export import class_colors
+    from superdml.classes import palette as class_colors
 
     with rasterio.open(data.mosaic) as src:
         rgb = src.read().transpose(1, 2, 0)
@@ -243,16 +243,16 @@ def demo(
         if epochs is not None:
             sets.append(f"epochs={epochs}")
         result = run_pipeline("demo", sets, out_dir, client=client, device=device)
-        names = load_label_run(out_dir / "labels").class_names
+        scheme = load_label_run(out_dir / "labels").scheme
         labels, scores = out_dir / "labels" / "labels.tif", out_dir / "labels" / "scores.tif"
         with rasterio.open(labels) as src:
             predicted = src.read(1)
         with rasterio.open(data.truth) as src:
             truth = src.read(1)
-        # predicted ids follow the reference's (sorted) class names; map them to truth ids
-        to_truth = np.array(
-            [0] + [CLASS_NAMES.index(n) + 1 if n in CLASS_NAMES else 0 for n in names]
-        )
+        # predicted values are the class scheme's codes; map them to truth ids (others: 0)
+        to_truth = np.zeros(1 << 16, dtype=np.int64)
+        for name, code in scheme.codes.items():
+            to_truth[code] = CLASS_NAMES.index(name) + 1 if name in CLASS_NAMES else 0
         scores_half = unseen_half_scores(to_truth[predicted], truth, CLASS_NAMES)
         overview = out_dir / "overview.png"
         _overview(data, to_truth[predicted], scores, overview, list(CLASS_NAMES))

@@ -10,7 +10,6 @@ is traced once, whole.
 
 from __future__ import annotations
 
-import colorsys
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from rasterio.windows import transform as window_transform
 from superdml._private.atomic import atomic_write, temp_path, write_json
 from superdml._private.ownership import claim_output
 from superdml._private.progress import progress
+from superdml.classes import UNKNOWN, UNKNOWN_COLOR, ClassScheme
 from superdml.errors import InputError, input_error
 from superdml.predictions import LabelRun, load_label_run, lookup, neighbours
 from superdml.raster import geotiff_profile, open_raster, read_window
@@ -51,31 +51,17 @@ class ExportResult:
     seconds: float
 
 
-def class_colors(n: int) -> list[tuple[int, int, int]]:
-    """Return `n` distinct RGB colors: tab20 first, then golden-angle hues."""
-    from matplotlib import colormaps
+def qgis_style(scheme: ClassScheme) -> str:
+    """Return a QGIS ``.qml`` paletted style: the scheme's codes, names and colors.
 
-    tab = [tuple(int(round(255 * c)) for c in colormaps["tab20"](i)[:3]) for i in range(20)]
-    if n <= 20:
-        return tab[:n]  # type: ignore[return-value]
-    extra = [
-        tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1, 0.65, 0.9))
-        for i in range(n - 20)
-    ]
-    return tab + extra  # type: ignore[return-value]
-
-
-def label_dtype(n_classes: int) -> str:
-    """uint8 for up to 254 classes (0 is unlabeled), else uint16."""
-    return "uint8" if n_classes <= 254 else "uint16"
-
-
-def qgis_style(class_names: list[str], colors: list[tuple[int, int, int]]) -> str:
-    """Return a QGIS ``.qml`` paletted style naming each class id."""
+    ``unknown`` is an entry of its own (gray) on the scheme's unknown code.
+    """
+    rows = [*((e.code, e.name, e.color) for e in scheme.entries)]
+    rows.append((scheme.unknown, UNKNOWN, UNKNOWN_COLOR))
     entries = "\n".join(
-        f'        <paletteEntry value="{i}" color="#{r:02x}{g:02x}{b:02x}" alpha="255" '
+        f'        <paletteEntry value="{code}" color="#{r:02x}{g:02x}{b:02x}" alpha="255" '
         f'label="{escape(name, {chr(34): "&quot;"})}"/>'
-        for i, (name, (r, g, b)) in enumerate(zip(class_names, colors, strict=True), start=1)
+        for code, name, (r, g, b) in rows
     )
     return (
         "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
@@ -91,16 +77,36 @@ def qgis_style(class_names: list[str], colors: list[tuple[int, int, int]]) -> st
     )
 
 
+def label_tags(scheme: ClassScheme) -> dict[str, str]:
+    """Return the tags of ``labels.tif``: class names by code, and the special codes.
+
+    ``class_names`` is a JSON object code -> name (what ``superdml crops --label-raster``
+    reads back), without ``unknown``.
+    """
+    return {
+        "class_names": json.dumps({str(e.code): e.name for e in scheme.entries}),
+        "unknown_code": str(scheme.unknown),
+        "nodata_code": str(scheme.nodata),
+    }
+
+
+def color_table(scheme: ClassScheme) -> dict[int, tuple[int, int, int, int]]:
+    """Return the GDAL color table of ``labels.tif``: nodata transparent, unknown gray."""
+    table = {scheme.nodata: (0, 0, 0, 0), scheme.unknown: (*UNKNOWN_COLOR, 255)}
+    table.update({e.code: (*e.color, 255) for e in scheme.entries})
+    return table
+
+
 def _tile_lookup(
     label_run: LabelRun, run: SegmentRun, tile: Any, by_index: dict[tuple[int, int], Any]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Segment ids, label ids and scores of the predictions around `tile`."""
+    """Segment ids, label codes and scores of the predictions around `tile`."""
     table = label_run.read_parts(
-        run.name, neighbours(tile, by_index), ["segment_id", "label_id", "score"]
+        run.name, neighbours(tile, by_index), ["segment_id", "label_code", "score"]
     )
     return (
         table.column("segment_id").to_numpy(),
-        table.column("label_id").to_numpy().astype(np.uint16),
+        table.column("label_code").to_numpy().astype(np.uint16),
         table.column("score").to_numpy(zero_copy_only=False).astype(np.float32),
     )
 
@@ -109,12 +115,11 @@ def write_label_rasters(
     label_run: LabelRun, run: SegmentRun, labels_path: Path, scores_path: Path, cog: bool
 ) -> None:
     """Write ``labels.tif`` and ``scores.tif`` for one raster, window by window."""
-    names = label_run.class_names
-    colors = class_colors(len(names))
-    dtype = label_dtype(len(names))
+    scheme = label_run.scheme
+    dtype = scheme.dtype
     tiles = label_run.tiles(run.source.height, run.source.width)
     by_index = {(t.ti, t.tj): t for t in tiles}
-    label_profile = geotiff_profile(run.source, dtype, nodata=0)
+    label_profile = geotiff_profile(run.source, dtype, nodata=scheme.nodata)
     score_profile = geotiff_profile(run.source, "float32", nodata=float("nan"))
     tmp_labels = temp_path(labels_path.with_name(f"{labels_path.stem}-stage.tif"))
     tmp_scores = temp_path(scores_path.with_name(f"{scores_path.stem}-stage.tif"))
@@ -126,15 +131,13 @@ def write_label_rasters(
         ):
             for tile in progress(tiles, total=len(tiles), desc=f"{run.name}: rasters", unit="tile"):
                 segments, _ = read_window(seg, [1], tile.row, tile.col, tile.height, tile.width)
-                ids, label_ids, scores = _tile_lookup(label_run, run, tile, by_index)
+                ids, codes, scores = _tile_lookup(label_run, run, tile, by_index)
                 window = Window(tile.col, tile.row, tile.width, tile.height)
-                dst_l.write(lookup(segments[0], ids, label_ids, 0).astype(dtype), 1, window=window)
+                labels = lookup(segments[0], ids, codes, scheme.nodata).astype(dtype)
+                dst_l.write(labels, 1, window=window)
                 dst_s.write(lookup(segments[0], ids, scores, np.nan), 1, window=window)
-            colormap = {0: (0, 0, 0, 0)}
-            colormap.update({i: (*c, 255) for i, c in enumerate(colors, start=1)})
-            if dtype == "uint8":
-                dst_l.write_colormap(1, colormap)
-            tags = {"class_names": json.dumps(names), "superdml_label_ids": "0=unlabeled"}
+            dst_l.write_colormap(1, color_table(scheme))
+            tags = label_tags(scheme)
             dst_l.update_tags(1, **tags)
             dst_l.update_tags(**tags)
             dst_s.update_tags(1, description="kNN vote share of the predicted class")
@@ -164,7 +167,7 @@ def _owned_polygons(
     path = label_run.part_path(run.name, tile)
     if not path.exists():
         return pa.table({}), []
-    preds = pq.read_table(path, columns=["segment_id", "label", "label_id", "score", "margin"])
+    preds = pq.read_table(path, columns=["segment_id", "label", "label_code", "score", "margin"])
     if preds.num_rows == 0:
         return preds, []
     ids = preds.column("segment_id").to_numpy()
@@ -206,7 +209,7 @@ def write_polygons(label_run: LabelRun, run: SegmentRun, path: Path, fmt: Vector
         [
             ("segment_id", pa.uint32()),
             ("label", pa.string()),
-            ("label_id", pa.uint16()),
+            ("label_code", pa.uint16()),
             ("score", pa.float32()),
             ("margin", pa.float32()),
             ("geometry", pa.binary()),
@@ -267,9 +270,18 @@ def _append_gpkg(path: Path, table: pa.Table, crs: Any, append: bool) -> None:
 
 
 def summarize(label_run: LabelRun, run: SegmentRun) -> dict[str, Any]:
-    """Count, area (in map units squared) and mean score per class of one raster."""
+    """Count, area (in map units squared) and mean score per class of one raster.
+
+    Returns
+    -------
+    dict
+        ``raster``, ``superpixels``, ``classes`` (by class name, each with its ``code``;
+        ``unknown`` only when some superpixel is unknown) and ``codes`` (the same
+        entries by code, as a string, each with its ``name``).
+    """
+    scheme = label_run.scheme
     tiles = label_run.tiles(run.source.height, run.source.width)
-    preds = label_run.read_parts(run.name, tiles, ["segment_id", "label", "score"])
+    preds = label_run.read_parts(run.name, tiles, ["segment_id", "label_code", "score"])
     areas = pq.read_table(run.table_path, columns=["segment_id", "area_px"])
     area = lookup(
         preds.column("segment_id").to_numpy(),
@@ -279,19 +291,29 @@ def summarize(label_run: LabelRun, run: SegmentRun) -> dict[str, Any]:
     )
     a, b, _, d, e, _ = run.source.transform
     pixel_area = abs(a * e - b * d)
-    labels = np.asarray(preds.column("label").to_pylist(), dtype=object)
+    codes = preds.column("label_code").to_numpy()
     scores = preds.column("score").to_numpy(zero_copy_only=False)
     classes = {}
-    for name in [*label_run.class_names, "unknown"]:
-        sel = labels == name
-        if sel.any() or name != "unknown":
+    for name, code in [*scheme.codes.items(), (UNKNOWN, scheme.unknown)]:
+        sel = codes == code
+        if (sel.any() or name != UNKNOWN) and name in [*label_run.class_names, UNKNOWN]:
             classes[name] = {
+                "code": code,
                 "superpixels": int(sel.sum()),
                 "area_px": int(area[sel].sum()),
                 "area": float(area[sel].sum() * pixel_area),
                 "mean_score": float(scores[sel].mean()) if sel.any() else None,
             }
-    return {"raster": run.name, "superpixels": int(preds.num_rows), "classes": classes}
+    by_code = {
+        str(c["code"]): {"name": n, **{k: v for k, v in c.items() if k != "code"}}
+        for n, c in classes.items()
+    }
+    return {
+        "raster": run.name,
+        "superpixels": int(preds.num_rows),
+        "classes": classes,
+        "codes": by_code,
+    }
 
 
 def check_complete(
@@ -349,11 +371,13 @@ def export(
 ) -> ExportResult:
     """Export a label run as GIS files.
 
-    Writes per raster: ``labels.tif`` (class ids from 1, 0 = unlabeled/unknown/nodata,
-    class names in the tags and a color table), ``scores.tif`` (float32, NaN where
-    unlabeled), ``labels.qml`` (QGIS style), ``superpixels.gpkg`` or
-    ``superpixels.parquet`` (GeoParquet) polygons, and ``summary.json``. With one raster
-    the files go to `out`, with several to ``out/<raster>/``.
+    Writes per raster, in the label run's class scheme: ``labels.tif`` (the scheme's
+    codes, its unknown code for ``unknown``, its nodata code where unlabeled; class
+    names in the tags and the scheme's colors as the color table), ``scores.tif``
+    (float32, NaN where unlabeled), ``labels.qml`` (QGIS style), ``superpixels.gpkg`` or
+    ``superpixels.parquet`` (GeoParquet) polygons with ``label`` and ``label_code``, and
+    ``summary.json``. With one raster the files go to `out`, with several to
+    ``out/<raster>/``.
 
     A label run with tiles that have no predictions part (an interrupted ``superdml
     label``) is refused, before anything is written, unless `allow_incomplete`: then
@@ -416,8 +440,7 @@ def _export_run(
     write_label_rasters(label_run, run, files["labels"], files["scores"], raster_format == "cog")
     files["style"] = folder / "labels.qml"
     with atomic_write(files["style"]) as tmp:
-        colors = class_colors(len(label_run.class_names))
-        tmp.write_text(qgis_style(label_run.class_names, colors))
+        tmp.write_text(qgis_style(label_run.scheme))
     if vector != "none":
         suffix = "gpkg" if vector == "gpkg" else "parquet"
         files["polygons"] = folder / f"superpixels.{suffix}"

@@ -65,6 +65,7 @@ from superdml.checkpoint import (
     checkpoint_sha256,
     load_checkpoint,
 )
+from superdml.classes import SCHEME_FILE, ClassScheme, default_scheme, folder_scheme
 from superdml.config import (
     AugmentConfig,
     IndexConfig,
@@ -93,6 +94,7 @@ __all__ = [
     "knn_search_torch",
     "knn_vote",
     "reference_from_folder",
+    "reference_scheme",
 ]
 
 logger = logging.getLogger(__name__)
@@ -1265,6 +1267,48 @@ def reference_from_folder(
     )
 
 
+def _reference_scheme(
+    reference_dir: str | os.PathLike[str],
+    class_names: list[str],
+    ckpt: Checkpoint,
+    checkpoint: str | os.PathLike[str],
+) -> ClassScheme:
+    """Return the reference folder's class scheme; refuse codes the checkpoint uses otherwise.
+
+    The folder's ``classes.yaml`` when present, else the checkpoint's scheme (when it
+    records one) extended by the folder's new classes (see
+    :func:`superdml.classes.folder_scheme`).
+    """
+    theirs = ckpt.class_scheme
+    scheme = folder_scheme(reference_dir, class_names, theirs)
+    if theirs is not None:
+        where = Path(reference_dir) / SCHEME_FILE
+        scheme.check_compatible(theirs, where, f"checkpoint {checkpoint}")
+    return scheme
+
+
+def reference_scheme(directory: str | os.PathLike[str], class_names: list[str]) -> ClassScheme:
+    """Return the class scheme recorded in a reference folder (codes 1..N by name if none).
+
+    Parameters
+    ----------
+    directory : path
+        A reference folder (its ``reference.json`` was read by :meth:`ReferenceIndex.load`).
+    class_names : list of str
+        The reference's classes; the scheme names them all.
+
+    Raises
+    ------
+    InputError
+        When the recorded scheme is malformed or lacks a class.
+    """
+    meta_path = Path(directory) / REFERENCE_JSON
+    stored = json.loads(meta_path.read_text()).get("build", {}).get("class_scheme")
+    if stored is None:
+        return default_scheme(class_names)
+    return ClassScheme.from_dict(stored, meta_path).covering(class_names, meta_path)
+
+
 def build_index(
     checkpoint: str | os.PathLike[str],
     reference_dir: str | os.PathLike[str],
@@ -1321,6 +1365,7 @@ def build_index(
         _check_replaceable(out)
         ckpt_sha = checkpoint_sha256(checkpoint)
         scan = _scan(reference_dir, ckpt)
+        scheme = _reference_scheme(reference_dir, scan.dataset.class_names, ckpt, checkpoint)
         rows, previous, n_previous = _previous_rows(out, ckpt_sha, scan)
         embeddings = _embed_reference(ckpt, scan, dev, config.batch_size, rows, previous)
         reference = ReferenceIndex.build(
@@ -1343,6 +1388,7 @@ def build_index(
             "config": config_to_dict(config),
             "config_hash": config_hash(config),
             "classes_not_in_checkpoint": unseen,
+            "class_scheme": scheme.to_dict(),
             "n_embedded": reference.size - n_reused,
             "n_reused": n_reused,
             "n_skipped": scan.dataset.n_skipped,

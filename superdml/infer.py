@@ -26,12 +26,12 @@ from torch.utils.data import TensorDataset
 
 from superdml._private.atomic import atomic_write
 from superdml.checkpoint import build_model_from_checkpoint, checkpoint_sha256, load_checkpoint
+from superdml.classes import UNKNOWN
 from superdml.config import AugmentConfig
 from superdml.data import IMAGE_SUFFIXES, IMAGE_SUFFIXES_TEXT, _decode, build_transforms
 from superdml.embed import embed_folder, prepare_model, resolve_device
 from superdml.errors import ConfigError, InputError, input_error, require_file
 from superdml.index import UNKNOWN_LABEL, ReferenceIndex, reference_from_folder
-from superdml.predictions import UNKNOWN
 
 __all__ = ["InferResult", "Neighbour", "infer", "plot_neighbours"]
 

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from superdml._private.atomic import atomic_write, write_json
 from superdml._private.ownership import check_apart, claim_output, remove_files
+from superdml.classes import UNKNOWN
 from superdml.cluster import default_workers, map_tasks
 from superdml.config import LabelConfig, config_hash, config_to_dict, dump_config
 from superdml.crops import CropRule, color_band_indexes, crop_tile
@@ -37,7 +38,6 @@ from superdml.predictions import (
     MANIFEST,
     PART_FILES,
     PARTS,
-    UNKNOWN,
     embeddings_path,
     part_is_current,
     predictions_schema,
@@ -154,6 +154,7 @@ class _LabelJob:
     reference: str
     reference_sha256: str
     class_names: tuple[str, ...]
+    codes: tuple[int, ...]  # scheme code of each class, then of unknown
     out: str
     device: str
     threads: int | None
@@ -162,7 +163,7 @@ class _LabelJob:
     def part_meta(self) -> dict[str, str]:
         return part_meta(
             self.run.fingerprint, self.rule, self.checkpoint_sha256, self.reference_sha256,
-            self.config,
+            self.config, self.codes,
         )  # fmt: skip
 
     def part_path(self, tile: Tile) -> Path:
@@ -177,7 +178,7 @@ class _LabelJob:
 
 def part_meta(
     segments: str, rule: CropRule, checkpoint_sha256: str, reference_sha256: str,
-    config: LabelConfig,
+    config: LabelConfig, codes: tuple[int, ...],
 ) -> dict[str, str]:  # fmt: skip
     """Return the provenance of a predictions part (reused only when all of it matches).
 
@@ -188,6 +189,9 @@ def part_meta(
     rule : CropRule
     checkpoint_sha256, reference_sha256 : str
     config : LabelConfig
+    codes : tuple of int
+        The class scheme's code of each class, then of unknown (a part holds codes: an
+        edited ``classes.yaml`` relabels, though the reference's content is the same).
     """
     return {
         "segments": segments,
@@ -195,6 +199,7 @@ def part_meta(
         "checkpoint_sha256": checkpoint_sha256,
         "reference_sha256": reference_sha256,
         "label_config": config_hash(config),
+        "label_codes": combine(*codes),
     }
 
 
@@ -207,7 +212,7 @@ def _label_tile(job: _LabelJob, tile: Tile) -> int:
     ids = table.column("segment_id").to_numpy()
     embeddings = _tile_embeddings(job, tile, table, ids)
     reference = load_reference(job.reference, job.reference_sha256)
-    predictions = predict(embeddings, reference, job.config, job.class_names, job.device)
+    predictions = predict(embeddings, reference, job.config, job.class_names, job.codes, job.device)
     columns = {
         "segment_id": pa.array(ids, pa.uint32()),
         "raster": pa.array([job.run.name] * len(ids), pa.string()),
@@ -248,6 +253,7 @@ def predict(
     reference: Any,
     config: LabelConfig,
     class_names: tuple[str, ...] | list[str],
+    codes: tuple[int, ...] | list[int],
     device: str = "cpu",
 ) -> dict[str, pa.Array]:
     """Apply the kNN labeling rule to embeddings; return the predictions columns.
@@ -263,14 +269,16 @@ def predict(
     config : LabelConfig
         ``k``, ``weighting``, ``temperature``, ``unknown_threshold``.
     class_names : sequence of str
-        The reference's classes; class ``i`` gets label id ``i + 1``.
+        The reference's classes C, in the order of its labels.
+    codes : sequence of int, length C + 1
+        The class scheme's code of each class, then the code of ``unknown``.
     device : str
         Where the search runs.
 
     Returns
     -------
     dict of pyarrow arrays
-        ``label``, ``label_id``, ``score``, ``margin``, ``similarity``, ``topk_labels``,
+        ``label``, ``label_code``, ``score``, ``margin``, ``similarity``, ``topk_labels``,
         ``topk_similarities`` (of the k nearest references, nearest first).
     """
     from superdml.index import apply_unknown, knn_vote
@@ -289,10 +297,11 @@ def predict(
     exact = (sims[:, 0] >= EXACT_MATCH) & (neighbour_labels[:, 0] >= 0)
     label_ids[exact], scores[exact], margins[exact] = neighbour_labels[exact, 0], 1.0, 1.0
     names = np.asarray([*class_names, UNKNOWN], dtype=object)
+    code_of = np.asarray(codes, dtype=np.int64)  # label -1 (unknown) takes the last
     offsets = np.arange(n + 1, dtype=np.int32) * k
     return {
         "label": pa.array(names[label_ids], pa.string()),
-        "label_id": pa.array(np.where(label_ids >= 0, label_ids + 1, 0), pa.uint16()),
+        "label_code": pa.array(code_of[label_ids], pa.uint16()),
         "score": pa.array(scores, pa.float32()),
         "margin": pa.array(margins, pa.float32()),
         "similarity": pa.array(vote.similarity, pa.float32()),
@@ -389,7 +398,7 @@ def label(
     """
     from superdml.checkpoint import checkpoint_sha256, load_checkpoint
     from superdml.embed import resolve_device
-    from superdml.index import ReferenceIndex
+    from superdml.index import ReferenceIndex, reference_scheme
 
     start = time.perf_counter()
     config = config or LabelConfig()
@@ -401,6 +410,7 @@ def label(
     ckpt = load_checkpoint(checkpoint)
     ckpt_sha = checkpoint_sha256(checkpoint)
     ref = ReferenceIndex.load(reference)
+    scheme = reference_scheme(reference, ref.class_names)
     if ref.checkpoint_sha256 != ckpt_sha:
         raise InputError(
             f"{reference}: reference built with another checkpoint "
@@ -420,6 +430,7 @@ def label(
         _claim_predictions(out, ckpt_sha, overwrite)
         manifest = {
             "class_names": list(ref.class_names),
+            "class_scheme": scheme.to_dict(),
             "tile_size": config.tile_size,
             "rasters": [run.name for run in runs],
             "segments": [str(run.folder.resolve()) for run in runs],
@@ -437,7 +448,8 @@ def label(
         for run in runs:
             job = _LabelJob(
                 run, rule, config, str(Path(checkpoint).resolve()), ckpt_sha,
-                str(Path(reference).resolve()), ref.sha256, tuple(ref.class_names), str(out),
+                str(Path(reference).resolve()), ref.sha256, tuple(ref.class_names),
+                tuple(scheme.codes_of([*ref.class_names, UNKNOWN]).tolist()), str(out),
                 dev, threads,
             )  # fmt: skip
             manifest["part_meta"][run.name] = job.part_meta

@@ -17,12 +17,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from superdml.classes import ClassScheme
 from superdml.errors import InputError, input_error, require_dir
 from superdml.provenance import combine
 from superdml.raster import Tile, tile_grid
 from superdml.segment import SegmentRun
 
-UNKNOWN = "unknown"
 MANIFEST = "label.json"
 PARTS = "predictions"
 EMBEDDINGS = "embeddings"
@@ -33,8 +33,8 @@ PART_FILES = ("*/*.parquet",)
 def predictions_schema() -> pa.Schema:
     """Arrow schema of a predictions part.
 
-    ``label_id`` is the class id of the label rasters: classes from 1 in the order of
-    the checkpoint's class names, 0 for ``unknown``. ``score`` is the winning class's
+    ``label_code`` is the class's code in the class scheme (the value of the label
+    rasters), or the scheme's unknown code for ``unknown``. ``score`` is the winning class's
     share of the similarity-weighted kNN vote (0-1), ``margin`` the best minus the
     second-best share, ``similarity`` the cosine similarity to the nearest reference.
     """
@@ -45,7 +45,7 @@ def predictions_schema() -> pa.Schema:
             pa.field("x", pa.float64()),
             pa.field("y", pa.float64()),
             pa.field("label", pa.string()),
-            pa.field("label_id", pa.uint16()),
+            pa.field("label_code", pa.uint16()),
             pa.field("score", pa.float32()),
             pa.field("margin", pa.float32()),
             pa.field("similarity", pa.float32()),
@@ -63,7 +63,7 @@ class LabelRun:
     ----------
     out_dir : Path
     class_names : list of str
-        Class ``i`` has label id ``i + 1``.
+        The reference's classes, in the order of its labels.
     tile_size : int
         Tiles of the predictions parts.
     meta : dict
@@ -74,6 +74,20 @@ class LabelRun:
     class_names: list[str]
     tile_size: int
     meta: dict[str, Any]
+
+    @property
+    def scheme(self) -> ClassScheme:
+        """The class scheme the predictions' codes belong to (``label.json``'s).
+
+        Raises
+        ------
+        InputError
+            When the recorded scheme is malformed or lacks a class of the label run.
+        """
+        source = self.out_dir / MANIFEST
+        return ClassScheme.from_dict(self.meta["class_scheme"], source).covering(
+            self.class_names, source
+        )
 
     def part_path(self, raster: str, tile: Tile) -> Path:
         """Path of the predictions part of one tile."""
@@ -184,6 +198,11 @@ def load_label_run(out_dir: str | Path) -> LabelRun:
             f"{out_dir}: not a label output (no {MANIFEST}): run `superdml label` first"
         )
     meta = json.loads(manifest.read_text())
+    if "class_scheme" not in meta:
+        raise InputError(
+            f"{manifest}: made by an older superdml (no class scheme, predictions without "
+            "label_code): run `superdml label` again"
+        )
     return LabelRun(out_dir, list(meta["class_names"]), int(meta["tile_size"]), meta)
 
 

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from superdml._private.atomic import atomic_write
 from superdml._private.ownership import check_apart, check_output, claim_output, clear_listed
 from superdml._private.progress import progress
-from superdml.classes import check_class_names
+from superdml.classes import UNKNOWN, check_class_names
 from superdml.config import ReviewConfig, config_to_dict, dump_config
 from superdml.crops import (
     CROPS_SCHEMA,
@@ -48,7 +48,7 @@ from superdml.crops import (
     write_png,
 )
 from superdml.errors import input_error
-from superdml.predictions import MANIFEST, UNKNOWN, LabelRun, load_label_run, lookup
+from superdml.predictions import MANIFEST, LabelRun, load_label_run, lookup
 from superdml.raster import Tile
 from superdml.segment import SegmentRun, load_segment_runs
 
@@ -62,7 +62,7 @@ REVIEW_FILES = ("*/*.png", CROPS_TABLE, REVIEW_YAML)
 REVIEW_SCHEMA = CROPS_SCHEMA.append(pa.field("score", pa.float32())).append(
     pa.field("margin", pa.float32())
 )
-_PART_COLUMNS = ["segment_id", "label_id", "score", "margin"]
+_PART_COLUMNS = ["segment_id", "label_code", "score", "margin"]
 
 
 @dataclass(frozen=True)
@@ -216,6 +216,8 @@ def _select(
 ) -> _Candidates:
     """Stream every predictions part; keep the lowest candidates (within the caps)."""
     label_run = inputs.label_run
+    # label_id: 0 for unknown, i + 1 for class_names[i] (the order of `names` in review)
+    codes = label_run.scheme.codes_of([UNKNOWN, *label_run.class_names])
     selected = _empty_candidates()
     missing = 0
     for r, (run, tiles) in enumerate(zip(inputs.runs, inputs.grids, strict=True)):
@@ -225,7 +227,8 @@ def _select(
                 continue
             part = label_run.read_parts(run.name, [tile], _PART_COLUMNS)
             score = part.column("score").to_numpy()
-            label_id = part.column("label_id").to_numpy().astype(np.int64)
+            label_code = part.column("label_code").to_numpy()
+            label_id = lookup(label_code, codes, np.arange(len(codes)), 0)
             known = label_id > 0
             keep = (score <= config.max_score) & known
             if config.unknown:

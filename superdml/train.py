@@ -76,6 +76,7 @@ from superdml.checkpoint import (
     resume_state,
     save_checkpoint,
 )
+from superdml.classes import folder_scheme
 from superdml.config import TrainConfig, config_to_dict, dump_config
 from superdml.crops import read_crop_rule
 from superdml.data import (
@@ -546,6 +547,11 @@ def _train(
             f"{last_path}: trained on classes {ckpt.class_names}, {train_dir} has "
             f"{data.class_names}: resume with the same folder, or start a new run with --init"
         )
+    # codes of classes that stay are kept on retraining; classes.yaml in the folder rules
+    previous = ckpt or init_ckpt
+    scheme = folder_scheme(
+        train_dir, data.class_names, None if previous is None else previous.class_scheme
+    )
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
@@ -590,6 +596,7 @@ def _train(
         loss_params=loss_fn.hyperparameters,
         train_config=config,
         crop_rule=data.crop_rule,
+        class_scheme=scheme,
     )
     row: dict[str, Any] = {}
     try:

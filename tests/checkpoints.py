@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from superdml.checkpoint import save_checkpoint
+from superdml.classes import ClassScheme
 from superdml.data import imagenet_statistics
 from superdml.models import EmbeddingNet
 
@@ -19,6 +21,8 @@ def save_untrained_checkpoint(
     input_size: int = 32,
     embedding_size: int = 16,
     bands: int = 3,
+    crop_rule: Mapping[str, Any] | None = None,
+    class_scheme: ClassScheme | None = None,
 ) -> Path:
     """Save a randomly initialized resnet18 embedding net (ImageNet normalization)."""
     with torch.random.fork_rng():
@@ -34,4 +38,6 @@ def save_untrained_checkpoint(
         mean=mean,
         std=std,
         loss_name="proxy_anchor",
+        crop_rule=crop_rule,
+        class_scheme=class_scheme,
     )

@@ -10,16 +10,19 @@ from click.testing import CliRunner
 from rasters import texture_mosaic, write_raster
 
 from superdml._private.ownership import mark_output
+from superdml.classes import make_scheme, palette
 from superdml.cli import cli
 from superdml.config import SegmentConfig
 from superdml.crops import majority_labels
 from superdml.errors import InputError
-from superdml.export import class_colors, export, label_dtype, qgis_style
+from superdml.export import export, qgis_style
 from superdml.predictions import MANIFEST, lookup, predictions_schema
 from superdml.raster import tile_grid
 from superdml.segment import load_segment_runs, segment_raster
 
 CLASSES = ["brick", "grass", "gravel", "coffee"]
+#: The classes of the truth's values 1..4, in CLASSES order (not sorted by name).
+SCHEME = make_scheme({i: {"name": n} for i, n in enumerate(CLASSES, 1)}, "test")
 
 
 def fake_label_run(seg_dir, truth, out, tile_size=128):
@@ -41,7 +44,7 @@ def fake_label_run(seg_dir, truth, out, tile_size=128):
                 "x": table.column("x"),
                 "y": table.column("y"),
                 "label": [CLASSES[v - 1] for v in value],
-                "label_id": pa.array(value, pa.uint16()),
+                "label_code": pa.array(value, pa.uint16()),
                 "score": pa.array(purity, pa.float32()),
                 "margin": pa.array(purity / 2, pa.float32()),
                 "similarity": pa.array(np.ones(n), pa.float32()),
@@ -57,6 +60,7 @@ def fake_label_run(seg_dir, truth, out, tile_size=128):
         json.dumps(
             {
                 "class_names": CLASSES,
+                "class_scheme": SCHEME.to_dict(),
                 "tile_size": tile_size,
                 "rasters": [run.name],
                 "segment_fingerprints": {run.name: run.fingerprint},
@@ -88,12 +92,14 @@ def test_label_raster_matches_predictions_on_the_source_grid(labeled, exported):
         labels = src.read(1)
         assert (src.crs, src.transform, src.shape) == (seg.crs, seg.transform, seg.shape)
         assert src.dtypes[0] == "uint8" and src.nodata == 0
-        assert json.loads(src.tags(1)["class_names"]) == CLASSES
-        assert src.colormap(1)[1][:3] == class_colors(4)[0]
+        assert json.loads(src.tags(1)["class_names"]) == {
+            str(i): n for i, n in enumerate(CLASSES, 1)
+        }
+        assert src.colormap(1)[1][:3] == palette(4)[0]
         assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
     expected = np.zeros_like(labels)
     for row in pq.read_table(labeled["out"] / "predictions").to_pylist():
-        expected[labeled["segments"] == row["segment_id"]] = row["label_id"]
+        expected[labeled["segments"] == row["segment_id"]] = row["label_code"]
     np.testing.assert_array_equal(labels, expected)
     assert (labels == labeled["truth"]).mean() > 0.9
 
@@ -129,7 +135,13 @@ def test_summary_and_qgis_style(labeled, exported):
     assert summary["superpixels"] == labeled["seg"].n_superpixels
     assert sum(c["area_px"] for c in summary["classes"].values()) == 256 * 256
     style = exported.outputs["mosaic"]["style"].read_text()
-    assert 'label="gravel"' in style and style.count("<paletteEntry") == 4
+    gravel = "#{:02x}{:02x}{:02x}".format(*palette(4)[2])
+    assert f'value="3" color="{gravel}" alpha="255" label="gravel"' in style
+    assert 'value="255" color="#808080" alpha="255" label="unknown"' in style
+    assert style.count("<paletteEntry") == 5
+    for name, stats in summary["classes"].items():
+        assert summary["codes"][str(stats["code"])]["name"] == name
+    assert [summary["classes"][n]["code"] for n in CLASSES] == [1, 2, 3, 4]
 
 
 def test_geoparquet_and_plain_gtiff(labeled, tmp_path):
@@ -215,9 +227,8 @@ def test_complete_export_has_no_incomplete_entry(exported):
 
 
 def test_helpers():
-    assert label_dtype(254) == "uint8" and label_dtype(255) == "uint16"
-    assert len(set(class_colors(60))) == 60
-    assert "&quot;" in qgis_style(['a "b"'], class_colors(1))
+    assert len(set(palette(60))) == 60
+    assert "&quot;" in qgis_style(make_scheme({1: {"name": 'a "b"'}}, "test"))
     np.testing.assert_array_equal(
         lookup(np.array([[5, 0], [9, 7]]), np.array([7, 5]), np.array([2, 1]), 0), [[1, 0], [0, 2]]
     )

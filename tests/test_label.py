@@ -99,6 +99,7 @@ def test_every_superpixel_labeled_once_with_the_schema(world, labeled):
         "checkpoint_sha256",
         "reference_sha256",
         "label_config",
+        "label_codes",
     }
 
 
@@ -109,7 +110,7 @@ def test_most_superpixels_get_their_region_class(world, labeled):
         zip(table.column("segment_id").to_pylist(), table.column("col").to_pylist(), strict=True)
     )
     ids = preds.column("segment_id").to_pylist()
-    predicted = preds.column("label_id").to_pylist()
+    predicted = preds.column("label_code").to_pylist()
     right = [i for i in range(len(ids)) if cols[ids[i]] >= 192]  # the unseen half
     accuracy = np.mean([predicted[i] == truth[ids[i]] for i in right])
     assert accuracy > 0.55, accuracy  # chance is 0.25; 6 epochs on 160 crops from scratch
@@ -238,7 +239,7 @@ def test_keep_embeddings_lets_a_new_reference_only_revote(world, labeled, tmp_pa
     np.testing.assert_allclose(
         revoted.column("similarity").to_numpy(), computed.column("similarity").to_numpy(), atol=5e-3
     )
-    agree = revoted.column("label_id").to_numpy() == computed.column("label_id").to_numpy()
+    agree = revoted.column("label_code").to_numpy() == computed.column("label_code").to_numpy()
     assert agree.mean() > 0.97
 
 

@@ -228,6 +228,25 @@ def test_init_keeps_shared_proxies_and_adds_new_ones(tmp_path, monkeypatch):
         assert torch.equal(value, new_ckpt.state_dict[key]), key
 
 
+def test_init_keeps_the_codes_of_the_classes_that_stayed(tmp_path, monkeypatch):
+    abc = make_crop_folders(tmp_path / "abc", classes=("brick", "grass", "gravel"), per_class=4)
+    scheme_file = abc / "classes.yaml"
+    scheme_file.write_text('10: brick\n20: {name: grass, color: "#00ff00"}\n30: gravel\n')
+    abd = make_crop_folders(tmp_path / "abd", classes=("brick", "coffee", "grass"), per_class=4)
+    monkeypatch.setattr(train_module, "_train_epoch", no_steps)
+    old = train(abc, tmp_path / "old", tiny(epochs=1), device="cpu")
+    new = train(abd, tmp_path / "new", tiny(epochs=1), init=old.last_path, device="cpu")
+    scheme = load_checkpoint(new.last_path).class_scheme
+    assert scheme.codes == {"brick": 10, "grass": 20, "gravel": 30, "coffee": 31}
+    assert scheme.entries[1].color == (0, 255, 0)
+    scratch = train(abd, tmp_path / "scratch", tiny(epochs=1), device="cpu")
+    assert load_checkpoint(scratch.last_path).class_scheme.codes == {
+        "brick": 1,
+        "coffee": 2,
+        "grass": 3,
+    }
+
+
 def test_init_refuses_a_checkpoint_of_another_network(folders, tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "_train_epoch", no_steps)
     old = train(folders[0], tmp_path / "old", tiny(epochs=1), device="cpu")
@@ -273,6 +292,8 @@ def test_cli_trains_with_the_shipped_config_and_resumes_longer(folders, tmp_path
         (["--loss", "proxy_anchr"], "did you mean 'proxy_anchor'"),
         (["--resume"], "last.pt: no such file"),
         (["--init", "{notes}"], "notes.txt: "),  # CheckpointError naming the file
+        (["--train-dir", "{unnamed}"], "classes.yaml: class folder 'grass' is not in the class"),
+        (["--train-dir", "{uncolored}"], "classes.yaml: color 'green' for code 2 is not a color"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_exit_code_2(folders, tmp_path, args, message):
@@ -284,7 +305,12 @@ def test_bad_input_is_one_line_and_exit_code_2(folders, tmp_path, args, message)
     (tmp_path / "badtype.yaml").write_text("lr: fast\n")
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
     strange = make_crop_folders(tmp_path / "strange", classes=("brick", "astronaut"), per_class=2)
+    unnamed = make_crop_folders(tmp_path / "unnamed", classes=("brick", "grass"), per_class=2)
+    (unnamed / "classes.yaml").write_text("1: brick\n")
+    uncolored = make_crop_folders(tmp_path / "uncolored", classes=("brick", "grass"), per_class=2)
+    (uncolored / "classes.yaml").write_text("1: brick\n2: {name: grass, color: green}\n")
     paths = {"empty": empty, "one": one, "missing": tmp_path / "missing", "strange": strange}
+    paths |= {"unnamed": unnamed, "uncolored": uncolored}
     paths |= {k: tmp_path / f"{k}.yaml" for k in ("typo", "badtype")}
     paths["notes"] = tmp_path / "notes.txt"
     argv = [a.format(**paths) for a in args]
