@@ -80,6 +80,7 @@ from superdml.errors import InputError, SuperDMLError, input_error, require_dir
 from superdml.provenance import combine
 
 __all__ = [
+    "EXACT_MATCH",
     "UNKNOWN_LABEL",
     "IndexResult",
     "IndexType",
@@ -100,6 +101,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Weighting = Literal["similarity", "softmax"]
+
+#: Cosine similarity of a crop to itself, up to float16/bf16 rounding: a query this close
+#: to a labeled reference is that crop, and keeps the class people gave it.
+EXACT_MATCH = 0.9995
 
 #: ``label_id`` of a superpixel left unlabeled (no usable neighbour, or below the
 #: unknown threshold); label rasters write it as 0.
@@ -277,9 +282,11 @@ def knn_vote(
     weighting: Weighting = "similarity",
     temperature: float = 0.1,
     num_top: int = 5,
+    exact_match: float | None = EXACT_MATCH,
 ) -> KnnVote:
     """Label each query by a weighted vote of its k nearest references.
 
+    This is the one labeling rule: ``label``, ``infer`` and ``evaluate`` all vote here.
     A class's score is the sum of the weights of its neighbours divided by the sum of
     all k weights. Weights:
 
@@ -290,7 +297,9 @@ def knn_vote(
         ``softmax(sims / temperature)`` over the query's neighbours.
 
     Neighbours labelled -1 (padding from :func:`knn_search`) carry no weight. The winner
-    is the class with the highest score, the lowest class id among exact ties.
+    is the class with the highest score, the lowest class id among exact ties. A query
+    whose nearest neighbour is itself (similarity >= `exact_match`: a crop people
+    labeled) keeps that neighbour's class with score and margin 1, whatever the others.
 
     Parameters
     ----------
@@ -306,6 +315,8 @@ def knn_vote(
         Softmax temperature (> 0), used by ``weighting="softmax"``.
     num_top : int
         Number of classes t in ``topk_classes`` (at most C).
+    exact_match : float or None
+        Similarity from which the nearest neighbour decides alone; None: never.
 
     Returns
     -------
@@ -356,6 +367,10 @@ def knn_vote(
         out=np.zeros_like(class_weights),
         where=total[:, None] > 0,
     )
+    if exact_match is not None:
+        exact = np.flatnonzero(valid[:, 0] & (sims[:, 0] >= exact_match))
+        class_scores[exact] = 0.0
+        class_scores[exact, labels[exact, 0]] = 1.0
     order = np.argsort(-class_scores, axis=1, kind="stable")
     ranked = np.take_along_axis(class_scores, order[:, :2], axis=1)
     best = ranked[:, 0]

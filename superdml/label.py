@@ -48,7 +48,6 @@ from superdml.segment import SegmentRun, load_segment_runs
 
 logger = logging.getLogger(__name__)
 
-EXACT_MATCH = 0.9995  # cosine similarity of a crop to itself, up to float16/bf16 rounding
 _ID_COLUMNS = ("segment_id", "raster", "x", "y")
 
 
@@ -258,9 +257,10 @@ def predict(
 ) -> dict[str, pa.Array]:
     """Apply the kNN labeling rule to embeddings; return the predictions columns.
 
-    The similarity-weighted vote of the k nearest references decides, except that a
-    superpixel whose nearest reference is its own crop (similarity >= ``EXACT_MATCH``:
-    it was labeled by people) keeps that reference's class, with score and margin 1.
+    The reference's vote (:meth:`ReferenceIndex.vote`, the one labeling rule that
+    ``infer`` and ``evaluate`` apply too) decides: the similarity-weighted vote of the k
+    nearest references, except that a superpixel whose own crop is a labeled reference
+    keeps its class.
 
     Parameters
     ----------
@@ -281,21 +281,16 @@ def predict(
         ``label``, ``label_code``, ``score``, ``margin``, ``similarity``, ``topk_labels``,
         ``topk_similarities`` (of the k nearest references, nearest first).
     """
-    from superdml.index import apply_unknown, knn_vote
-
     n, k = len(embeddings), config.k
     if n == 0:
         empty = predictions_schema()
         return {f.name: pa.array([], f.type) for f in empty if f.name not in _ID_COLUMNS}
     sims, neighbours = reference.search(embeddings, k, device=device)
     neighbour_labels = np.where(neighbours >= 0, reference.labels[neighbours.clip(0)], -1)
-    vote = knn_vote(sims, neighbour_labels, len(class_names), config.weighting, config.temperature)
-    if config.unknown_threshold is not None:
-        vote = apply_unknown(vote, config.unknown_threshold)
-    label_ids, scores, margins = vote.label_ids.copy(), vote.scores.copy(), vote.margins.copy()
-    # A superpixel whose own crop is a labeled reference keeps the class people gave it.
-    exact = (sims[:, 0] >= EXACT_MATCH) & (neighbour_labels[:, 0] >= 0)
-    label_ids[exact], scores[exact], margins[exact] = neighbour_labels[exact, 0], 1.0, 1.0
+    vote = reference.vote(
+        sims, neighbours, config.weighting, config.temperature, config.unknown_threshold
+    )
+    label_ids, scores, margins = vote.label_ids, vote.scores, vote.margins
     names = np.asarray([*class_names, UNKNOWN], dtype=object)
     code_of = np.asarray(codes, dtype=np.int64)  # label -1 (unknown) takes the last
     offsets = np.arange(n + 1, dtype=np.int32) * k

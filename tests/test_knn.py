@@ -236,7 +236,7 @@ def test_vote_matches_loop_reference(weighting):
     rng = np.random.default_rng(1)
     sims = -np.sort(-rng.uniform(-0.3, 1.0, size=(200, 7)), axis=1)
     labels = rng.integers(-1, 5, size=(200, 7))
-    vote = knn_vote(sims, labels, 5, weighting=weighting, temperature=0.2)
+    vote = knn_vote(sims, labels, 5, weighting=weighting, temperature=0.2, exact_match=None)
     expected = vote_loop(sims, labels, 5, weighting, 0.2)
     np.testing.assert_allclose(vote.class_scores, expected, rtol=1e-5, atol=1e-7)
     has_vote = expected.sum(1) > 0
@@ -303,3 +303,33 @@ def test_search_then_vote_end_to_end():
     assert vote.label_ids[1] == 1
     total = cos(28) + cos(32) + cos(58)
     assert vote.scores[1] == pytest.approx((cos(28) + cos(32)) / total, rel=1e-6)
+
+
+def test_a_query_that_is_a_labeled_crop_keeps_its_class():
+    sims = np.array([[0.9999, 0.9, 0.9, 0.9], [0.99, 0.9, 0.9, 0.9]])
+    labels = np.array([[0, 1, 1, 1], [0, 1, 1, 1]])
+    vote = knn_vote(sims, labels, 2)
+    assert vote.label_ids.tolist() == [0, 1]
+    assert (vote.scores[0], vote.margins[0]) == (1.0, 1.0)
+    np.testing.assert_allclose(vote.scores[1], 2.7 / 3.69, rtol=1e-6)  # 3 x 0.9 of 3.69
+    assert knn_vote(sims, labels, 2, exact_match=None).label_ids.tolist() == [1, 1]
+
+
+def test_label_and_infer_label_alike():
+    from superdml.config import LabelConfig
+    from superdml.index import ReferenceIndex
+    from superdml.label import predict
+
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(60, 8)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    ref = ReferenceIndex.build(
+        emb, rng.integers(0, 3, 60), ["a", "b", "c"], [f"{i}.png" for i in range(60)], "0" * 64
+    )
+    queries = np.vstack([emb[:10], np.roll(emb[10:30], 1, axis=1)])
+    columns = predict(queries, ref, LabelConfig(k=5), ref.class_names, [1, 2, 3, 255])
+    vote = ref.classify(queries, 5)  # what infer and evaluate apply
+    names = np.array([*ref.class_names, "unknown"])[vote.label_ids]
+    assert columns["label"].to_pylist() == names.tolist()
+    np.testing.assert_array_equal(columns["score"].to_numpy(), vote.scores)
+    assert (vote.scores[:10] == 1.0).all()  # the references themselves keep their class
