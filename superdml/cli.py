@@ -75,8 +75,8 @@ def cluster_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--workers",
         type=click.IntRange(min=0),
-        help="Worker processes of the local dask cluster (default: one per core; "
-        "0: no cluster, run in this process).",
+        help="Worker processes of the local dask cluster (default: one per core; label: "
+        "one using every core; 0: no cluster, run in this process).",
     )(f)
 
 
@@ -302,7 +302,7 @@ def label_command(
             "precision": precision,
         },
     )
-    with make_client(workers, scheduler) as client:
+    with make_client(workers, scheduler, stage="label") as client:
         result = label(
             segment_dir, checkpoint, reference, out, config, raster, device, client, overwrite
         )
