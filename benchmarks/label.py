@@ -14,10 +14,10 @@ subprocess, with the defaults a user gets (the local cluster of the ``label`` sh
 embedding, kNN vote, writing every part; the cluster's start is not counted).
 
 ``bare_forward``: the same model on one random ``(batch, 3, 64, 64)`` tensor made
-before the loop, under ``torch.inference_mode``, for as many batches as the mosaic has
-superpixels, after one untimed batch: float32, float32 channels_last, and (where the
-device computes bf16) bf16 autocast channels_last. The fastest is the label row's
-baseline.
+before the loop (batch 256 unless ``batch_size``), under ``torch.inference_mode``, for
+as many batches as the mosaic has superpixels, after one untimed batch: float32, float32
+channels_last, and (where the device computes bf16) bf16 autocast channels_last. The
+fastest is the label row's baseline.
 """
 
 from __future__ import annotations
@@ -89,17 +89,34 @@ def prepare(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def label_cli(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run ``superdml label`` with its defaults; return superpixels/s as it prints them."""
+    """Run ``superdml label``; return superpixels/s as it prints them.
+
+    Options are the defaults but ``--batch-size`` and ``--tile-size`` where `spec` has
+    them. On CUDA ``gpu_util`` is the mean GPU utilisation (%) that ``nvidia-smi``
+    sampled every 200 ms while the command ran.
+    """
     cmd = [sys.executable, "-c", "from superdml.cli import main; main()", "label",
            spec["segments"], "--checkpoint", spec["checkpoint"], "--reference",
            spec["reference"], "--out", spec["out"], "--device", spec["device"]]  # fmt: skip
+    for option in ("batch_size", "tile_size"):
+        if spec.get(option):
+            cmd += [f"--{option.replace('_', '-')}", str(spec[option])]
+    sampler = None
+    if spec["device"] == "cuda":
+        query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+        sampler = subprocess.Popen([*query, "-lms", "200"], stdout=subprocess.PIPE, text=True)
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    result: dict[str, Any] = {}
+    if sampler is not None:
+        sampler.terminate()
+        samples = [float(v) for v in sampler.communicate()[0].split() if v.strip()]
+        result["gpu_util"] = sum(samples) / max(len(samples), 1)
     if done.returncode != 0:
         raise RuntimeError(f"superdml label failed:\n{done.stderr}")
     found = re.search(r"(\d+) superpixels in \d+ tiles .*?, (\d+) superpixels/s", done.stdout)
     if found is None:
         raise RuntimeError(f"unexpected output of superdml label:\n{done.stdout}")
-    return {"n": int(found[1]), "throughput": float(found[2])}
+    return {**result, "n": int(found[1]), "throughput": float(found[2])}
 
 
 def bare_forward(spec: dict[str, Any]) -> dict[str, Any]:
@@ -113,7 +130,8 @@ def bare_forward(spec: dict[str, Any]) -> dict[str, Any]:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model_from_checkpoint(load_checkpoint(spec["checkpoint"]))
     model = model.to(device, memory_format=fmt).eval()
-    shape = (BATCH_SIZE, 3, CROP_SIZE, CROP_SIZE)
+    batch = spec.get("batch_size") or BATCH_SIZE
+    shape = (batch, 3, CROP_SIZE, CROP_SIZE)
     images = torch.rand(shape, generator=torch.Generator().manual_seed(0))
     images = images.to(device, memory_format=fmt)
 
@@ -126,7 +144,7 @@ def bare_forward(spec: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize()
 
     forward(1)
-    batches = math.ceil(spec["n"] / BATCH_SIZE)
+    batches = math.ceil(spec["n"] / batch)
     start = time.perf_counter()
     forward(batches)
-    return {"throughput": batches * BATCH_SIZE / (time.perf_counter() - start)}
+    return {"throughput": batches * batch / (time.perf_counter() - start)}

@@ -75,9 +75,14 @@ def _row(stage: str, workload: str, measured: dict[str, Any], unit: str, baselin
     }
 
 
-def run(stages: list[str], quick: bool, device: str, root: Path) -> list[dict[str, Any]]:
-    """Run the benchmarks of `stages` (with what they need) under `root`; return the rows."""
-    size = 2048 if quick else 4096
+def run(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
+    """Run the benchmarks of ``args.stages`` (with what they need) under `root`; the rows.
+
+    The segment row is always there (labeling needs the segments); its baseline only
+    when ``segment`` is among the stages.
+    """
+    stages, device = args.stages, args.device
+    size = args.size or (2048 if args.quick else 4096)
     cores = len(os.sched_getaffinity(0))
     rows = []
     data = run_case(HERE / "run.py", "write_data", {"root": str(root / "data"), "size": size})
@@ -86,19 +91,20 @@ def run(stages: list[str], quick: bool, device: str, root: Path) -> list[dict[st
     seg_spec = {"mosaic": data["mosaic"], "out": segments, "workers": cores}
     ours = run_case(HERE / "run.py", "segment_case", {**seg_spec, "case": "superdml"})
     n_sp = ours["n_superpixels"]
+    base = None
     if "segment" in stages:
         base = run_case(HERE / "run.py", "segment_case", {**seg_spec, "case": "skimage"})
-        measured = {"throughput": mp / ours["seconds"], "peak_rss_mb": ours["peak_rss_mb"]}
-        workload = f"{size}^2 RGB, region 32, {cores} workers"
-        rows.append(_row("segment", workload, measured, "MP/s", mp / base["seconds"]))
+    measured = {"throughput": mp / ours["seconds"], "peak_rss_mb": ours["peak_rss_mb"]}
+    workload = f"{size}^2 RGB, region 32, {n_sp} superpixels, {cores} workers"
+    rows.append(_row("segment", workload, measured, "MP/s", base and mp / base["seconds"]))
     if not {"train", "label", "export"} & set(stages):
-        return rows + _knn(stages, quick, device)
-    backbone = "resnet18"
+        return rows + _knn(args)
+    backbone = args.backbone
     prep = run_case(
         HERE / "label.py",
         "prepare",
         {"root": str(root), "segments": segments, "truth_left": data["truth_left"],
-         "per_class": 60 if quick else 200, "backbone": backbone, "device": device},
+         "per_class": 60 if args.quick else 200, "backbone": backbone, "device": device},
     )  # fmt: skip
     if "train" in stages:
         spec = {"crops": prep["crops"], "backbone": backbone, "device": device, "rounds": 2}
@@ -110,7 +116,8 @@ def run(stages: list[str], quick: bool, device: str, root: Path) -> list[dict[st
         rows.append(_row("train", workload, measured, "crops/s", measured["baseline"]))
     labels = root / "labels"
     if "label" in stages or "export" in stages:
-        spec = {**prep, "segments": segments, "out": str(labels), "device": device}
+        spec = {**prep, "segments": segments, "out": str(labels), "device": device,
+                "batch_size": args.batch_size, "tile_size": args.tile_size}  # fmt: skip
         measured = run_case(HERE / "label.py", "label_cli", spec)
         variants = ["fp32", "fp32 channels_last"] + ["bf16 channels_last"] * prep["bf16"]
         bare = {
@@ -119,25 +126,28 @@ def run(stages: list[str], quick: bool, device: str, root: Path) -> list[dict[st
         }
         fastest = max(bare, key=lambda v: bare[v]["throughput"])
         workload = f"{backbone} 128-d 64 px, {n_sp} superpixels, vs bare {fastest}"
+        if "gpu_util" in measured:
+            workload += f", GPU {measured['gpu_util']:.0f}% busy"
         if "label" in stages:
             rows.append(_row("label", workload, measured, "sp/s", bare[fastest]["throughput"]))
             for v in variants:
-                workload = f"bare forward {v}, batch 256"
+                workload = f"bare forward {v}, batch {args.batch_size or 256}"
                 rows.append(_row("label", workload, bare[v], "img/s", bare[fastest]["throughput"]))
     if "export" in stages:
         spec = {"labels": str(labels), "segments": segments, "megapixels": mp}
         measured = run_case(HERE / "export.py", "measure", spec)
         rows.append(_row("export", f"{size}^2 labels + scores, COG", measured, "MP/s", None))
-    return rows + _knn(stages, quick, device)
+    return rows + _knn(args)
 
 
-def _knn(stages: list[str], quick: bool, device: str) -> list[dict[str, Any]]:
-    if "knn" not in stages:
+def _knn(args: argparse.Namespace) -> list[dict[str, Any]]:
+    if "knn" not in args.stages:
         return []
-    spec = {"refs": 100_000, "queries": 8192 if quick else 32768, "tile": 1024, "device": device}
+    queries = 8192 if args.quick else 32768
+    spec = {"refs": args.refs, "queries": queries, "tile": 1024, "device": args.device}
     measured = run_case(HERE / "knn.py", "search", spec)
     base = run_case(HERE / "knn.py", "gemm", spec)
-    workload = f"{spec['queries']} x 100k refs, 128-d, k=10, {measured['kind']} index"
+    workload = f"{queries} x {args.refs} refs, 128-d, k=10, {measured['kind']} index"
     return [_row("knn", workload, measured, "queries/s", base["throughput"])]
 
 
@@ -164,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     parser.add_argument("--workdir", type=Path, help="keep the inputs and outputs here")
+    parser.add_argument("--size", type=int, help="mosaic side in pixels [2048 quick, 4096]")
+    parser.add_argument("--backbone", default="resnet18", help="model of train and label")
+    parser.add_argument("--batch-size", type=int, help="label --batch-size (and bare forward)")
+    parser.add_argument("--tile-size", type=int, help="label --tile-size")
+    parser.add_argument("--refs", type=int, default=100_000, help="kNN reference count")
     args = parser.parse_args(argv)
     repo = str(HERE.parent)  # the children import this checkout's superdml
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
@@ -172,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="superdml-bench-") as tmp:
         root = args.workdir or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        rows = run(args.stages, args.quick, args.device, root)
+        rows = run(args, root)
     print(format_table(rows))
     if args.json:
         args.json.write_text(json.dumps([{k: r[k] for k in KEYS} for r in rows], indent=1) + "\n")

@@ -105,7 +105,7 @@ def to_device(images: Tensor, device: torch.device) -> Tensor:
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
     """Move `model` to `device` in place with channels_last weights and return it."""
-    return model.to(device, memory_format=torch.channels_last)
+    return model.to(device).to(memory_format=torch.channels_last)
 
 
 def embed_folder(
