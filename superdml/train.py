@@ -304,8 +304,8 @@ def training_precision(precision: Precision | str, device: torch.device) -> torc
     """Return the autocast dtype of training on `device`.
 
     ``auto`` is bf16 on a CUDA device that computes it and float32 on the CPU, also one
-    with bf16 instructions: there bf16 autocast trained no faster than float32 (the
-    backward of its convolutions is not accelerated; see ``benchmarks/README.md``).
+    with bf16 instructions: there bf16 autocast trained several times slower than
+    float32 (``benchmarks/README.md``).
     ``fp32`` and ``bf16`` force one (:func:`~superdml.embed.resolve_precision`).
     """
     if precision == "auto" and device.type == "cpu":
