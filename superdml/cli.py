@@ -89,8 +89,8 @@ def cluster_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--workers",
         type=click.IntRange(min=0),
-        help="Worker processes of the local dask cluster (default: one per core; "
-        "0: no cluster, run in this process).",
+        help="Worker processes of the local dask cluster (default: one per core; label: "
+        "one using every core; 0: no cluster, run in this process).",
     )(f)
 
 
@@ -102,6 +102,14 @@ def device_option(f: Callable[..., Any]) -> Callable[..., Any]:
         default="auto",
         show_default=True,
         help="Where to run the model.",
+    )(f)
+
+
+def precision_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--precision auto|fp32|bf16``, checked by the stage (a bad value: one line, exit 2)."""
+    return click.option(
+        "--precision",
+        help="Model arithmetic: auto (bf16 where the device computes it), fp32 or bf16.",
     )(f)
 
 
@@ -276,6 +284,7 @@ def crops(
     "--keep-embeddings", is_flag=True, default=None, help="Keep tile embeddings for re-votes."
 )
 @click.option("--overwrite", is_flag=True, help="Replace predictions made with another checkpoint.")
+@precision_option
 @device_option
 @cluster_options
 def label_command(
@@ -292,6 +301,7 @@ def label_command(
     unknown_threshold: float | None,
     keep_embeddings: bool | None,
     overwrite: bool,
+    precision: str | None,
     device: str,
     workers: int | None,
     scheduler: str | None,
@@ -311,9 +321,10 @@ def label_command(
             "tile_size": tile_size,
             "unknown_threshold": unknown_threshold,
             "keep_embeddings": keep_embeddings,
+            "precision": precision,
         },
     )
-    with make_client(workers, scheduler) as client:
+    with make_client(workers, scheduler, stage="label") as client:
         result = label(
             segment_dir, checkpoint, reference, out, config, raster, device, client, overwrite
         )
@@ -362,6 +373,7 @@ def export_command(
 @click.option("--batch-size", type=int, help="Crops per forward pass [256].")
 @click.option("--ivf-threshold", type=int, help="More references than this get an IVF index.")
 @click.option("--nprobe", type=int, help="Inverted lists an IVF search visits [32].")
+@precision_option
 @device_option
 def index_command(
     checkpoint: Path,
@@ -371,6 +383,7 @@ def index_command(
     batch_size: int | None,
     ivf_threshold: int | None,
     nprobe: int | None,
+    precision: str | None,
     device: str,
 ) -> None:
     """Embed the labeled crops of --reference-dir into a reference index at --out."""
@@ -380,7 +393,12 @@ def index_command(
     config = load_config(
         config_path,
         IndexConfig,
-        {"batch_size": batch_size, "ivf_threshold": ivf_threshold, "nprobe": nprobe},
+        {
+            "batch_size": batch_size,
+            "ivf_threshold": ivf_threshold,
+            "nprobe": nprobe,
+            "precision": precision,
+        },
     )
     result = build_index(checkpoint, reference_dir, out, config, device)
     counts = ", ".join(f"{k}: {v}" for k, v in result.per_class.items())
@@ -406,6 +424,7 @@ def index_command(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Draw each image and its neighbours into this figure (.png, .pdf, .svg).",
 )
+@precision_option
 @device_option
 def infer_command(
     images: tuple[Path, ...],
@@ -414,6 +433,7 @@ def infer_command(
     reference_dir: Path | None,
     k: int,
     plot: Path | None,
+    precision: str | None,
     device: str,
 ) -> None:
     """Label IMAGES by their k nearest references and print those references."""
@@ -421,7 +441,7 @@ def infer_command(
 
     if (reference is None) == (reference_dir is None):
         raise click.UsageError("give exactly one of --reference and --reference-dir")
-    results = infer(images, checkpoint, reference, reference_dir, k, device)
+    results = infer(images, checkpoint, reference, reference_dir, k, device, precision or "auto")
     for result in results:
         click.echo(f"{result.image}: {result.label} (score {result.score:.3f})")
         for rank, neighbour in enumerate(result.neighbours, 1):
@@ -457,6 +477,7 @@ def infer_command(
     help="Warm-start from this checkpoint (its classes may differ).",
 )
 @click.option("--epochs", type=int, help="Training epochs (overrides the config).")
+@precision_option
 @device_option
 def train_command(
     train_dir: Path,
@@ -467,6 +488,7 @@ def train_command(
     resume: bool,
     init: Path | None,
     epochs: int | None,
+    precision: str | None,
     device: str,
 ) -> None:
     """Train an embedding network on labeled crop folders: best.pt, last.pt, metrics.csv."""
@@ -478,7 +500,7 @@ def train_command(
         TrainConfig,
         {"loss": loss, "epochs": epochs},
     )
-    result = train(train_dir, out, config, val_dir, resume, init, device)
+    result = train(train_dir, out, config, val_dir, resume, init, device, precision or "auto")
     score = result.metrics.get("map_at_r")
     validation = f", map_at_r {score:.4f}" if score is not None else ""
     click.echo(
@@ -501,14 +523,20 @@ def train_command(
     help="Labeled references to search (default: the queries, each leaving itself out).",
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@precision_option
 @device_option
 def evaluate_command(
-    checkpoint: Path, query_dir: Path, reference_dir: Path | None, out: Path, device: str
+    checkpoint: Path,
+    query_dir: Path,
+    reference_dir: Path | None,
+    out: Path,
+    precision: str | None,
+    device: str,
 ) -> None:
     """Evaluate a checkpoint: metrics.json, confusion matrix, t-SNE and similarity figures."""
     from superdml.evaluate import evaluate
 
-    result = evaluate(checkpoint, query_dir, out, reference_dir, device)
+    result = evaluate(checkpoint, query_dir, out, reference_dir, device, precision or "auto")
     click.echo(
         f"{result.n_query} queries, {result.n_reference} references: map_at_r "
         f"{result.metrics['map_at_r']:.4f}, top1_accuracy {result.metrics['top1_accuracy']:.4f}"

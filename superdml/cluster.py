@@ -1,7 +1,7 @@
 """Dask clients from options, and a bounded map over tasks.
 
-``make_client`` gives a local cluster of worker processes by default (one thread each,
-so CPU stages do not oversubscribe cores), or attaches to a running scheduler.
+``make_client`` gives a local cluster shaped for the stage (:data:`SHAPES`), or attaches
+to a running scheduler.
 ``map_tasks`` runs one function over many argument tuples on that client, keeping at
 most a few tasks in flight so memory stays flat however many tiles there are; without a
 client it runs them in this process, in order.
@@ -15,7 +15,8 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
 from superdml._private.progress import progress_bar
 from superdml.errors import InputError
@@ -26,27 +27,54 @@ logger = logging.getLogger(__name__)
 
 
 def default_workers() -> int:
-    """Return the number of worker processes used when none is given (the core count)."""
+    """Return the number of cores this process may run on."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The local cluster of a stage.
+
+    Attributes
+    ----------
+    processes : int or None
+        Worker processes; one per core when None.
+    threads : int
+        Task threads per process.
+    """
+
+    processes: int | None
+    threads: int
+
+
+Stage = Literal["cpu", "label"]
+
+#: Local cluster shapes, from measurements on 2 cores (``benchmarks/README.md``). CPU
+#: stages (segment, crops) run one single-threaded process per core. Labeling runs one
+#: process whose model uses every core (torch threads = cores / processes), with two
+#: task threads: one reads and crops a tile while the other's crops are embedded (one
+#: forward at a time, :class:`~superdml.embed.Embedder`), so the model never waits for I/O.
+#: One process of 2 torch threads labeled faster than two of 1 and holds one model.
+SHAPES: dict[Stage, Shape] = {"cpu": Shape(None, 1), "label": Shape(1, 2)}
 
 
 @contextlib.contextmanager
 def make_client(
     workers: int | None = None,
     scheduler: str | None = None,
-    threads_per_worker: int = 1,
+    stage: Stage = "cpu",
 ) -> Iterator[Any]:
     """Yield a ``distributed.Client``: attached to `scheduler`, else a local cluster.
 
     Parameters
     ----------
     workers : int, optional
-        Worker processes of the local cluster (default: the core count); 0 runs
-        everything in this process without a cluster (the client is None).
+        Worker processes of the local cluster (default: the stage's :data:`SHAPES`); 0
+        runs everything in this process without a cluster (the client is None).
     scheduler : str, optional
         Address of a running ``dask scheduler`` (``tcp://host:8786``) to attach to.
-    threads_per_worker : int
-        Threads per local worker process.
+    stage : {"cpu", "label"}
+        Whose :class:`Shape` the local cluster takes.
     """
     from distributed import Client, LocalCluster
 
@@ -63,13 +91,14 @@ def make_client(
     if workers == 0:
         yield None
         return
-    n = workers or default_workers()
+    shape = SHAPES[stage]
+    n = workers or shape.processes or default_workers()
     if n < 1:
         raise InputError(f"--workers {n}: expected at least 0")
     with (
         LocalCluster(
             n_workers=n,
-            threads_per_worker=threads_per_worker,
+            threads_per_worker=shape.threads,
             processes=True,
             dashboard_address=None,
             silence_logs=logging.ERROR,

@@ -37,6 +37,16 @@ def check(condition: bool, key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{key}: got {value!r}, expected {expected}")
 
 
+def _check_precision(precision: str) -> None:
+    """Raise ConfigError unless `precision` is one of :data:`Precision`."""
+    check(
+        precision in get_args(Precision),
+        "precision",
+        precision,
+        "one of " + ", ".join(get_args(Precision)),
+    )
+
+
 @dataclass(frozen=True)
 class SegmentConfig:
     """Parameters of ``superdml segment``.
@@ -355,6 +365,8 @@ def dump_config(config: Any, path: str | os.PathLike[str]) -> None:
 
 Backbone = Literal["resnet18", "resnet34", "resnet50"]
 Normalization = Literal["imagenet", "dataset"]
+#: Inference arithmetic: bf16 where the hardware computes it (``auto``), or forced.
+Precision = Literal["auto", "fp32", "bf16"]
 
 
 @dataclass(frozen=True)
@@ -538,6 +550,9 @@ class LabelConfig:
     keep_embeddings : bool
         Also write each tile's embeddings (float16), so a later run with the same
         checkpoint and a new reference only re-votes.
+    precision : {"auto", "fp32", "bf16"}
+        Arithmetic of the model: ``auto`` is bf16 autocast where the device computes bf16
+        in hardware (CUDA, a CPU with AVX-512 BF16 or AMX), float32 elsewhere.
     """
 
     k: int = 10
@@ -548,9 +563,11 @@ class LabelConfig:
     tile_size: int = 1024
     crop_size: int | None = None
     keep_embeddings: bool = False
+    precision: Precision = "auto"
 
     def __post_init__(self) -> None:
         check(self.k >= 1, "k", self.k, "an integer >= 1")
+        _check_precision(self.precision)
         check(
             self.weighting in ("similarity", "softmax"),
             "weighting",
@@ -592,14 +609,18 @@ class IndexConfig:
         Inverted lists of the IVF index; ``round(4 * sqrt(N))`` for N references when None.
     nprobe : int
         Inverted lists visited per query by an IVF search (more: slower, closer to exact).
+    precision : {"auto", "fp32", "bf16"}
+        Arithmetic of the model while embedding (as :class:`LabelConfig`'s).
     """
 
     batch_size: int = 256
     ivf_threshold: int = 100_000
     nlist: int | None = None
     nprobe: int = 32
+    precision: Precision = "auto"
 
     def __post_init__(self) -> None:
+        _check_precision(self.precision)
         check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         check(self.ivf_threshold >= 1, "ivf_threshold", self.ivf_threshold, "an integer >= 1")
         check(self.nlist is None or self.nlist >= 1, "nlist", self.nlist, "an integer >= 1")

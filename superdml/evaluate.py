@@ -41,7 +41,7 @@ from superdml._private.ownership import check_apart, check_output, claim_output
 from superdml.checkpoint import build_model_from_checkpoint, checkpoint_sha256, load_checkpoint
 from superdml.config import AugmentConfig
 from superdml.data import ImageFolderDataset, build_transforms
-from superdml.embed import embed_folder, prepare_model, resolve_device
+from superdml.embed import embed_folder, prepare_model, resolve_device, resolve_precision
 from superdml.index import knn_search, knn_vote
 from superdml.metrics import retrieval_metrics
 from superdml.viz import plot_confusion_matrix, plot_embedding_2d, plot_similarity
@@ -191,6 +191,7 @@ def evaluate(
     out_dir: str | os.PathLike[str],
     reference_dir: str | os.PathLike[str] | None = None,
     device: str = "auto",
+    precision: str = "auto",
 ) -> EvaluateResult:
     """Evaluate a checkpoint on labeled crop folders (see the module docstring).
 
@@ -206,6 +207,8 @@ def evaluate(
         Labeled references the queries are searched against; without it the query set
         is its own reference (each query's own crop left out).
     device : {"auto", "cpu", "cuda"}
+    precision : {"auto", "fp32", "bf16"}
+        Arithmetic of the model (:func:`~superdml.embed.resolve_precision`).
 
     Returns
     -------
@@ -218,13 +221,14 @@ def evaluate(
     InputError, MissingInputError
         On unusable folders, or crops whose band count differs from the checkpoint's.
     ConfigError
-        On an unusable device.
+        On an unusable device or precision.
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
     check_apart(out_dir, [p for p in (checkpoint, query_dir, reference_dir) if p is not None])
     check_output(out_dir, "evaluate")
     dev = resolve_device(device)
+    dtype = resolve_precision(precision, dev)
     ckpt = load_checkpoint(checkpoint)
     transform = build_transforms(AugmentConfig(), ckpt.input_size, ckpt.mean, ckpt.std, train=False)
     folders = [query_dir] if reference_dir is None else [query_dir, reference_dir]
@@ -236,7 +240,7 @@ def evaluate(
     model = prepare_model(build_model_from_checkpoint(ckpt), dev)
     embedded = []
     for dataset, what in zip(datasets, ("query", "reference"), strict=False):
-        emb, labels = embed_folder(model, dataset, EMBED_BATCH_SIZE, dev, what)
+        emb, labels = embed_folder(model, dataset, EMBED_BATCH_SIZE, dev, what, dtype)
         to_union = np.array([class_names.index(c) for c in dataset.class_names])
         embedded.append((emb, to_union[labels]))
     query_emb, query_labels = embedded[0]

@@ -75,7 +75,7 @@ from superdml.config import (
     dump_config,
 )
 from superdml.data import ImageFolderDataset, build_transforms
-from superdml.embed import embed_folder, prepare_model, resolve_device
+from superdml.embed import embed_folder, prepare_model, resolve_device, resolve_precision
 from superdml.errors import InputError, SuperDMLError, input_error, require_dir
 from superdml.provenance import combine
 
@@ -1200,23 +1200,20 @@ def _embed_rows(
     dataset: ImageFolderDataset,
     rows: np.ndarray,
     device: torch.device,
-    batch_size: int,
+    config: IndexConfig,
 ) -> np.ndarray:
-    """Embed the samples `rows` of `dataset`: an (n, D) float32 L2-normalized ndarray.
-
-    Embeddings are normalized again in float32, since bf16 autocast on CUDA leaves
-    their norms a little off 1.
-    """
-    embeddings, _ = embed_folder(model, Subset(dataset, rows.tolist()), batch_size, device, "index")
-    embeddings = embeddings.astype(np.float32, copy=False)
-    return embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    """Embed the samples `rows` of `dataset`: an (n, D) float32 L2-normalized ndarray."""
+    dtype = resolve_precision(config.precision, device)
+    subset = Subset(dataset, rows.tolist())
+    embeddings, _ = embed_folder(model, subset, config.batch_size, device, "index", dtype)
+    return embeddings
 
 
 def _embed_reference(
     ckpt: Checkpoint,
     scan: _Scan,
     device: torch.device,
-    batch_size: int,
+    config: IndexConfig,
     rows: np.ndarray,
     previous: np.ndarray,
     model: nn.Module | None = None,
@@ -1234,7 +1231,7 @@ def _embed_reference(
     if fresh.size:
         if model is None:
             model = prepare_model(build_model_from_checkpoint(ckpt), device)
-        embeddings[fresh] = _embed_rows(model, scan.dataset, fresh, device, batch_size)
+        embeddings[fresh] = _embed_rows(model, scan.dataset, fresh, device, config)
     return embeddings
 
 
@@ -1259,7 +1256,7 @@ def reference_from_folder(
     device : torch.device
         Where the model runs.
     config : IndexConfig, optional
-        Batch size and index settings.
+        Batch size, precision and index settings.
     model : nn.Module, optional
         The checkpoint's model, already on `device` (built when None).
     """
@@ -1267,7 +1264,7 @@ def reference_from_folder(
     scan = _scan(reference_dir, ckpt)
     rows = np.full(len(scan.files), -1, dtype=np.int64)
     embeddings = _embed_reference(
-        ckpt, scan, device, config.batch_size, rows, np.empty((0, 0), np.float32), model
+        ckpt, scan, device, config, rows, np.empty((0, 0), np.float32), model
     )
     return ReferenceIndex.build(
         embeddings,
@@ -1350,7 +1347,7 @@ def build_index(
     out_dir : path
         The reference folder to write (an existing reference folder is replaced).
     config : IndexConfig, optional
-        Batch size and index settings; defaults when None.
+        Batch size, precision and index settings; defaults when None.
     device : {"auto", "cpu", "cuda"}
         Where the model runs.
 
@@ -1373,6 +1370,7 @@ def build_index(
     config = config or IndexConfig()
     out = Path(out_dir)
     dev = resolve_device(device)
+    resolve_precision(config.precision, dev)  # fails before any work
     ckpt = load_checkpoint(checkpoint)
     require_dir(reference_dir, "labeled reference crop folder")
     check_apart(out, [reference_dir, checkpoint])
@@ -1382,7 +1380,7 @@ def build_index(
         scan = _scan(reference_dir, ckpt)
         scheme = _reference_scheme(reference_dir, scan.dataset.class_names, ckpt, checkpoint)
         rows, previous, n_previous = _previous_rows(out, ckpt_sha, scan)
-        embeddings = _embed_reference(ckpt, scan, dev, config.batch_size, rows, previous)
+        embeddings = _embed_reference(ckpt, scan, dev, config, rows, previous)
         reference = ReferenceIndex.build(
             embeddings,
             np.array(scan.dataset.labels, dtype=np.int64),

@@ -27,9 +27,9 @@ from torch.utils.data import TensorDataset
 from superdml._private.atomic import atomic_write
 from superdml.checkpoint import build_model_from_checkpoint, checkpoint_sha256, load_checkpoint
 from superdml.classes import UNKNOWN
-from superdml.config import AugmentConfig
+from superdml.config import AugmentConfig, IndexConfig, Precision
 from superdml.data import IMAGE_SUFFIXES, IMAGE_SUFFIXES_TEXT, _decode, build_transforms
-from superdml.embed import embed_folder, prepare_model, resolve_device
+from superdml.embed import embed_folder, prepare_model, resolve_device, resolve_precision
 from superdml.errors import ConfigError, InputError, input_error, require_file
 from superdml.index import UNKNOWN_LABEL, ReferenceIndex, reference_from_folder
 
@@ -124,6 +124,7 @@ def infer(
     reference_dir: str | os.PathLike[str] | None = None,
     k: int = 5,
     device: str = "auto",
+    precision: str = "auto",
 ) -> list[InferResult]:
     """Label images by the similarity-weighted vote of their k nearest references.
 
@@ -143,6 +144,8 @@ def infer(
         Neighbours that vote (at most the reference size).
     device : {"auto", "cpu", "cuda"}
         Where the model and the search run.
+    precision : {"auto", "fp32", "bf16"}
+        Arithmetic of the model (:func:`~superdml.embed.resolve_precision`).
 
     Returns
     -------
@@ -152,7 +155,7 @@ def infer(
     Raises
     ------
     ConfigError
-        Without exactly one reference source, or on an unusable device.
+        Without exactly one reference source, or on an unusable device or precision.
     CheckpointError
         When `checkpoint` is not a superdml checkpoint.
     MissingInputError, InputError
@@ -165,6 +168,7 @@ def infer(
             "(--reference-dir), exactly one of them"
         )
     dev = resolve_device(device)
+    dtype = resolve_precision(precision, dev)
     ckpt = load_checkpoint(checkpoint)
     ckpt_sha = checkpoint_sha256(checkpoint)
     ref = None if reference is None else ReferenceIndex.load(reference)
@@ -176,11 +180,11 @@ def infer(
     if ref is None:
         # exactly one of reference and reference_dir is given (checked above)
         folder = cast("str | os.PathLike[str]", reference_dir)
-        ref = reference_from_folder(ckpt, ckpt_sha, folder, dev, model=model)
+        config = IndexConfig(precision=cast("Precision", precision))
+        ref = reference_from_folder(ckpt, ckpt_sha, folder, dev, config, model)
     transform = build_transforms(AugmentConfig(), ckpt.input_size, ckpt.mean, ckpt.std, train=False)
     dataset = TensorDataset(transform(pixels), torch.zeros(len(paths), dtype=torch.int64))
-    embeddings, _ = embed_folder(model, dataset, BATCH_SIZE, dev, "infer")
-    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    embeddings, _ = embed_folder(model, dataset, BATCH_SIZE, dev, "infer", dtype)
     sims, ids = ref.search(embeddings, k, dev)
     vote = ref.vote(sims, ids)
     names, files, labels = ref.class_names, ref.files, ref.labels

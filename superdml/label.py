@@ -7,9 +7,11 @@ reference index and votes, then writes one predictions part, renamed into place 
 complete. Tasks carry paths and small descriptions only: each worker process loads the
 model and the reference index once (a cache keyed by their SHA-256) and reuses them.
 
-On CUDA the batch is copied from pinned memory without blocking, normalized on the
-GPU, run in bf16 autocast with channels_last, and the kNN search runs on the GPU too;
-on the CPU the same code runs in float32.
+The model runs through :class:`superdml.embed.Embedder`: channels_last, bf16 autocast
+where the device computes bf16 (``LabelConfig.precision``); on CUDA the batch is copied
+from pinned memory without blocking and the kNN search runs on the GPU too. A worker
+process runs two tile tasks at a time but one forward at a time, so one task reads and
+crops its tile while the other's crops are embedded and the model never waits for I/O.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +48,9 @@ from superdml.provenance import combine
 from superdml.raster import Tile, tile_grid
 from superdml.segment import SegmentRun, load_segment_runs
 
+if TYPE_CHECKING:  # torch is imported where a worker needs it
+    from superdml.embed import Embedder
+
 logger = logging.getLogger(__name__)
 
 _ID_COLUMNS = ("segment_id", "raster", "x", "y")
@@ -54,70 +59,10 @@ _ID_COLUMNS = ("segment_id", "raster", "x", "y")
 # ------------------------------------------------------------------ worker side
 
 
-class Embedder:
-    """A checkpoint's model ready for inference on uint8 crops.
-
-    Parameters
-    ----------
-    checkpoint : path
-    device : str
-        ``cpu`` or ``cuda``.
-    """
-
-    def __init__(self, checkpoint: str | Path, device: str) -> None:
-        import torch
-
-        from superdml.checkpoint import build_model_from_checkpoint, load_checkpoint
-        from superdml.embed import prepare_model
-
-        ckpt = load_checkpoint(checkpoint)
-        self.device = torch.device(device)
-        self.model = prepare_model(build_model_from_checkpoint(ckpt), self.device)
-        self.input_size = ckpt.input_size
-        self.bands = ckpt.bands
-        self.mean = torch.tensor(ckpt.mean, device=self.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(ckpt.std, device=self.device).view(1, -1, 1, 1)
-
-    def __call__(self, crops: np.ndarray, batch_size: int) -> np.ndarray:
-        """Embed crops in batches of `batch_size` (on CUDA the last one padded to it).
-
-        Parameters
-        ----------
-        crops : (N, C, H, W) uint8 ndarray
-        batch_size : int
-
-        Returns
-        -------
-        (N, D) float32 ndarray, L2-normalized
-        """
-        import torch
-        from torchvision.transforms.v2 import functional as TF
-
-        from superdml.embed import autocast
-
-        cuda = self.device.type == "cuda"
-        out = []
-        with torch.inference_mode(), autocast(self.device):
-            for start in range(0, len(crops), batch_size):
-                batch = torch.from_numpy(crops[start : start + batch_size])
-                n = batch.shape[0]
-                if cuda and n < batch_size:  # fixed shapes for cuDNN; on the CPU padding only costs
-                    pad = batch.new_zeros((batch_size - n, *batch.shape[1:]))
-                    batch = torch.cat([batch, pad])
-                if cuda:
-                    batch = batch.pin_memory()
-                x = batch.to(self.device, non_blocking=True)
-                if x.shape[-1] != self.input_size:
-                    x = TF.resize(x, [self.input_size] * 2, antialias=True)
-                x = (x.float() / 255.0 - self.mean) / self.std
-                if cuda:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                out.append(self.model(x)[:n].float().cpu())
-        return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
-
-
 @functools.lru_cache(maxsize=2)
-def load_embedder(checkpoint: str, sha256: str, device: str, threads: int | None) -> Embedder:
+def load_embedder(
+    checkpoint: str, sha256: str, device: str, threads: int | None, precision: str = "auto"
+) -> Embedder:
     """Load a checkpoint's model once per worker process (keyed by its hash)."""
     if threads is not None:
         import faiss
@@ -125,8 +70,10 @@ def load_embedder(checkpoint: str, sha256: str, device: str, threads: int | None
 
         torch.set_num_threads(threads)
         faiss.omp_set_num_threads(threads)
+    from superdml.embed import Embedder
+
     del sha256  # part of the cache key only
-    return Embedder(checkpoint, device)
+    return Embedder(checkpoint, device, precision)
 
 
 @functools.lru_cache(maxsize=2)
@@ -235,7 +182,9 @@ def _tile_embeddings(job: _LabelJob, tile: Tile, table: pa.Table, ids: np.ndarra
         with np.load(kept) as stored:
             if np.array_equal(stored["segment_id"], ids):
                 return stored["embeddings"].astype(np.float32)
-    embedder = load_embedder(job.checkpoint, job.checkpoint_sha256, job.device, job.threads)
+    embedder = load_embedder(
+        job.checkpoint, job.checkpoint_sha256, job.device, job.threads, job.config.precision
+    )
     if len(ids) == 0:
         return np.zeros((0, 1), np.float32)
     crops, _ = crop_tile(job.run, job.rule, table)
@@ -392,7 +341,7 @@ def label(
         of another size, or predictions of another checkpoint in `out`.
     """
     from superdml.checkpoint import checkpoint_sha256, load_checkpoint
-    from superdml.embed import resolve_device
+    from superdml.embed import resolve_device, resolve_precision
     from superdml.index import ReferenceIndex, reference_scheme
 
     start = time.perf_counter()
@@ -418,7 +367,9 @@ def label(
     if config.crop_size is not None:
         rule = dataclasses.replace(rule, crop_size=config.crop_size)
     _check_inputs(runs, rule, ckpt.bands, checkpoint)
-    dev = resolve_device(device).type
+    torch_device = resolve_device(device)
+    resolve_precision(config.precision, torch_device)  # fails here, not in a worker
+    dev = torch_device.type
     out = Path(out)
     check_apart(out, [*(run.folder for run in runs), checkpoint, reference])
     with claim_output(out, "label"):

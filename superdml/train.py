@@ -30,7 +30,8 @@ Choices:
   cosine decay towards 0 at the end of ``epochs``. The steps per epoch are those of the
   first epoch (the PK sampler's batch count can differ by one or two between epochs;
   the factor is clamped at the end).
-- **Devices**: one code path: on CUDA bf16 autocast and channels_last, on the CPU float32.
+- **Devices**: one code path, channels_last, with bf16 autocast on CUDA and float32 on
+  the CPU by default (:func:`training_precision`).
 - **Determinism**: the seed drives the split, the PK sampler (per epoch), the weight and
   proxy initialization and the augmentation (torch's global RNG with ``num_workers=0``;
   worker ``w`` of epoch e is seeded from a generator stored in the resume state). The
@@ -77,7 +78,7 @@ from superdml.checkpoint import (
     save_checkpoint,
 )
 from superdml.classes import folder_scheme
-from superdml.config import TrainConfig, config_to_dict, dump_config
+from superdml.config import Precision, TrainConfig, config_to_dict, dump_config
 from superdml.crops import read_crop_rule
 from superdml.data import (
     ImageFolderDataset,
@@ -87,7 +88,14 @@ from superdml.data import (
     imagenet_statistics,
     stratified_split,
 )
-from superdml.embed import autocast, embed_folder, prepare_model, resolve_device, to_device
+from superdml.embed import (
+    autocast,
+    embed_folder,
+    prepare_model,
+    resolve_device,
+    resolve_precision,
+    to_device,
+)
 from superdml.errors import CheckpointError, ConfigError, input_error
 from superdml.losses import MetricLoss, get_loss, transfer_proxies
 from superdml.metrics import retrieval_metrics
@@ -289,6 +297,19 @@ def _seed_worker(worker_id: int) -> None:
 # --------------------------------------------------------------------- the loop
 
 
+def training_precision(precision: Precision | str, device: torch.device) -> torch.dtype:
+    """Return the autocast dtype of training on `device`.
+
+    ``auto`` is bf16 on a CUDA device that computes it and float32 on the CPU, also one
+    with bf16 instructions: there bf16 autocast trained several times slower than
+    float32 (``benchmarks/README.md``).
+    ``fp32`` and ``bf16`` force one (:func:`~superdml.embed.resolve_precision`).
+    """
+    if precision == "auto" and device.type == "cpu":
+        return torch.float32
+    return resolve_precision(precision, device)
+
+
 def _train_epoch(
     model: nn.Module,
     loss_fn: MetricLoss,
@@ -296,6 +317,7 @@ def _train_epoch(
     optimizer: torch.optim.Optimizer,
     scheduler: LambdaLR,
     device: torch.device,
+    dtype: torch.dtype,
     desc: str,
 ) -> float:
     """Run one epoch of optimizer steps; return the mean batch loss."""
@@ -305,7 +327,7 @@ def _train_epoch(
     for images, labels in progress(loader, len(loader), desc, "batch"):
         images = to_device(images, device)
         labels = labels.to(device, non_blocking=True)
-        with autocast(device):
+        with autocast(device, dtype):
             loss = loss_fn(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -316,12 +338,15 @@ def _train_epoch(
     return float(total) / max(steps, 1)
 
 
-def _validate(model: nn.Module, data: _Data, device: torch.device) -> dict[str, float]:
+def _validate(
+    model: nn.Module, data: _Data, device: torch.device, dtype: torch.dtype
+) -> dict[str, float]:
     """Return retrieval metrics of the validation crops against the training crops."""
     if data.val is None or data.val_classes is None:
         return {}
-    ref_emb, ref_labels = embed_folder(model, data.references, EMBED_BATCH_SIZE, device, "refs")
-    val_emb, val_labels = embed_folder(model, data.val, EMBED_BATCH_SIZE, device, "val")
+    refs, val = data.references, data.val
+    ref_emb, ref_labels = embed_folder(model, refs, EMBED_BATCH_SIZE, device, "refs", dtype)
+    val_emb, val_labels = embed_folder(model, val, EMBED_BATCH_SIZE, device, "val", dtype)
     metrics = retrieval_metrics(val_emb, data.val_classes[val_labels], ref_emb, ref_labels)
     return {k: float(v) for k, v in metrics.items()}
 
@@ -466,6 +491,7 @@ def train(
     resume: bool = False,
     init: str | os.PathLike[str] | None = None,
     device: str = "auto",
+    precision: str = "auto",
 ) -> TrainResult:
     """Train an embedding network on labeled crop folders (see the module docstring).
 
@@ -486,6 +512,8 @@ def train(
     init : path, optional
         Checkpoint to warm-start from (its classes may differ).
     device : {"auto", "cpu", "cuda"}
+    precision : {"auto", "fp32", "bf16"}
+        Arithmetic of the forward and backward passes (:func:`training_precision`).
 
     Returns
     -------
@@ -494,8 +522,8 @@ def train(
     Raises
     ------
     ConfigError
-        On an unusable device, an invalid loss, a config that differs from the resumed
-        run's, or a run that has already reached ``config.epochs``.
+        On an unusable device or precision, an invalid loss, a config that differs from
+        the resumed run's, or a run that has already reached ``config.epochs``.
     InputError, MissingInputError
         On unusable crop folders (no images, one class, an empty class folder), an
         `out_dir` that already holds a run (without `resume`), or a missing ``last.pt``.
@@ -506,12 +534,13 @@ def train(
     train_dir, out_dir = Path(train_dir), Path(out_dir)
     val_dir = Path(val_dir) if val_dir is not None else None
     dev = resolve_device(device)
+    dtype = training_precision(precision, dev)
     if resume and init is not None:
         raise ConfigError("--resume and --init: a resumed run keeps its own start; pass one")
     get_loss(config.loss, 2, config.embedding_size, **config.loss_params)  # check early
     check_apart(out_dir, [p for p in (train_dir, val_dir, init) if p is not None])
     with claim_output(out_dir, "train"):
-        return _train(train_dir, out_dir, config, val_dir, resume, init, dev, start_time)
+        return _train(train_dir, out_dir, config, val_dir, resume, init, dev, dtype, start_time)
 
 
 def _train(
@@ -522,6 +551,7 @@ def _train(
     resume: bool,
     init: str | os.PathLike[str] | None,
     dev: torch.device,
+    dtype: torch.dtype,
     start_time: float,
 ) -> TrainResult:
     """Run :func:`train` in its claimed output folder."""
@@ -604,13 +634,15 @@ def _train(
             epoch_start = time.perf_counter()
             sampler.set_epoch(epoch)
             desc = f"epoch {epoch + 1}/{config.epochs}"
-            train_loss = _train_epoch(model, loss_fn, loader, optimizer, scheduler, dev, desc)
+            train_loss = _train_epoch(
+                model, loss_fn, loader, optimizer, scheduler, dev, dtype, desc
+            )
             if not math.isfinite(train_loss):
                 raise ConfigError(
                     f"lr: training diverged in epoch {epoch + 1} (loss {train_loss}): "
                     "lower lr or proxy_lr"
                 )
-            metrics = _validate(model, data, dev)
+            metrics = _validate(model, data, dev, dtype)
             row = {
                 "epoch": epoch + 1,
                 "train_loss": train_loss,

@@ -229,7 +229,8 @@ def direct_embeddings(checkpoint: Path, files: list[Path]) -> np.ndarray:
 
 
 def test_build_index_writes_a_reference_of_the_models_embeddings(crops, checkpoints, tmp_path):
-    result = build_index(checkpoints[0], crops, tmp_path / "ref", device="cpu")
+    config = IndexConfig(precision="fp32")  # the direct computation below is float32
+    result = build_index(checkpoints[0], crops, tmp_path / "ref", config, device="cpu")
     n = len(CLASSES) * PER_CLASS
     assert (result.n_references, result.n_embedded, result.n_reused) == (n, n, 0)
     assert result.per_class == {c: PER_CLASS for c in sorted(CLASSES)}
@@ -247,8 +248,8 @@ def test_build_index_writes_a_reference_of_the_models_embeddings(crops, checkpoi
     assert meta["index_sha256"] == hashlib.sha256(index_bytes).hexdigest()
     content = content_sha256(ref.embeddings, ref.labels, ref.class_names)
     assert meta["sha256"] == combine(content, meta["index_sha256"], json.dumps(ref.files))
-    assert meta["build"]["config"] == {"batch_size": 256, "ivf_threshold": 100000,
-                                       "nlist": None, "nprobe": 32}  # fmt: skip
+    assert meta["build"]["config"] == {"batch_size": 256, "ivf_threshold": 100000, "nlist": None,
+                                       "nprobe": 32, "precision": "fp32"}  # fmt: skip
     assert not list(tmp_path.glob("*.sdml-tmp-*"))
 
 

@@ -1,5 +1,6 @@
 """End to end: segment -> crops from a truth raster -> train -> index -> label -> export."""
 
+import dataclasses
 import json
 import shutil
 import threading
@@ -12,10 +13,12 @@ import rasterio
 from click.testing import CliRunner
 from rasters import texture_mosaic, write_raster
 
+import superdml.embed as embed_module
 import superdml.label as label_module
 from superdml.cli import cli
-from superdml.config import CropsConfig, LabelConfig, SegmentConfig, TrainConfig
+from superdml.config import CropsConfig, IndexConfig, LabelConfig, SegmentConfig, TrainConfig
 from superdml.crops import export_crops
+from superdml.embed import cpu_has_bf16
 from superdml.errors import InputError
 from superdml.export import export
 from superdml.index import build_index
@@ -243,7 +246,50 @@ def test_keep_embeddings_lets_a_new_reference_only_revote(world, labeled, tmp_pa
     assert agree.mean() > 0.97
 
 
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bf16 instructions")
+def test_bf16_and_fp32_labels_agree(world, labeled, tmp_path):
+    fp32 = IndexConfig(precision="fp32")
+    build_index(world["checkpoint"], world["root"] / "crops", tmp_path / "ref", fp32, device="cpu")
+    config = dataclasses.replace(labeled["config"], precision="fp32")
+    args = (world["seg"].out_dir, world["checkpoint"], tmp_path / "ref", tmp_path / "out", config)
+    label(*args, device="cpu")
+    bf16 = dataclasses.replace(labeled["config"], precision="bf16")
+    label(world["seg"].out_dir, world["checkpoint"], world["root"] / "ref", tmp_path / "b", bf16)
+    a, b = read_predictions(tmp_path / "out"), read_predictions(tmp_path / "b")
+    assert a.column("segment_id").equals(b.column("segment_id"))
+    agree = a.column("label_id").to_numpy() == b.column("label_id").to_numpy()
+    # This small model's neighbours are within 1e-3 of each other, so bf16 rounding can
+    # swap the k-th and (k+1)-th: votes decided by one neighbour (margin <= 1/k) may flip
+    # (9 of 576 here); every vote decided by more agrees.
+    decided = a.column("margin").to_numpy() > 1.5 / config.k
+    assert agree[decided].mean() >= 0.995 and decided.mean() > 0.7, agree[decided].mean()
+    assert agree.mean() >= 0.98, agree.mean()
+    sims = a.column("similarity").to_numpy() - b.column("similarity").to_numpy()
+    assert 0 < np.abs(sims).max() < 0.02  # different arithmetic, nearly the same neighbours
+
+
 # ------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("precision", "message"),
+    [
+        ("fp16", "precision: got 'fp16', expected one of auto, fp32, bf16\n"),
+        ("bf16", "precision: got 'bf16', but this CPU has no bf16 instructions"),
+    ],
+)
+def test_cli_refuses_an_unusable_precision(world, tmp_path, monkeypatch, precision, message):
+    monkeypatch.setattr(embed_module, "cpu_has_bf16", lambda: False)
+    result = CliRunner().invoke(
+        cli,
+        ["-q", "label", str(world["seg"].out_dir), "--checkpoint", str(world["checkpoint"]),
+         "--reference", str(world["root"] / "ref"), "--out", str(tmp_path / "out"),
+         "--device", "cpu", "--workers", "0", "--precision", precision],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
+    assert message in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_reference_of_another_checkpoint_is_refused(world, tmp_path):

@@ -16,7 +16,7 @@ from rasters import texture_mosaic, write_raster
 
 import superdml.label as label_module
 from superdml.cli import cli
-from superdml.config import CropsConfig, LabelConfig, ReviewConfig, SegmentConfig
+from superdml.config import CropsConfig, IndexConfig, LabelConfig, ReviewConfig, SegmentConfig
 from superdml.crops import CropRule, crop_tile, export_crops, read_crop_rule
 from superdml.errors import ConfigError, InputError, MissingInputError
 from superdml.index import build_index
@@ -41,8 +41,12 @@ def world(tmp_path_factory):
     crops_config = CropsConfig(crop_size=32, mask="none", per_class=12)
     export_crops(seg.out_dir, root / "crops", crops_config, truth_tif)
     checkpoint = save_untrained_checkpoint(root / "model.pt", CLASSES)
-    build_index(checkpoint, root / "crops", root / "ref", device="cpu")
-    config = LabelConfig(k=5, tile_size=128, batch_size=64, crop_size=40, keep_embeddings=True)
+    # float32: bf16 rounds this untrained model's near-equal embeddings to exact ties of
+    # (score, margin), which the expected picks below would order arbitrarily
+    build_index(checkpoint, root / "crops", root / "ref", IndexConfig(precision="fp32"), "cpu")
+    config = LabelConfig(
+        k=5, tile_size=128, batch_size=64, crop_size=40, keep_embeddings=True, precision="fp32"
+    )
     out = root / "out"
     label(seg.out_dir, checkpoint, root / "ref", out, config, device="cpu")
     similarity = pq.read_table(out / "predictions").column("similarity").to_numpy()
