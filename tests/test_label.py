@@ -257,7 +257,7 @@ def test_bf16_and_fp32_labels_agree(world, labeled, tmp_path):
     label(world["seg"].out_dir, world["checkpoint"], world["root"] / "ref", tmp_path / "b", bf16)
     a, b = read_predictions(tmp_path / "out"), read_predictions(tmp_path / "b")
     assert a.column("segment_id").equals(b.column("segment_id"))
-    agree = a.column("label_id").to_numpy() == b.column("label_id").to_numpy()
+    agree = a.column("label_code").to_numpy() == b.column("label_code").to_numpy()
     # This small model's neighbours are within 1e-3 of each other, so bf16 rounding can
     # swap the k-th and (k+1)-th: votes decided by one neighbour (margin <= 1/k) may flip
     # (9 of 576 here); every vote decided by more agrees.
