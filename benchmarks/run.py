@@ -59,7 +59,9 @@ def segment_case(spec: dict[str, Any]) -> dict[str, Any]:
 
     if spec["case"] == "skimage":
         return segment.child_skimage(spec["mosaic"])
-    return segment.child_superdml(spec["mosaic"], spec["out"], spec["workers"])
+    return segment.child_superdml(
+        spec["mosaic"], spec["out"], spec["workers"], "auto", spec["device"]
+    )
 
 
 def _row(stage: str, workload: str, measured: dict[str, Any], unit: str, baseline: float | None):
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
     data = run_case(HERE / "run.py", "write_data", {"root": str(root / "data"), "size": size})
     mp = size * size / 1e6
     segments = str(root / "seg")
-    seg_spec = {"mosaic": data["mosaic"], "out": segments, "workers": cores}
+    seg_spec = {"mosaic": data["mosaic"], "out": segments, "workers": cores, "device": device}
     ours = run_case(HERE / "run.py", "segment_case", {**seg_spec, "case": "superdml"})
     n_sp = ours["n_superpixels"]
     base = None
