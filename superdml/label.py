@@ -374,6 +374,7 @@ def label(
     check_apart(out, [*(run.folder for run in runs), checkpoint, reference])
     with claim_output(out, "label"):
         _claim_predictions(out, ckpt_sha, overwrite)
+        part_meta: dict[str, dict[str, str]] = {}  # each raster's, filled below
         manifest = {
             "class_names": list(ref.class_names),
             "class_scheme": scheme.to_dict(),
@@ -387,7 +388,7 @@ def label(
             "reference_sha256": ref.sha256,
             "crop_rule": rule.to_dict(),
             "config": config_to_dict(config),
-            "part_meta": {},
+            "part_meta": part_meta,
         }
         threads = _threads_per_worker(client)
         calls = []
@@ -398,7 +399,7 @@ def label(
                 tuple(scheme.codes_of([*ref.class_names, UNKNOWN]).tolist()), str(out),
                 dev, threads,
             )  # fmt: skip
-            manifest["part_meta"][run.name] = job.part_meta
+            part_meta[run.name] = job.part_meta
             grid = tile_grid(run.source.height, run.source.width, config.tile_size)
             calls += [(job, tile) for tile in grid]
         write_json(out / MANIFEST, manifest)
