@@ -747,7 +747,7 @@ def segment_raster(
         write_json(folder / "source.json", {"source": info.path})
         lo, hi = band_ranges(path, bands, config.nodata)
         work = folder / f".work-{combine(digest, source_fp)[:16]}"
-        for stale in folder.glob(".work-*"):
+        for stale in folder.glob(".work-" + "[0-9a-f]" * 16):  # ours: other inputs' runs
             if stale != work:
                 shutil.rmtree(stale)
         work.mkdir(exist_ok=True)

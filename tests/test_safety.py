@@ -158,11 +158,13 @@ def test_segment_redoes_a_source_rewritten_in_place(work):
     table = work / "seg2" / "mosaic" / "superpixels.parquet"
     assert invoke(*args)[0] == 0
     before = pq.read_table(table)
+    (work / "seg2" / "mosaic" / ".work-mine").mkdir()  # a user's folder beside our work folders
     rgb, _ = texture_mosaic(256)
     write_raster(work / "mosaic.tif", np.ascontiguousarray(rgb[:, ::-1]))  # same size, new pixels
     assert invoke(*args)[0] == 0
     after = pq.read_table(table)
     assert not np.allclose(before.column("mean_b1").to_numpy(), after.column("mean_b1").to_numpy())
+    assert (work / "seg2" / "mosaic" / ".work-mine").is_dir()
 
 
 def test_pipeline_reruns_index_after_crops_are_sorted_into_a_stage_folder(work):
