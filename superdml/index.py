@@ -1240,6 +1240,23 @@ def _embed_reference(
     return embeddings
 
 
+def _index_scan(
+    scan: _Scan, embeddings: np.ndarray, ckpt_sha: str, config: IndexConfig
+) -> ReferenceIndex:
+    """Index the embeddings of a scanned crop folder with the config's index settings."""
+    return ReferenceIndex.build(
+        embeddings,
+        np.array(scan.dataset.labels, dtype=np.int64),
+        scan.dataset.class_names,
+        scan.files,
+        ckpt_sha,
+        ivf_threshold=config.ivf_threshold,
+        nprobe=config.nprobe,
+        nlist=config.nlist,
+        root=scan.dataset.root,
+    )
+
+
 def reference_from_folder(
     ckpt: Checkpoint,
     ckpt_sha: str,
@@ -1271,17 +1288,7 @@ def reference_from_folder(
     embeddings = _embed_reference(
         ckpt, scan, device, config, rows, np.empty((0, 0), np.float32), model
     )
-    return ReferenceIndex.build(
-        embeddings,
-        np.array(scan.dataset.labels, dtype=np.int64),
-        scan.dataset.class_names,
-        scan.files,
-        ckpt_sha,
-        ivf_threshold=config.ivf_threshold,
-        nprobe=config.nprobe,
-        nlist=config.nlist,
-        root=scan.dataset.root,
-    )
+    return _index_scan(scan, embeddings, ckpt_sha, config)
 
 
 def _reference_scheme(
@@ -1386,17 +1393,7 @@ def build_index(
         scheme = _reference_scheme(reference_dir, scan.dataset.class_names, ckpt, checkpoint)
         rows, previous, n_previous = _previous_rows(out, ckpt_sha, scan)
         embeddings = _embed_reference(ckpt, scan, dev, config, rows, previous)
-        reference = ReferenceIndex.build(
-            embeddings,
-            np.array(scan.dataset.labels, dtype=np.int64),
-            scan.dataset.class_names,
-            scan.files,
-            ckpt_sha,
-            ivf_threshold=config.ivf_threshold,
-            nprobe=config.nprobe,
-            nlist=config.nlist,
-            root=scan.dataset.root,
-        )
+        reference = _index_scan(scan, embeddings, ckpt_sha, config)
         n_reused = int(np.count_nonzero(rows >= 0))
         unseen = sorted(set(reference.class_names) - set(ckpt.class_names))
         if unseen:
