@@ -1,4 +1,7 @@
-"""Superpixel crops: vectorized extraction from a window, and crop folders for people.
+"""Superpixel crops: the crop rule, vectorized extraction, and ``superdml crops``.
+
+``superdml crops`` writes training crop folders for people to sort (the folder layout
+and ``crops.parquet`` are :mod:`superdml.crop_folder`'s, shared with ``review``).
 
 The crop rule, shared by ``superdml crops``, training and labeling:
 
@@ -19,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,44 +31,41 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image
 
-from superdml._private.atomic import atomic_write, write_json
-from superdml._private.ownership import check_apart, claim_output, clear_listed
-from superdml.classes import (
-    MAX_CODE,
-    SCHEME_FILE,
-    UNLABELED,
-    ClassScheme,
-    make_scheme,
-    read_scheme,
-    write_scheme,
-)
+from superdml._private.atomic import write_json
+from superdml._private.ownership import check_apart, claim_output
+from superdml.classes import SCHEME_FILE, UNLABELED, ClassScheme, write_scheme
 from superdml.cluster import map_tasks
 from superdml.config import CropsConfig, MaskMode, config_hash, config_to_dict
+from superdml.crop_folder import (
+    CROPS_SCHEMA,
+    CROPS_TABLE,
+    clear_crops,
+    count_labels,
+    read_crops_meta,
+    write_crops,
+    write_crops_table,
+)
 from superdml.errors import InputError, input_error
 from superdml.provenance import fingerprint
-from superdml.raster import check_bands, open_raster, read_window, tile_grid
+from superdml.raster import (
+    check_bands,
+    check_label_overlap,
+    open_raster,
+    read_class_nodata,
+    read_label_scheme,
+    read_labels_on_grid,
+    read_window,
+    tile_grid,
+)
 from superdml.segment import SegmentRun, load_segment_runs
 
 logger = logging.getLogger(__name__)
 
-CROPS_TABLE = "crops.parquet"
 PENDING = ".crops-pending.json"  # what an unfinished run crops (its provenance)
 SCALING_RULE = "uint8 as is; else linear 1st..99th percentile -> 0..255, clipped"
 TILE_SIZE = 2048
 
-CROPS_SCHEMA = pa.schema(
-    [
-        pa.field("file", pa.string(), nullable=False),
-        pa.field("segment_id", pa.uint32(), nullable=False),
-        pa.field("raster", pa.string(), nullable=False),
-        pa.field("x", pa.float64()),
-        pa.field("y", pa.float64()),
-        pa.field("label", pa.string()),
-        pa.field("purity", pa.float32()),
-    ]
-)
 #: One tile's candidates: majority class value (-1: none) and its share of the superpixel.
 CANDIDATES_SCHEMA = pa.schema(
     [
@@ -272,184 +271,6 @@ def majority_labels(
     return majority[inverse], purity[inverse]
 
 
-def write_png(path: Path, crop: np.ndarray) -> None:
-    """Write a (3 or 4, H, W) uint8 crop as an RGB or RGBA PNG, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(crop.transpose(1, 2, 0))).save(tmp, "PNG")
-
-
-# ------------------------------------------------------------------- label rasters
-
-
-def read_label_scheme(path: str | Path, classes_yaml: str | Path | None) -> ClassScheme:
-    """Return the class scheme of a label raster: codes, names (checked) and colors.
-
-    Names from the `classes_yaml` scheme file when given (see
-    :func:`superdml.classes.read_scheme`), else from the raster's ``class_names`` tag (a
-    JSON object code -> name, or a JSON list of names for codes 1, 2, ..., as older
-    exports wrote it), else from GDAL's category names of band 1 (``CategoryNames`` in
-    the ``<raster>.aux.xml`` sidecar, where GDAL and QGIS keep them for GeoTIFFs).
-    Colors the names' source does not give come from the raster's color table, else
-    from a palette. The nodata code is the raster's nodata (else 0)
-    unless the file says otherwise. Codes without a name are not in the returned scheme
-    (crops name them ``class_<code>``).
-
-    Raises
-    ------
-    InputError
-        The scheme file or the tag is malformed (see :func:`superdml.classes.make_scheme`),
-        a code does not fit the raster's data type, or a name is the default name
-        ``class_<v>`` of another code.
-    """
-    with open_raster(path) as src:
-        try:
-            colormap: dict[int, tuple[int, ...]] | None = src.colormap(1)
-        except ValueError:  # no color table
-            colormap = None
-        tag = src.tags(1).get("class_names") or src.tags().get("class_names")
-        info, nodata = np.iinfo(np.dtype(src.dtypes[0])), src.nodata
-    nodata = int(nodata) if nodata is not None and 0 <= nodata <= MAX_CODE else 0
-    source: str | Path = path
-    if classes_yaml is not None:
-        source = classes_yaml
-        scheme = read_scheme(classes_yaml, colormap, nodata)
-    else:
-        names = _tag_names(path, tag) if tag else _category_names(path)
-        scheme = make_scheme(names, path, nodata=nodata, colormap=colormap)
-    for entry in scheme.entries:
-        if not info.min <= entry.code <= info.max:
-            raise input_error(
-                source,
-                f"code {entry.code} of {entry.name!r} is outside the label raster's values "
-                f"({info.dtype}: {info.min}..{info.max}, {path})",
-            )
-        default = re.fullmatch(r"class_(-?\d+)", entry.name, re.IGNORECASE)
-        if default is not None and int(default[1]) != entry.code:
-            raise input_error(
-                source,
-                f"class name {entry.name!r} for code {entry.code} is the default name of "
-                f"code {int(default[1])}: choose another name",
-            )
-    return scheme
-
-
-def _category_names(path: str | Path) -> dict[int, dict[str, Any]]:
-    """Entries ``code -> {"name": ...}`` of GDAL's category names (empty names skipped)."""
-    import xml.etree.ElementTree as ET
-
-    sidecar = Path(f"{path}.aux.xml")
-    if not sidecar.is_file():
-        return {}
-    try:
-        root = ET.parse(sidecar).getroot()
-    except ET.ParseError as err:
-        raise input_error(sidecar, f"not valid XML ({err})") from None
-    band = root.find("PAMRasterBand[@band='1']")
-    categories = [] if band is None else band.findall("CategoryNames/Category")
-    return {code: {"name": c.text} for code, c in enumerate(categories) if c.text}
-
-
-def _tag_names(path: str | Path, tag: str) -> dict[int, dict[str, Any]]:
-    """Entries ``code -> {"name": ...}`` of a ``class_names`` tag."""
-    try:
-        listed = json.loads(tag)
-    except json.JSONDecodeError:
-        listed = None
-    if isinstance(listed, list):
-        return {code: {"name": name} for code, name in enumerate(listed, start=1)}
-    if isinstance(listed, dict) and all(re.fullmatch(r"\d+", k) for k in listed):
-        return {int(code): {"name": name} for code, name in listed.items()}
-    raise input_error(
-        path,
-        f"class_names tag {tag[:60]!r} is not a JSON object of code -> name (or a list of "
-        "names): fix the tag or pass --classes",
-    )
-
-
-def read_class_nodata(path: str | Path) -> int | None:
-    """Return a label raster's nodata value (no class), checking that it holds classes.
-
-    Raises
-    ------
-    InputError
-        The raster's first band is not of an integer type, or its nodata is not an
-        integer (a float label raster with NaN nodata, say).
-    """
-    with open_raster(path) as lab:
-        dtype, nodata = np.dtype(lab.dtypes[0]), lab.nodata
-    if dtype.kind not in "ui":
-        raise input_error(
-            path, f"label raster must be of an integer type (class values), got {dtype}"
-        )
-    if nodata is None:
-        return None
-    if not float(nodata).is_integer():
-        raise input_error(path, f"label raster nodata {nodata} is not an integer class value")
-    return int(nodata)
-
-
-def _check_overlap(run: SegmentRun, label_path: str) -> None:
-    from rasterio.transform import array_bounds
-    from rasterio.warp import transform_bounds
-
-    with open_raster(label_path) as lab:
-        src_crs, lab_crs = run.source.crs, lab.crs
-        if src_crs is None or lab_crs is None:
-            same = (lab.height, lab.width) == (run.source.height, run.source.width)
-            if not same:
-                raise input_error(
-                    label_path,
-                    "has no CRS (or the raster has none) and a different size: "
-                    "it must be on the raster's grid",
-                )
-            return
-        west, south, east, north = array_bounds(
-            run.source.height, run.source.width, run.source.affine
-        )
-        bounds = transform_bounds(src_crs, lab_crs, west, south, east, north)
-        lb = lab.bounds
-        if (
-            bounds[0] >= lb.right
-            or bounds[2] <= lb.left
-            or bounds[1] >= lb.top
-            or bounds[3] <= lb.bottom
-        ):
-            raise input_error(label_path, f"does not overlap the raster {run.source.path}")
-
-
-def read_labels_on_grid(
-    label_path: str, run: SegmentRun, row: int, col: int, height: int, width: int
-) -> np.ndarray:
-    """Read a label raster resampled (nearest) onto a window of the run's grid."""
-    from rasterio.enums import Resampling
-    from rasterio.vrt import WarpedVRT
-
-    with open_raster(label_path) as lab:
-        same_grid = (
-            (lab.height, lab.width) == (run.source.height, run.source.width)
-            and (lab.crs is None or run.source.crs is None or lab.crs.to_wkt() == run.source.crs)
-            and (lab.crs is None or np.allclose(tuple(lab.transform)[:6], run.source.transform))
-        )
-        if same_grid:
-            out, _ = read_window(
-                lab, [1], row, col, height, width, nodata=None, fill=lab.nodata or 0
-            )
-            return out[0]
-        with WarpedVRT(
-            lab,
-            crs=run.source.crs,
-            transform=run.source.affine,
-            height=run.source.height,
-            width=run.source.width,
-            resampling=Resampling.nearest,
-        ) as vrt:
-            out, _ = read_window(
-                vrt, [1], row, col, height, width, nodata=None, fill=lab.nodata or 0
-            )
-            return out[0]
-
-
 # ------------------------------------------------------------------------ the stage
 
 
@@ -548,7 +369,7 @@ def _label_task(job: _CropJob, row: int, col: int, height: int, width: int) -> p
     with open_raster(job.run.segments_path) as seg:
         segments, _ = read_window(seg, [1], r0, c0, r1 - r0, c1 - c0)
     label_path = cast(str, job.label_path)  # this task only runs when a label raster is given
-    classes = read_labels_on_grid(label_path, job.run, r0, c0, r1 - r0, c1 - c0)
+    classes = read_labels_on_grid(label_path, job.run.source, r0, c0, r1 - r0, c1 - c0)
     value, purity = majority_labels(segments[0], classes, ids, job.class_nodata)
     return pa.table([ids, value, purity], schema=CANDIDATES_SCHEMA)
 
@@ -579,24 +400,8 @@ def _crop_task(
         purity = chosen.purity[order[pos[hit]]]
     if table.num_rows == 0:
         return CROPS_SCHEMA.empty_table()
-    crops, ids = crop_tile(job.run, job.rule, table)
-    files = [
-        f"{label}/{job.run.name}_{int(sid)}.png" for sid, label in zip(ids, labels, strict=True)
-    ]
-    for crop, name in zip(crops, files, strict=True):
-        write_png(Path(job.out_dir) / name, crop)
-    return pa.table(
-        {
-            "file": files,
-            "segment_id": pa.array(ids, pa.uint32()),
-            "raster": [job.run.name] * len(files),
-            "x": table.column("x"),
-            "y": table.column("y"),
-            "label": labels,
-            "purity": pa.array(purity, pa.float32(), from_pandas=True),
-        },
-        schema=CROPS_SCHEMA,
-    )
+    crops, _ = crop_tile(job.run, job.rule, table)
+    return write_crops(Path(job.out_dir), job.run.name, table, crops, labels, purity=purity)
 
 
 def _choose(
@@ -657,7 +462,7 @@ def export_crops(
         its majority class; superpixels below ``min_purity`` are skipped.
     classes : path, optional
         Scheme file (code -> name or {name, color, description}) of the label raster;
-        see :func:`read_label_scheme`.
+        see :func:`superdml.raster.read_label_scheme`.
     client : distributed.Client, optional
 
     Returns
@@ -677,7 +482,7 @@ def export_crops(
         class_nodata = read_class_nodata(label_raster)
         scheme = read_label_scheme(label_raster, classes)
         for run in runs:
-            _check_overlap(run, label_raster)
+            check_label_overlap(label_raster, run.source)
     counts = {len(color_band_indexes(run, rule)) for run in runs}
     if len(counts) > 1:
         raise InputError(
@@ -699,16 +504,11 @@ def export_crops(
         if table_path.exists() and (done := _finished(out_dir, table_path, provenance, start)):
             return done
         _check_pending(out_dir, provenance)
+        jobs = [_CropJob(run, rule, str(out_dir), label_raster, class_nodata) for run in runs]
         calls = [
-            (
-                _CropJob(run, rule, str(out_dir), label_raster, class_nodata),
-                t.row,
-                t.col,
-                t.height,
-                t.width,
-            )
-            for run in runs
-            for t in tile_grid(run.source.height, run.source.width, TILE_SIZE)
+            (job, t.row, t.col, t.height, t.width)
+            for job in jobs
+            for t in tile_grid(job.run.source.height, job.run.source.width, TILE_SIZE)
         ]
         chosen: list[_Chosen | None] = [None] * len(calls)
         if label_raster is not None or config.sample is not None:
@@ -728,12 +528,8 @@ def export_crops(
                 names_t = [names.get(int(v), UNLABELED) for v in value[sel]]
                 kept = purity[sel].astype(np.float32) if label_raster else np.full(sel.size, np.nan)
                 chosen[t] = _Chosen(ids[sel], names_t, kept)
-        tables = map_tasks(
-            _crop_task,
-            [(*c, ch) for c, ch in zip(calls, chosen, strict=True)],
-            client,
-            desc="crops",
-        )
+        crop_calls = [(*call, ch) for call, ch in zip(calls, chosen, strict=True)]
+        tables = map_tasks(_crop_task, crop_calls, client, desc="crops")
         table = pa.concat_tables(tables) if tables else CROPS_SCHEMA.empty_table()
         if scheme is not None:
             write_scheme(out_dir / SCHEME_FILE, scheme)
@@ -744,12 +540,7 @@ def export_crops(
             "label_raster": label_raster,
             "provenance": provenance,
         }
-        with atomic_write(table_path) as tmp:
-            pq.write_table(
-                table.replace_schema_metadata({"superdml": json.dumps(meta)}),
-                tmp,
-                compression="zstd",
-            )
+        write_crops_table(out_dir, table, meta)
     return _result(out_dir, table_path, table, start)
 
 
@@ -774,14 +565,8 @@ def _check_pending(out_dir: Path, provenance: dict[str, Any]) -> None:
 
 
 def _result(out_dir: Path, table_path: Path, table: pa.Table, start: float) -> CropsResult:
-    per_class = pc.value_counts(table.column("label")).to_pylist()
-    return CropsResult(
-        out_dir,
-        table_path,
-        table.num_rows,
-        {d["values"]: d["counts"] for d in per_class},
-        time.perf_counter() - start,
-    )
+    seconds = time.perf_counter() - start
+    return CropsResult(out_dir, table_path, table.num_rows, count_labels(table), seconds)
 
 
 def _finished(
@@ -793,22 +578,17 @@ def _finished(
     them: every file in the folder is one the table lists, where it wrote it. Otherwise
     the run is refused; crops people may have sorted are never rewritten.
     """
-    table = pq.read_table(table_path)
-    meta = json.loads((table.schema.metadata or {}).get(b"superdml", b"{}"))
-    if meta.get("provenance") == provenance:
+    if read_crops_meta(table_path).get("provenance") == provenance:
         logger.info("%s: up to date, skipped", out_dir)
-        return _result(out_dir, table_path, table, start)
+        return _result(out_dir, table_path, pq.read_table(table_path), start)
     reason = "holds crops made from other segments, label raster or options"
-    listed = [*table.column("file").to_pylist(), SCHEME_FILE]
-    clear_listed(out_dir, table_path, listed, "crops", reason)
+    clear_crops(out_dir, "crops", reason, also=[SCHEME_FILE])
     return None
 
 
 def read_crop_rule(folder: str | Path) -> CropRule | None:
     """Return the crop rule recorded in ``folder/crops.parquet`` (or one level up), if any."""
     for candidate in (Path(folder) / CROPS_TABLE, Path(folder).parent / CROPS_TABLE):
-        if candidate.exists():
-            meta = pq.read_schema(candidate).metadata or {}
-            if b"superdml" in meta:
-                return CropRule.from_dict(json.loads(meta[b"superdml"])["crop_rule"])
+        if candidate.exists() and "crop_rule" in (meta := read_crops_meta(candidate)):
+            return CropRule.from_dict(meta["crop_rule"])
     return None

@@ -21,7 +21,6 @@ right class folders of the training set; ``superdml train --init`` closes the lo
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -32,21 +31,19 @@ from typing import cast
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from superdml._private.atomic import atomic_write
-from superdml._private.ownership import check_apart, check_output, claim_output, clear_listed
+from superdml._private.ownership import check_apart, check_output, claim_output
 from superdml._private.progress import progress
 from superdml.classes import UNKNOWN, check_class_names
 from superdml.config import ReviewConfig, config_to_dict, dump_config
-from superdml.crops import (
-    CROPS_SCHEMA,
+from superdml.crop_folder import (
     CROPS_TABLE,
-    CropRule,
-    color_band_indexes,
-    crop_tile,
-    write_png,
+    clear_crops,
+    count_labels,
+    write_crops,
+    write_crops_table,
 )
+from superdml.crops import CropRule, color_band_indexes, crop_tile
 from superdml.errors import input_error
 from superdml.predictions import MANIFEST, LabelRun, load_label_run, lookup
 from superdml.raster import Tile
@@ -59,9 +56,6 @@ POOL_FACTOR = 10
 REVIEW_YAML = "review.yaml"
 REVIEW_FILES = ("*/*.png", CROPS_TABLE, REVIEW_YAML)
 """What ``review`` writes into its folder (a rerun replaces only a folder of these)."""
-REVIEW_SCHEMA = CROPS_SCHEMA.append(pa.field("score", pa.float32())).append(
-    pa.field("margin", pa.float32())
-)
 _PART_COLUMNS = ["segment_id", "label_code", "score", "margin"]
 
 
@@ -349,28 +343,9 @@ def _write_tile(
 ) -> pa.Table:
     """Write the PNG crops of one tile's picks; return their ``crops.parquet`` rows."""
     crops, table = _tile_crops(inputs, r, t, picks.segment_id)
-    name = inputs.runs[r].name
-    labels = names[picks.label_id]
-    files = [
-        f"{label}/{name}_{int(sid)}_s{score:.2f}.png"
-        for label, sid, score in zip(labels, picks.segment_id, picks.score, strict=True)
-    ]
-    for crop, file in zip(crops, files, strict=True):
-        write_png(folder / file, crop)
-    n = len(files)
-    return pa.table(
-        {
-            "file": files,
-            "segment_id": pa.array(picks.segment_id, pa.uint32()),
-            "raster": [name] * n,
-            "x": table.column("x"),
-            "y": table.column("y"),
-            "label": pa.array(labels, pa.string()),
-            "purity": pa.nulls(n, pa.float32()),
-            "score": pa.array(picks.score, pa.float32()),
-            "margin": pa.array(picks.margin, pa.float32()),
-        },
-        schema=REVIEW_SCHEMA,
+    labels = list(names[picks.label_id])
+    return write_crops(
+        folder, inputs.runs[r].name, table, crops, labels, score=picks.score, margin=picks.margin
     )
 
 
@@ -406,14 +381,6 @@ def _check_inputs(out: Path, segment_dir: Path, inputs: _Inputs) -> None:
         color_band_indexes(run, inputs.rule)
 
 
-def _clear_earlier_review(folder: Path) -> None:
-    """Remove an earlier review's crops, unless people moved or added files there."""
-    table = folder / CROPS_TABLE
-    if table.exists():
-        files = pq.read_table(table, columns=["file"]).column("file").to_pylist()
-        clear_listed(folder, table, [*files, REVIEW_YAML], "review", "holds an earlier review")
-
-
 def review(
     out: str | Path,
     segment_dir: str | Path,
@@ -432,8 +399,9 @@ def review(
         The segment run (or one raster's subfolder) that was labeled.
     folder : path
         Where ``<predicted class>/<raster>_<segment_id>_s<score>.png`` crops,
-        ``crops.parquet`` (``CROPS_SCHEMA`` with ``label`` = the predicted class, plus
-        ``score`` and ``margin``; the crop rule in its metadata) and ``review.yaml`` go.
+        ``crops.parquet`` (:data:`superdml.crop_folder.CROPS_SCHEMA`: ``label`` is the
+        predicted class, ``score`` and ``margin`` its vote; the crop rule in its metadata)
+        and ``review.yaml`` go.
     config : ReviewConfig, optional
     raster : path, optional
         The source raster when it moved since segmentation (one raster only).
@@ -493,7 +461,8 @@ def review(
         picks = _spread(inputs, picks, config, device)
     names = np.asarray([UNKNOWN, *label_run.class_names], dtype=object)  # by label_id
     with claim_output(folder, "review"):
-        _clear_earlier_review(folder)
+        # an earlier review's crops go, unless people moved or added files there
+        clear_crops(folder, "review", "holds an earlier review", also=[REVIEW_YAML])
         tables = [
             _write_tile(folder, inputs, r, t, picks.take(index), names)
             for r, t, index in progress(_by_tile(picks), desc="review crops", unit="tile")
@@ -507,13 +476,7 @@ def review(
             "segments": [str(run.folder.resolve()) for run in runs],
         }
         dump_config(config, folder / REVIEW_YAML)
-        with atomic_write(folder / CROPS_TABLE) as tmp:
-            pq.write_table(
-                table.replace_schema_metadata({"superdml": json.dumps(meta)}), tmp,
-                compression="zstd",
-            )  # fmt: skip
-    counts = pc.value_counts(table.column("label")).to_pylist()
-    per_class = {d["values"]: d["counts"] for d in counts}
+        write_crops_table(folder, table, meta)
     seconds = time.perf_counter() - start
     logger.info("%d crops to review in %.1f s -> %s", table.num_rows, seconds, folder)
-    return ReviewResult(folder, table.num_rows, per_class, seconds)
+    return ReviewResult(folder, table.num_rows, count_labels(table), seconds)

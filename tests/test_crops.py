@@ -11,6 +11,7 @@ from rasters import texture_mosaic, write_raster
 
 from superdml.cli import cli
 from superdml.config import CropsConfig, SegmentConfig
+from superdml.crop_folder import CROPS_SCHEMA
 from superdml.crops import (
     CropRule,
     export_crops,
@@ -284,6 +285,8 @@ def test_a_crops_tile_without_superpixels(tmp_path):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     table = pq.read_table(tmp_path / "crops" / "crops.parquet")
+    assert table.schema.remove_metadata() == CROPS_SCHEMA  # review's schema too
+    assert table.column("score").null_count == table.column("margin").null_count == 6
     assert sorted(table.column("label").to_pylist()) == ["class_1"] * 3 + ["class_2"] * 3
     pngs = sorted(
         str(p.relative_to(tmp_path / "crops")) for p in (tmp_path / "crops").rglob("*.png")

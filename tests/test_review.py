@@ -17,6 +17,7 @@ from rasters import texture_mosaic, write_raster
 import superdml.label as label_module
 from superdml.cli import cli
 from superdml.config import CropsConfig, IndexConfig, LabelConfig, ReviewConfig, SegmentConfig
+from superdml.crop_folder import CROPS_SCHEMA
 from superdml.crops import CropRule, crop_tile, export_crops, read_crop_rule
 from superdml.errors import ConfigError, InputError, MissingInputError
 from superdml.index import build_index
@@ -121,6 +122,8 @@ def test_pick_diverse_takes_one_member_of_each_blob():
 
 def test_picks_the_lowest_scores(world, reviewed):
     table = pq.read_table(reviewed["folder"] / "crops.parquet")
+    assert table.schema.remove_metadata() == CROPS_SCHEMA  # the schema of crops' tables
+    assert table.column("purity").null_count == 20
     expected = lowest(candidates(world, reviewed["max_score"]), 20)
     assert reviewed["result"].n_crops == table.num_rows == 20
     assert table.column("segment_id").to_pylist() == expected.column("segment_id").to_pylist()

@@ -21,10 +21,11 @@ from superdml.classes import (
 )
 from superdml.cli import cli
 from superdml.config import CropsConfig, LabelConfig, SegmentConfig
-from superdml.crops import export_crops, read_crop_rule, read_label_scheme
+from superdml.crops import export_crops, read_crop_rule
 from superdml.errors import InputError
 from superdml.index import build_index
 from superdml.label import label
+from superdml.raster import read_label_scheme
 from superdml.segment import segment_raster
 
 #: The land-cover scheme of the input map: codes, names and its color table.

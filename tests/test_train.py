@@ -16,7 +16,8 @@ import superdml.train as train_module
 from superdml.checkpoint import load_checkpoint
 from superdml.cli import cli
 from superdml.config import TrainConfig, load_config
-from superdml.crops import CROPS_TABLE, CropRule
+from superdml.crop_folder import CROPS_TABLE
+from superdml.crops import CropRule
 from superdml.errors import CheckpointError, ConfigError
 from superdml.losses import get_loss
 from superdml.models import build_model
