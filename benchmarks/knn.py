@@ -2,8 +2,9 @@
 
 A part of ``benchmarks/run.py``; each function runs in a fresh process.
 
-``search``: queries per second of :meth:`superdml.index.ReferenceIndex.search` (what
-``label`` calls per tile: FAISS ``IndexFlatIP`` on the CPU; FAISS GPU or torch on CUDA)
+``search``: queries per second of :meth:`superdml.reference.ReferenceIndex.search` (what
+``label`` calls per tile: ``torch.mm`` + ``topk`` for a flat index on the CPU; FAISS GPU or
+torch on CUDA)
 over ``refs`` random unit vectors of 128 dimensions, k = 10, ``queries`` queries in
 tiles of ``tile`` rows (the superpixels of a 1024 px tile at region size 32).
 
@@ -34,7 +35,7 @@ def search(spec: dict[str, Any]) -> dict[str, Any]:
     """Queries/s of ``ReferenceIndex.search`` on ``spec["device"]``."""
     import numpy as np
 
-    from superdml.index import ReferenceIndex
+    from superdml.reference import ReferenceIndex
 
     refs, queries = _data(spec)
     n = len(refs)

@@ -42,7 +42,7 @@ from superdml.checkpoint import build_model_from_checkpoint, checkpoint_sha256, 
 from superdml.config import AugmentConfig
 from superdml.data import ImageFolderDataset, build_transforms
 from superdml.embed import embed_folder, prepare_model, resolve_device, resolve_precision
-from superdml.index import knn_search, knn_vote
+from superdml.knn import knn_vote, search
 from superdml.metrics import retrieval_metrics
 from superdml.viz import plot_confusion_matrix, plot_embedding_2d, plot_similarity
 
@@ -252,7 +252,7 @@ def evaluate(
         query_emb, query_labels, ref_emb, ref_labels, exclude_self, num_classes, knn_k=KNN_K
     )
     knn_k = min(KNN_K, len(ref_emb) - int(exclude_self))
-    sims, ids = knn_search(query_emb, ref_emb, knn_k, exclude_self)
+    sims, ids = search(query_emb, ref_emb, knn_k, exclude_self=exclude_self)
     neighbor_labels = np.where(ids >= 0, ref_labels[np.maximum(ids, 0)], -1)
     predicted = knn_vote(sims, neighbor_labels, num_classes).label_ids
     matrix = confusion_matrix(query_labels, predicted, num_classes)

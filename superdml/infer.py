@@ -31,7 +31,9 @@ from superdml.config import AugmentConfig, IndexConfig, Precision
 from superdml.data import IMAGE_SUFFIXES, IMAGE_SUFFIXES_TEXT, _decode, build_transforms
 from superdml.embed import embed_folder, prepare_model, resolve_device, resolve_precision
 from superdml.errors import ConfigError, InputError, input_error, require_file
-from superdml.index import UNKNOWN_LABEL, ReferenceIndex, reference_from_folder
+from superdml.index import reference_from_folder
+from superdml.knn import UNKNOWN_LABEL
+from superdml.reference import ReferenceIndex
 
 __all__ = ["InferResult", "Neighbour", "infer", "plot_neighbours"]
 

@@ -79,7 +79,7 @@ def load_embedder(
 @functools.lru_cache(maxsize=2)
 def load_reference(ref_dir: str, sha256: str) -> Any:
     """Load a reference index once per worker process (keyed by its hash)."""
-    from superdml.index import ReferenceIndex
+    from superdml.reference import ReferenceIndex
 
     del sha256  # part of the cache key only
     return ReferenceIndex.load(ref_dir)
@@ -342,7 +342,7 @@ def label(
     """
     from superdml.checkpoint import checkpoint_sha256, load_checkpoint
     from superdml.embed import resolve_device, resolve_precision
-    from superdml.index import ReferenceIndex, reference_scheme
+    from superdml.reference import ReferenceIndex, reference_scheme
 
     start = time.perf_counter()
     config = config or LabelConfig()

@@ -1,7 +1,7 @@
 """Retrieval and clustering metrics of an embedding: MAP@R, R-precision, P@k, kNN accuracy, NMI.
 
 Definitions follow Musgrave et al. 2020, "A Metric Learning Reality Check". Neighbours
-come from :func:`superdml.index.knn_search_chunks` (exact cosine similarity through FAISS),
+come from :func:`superdml.knn.search_chunks` (exact cosine similarity through FAISS),
 reduced chunk by chunk, so memory stays bounded by ``NEIGHBOR_BUDGET`` entries however
 many queries there are.
 """
@@ -14,7 +14,7 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from superdml.config import check
 from superdml.errors import InputError
-from superdml.index import knn_search_chunks, knn_vote
+from superdml.knn import knn_vote, search_chunks
 
 __all__ = ["NEIGHBOR_BUDGET", "retrieval_metrics"]
 
@@ -92,7 +92,7 @@ def retrieval_metrics(
       class among the first 1, 5;
     - ``top1_accuracy``, ``top5_accuracy``: fraction of queries whose class is the
       winner, or among the 5 best classes with a non-zero share, of the kNN vote the
-      labeling uses (:func:`superdml.index.knn_vote`, similarity weighting, `knn_k`
+      labeling uses (:func:`superdml.knn.knn_vote`, similarity weighting, `knn_k`
       neighbours);
     - ``nmi``: normalized mutual information between the query labels and a k-means
       clustering of the query embeddings (FAISS, seed ``KMEANS_SEED``) with as many
@@ -167,7 +167,8 @@ def retrieval_metrics(
          "recall_at_5", "top1_accuracy", "top5_accuracy"),
         0.0,
     )  # fmt: skip
-    for start, sims, ids in knn_search_chunks(query, ref, k, exclude_self, chunk_size):
+    chunks = search_chunks(query, ref, k, exclude_self=exclude_self, chunk_size=chunk_size)
+    for start, sims, ids in chunks:
         true = query_labels[start : start + len(ids)]
         r_chunk = r[start : start + len(ids)]
         neighbor_labels = np.where(ids >= 0, ref_labels[np.maximum(ids, 0)], -1)

@@ -1,4 +1,4 @@
-"""The reference index: torch kNN, ReferenceIndex, build_index and ``superdml index``."""
+"""The index stage: build_index and ``superdml index``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import os
 import shutil
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -22,16 +21,9 @@ from torchvision.transforms.v2 import functional as TF
 from superdml.checkpoint import build_model_from_checkpoint, checkpoint_sha256, load_checkpoint
 from superdml.cli import cli
 from superdml.config import IndexConfig
-from superdml.errors import ConfigError, InputError, MissingInputError
-from superdml.index import (
-    UNKNOWN_LABEL,
-    ReferenceIndex,
-    build_index,
-    content_sha256,
-    knn_search,
-    knn_search_torch,
-)
+from superdml.index import build_index
 from superdml.provenance import combine
+from superdml.reference import ReferenceIndex, content_sha256
 
 CLASSES = ("brick", "grass", "coffee")
 PER_CLASS = 6
@@ -72,142 +64,6 @@ def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture
 def crop_copy(crops, tmp_path) -> Path:
     return Path(shutil.copytree(crops, tmp_path / "crops"))
-
-
-# ---------------------------------------------------------------------- torch search
-
-
-@pytest.mark.parametrize(("k", "chunk_size"), [(1, 4096), (5, 7), (60, 16)])
-def test_knn_search_torch_matches_faiss_on_cpu(k, chunk_size):
-    rng = np.random.default_rng(0)
-    ref, query = unit_rows(rng, 50, 8), unit_rows(rng, 33, 8)
-    sims, ids = knn_search_torch(query, torch.from_numpy(ref), k, chunk_size=chunk_size)
-    expected_sims, expected_ids = knn_search(query, ref, k)
-    np.testing.assert_array_equal(ids, expected_ids)  # random floats: no ties
-    np.testing.assert_allclose(sims, expected_sims, rtol=1e-5, atol=1e-6)
-    assert sims.dtype == np.float32 and ids.dtype == np.int64
-    if k > 50:  # padded past the 50 references, like knn_search
-        assert (ids[:, 50:] == -1).all() and np.isneginf(sims[:, 50:]).all()
-
-
-def test_knn_search_torch_rejects_mismatched_sizes_and_bad_k():
-    with pytest.raises(InputError, match="size 3, the references have size 2"):
-        knn_search_torch(np.ones((1, 3), np.float32), np.ones((2, 2), np.float32), 1)
-    with pytest.raises(InputError, match="expected an \\(N, D\\) float"):
-        knn_search_torch(torch.ones(3, dtype=torch.int64), np.ones((2, 2), np.float32), 1)
-    with pytest.raises(ConfigError, match="k: got 0"):
-        knn_search_torch(np.ones((1, 2), np.float32), np.ones((2, 2), np.float32), 0)
-
-
-# ------------------------------------------------------------------- ReferenceIndex
-
-
-def hand_made() -> ReferenceIndex:
-    # references at 0, 10 (class a) and 40, 100 degrees (class b)
-    return ReferenceIndex.build(
-        circle([0.0, 10.0, 40.0, 100.0]),
-        np.array([0, 0, 1, 1]),
-        ["a", "b"],
-        ["a/0.png", "a/10.png", "b/40.png", "b/100.png"],
-        "c" * 64,
-    )
-
-
-def test_classify_a_hand_made_reference():
-    ref = hand_made()
-    vote = ref.classify(circle([6.0, 68.0]), k=3)
-    # 6 degrees: a at 4 and 6 degrees, b at 34 degrees
-    total = cos(4) + cos(6) + cos(34)
-    np.testing.assert_allclose(vote.class_scores[0], [(cos(4) + cos(6)) / total, cos(34) / total],
-                               rtol=1e-5)  # fmt: skip
-    # 68 degrees: b at 28 and 32 degrees, a at 58 degrees
-    assert vote.label_ids.tolist() == [0, 1]
-    np.testing.assert_allclose(vote.similarity, [cos(4), cos(28)], rtol=1e-6)
-    unknown = ref.classify(circle([6.0, 68.0]), k=3, unknown_threshold=0.99)
-    assert unknown.label_ids.tolist() == [0, UNKNOWN_LABEL]
-    softmax = ref.classify(circle([6.0]), k=3, weighting="softmax", temperature=0.1)
-    weights = np.exp(np.array([cos(4), cos(6), cos(34)]) / 0.1)
-    np.testing.assert_allclose(softmax.scores, [weights[:2].sum() / weights.sum()], rtol=1e-5)
-
-
-def test_search_matches_brute_force_numpy():
-    rng = np.random.default_rng(1)
-    emb = unit_rows(rng, 40, 6)
-    ref = ReferenceIndex.build(emb, rng.integers(0, 3, 40), ["x", "y", "z"], list("f" * 40), "0")
-    query = unit_rows(rng, 9, 6)
-    sims, ids = ref.search(query, 5)
-    expected = np.argsort(-(query @ emb.T), axis=1)[:, :5]
-    np.testing.assert_array_equal(ids, expected)
-    np.testing.assert_allclose(sims, np.take_along_axis(query @ emb.T, expected, 1), rtol=1e-5)
-    assert (ref.size, ref.dim, ref.index_type) == (40, 6, "flat")
-
-
-def test_k_larger_than_the_reference_and_empty_or_unnormalized_references_are_errors():
-    with pytest.raises(InputError, match="k: got 5, but in-memory reference holds only 4"):
-        hand_made().search(circle([1.0]), 5)
-    with pytest.raises(InputError, match="no references"):
-        ReferenceIndex.build(np.empty((0, 4), np.float32), np.empty(0, np.int64), ["a"], [], "0")
-    with pytest.raises(InputError, match="not L2-normalized"):
-        ReferenceIndex.build(np.full((2, 2), 3.0), np.array([0, 0]), ["a"], ["p", "q"], "0")
-    with pytest.raises(InputError, match="labels must lie in"):
-        ReferenceIndex.build(circle([0.0, 1.0]), np.array([0, 2]), ["a", "b"], ["p", "q"], "0")
-
-
-def test_save_and_load_round_trip(tmp_path):
-    ref = hand_made()
-    out = ref.save(tmp_path / "ref")
-    names = {p.name for p in out.iterdir()}
-    assert {"embeddings.npy", "labels.npy", "classes.json", "files.json", "index.faiss",
-            "reference.json"} <= names  # fmt: skip
-    loaded = ReferenceIndex.load(out)
-    assert (loaded.class_names, loaded.files) == (ref.class_names, ref.files)
-    assert loaded.checkpoint_sha256 == "c" * 64 and loaded.sha256 == ref.sha256
-    np.testing.assert_array_equal(loaded.embeddings, ref.embeddings)
-    np.testing.assert_array_equal(loaded.labels, ref.labels)
-    meta = json.loads((out / "reference.json").read_text())
-    assert meta["per_class"] == {"a": 2, "b": 2} and meta["index"]["type"] == "flat"
-    assert isinstance(faiss.read_index(os.fspath(out / "index.faiss")), faiss.IndexFlatIP)
-    with pytest.raises(InputError, match="holds only 4"):  # the message names the folder
-        loaded.search(circle([1.0]), 9)
-
-
-def test_load_refuses_missing_foreign_and_damaged_folders(tmp_path):
-    with pytest.raises(MissingInputError, match="nope: no such folder"):
-        ReferenceIndex.load(tmp_path / "nope")
-    (tmp_path / "other").mkdir()
-    with pytest.raises(InputError, match="other: not a reference folder"):
-        ReferenceIndex.load(tmp_path / "other")
-    out = hand_made().save(tmp_path / "ref")
-    np.save(out / "embeddings.npy", circle([0.0, 10.0, 40.0, 101.0]))
-    with pytest.raises(InputError, match="ref: damaged reference folder .*sha256"):
-        ReferenceIndex.load(out)
-    (out / "index.faiss").write_bytes(b"\x00" * 7)
-    with pytest.raises(InputError, match="ref: damaged reference folder") as err:
-        ReferenceIndex.load(out)
-    assert "\n" not in str(err.value)
-
-
-def test_ivf_index_above_the_threshold_is_close_to_exact(tmp_path):
-    rng = np.random.default_rng(2)
-    centers = unit_rows(rng, 4, 16)
-    labels = np.repeat(np.arange(4), 100)
-    emb = centers[labels] + 0.15 * rng.standard_normal((400, 16)).astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    files = [f"{i}.png" for i in range(400)]
-    ivf = ReferenceIndex.build(emb, labels, list("abcd"), files, "0", ivf_threshold=100, nprobe=8)
-    exact = ReferenceIndex.build(emb, labels, list("abcd"), files, "0")
-    assert (ivf.index_type, ivf.nlist, ivf.nprobe) == ("ivf", 80, 8)  # round(4 * sqrt(400))
-    query_labels = np.arange(40) % 4
-    query = centers[query_labels] + 0.15 * rng.standard_normal((40, 16)).astype(np.float32)
-    query /= np.linalg.norm(query, axis=1, keepdims=True)
-    approx_ids = ivf.search(query, 5)[1]
-    exact_ids = exact.search(query, 5)[1]
-    recall = np.mean([len(set(a) & set(e)) / 5 for a, e in zip(approx_ids, exact_ids, strict=True)])
-    assert recall >= 0.8
-    assert ivf.classify(query, 5).label_ids.tolist() == query_labels.tolist()
-    loaded = ReferenceIndex.load(ivf.save(tmp_path / "ivf"), nprobe=80)
-    assert (loaded.index_type, loaded.nprobe) == ("ivf", 80)
-    np.testing.assert_array_equal(loaded.search(query, 5)[1], exact_ids)  # all lists: exact
 
 
 # ------------------------------------------------------------------------ the stage

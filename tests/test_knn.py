@@ -1,4 +1,4 @@
-"""kNN core of superdml.index: exact search, the weighted vote, the unknown threshold."""
+"""superdml.knn: exact search on both backends, the weighted vote, the unknown threshold."""
 
 from __future__ import annotations
 
@@ -7,16 +7,20 @@ import math
 import faiss
 import numpy as np
 import pytest
+import torch
 
+import superdml.knn
 from superdml.errors import ConfigError, InputError
-from superdml.index import (
+from superdml.knn import (
     UNKNOWN_LABEL,
     KnnVote,
     apply_unknown,
-    knn_search,
-    knn_search_chunks,
     knn_vote,
+    search,
+    search_chunks,
 )
+
+BACKENDS = ["faiss", "torch"]
 
 
 def circle(degrees: list[float]) -> np.ndarray:
@@ -28,17 +32,23 @@ def cos(degrees: float) -> float:
     return math.cos(math.radians(degrees))
 
 
+def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
 # references at 0, 10, 40, 100 degrees; queries at 6 and 68 degrees. The similarity of
 # two unit vectors is the cosine of their angle.
 REF = circle([0.0, 10.0, 40.0, 100.0])
 QUERY = circle([6.0, 68.0])
 
 
-# --------------------------------------------------------------------------- knn_search
+# ------------------------------------------------------------------------------ search
 
 
-def test_knn_search_by_hand():
-    sims, ids = knn_search(QUERY, REF, k=3)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_search_by_hand(backend):
+    sims, ids = search(QUERY, REF, k=3, backend=backend)
     # query at 6: refs at 10 (4 deg), 0 (6 deg), 40 (34 deg)
     assert ids[0].tolist() == [1, 0, 2]
     np.testing.assert_allclose(sims[0], [cos(4), cos(6), cos(34)], rtol=1e-6)
@@ -49,17 +59,19 @@ def test_knn_search_by_hand():
     assert ids.dtype == np.int64
 
 
-def test_knn_search_pads_when_k_exceeds_references():
-    sims, ids = knn_search(QUERY[:1], REF[:2], k=4)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_search_pads_when_k_exceeds_references(backend):
+    sims, ids = search(QUERY[:1], REF[:2], k=4, backend=backend)
     assert ids.tolist() == [[1, 0, -1, -1]]
     assert np.isneginf(sims[0, 2:]).all()
     np.testing.assert_allclose(sims[0, :2], [cos(4), cos(6)], rtol=1e-6)
 
 
-def test_knn_search_exclude_self_by_index_with_duplicates():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_search_exclude_self_by_index_with_duplicates(backend):
     # rows 0 and 1 are the same vector: each must find the other, not itself
     emb = circle([0.0, 0.0, 50.0, 55.0])
-    sims, ids = knn_search(emb, emb, k=2, exclude_self=True)
+    sims, ids = search(emb, emb, k=2, backend=backend, exclude_self=True)
     assert ids[:2].tolist() == [[1, 2], [0, 2]]
     assert ids[2:, 0].tolist() == [3, 2]
     assert set(ids[2:, 1].tolist()) <= {0, 1}  # rows 0 and 1 tie at 50 and 55 degrees
@@ -67,81 +79,122 @@ def test_knn_search_exclude_self_by_index_with_duplicates():
     assert (ids != np.arange(4)[:, None]).all()
 
 
-def test_knn_search_exclude_self_with_more_duplicates_than_k():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_search_exclude_self_with_more_duplicates_than_k(backend):
     # five identical rows: any 2 others are right, but never the row itself
     emb = np.repeat(circle([20.0]), 5, axis=0)
-    sims, ids = knn_search(emb, emb, k=2, exclude_self=True, chunk_size=2)
+    sims, ids = search(emb, emb, k=2, backend=backend, exclude_self=True, chunk_size=2)
     assert (ids != np.arange(5)[:, None]).all()
     assert (ids >= 0).all()
     np.testing.assert_allclose(sims, 1.0, rtol=1e-6)
 
 
-def test_knn_search_exclude_self_pads_past_the_others():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_search_exclude_self_pads_past_the_others(backend):
     emb = circle([0.0, 30.0])
-    sims, ids = knn_search(emb, emb, k=3, exclude_self=True)
+    sims, ids = search(emb, emb, k=3, backend=backend, exclude_self=True)
     assert ids.tolist() == [[1, -1, -1], [0, -1, -1]]
     assert np.isneginf(sims[:, 1:]).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("exclude_self", [False, True])
-def test_knn_search_chunking_does_not_change_results(exclude_self):
-    rng = np.random.default_rng(0)
-    emb = rng.normal(size=(50, 8)).astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    whole = knn_search(emb, emb, k=5, exclude_self=exclude_self)
-    chunked = knn_search(emb, emb, k=5, exclude_self=exclude_self, chunk_size=7)
+def test_search_chunking_does_not_change_results(backend, exclude_self):
+    emb = unit_rows(np.random.default_rng(0), 50, 8)
+    whole = search(emb, emb, k=5, backend=backend, exclude_self=exclude_self)
+    chunked = search(emb, emb, k=5, backend=backend, exclude_self=exclude_self, chunk_size=7)
     np.testing.assert_array_equal(whole[1], chunked[1])
-    np.testing.assert_array_equal(whole[0], chunked[0])
+    np.testing.assert_allclose(whole[0], chunked[0], rtol=1e-6)
     # brute force
     full = emb @ emb.T
     if exclude_self:
         np.fill_diagonal(full, -np.inf)
     np.testing.assert_array_equal(whole[1], np.argsort(-full, axis=1, kind="stable")[:, :5])
-    starts = [start for start, _, _ in knn_search_chunks(emb, emb, 5, chunk_size=20)]
-    assert starts == [0, 20, 40]
+    chunks = search_chunks(emb, emb, 5, backend=backend, chunk_size=20)
+    assert [start for start, _, _ in chunks] == [0, 20, 40]
 
 
-def test_knn_search_accepts_a_faiss_index():
+@pytest.mark.parametrize(("k", "chunk_size"), [(1, None), (5, 7), (60, 16)])
+def test_the_backends_agree_on_random_embeddings(k, chunk_size):
+    rng = np.random.default_rng(0)
+    ref, query = unit_rows(rng, 50, 8), unit_rows(rng, 33, 8)
+    sims, ids = search(query, torch.from_numpy(ref), k, backend="torch", chunk_size=chunk_size)
+    expected_sims, expected_ids = search(query, ref, k, backend="faiss")
+    np.testing.assert_array_equal(ids, expected_ids)  # random floats: no ties
+    np.testing.assert_allclose(sims, expected_sims, rtol=1e-5, atol=1e-6)
+    if k > 50:  # padded past the 50 references
+        assert (ids[:, 50:] == -1).all() and np.isneginf(sims[:, 50:]).all()
+
+
+def test_auto_searches_a_tensor_with_torch_in_blocks(monkeypatch):
+    monkeypatch.setattr(superdml.knn, "TORCH_BLOCK_ELEMENTS", 4 * len(REF))  # 4 queries a block
+    query = circle([float(d) for d in range(10)])
+    tensor_starts = [s for s, _, _ in search_chunks(query, torch.from_numpy(REF), 2)]
+    assert tensor_starts == [0, 4, 8]  # torch: blocks of at most 4 x 4 similarities
+    assert [s for s, _, _ in search_chunks(query, REF, 2)] == [0]  # ndarray: faiss, one chunk
+    sims, ids = search(torch.from_numpy(QUERY), torch.from_numpy(REF), 1)
+    assert ids[:, 0].tolist() == [1, 2]
+    np.testing.assert_allclose(sims[:, 0], [cos(4), cos(28)], rtol=1e-6)
+
+
+def test_search_accepts_a_faiss_index():
     index = faiss.IndexFlatIP(2)
     index.add(REF)
-    sims, ids = knn_search(QUERY, index, k=1)
-    assert ids[:, 0].tolist() == [1, 2]
-    np.testing.assert_allclose(sims[0, 0], cos(4), rtol=1e-6)
+    for backend in ("auto", "faiss"):
+        sims, ids = search(QUERY, index, k=1, backend=backend)
+        assert ids[:, 0].tolist() == [1, 2]
+        np.testing.assert_allclose(sims[0, 0], cos(4), rtol=1e-6)
+    with pytest.raises(InputError, match="the torch backend searches embeddings, got a faiss"):
+        search(QUERY, index, k=1, backend="torch")
 
 
-def test_knn_search_casts_float64():
-    sims, ids = knn_search(QUERY.astype(np.float64), REF.astype(np.float64), k=1)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_search_casts_float64(backend):
+    sims, ids = search(QUERY.astype(np.float64), REF.astype(np.float64), k=1, backend=backend)
     assert ids[0, 0] == 1
     assert sims.dtype == np.float32
 
 
-def test_knn_search_empty_query():
-    sims, ids = knn_search(np.zeros((0, 2), np.float32), REF, k=2)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_search_empty_query(backend):
+    sims, ids = search(np.zeros((0, 2), np.float32), REF, k=2, backend=backend)
     assert sims.shape == (0, 2)
     assert ids.shape == (0, 2)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"query": QUERY[0]}, InputError, r"query: got a float32 array of shape \(2,\)"),
-        ({"query": np.zeros((2, 2), np.int64)}, InputError, "expected an \\(N, D\\) float array"),
-        ({"query": np.zeros((2, 3), np.float32)}, InputError, "size 3, the references have size 2"),
+        ({"queries": QUERY[0]}, InputError, r"query: got a float32 array of shape \(2,\)"),
+        ({"queries": np.zeros((2, 2), np.int64)}, InputError, "expected an \\(N, D\\) float"),
+        (
+            {"queries": np.zeros((2, 3), np.float32)},
+            InputError,
+            "size 3, the references have size 2",
+        ),
         ({"exclude_self": True}, InputError, "got 2 queries and 4 references"),
         ({"k": 0}, ConfigError, "k: got 0, expected an integer >= 1"),
         ({"k": 2.0}, ConfigError, "k: got 2.0"),
         ({"chunk_size": 0}, ConfigError, "chunk_size: got 0"),
     ],
 )
-def test_knn_search_bad_arguments(kwargs, error, message):
-    args = {"query": QUERY, "reference": REF, "k": 2, **kwargs}
+def test_search_bad_arguments(backend, kwargs, error, message):
+    args = {"queries": QUERY, "references": REF, "k": 2, "backend": backend, **kwargs}
     with pytest.raises(error, match=message):
-        knn_search(**args)
+        search(**args)
     with pytest.raises(error, match=message):
-        knn_search_chunks(**args)  # checked on call, before iterating
+        search_chunks(**args)  # checked on call, before iterating
 
 
-# --------------------------------------------------------------------------- knn_vote
+def test_search_rejects_an_unknown_backend_and_a_bad_tensor():
+    with pytest.raises(ConfigError, match="backend: got 'gpu', expected one of auto, faiss, torch"):
+        search(QUERY, REF, 1, backend="gpu")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="query: got a torch.int64 tensor of shape \\(3,\\)"):
+        search(torch.ones(3, dtype=torch.int64), torch.from_numpy(REF), 1)
+
+
+# ---------------------------------------------------------------------------- knn_vote
 
 
 def test_vote_similarity_weighting_by_hand():
@@ -293,7 +346,7 @@ def test_apply_unknown_marks_dissimilar_queries():
 
 def test_search_then_vote_end_to_end():
     ref_labels = np.array([0, 0, 1, 1])
-    sims, ids = knn_search(QUERY, REF, k=3)
+    sims, ids = search(QUERY, REF, k=3)
     vote = knn_vote(sims, ref_labels[ids], num_classes=2)
     # query at 6 deg: refs 1 (0), 0 (0), 2 (1) -> class 0 with (cos4 + cos6) / total
     total = cos(4) + cos(6) + cos(34)
@@ -313,23 +366,3 @@ def test_a_query_that_is_a_labeled_crop_keeps_its_class():
     assert (vote.scores[0], vote.margins[0]) == (1.0, 1.0)
     np.testing.assert_allclose(vote.scores[1], 2.7 / 3.69, rtol=1e-6)  # 3 x 0.9 of 3.69
     assert knn_vote(sims, labels, 2, exact_match=None).label_ids.tolist() == [1, 1]
-
-
-def test_label_and_infer_label_alike():
-    from superdml.config import LabelConfig
-    from superdml.index import ReferenceIndex
-    from superdml.label import predict
-
-    rng = np.random.default_rng(3)
-    emb = rng.normal(size=(60, 8)).astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    ref = ReferenceIndex.build(
-        emb, rng.integers(0, 3, 60), ["a", "b", "c"], [f"{i}.png" for i in range(60)], "0" * 64
-    )
-    queries = np.vstack([emb[:10], np.roll(emb[10:30], 1, axis=1)])
-    columns = predict(queries, ref, LabelConfig(k=5), ref.class_names, [1, 2, 3, 255])
-    vote = ref.classify(queries, 5)  # what infer and evaluate apply
-    names = np.array([*ref.class_names, "unknown"])[vote.label_ids]
-    assert columns["label"].to_pylist() == names.tolist()
-    np.testing.assert_array_equal(columns["score"].to_numpy(), vote.scores)
-    assert (vote.scores[:10] == 1.0).all()  # the references themselves keep their class

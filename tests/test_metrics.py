@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,3 +292,24 @@ def test_bad_arguments(kwargs, error, message):
     }
     with pytest.raises(error, match=message):
         retrieval_metrics(**args)
+
+
+def test_importing_metrics_loads_no_checkpoint_data_or_index_code():
+    root = Path(superdml.metrics.__file__).parents[1]
+    code = (
+        "import json, sys, superdml.metrics as m; print(json.dumps([m.__file__, "
+        "sorted(name for name in sys.modules if name.startswith('superdml'))]))"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True
+    )
+    path, loaded = json.loads(out.stdout)
+    assert Path(path).parents[1] == root  # this checkout's package
+    assert "superdml.knn" in loaded
+    heavy = {"superdml.checkpoint", "superdml.data", "superdml.embed", "superdml.index",
+             "superdml.reference"}  # fmt: skip
+    assert not heavy & set(loaded), sorted(heavy & set(loaded))

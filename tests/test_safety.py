@@ -17,7 +17,7 @@ from worlds import untrained_world
 
 from superdml._private.ownership import LOCK, claim_output
 from superdml.cli import cli
-from superdml.index import ReferenceIndex
+from superdml.reference import ReferenceIndex
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,180 @@
+"""superdml.reference: ReferenceIndex (build, search, vote, save, load) and the folder format."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import faiss
+import numpy as np
+import pytest
+
+from superdml.errors import InputError, MissingInputError
+from superdml.knn import UNKNOWN_LABEL
+from superdml.reference import ReferenceIndex, check_replaceable, reference_scheme
+
+
+def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def circle(degrees: list[float]) -> np.ndarray:
+    rad = np.deg2rad(degrees)
+    return np.stack([np.cos(rad), np.sin(rad)], axis=1).astype(np.float32)
+
+
+def cos(degrees: float) -> float:
+    return math.cos(math.radians(degrees))
+
+
+def hand_made() -> ReferenceIndex:
+    # references at 0, 10 (class a) and 40, 100 degrees (class b)
+    return ReferenceIndex.build(
+        circle([0.0, 10.0, 40.0, 100.0]),
+        np.array([0, 0, 1, 1]),
+        ["a", "b"],
+        ["a/0.png", "a/10.png", "b/40.png", "b/100.png"],
+        "c" * 64,
+    )
+
+
+def test_classify_a_hand_made_reference():
+    ref = hand_made()
+    vote = ref.classify(circle([6.0, 68.0]), k=3)
+    # 6 degrees: a at 4 and 6 degrees, b at 34 degrees
+    total = cos(4) + cos(6) + cos(34)
+    np.testing.assert_allclose(vote.class_scores[0], [(cos(4) + cos(6)) / total, cos(34) / total],
+                               rtol=1e-5)  # fmt: skip
+    # 68 degrees: b at 28 and 32 degrees, a at 58 degrees
+    assert vote.label_ids.tolist() == [0, 1]
+    np.testing.assert_allclose(vote.similarity, [cos(4), cos(28)], rtol=1e-6)
+    unknown = ref.classify(circle([6.0, 68.0]), k=3, unknown_threshold=0.99)
+    assert unknown.label_ids.tolist() == [0, UNKNOWN_LABEL]
+    softmax = ref.classify(circle([6.0]), k=3, weighting="softmax", temperature=0.1)
+    weights = np.exp(np.array([cos(4), cos(6), cos(34)]) / 0.1)
+    np.testing.assert_allclose(softmax.scores, [weights[:2].sum() / weights.sum()], rtol=1e-5)
+
+
+def test_search_matches_brute_force_numpy():
+    rng = np.random.default_rng(1)
+    emb = unit_rows(rng, 40, 6)
+    ref = ReferenceIndex.build(emb, rng.integers(0, 3, 40), ["x", "y", "z"], list("f" * 40), "0")
+    query = unit_rows(rng, 9, 6)
+    sims, ids = ref.search(query, 5)
+    expected = np.argsort(-(query @ emb.T), axis=1)[:, :5]
+    np.testing.assert_array_equal(ids, expected)
+    np.testing.assert_allclose(sims, np.take_along_axis(query @ emb.T, expected, 1), rtol=1e-5)
+    assert (ref.size, ref.dim, ref.index_type) == (40, 6, "flat")
+
+
+def test_k_larger_than_the_reference_and_empty_or_unnormalized_references_are_errors():
+    with pytest.raises(InputError, match="k: got 5, but in-memory reference holds only 4"):
+        hand_made().search(circle([1.0]), 5)
+    with pytest.raises(InputError, match="no references"):
+        ReferenceIndex.build(np.empty((0, 4), np.float32), np.empty(0, np.int64), ["a"], [], "0")
+    with pytest.raises(InputError, match="not L2-normalized"):
+        ReferenceIndex.build(np.full((2, 2), 3.0), np.array([0, 0]), ["a"], ["p", "q"], "0")
+    with pytest.raises(InputError, match="labels must lie in"):
+        ReferenceIndex.build(circle([0.0, 1.0]), np.array([0, 2]), ["a", "b"], ["p", "q"], "0")
+
+
+def test_save_and_load_round_trip(tmp_path):
+    ref = hand_made()
+    out = ref.save(tmp_path / "ref")
+    names = {p.name for p in out.iterdir()}
+    assert {"embeddings.npy", "labels.npy", "classes.json", "files.json", "index.faiss",
+            "reference.json"} <= names  # fmt: skip
+    loaded = ReferenceIndex.load(out)
+    assert (loaded.class_names, loaded.files) == (ref.class_names, ref.files)
+    assert loaded.checkpoint_sha256 == "c" * 64 and loaded.sha256 == ref.sha256
+    np.testing.assert_array_equal(loaded.embeddings, ref.embeddings)
+    np.testing.assert_array_equal(loaded.labels, ref.labels)
+    meta = json.loads((out / "reference.json").read_text())
+    assert meta["per_class"] == {"a": 2, "b": 2} and meta["index"]["type"] == "flat"
+    assert isinstance(faiss.read_index(os.fspath(out / "index.faiss")), faiss.IndexFlatIP)
+    with pytest.raises(InputError, match="holds only 4"):  # the message names the folder
+        loaded.search(circle([1.0]), 9)
+
+
+def test_load_refuses_missing_foreign_and_damaged_folders(tmp_path):
+    with pytest.raises(MissingInputError, match="nope: no such folder"):
+        ReferenceIndex.load(tmp_path / "nope")
+    (tmp_path / "other").mkdir()
+    with pytest.raises(InputError, match="other: not a reference folder"):
+        ReferenceIndex.load(tmp_path / "other")
+    out = hand_made().save(tmp_path / "ref")
+    np.save(out / "embeddings.npy", circle([0.0, 10.0, 40.0, 101.0]))
+    with pytest.raises(InputError, match="ref: damaged reference folder .*sha256"):
+        ReferenceIndex.load(out)
+    (out / "index.faiss").write_bytes(b"\x00" * 7)
+    with pytest.raises(InputError, match="ref: damaged reference folder") as err:
+        ReferenceIndex.load(out)
+    assert "\n" not in str(err.value)
+
+
+def test_ivf_index_above_the_threshold_is_close_to_exact(tmp_path):
+    rng = np.random.default_rng(2)
+    centers = unit_rows(rng, 4, 16)
+    labels = np.repeat(np.arange(4), 100)
+    emb = centers[labels] + 0.15 * rng.standard_normal((400, 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    files = [f"{i}.png" for i in range(400)]
+    ivf = ReferenceIndex.build(emb, labels, list("abcd"), files, "0", ivf_threshold=100, nprobe=8)
+    exact = ReferenceIndex.build(emb, labels, list("abcd"), files, "0")
+    assert (ivf.index_type, ivf.nlist, ivf.nprobe) == ("ivf", 80, 8)  # round(4 * sqrt(400))
+    query_labels = np.arange(40) % 4
+    query = centers[query_labels] + 0.15 * rng.standard_normal((40, 16)).astype(np.float32)
+    query /= np.linalg.norm(query, axis=1, keepdims=True)
+    approx_ids = ivf.search(query, 5)[1]
+    exact_ids = exact.search(query, 5)[1]
+    recall = np.mean([len(set(a) & set(e)) / 5 for a, e in zip(approx_ids, exact_ids, strict=True)])
+    assert recall >= 0.8
+    assert ivf.classify(query, 5).label_ids.tolist() == query_labels.tolist()
+    loaded = ReferenceIndex.load(ivf.save(tmp_path / "ivf"), nprobe=80)
+    assert (loaded.index_type, loaded.nprobe) == ("ivf", 80)
+    np.testing.assert_array_equal(loaded.search(query, 5)[1], exact_ids)  # all lists: exact
+
+
+def test_label_and_infer_label_alike():
+    from superdml.config import LabelConfig
+    from superdml.label import predict
+
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(60, 8)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    ref = ReferenceIndex.build(
+        emb, rng.integers(0, 3, 60), ["a", "b", "c"], [f"{i}.png" for i in range(60)], "0" * 64
+    )
+    queries = np.vstack([emb[:10], np.roll(emb[10:30], 1, axis=1)])
+    columns = predict(queries, ref, LabelConfig(k=5), ref.class_names, [1, 2, 3, 255])
+    vote = ref.classify(queries, 5)  # what infer and evaluate apply
+    names = np.array([*ref.class_names, "unknown"])[vote.label_ids]
+    assert columns["label"].to_pylist() == names.tolist()
+    np.testing.assert_array_equal(columns["score"].to_numpy(), vote.scores)
+    assert (vote.scores[:10] == 1.0).all()  # the references themselves keep their class
+
+
+def test_save_replaces_its_own_folder_and_never_a_users_files(tmp_path):
+    out = hand_made().save(tmp_path / "ref")
+    check_replaceable(out)  # a reference folder may be replaced
+    smaller = ReferenceIndex.build(
+        circle([0.0, 90.0]), np.array([0, 1]), ["a", "b"], ["p", "q"], "d"
+    )
+    smaller.save(out)
+    assert ReferenceIndex.load(out).size == 2 and smaller.path == out
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="ref: holds notes.txt, which superdml index did not"):
+        hand_made().save(out)
+    assert (out / "notes.txt").read_text() == "mine" and ReferenceIndex.load(out).size == 2
+
+
+def test_reference_scheme_is_the_recorded_one_or_codes_by_name(tmp_path):
+    out = hand_made().save(tmp_path / "ref")
+    assert reference_scheme(out, ["b", "a"]).codes == {"a": 1, "b": 2}  # none recorded
+    recorded = {"classes": [{"code": 7, "name": "a"}, {"code": 3, "name": "b"}], "unknown": 255}
+    hand_made().save(out, {"class_scheme": recorded})
+    assert reference_scheme(out, ["a", "b"]).codes == {"b": 3, "a": 7}
+    with pytest.raises(InputError, match="class folder 'c' is not in the class scheme"):
+        reference_scheme(out, ["a", "b", "c"])
