@@ -89,8 +89,8 @@ from superdml.data import (
     stratified_split,
 )
 from superdml.embed import (
+    Embedder,
     autocast,
-    embed_folder,
     prepare_model,
     resolve_device,
     resolve_precision,
@@ -215,12 +215,14 @@ class _Data:
     crop_rule: dict[str, Any] | None
     train: Dataset  # training split, augmented
     train_labels: np.ndarray  # (N,) labels of `train`
-    references: Dataset  # training split, not augmented
-    val: Dataset | None  # validation crops, not augmented
+    references: Dataset  # training split, uint8 (the Embedder normalizes)
+    val: Dataset | None  # validation crops, uint8
     val_classes: np.ndarray | None  # (C_val,) training class id of each val class id
 
 
-def _view(dataset: ImageFolderDataset, indices: Sequence[int], transform: Callable) -> Subset:
+def _view(
+    dataset: ImageFolderDataset, indices: Sequence[int], transform: Callable | None
+) -> Subset:
     """Return samples `indices` of `dataset` under `transform`, sharing its preloaded crops."""
     view = copy.copy(dataset)
     view.transform = transform
@@ -233,7 +235,7 @@ def _load_data(
     config: TrainConfig,
     statistics: tuple[list[float], list[float]] | None = None,
 ) -> _Data:
-    """Scan the folders, split, measure the band statistics and build the transforms."""
+    """Scan the folders, split, measure the band statistics and build the augmentation."""
     rule = read_crop_rule(train_dir)
     base = ImageFolderDataset(
         train_dir, bands=rule.channels if rule is not None else None, size=config.input_size
@@ -249,13 +251,10 @@ def _load_data(
     else:
         mean, std = imagenet_statistics(base.bands)
     train_tf = build_transforms(config.augment, config.input_size, mean, std, train=True)
-    eval_tf = build_transforms(config.augment, config.input_size, mean, std, train=False)
     val: Dataset | None = None
     val_classes = None
     if val_dir is not None:
-        val = ImageFolderDataset(
-            val_dir, bands=base.bands, size=config.input_size, transform=eval_tf
-        )
+        val = ImageFolderDataset(val_dir, bands=base.bands, size=config.input_size)
         unknown = [c for c in val.class_names if c not in base.class_names]
         if unknown:
             raise input_error(
@@ -265,7 +264,7 @@ def _load_data(
             )
         val_classes = np.array([base.class_names.index(c) for c in val.class_names])
     elif val_idx:
-        val = _view(base, val_idx, eval_tf)
+        val = _view(base, val_idx, None)
         val_classes = np.arange(len(base.class_names))
     return _Data(
         class_names=list(base.class_names),
@@ -275,7 +274,7 @@ def _load_data(
         crop_rule=rule.to_dict() if rule is not None else None,
         train=_view(base, train_idx, train_tf),
         train_labels=np.asarray(base.labels)[train_idx],
-        references=_view(base, train_idx, eval_tf),
+        references=_view(base, train_idx, None),
         val=val,
         val_classes=val_classes,
     )
@@ -338,15 +337,16 @@ def _train_epoch(
     return float(total) / max(steps, 1)
 
 
-def _validate(
-    model: nn.Module, data: _Data, device: torch.device, dtype: torch.dtype
-) -> dict[str, float]:
-    """Return retrieval metrics of the validation crops against the training crops."""
+def _validate(embedder: Embedder, data: _Data) -> dict[str, float]:
+    """Return retrieval metrics of the validation crops against the training crops.
+
+    `embedder` wraps the model being trained, so validation embeds crops exactly as
+    ``index`` and ``label`` will with the saved checkpoint.
+    """
     if data.val is None or data.val_classes is None:
         return {}
-    refs, val = data.references, data.val
-    ref_emb, ref_labels = embed_folder(model, refs, EMBED_BATCH_SIZE, device, "refs", dtype)
-    val_emb, val_labels = embed_folder(model, val, EMBED_BATCH_SIZE, device, "val", dtype)
+    ref_emb, ref_labels = embedder.embed_dataset(data.references, EMBED_BATCH_SIZE, "refs")
+    val_emb, val_labels = embedder.embed_dataset(data.val, EMBED_BATCH_SIZE, "val")
     metrics = retrieval_metrics(val_emb, data.val_classes[val_labels], ref_emb, ref_labels)
     return {k: float(v) for k, v in metrics.items()}
 
@@ -594,6 +594,7 @@ def _train(
         _warm_start(init_ckpt, model, loss_fn, config, data)
     prepare_model(model, dev)
     loss_fn.to(dev)
+    embedder = Embedder(model, config.input_size, data.mean, data.std, dev, dtype)
     sampler = PKSampler(
         data.train_labels, config.classes_per_batch, config.samples_per_class, config.seed
     )
@@ -642,7 +643,7 @@ def _train(
                     f"lr: training diverged in epoch {epoch + 1} (loss {train_loss}): "
                     "lower lr or proxy_lr"
                 )
-            metrics = _validate(model, data, dev, dtype)
+            metrics = _validate(embedder, data)
             row = {
                 "epoch": epoch + 1,
                 "train_loss": train_loss,
