@@ -1,19 +1,20 @@
 """Embedding crops with a model: device, precision and batched inference.
 
-The one inference path of every stage: training's validation, ``evaluate``, ``infer``
-and ``index`` embed datasets with :func:`embed_folder`, ``label`` and ``review`` embed
-uint8 crops with :class:`Embedder`. Both run the model with channels_last tensors and,
-where the hardware computes bf16 (CUDA, or a CPU with AVX-512 BF16 or AMX), under bf16
-autocast; elsewhere in float32 (:func:`resolve_precision`).
+:class:`Embedder` is the one inference path of every stage: ``index``, ``label``,
+``infer``, ``evaluate``, ``review`` and training's validation embed uint8 crops through
+it (arrays, or datasets of uint8 images), with one preprocessing. It runs the model with
+channels_last tensors and, where the hardware computes bf16 (CUDA, or a CPU with AVX-512
+BF16 or AMX), under bf16 autocast; elsewhere in float32 (:func:`resolve_precision`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
-from pathlib import Path
-from typing import Literal, get_args
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from torch.utils.data import DataLoader, Dataset
 from superdml._private.progress import progress
 from superdml.config import Precision
 from superdml.errors import ConfigError
+
+if TYPE_CHECKING:
+    from superdml.checkpoint import Checkpoint
 
 DeviceName = Literal["auto", "cpu", "cuda"]
 
@@ -108,122 +112,162 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
     return model.to(device).to(memory_format=torch.channels_last)
 
 
-def embed_folder(
-    model: nn.Module,
-    dataset: Dataset,
-    batch_size: int = 256,
-    device: torch.device | str = "cpu",
-    desc: str = "embed",
-    dtype: torch.dtype = torch.float32,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Embed every item of a labeled dataset, in order, in batches.
+class Embedder:
+    """A model ready to embed uint8 crops: the one inference path of every stage.
 
-    The model runs in eval mode under ``torch.inference_mode`` (its previous mode is
-    restored); the DataLoader draws from a private generator, so embedding never
-    advances torch's global RNG. Outputs are L2-normalized again in float32, since under
-    bf16 autocast the model's own normalization leaves norms off by up to about 1e-2.
+    ``index``, ``label``, ``infer``, ``evaluate``, ``review`` and training's validation
+    all embed through it, so a crop gets the same vector whichever stage embeds it.
+    Each batch is resized to the input size when its crops have another size
+    (antialiased, on uint8), scaled to [0, 1] as ``x.float() / 255``, normalized per
+    band, made channels_last and run through the model in eval mode under
+    ``torch.inference_mode`` and autocast to `dtype`; the outputs are L2-normalized
+    again in float32 (under bf16 the model's own normalization leaves norms off by up
+    to about 1e-2). A model in training mode gets it back afterwards.
+
+    Rows do not depend on the other crops of their batch, only on the batch's size: on
+    the CPU a batch of fewer than about 16 crops runs the linear head through another
+    matrix-multiply kernel, whose rows differ in the last bits (up to about 1e-6). On
+    CUDA every batch is padded to `batch_size`, fixed shapes for cuDNN.
+
+    Threads of one process share an Embedder: one forward runs at a time (a lock), so
+    a second thread reads and crops the next tile while the model embeds the current
+    one, and the forwards never compete for the cores.
 
     Parameters
     ----------
     model : nn.Module
-        Maps ``(N, C, S, S)`` float images to ``(N, D)`` embeddings; already on `device`
-        (:func:`prepare_model`).
-    dataset : Dataset
-        Yields ``(image, label)`` with ``(C, S, S)`` float images (the evaluation
-        transform applied), e.g. :class:`~superdml.data.ImageFolderDataset`; not empty.
-    batch_size : int
-        Images per forward pass.
+        Maps ``(N, C, S, S)`` normalized float images to ``(N, D)`` embeddings; moved to
+        `device` as channels_last (:func:`prepare_model`).
+    input_size : int
+        S.
+    mean, std : sequence of float
+        Per-band normalization of pixels scaled to [0, 1].
     device : torch.device or str
-        Where `model` lives.
-    desc : str
-        Label of the progress bar.
     dtype : torch.dtype
         Autocast dtype (:func:`resolve_precision`).
-
-    Returns
-    -------
-    embeddings : (N, D) float32 ndarray
-        Unit-length rows.
-    labels : (N,) int64 ndarray
-    """
-    device = torch.device(device)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())
-    was_training = model.training
-    model.eval()
-    embeddings: list[Tensor] = []
-    labels: list[Tensor] = []
-    try:
-        with torch.inference_mode(), autocast(device, dtype):
-            for images, batch_labels in progress(loader, len(loader), desc, "batch"):
-                output = model(to_device(images, device)).float()
-                embeddings.append(F.normalize(output, dim=1).cpu())
-                labels.append(torch.as_tensor(batch_labels, dtype=torch.int64))
-    finally:
-        model.train(was_training)
-    return torch.cat(embeddings).numpy(), torch.cat(labels).numpy()
-
-
-class Embedder:
-    """A checkpoint's model ready for inference on uint8 crops.
-
-    Threads of one process share it: one forward runs at a time (a lock), so a second
-    thread reads and crops the next tile while the model embeds the current one, and
-    the forwards never compete for the cores.
-
-    Parameters
-    ----------
-    checkpoint : path
-    device : str
-        ``cpu`` or ``cuda``.
-    precision : {"auto", "fp32", "bf16"}
-        See :func:`resolve_precision`.
     """
 
     def __init__(
-        self, checkpoint: str | Path, device: str, precision: Precision | str = "auto"
+        self,
+        model: nn.Module,
+        input_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device | str,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
-        from superdml.checkpoint import build_model_from_checkpoint, load_checkpoint
-
-        ckpt = load_checkpoint(checkpoint)
         self.device = torch.device(device)
-        self.dtype = resolve_precision(precision, self.device)
-        self.model = prepare_model(build_model_from_checkpoint(ckpt), self.device).eval()
-        self.input_size = ckpt.input_size
-        self.bands = ckpt.bands
-        self.mean = torch.tensor(ckpt.mean, device=self.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(ckpt.std, device=self.device).view(1, -1, 1, 1)
+        self.dtype = dtype
+        self.model = prepare_model(model, self.device)
+        self.input_size = input_size
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self._lock = threading.Lock()
 
-    def __call__(self, crops: np.ndarray, batch_size: int) -> np.ndarray:
-        """Embed crops in batches of `batch_size` (on CUDA the last one padded to it).
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str | os.PathLike[str] | Checkpoint,
+        device: torch.device | str,
+        precision: Precision | str = "auto",
+    ) -> Embedder:
+        """Return the Embedder of a checkpoint: its model, input size and normalization.
 
         Parameters
         ----------
-        crops : (N, C, H, W) uint8 ndarray
+        checkpoint : path or Checkpoint
+            A ``superdml train`` checkpoint, or one already loaded.
+        device : torch.device or str
+            ``cpu`` or ``cuda``.
+        precision : {"auto", "fp32", "bf16"}
+            See :func:`resolve_precision`.
+        """
+        from superdml.checkpoint import Checkpoint, build_model_from_checkpoint, load_checkpoint
+
+        ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+        dev = torch.device(device)
+        model = build_model_from_checkpoint(ckpt)
+        dtype = resolve_precision(precision, dev)
+        return cls(model, ckpt.input_size, ckpt.mean, ckpt.std, dev, dtype)
+
+    def _forward(self, batch: Tensor, batch_size: int) -> Tensor:
+        """Embed one ``(n, C, H, W)`` uint8 CPU batch, n <= `batch_size`: ``(n, D)`` on the CPU."""
+        from torchvision.transforms.v2 import functional as TF
+
+        n = batch.shape[0]
+        if self.device.type == "cuda":
+            if n < batch_size:  # fixed shapes for cuDNN; on the CPU padding only costs
+                batch = torch.cat([batch, batch.new_zeros((batch_size - n, *batch.shape[1:]))])
+            batch = batch.pin_memory()
+        x = batch.to(self.device, non_blocking=True)
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            x = TF.resize(x, [self.input_size] * 2, antialias=True)
+        x = ((x.float() / 255.0 - self.mean) / self.std).contiguous(
+            memory_format=torch.channels_last
+        )
+        return F.normalize(self.model(x)[:n].float(), dim=1).cpu()
+
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        """Hold the lock, with the model in eval mode (its mode restored after)."""
+        with self._lock:
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                with torch.inference_mode(), autocast(self.device, self.dtype):
+                    yield
+            finally:
+                self.model.train(was_training)
+
+    def __call__(self, crops: np.ndarray | Tensor, batch_size: int) -> np.ndarray:
+        """Embed crops in batches of `batch_size`.
+
+        Parameters
+        ----------
+        crops : (N, C, H, W) uint8 ndarray or Tensor
         batch_size : int
 
         Returns
         -------
         (N, D) float32 ndarray, L2-normalized
         """
-        from torchvision.transforms.v2 import functional as TF
-
-        cuda = self.device.type == "cuda"
+        pixels = torch.as_tensor(crops)
         out = []
-        with self._lock, torch.inference_mode(), autocast(self.device, self.dtype):
-            for start in range(0, len(crops), batch_size):
-                batch = torch.from_numpy(crops[start : start + batch_size])
-                n = batch.shape[0]
-                if cuda and n < batch_size:  # fixed shapes for cuDNN; on the CPU padding only costs
-                    pad = batch.new_zeros((batch_size - n, *batch.shape[1:]))
-                    batch = torch.cat([batch, pad])
-                if cuda:
-                    batch = batch.pin_memory()
-                x = batch.to(self.device, non_blocking=True)
-                if x.shape[-1] != self.input_size:
-                    x = TF.resize(x, [self.input_size] * 2, antialias=True)
-                x = ((x.float() / 255.0 - self.mean) / self.std).contiguous(
-                    memory_format=torch.channels_last
-                )
-                out.append(F.normalize(self.model(x)[:n].float(), dim=1).cpu())
+        with self._running():
+            for start in range(0, len(pixels), batch_size):
+                out.append(self._forward(pixels[start : start + batch_size], batch_size))
         return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+    def embed_dataset(
+        self, dataset: Dataset, batch_size: int, desc: str = "embed"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Embed every item of a labeled dataset, in order, in batches of `batch_size`.
+
+        The DataLoader draws from a private generator, so embedding never advances
+        torch's global RNG (training stays reproducible).
+
+        Parameters
+        ----------
+        dataset : Dataset
+            Yields ``(image, label)`` with ``(C, H, W)`` uint8 images of one size, e.g. an
+            :class:`~superdml.data.ImageFolderDataset` without a transform; not empty.
+        batch_size : int
+        desc : str
+            Label of the progress bar.
+
+        Returns
+        -------
+        embeddings : (N, D) float32 ndarray
+            Unit-length rows.
+        labels : (N,) int64 ndarray
+        """
+        loader = DataLoader(
+            dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator()
+        )
+        embeddings: list[Tensor] = []
+        labels: list[Tensor] = []
+        with self._running():
+            for images, batch_labels in progress(loader, len(loader), desc, "batch"):
+                embeddings.append(self._forward(images, batch_size))
+                labels.append(torch.as_tensor(batch_labels, dtype=torch.int64))
+        return torch.cat(embeddings).numpy(), torch.cat(labels).numpy()

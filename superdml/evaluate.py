@@ -11,9 +11,15 @@ crops, when given) with the checkpoint's model and writes into `out_dir`:
     confusion matrix by class name; ``counts``; ``inputs``: the
     checkpoint and its SHA-256, the folders, the kNN settings. Written last, so its
     presence means the evaluation is complete.
+``predictions.parquet``
+    One row per query crop: ``file`` (relative to the query folder), ``true_label``,
+    and the kNN classifier's ``label``, ``score``, ``margin`` and ``similarity``: the
+    labeling rule of ``superdml label`` (:meth:`~superdml.reference.ReferenceIndex.vote`,
+    the similarity-weighted vote of the ``KNN_K`` nearest references, a query that is a
+    reference crop keeping its class), so a crop gets the class and score ``label`` and
+    ``infer`` give it.
 ``confusion_matrix.png``
-    The kNN classifier (the labeling stage's similarity-weighted vote of the ``KNN_K``
-    nearest references) against the true classes, each row normalized by the class's
+    The kNN classifier against the true classes, each row normalized by the class's
     number of queries.
 ``tsne.png``
     t-SNE of the query embeddings (scikit-learn, fixed ``random_state``; at most
@@ -35,20 +41,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
 
-from superdml._private.atomic import write_json
+from superdml._private.atomic import atomic_write, write_json
 from superdml._private.ownership import check_apart, check_output, claim_output
-from superdml.checkpoint import build_model_from_checkpoint, checkpoint_sha256, load_checkpoint
-from superdml.config import AugmentConfig
-from superdml.data import ImageFolderDataset, build_transforms
-from superdml.embed import embed_folder, prepare_model, resolve_device, resolve_precision
-from superdml.knn import knn_vote, search
+from superdml.checkpoint import checkpoint_sha256, load_checkpoint
+from superdml.classes import UNKNOWN
+from superdml.data import ImageFolderDataset
+from superdml.embed import Embedder, resolve_device, resolve_precision
+from superdml.knn import KnnVote, search
 from superdml.metrics import retrieval_metrics
+from superdml.reference import ReferenceIndex
 from superdml.viz import plot_confusion_matrix, plot_embedding_2d, plot_similarity
 
 logger = logging.getLogger(__name__)
 
 METRICS_JSON = "metrics.json"
+PREDICTIONS_PARQUET = "predictions.parquet"
 CONFUSION_PNG = "confusion_matrix.png"
 TSNE_PNG = "tsne.png"
 SIMILARITY_PNG = "similarity.png"
@@ -67,8 +78,10 @@ class EvaluateResult:
     Attributes
     ----------
     out_dir : Path
-    metrics_path, confusion_path, tsne_path, similarity_path : Path
-        ``metrics.json`` and the three figures.
+    metrics_path, predictions_path : Path
+        ``metrics.json`` and ``predictions.parquet``.
+    confusion_path, tsne_path, similarity_path : Path
+        The three figures.
     metrics : dict of str to float
         The ``metrics`` section of ``metrics.json``.
     n_query, n_reference : int
@@ -79,6 +92,7 @@ class EvaluateResult:
 
     out_dir: Path
     metrics_path: Path
+    predictions_path: Path
     confusion_path: Path
     tsne_path: Path
     similarity_path: Path
@@ -182,6 +196,50 @@ def sample_examples(
     return np.concatenate(rows).astype(np.int64)
 
 
+def _files(dataset: ImageFolderDataset) -> list[str]:
+    """Every sample's path relative to the dataset's folder, in sample order."""
+    return [path.relative_to(dataset.root).as_posix() for path, _ in dataset.samples]
+
+
+def _classify(
+    query_emb: np.ndarray,
+    reference: ReferenceIndex,
+    exclude_self: bool,
+    device: torch.device,
+) -> KnnVote:
+    """Vote on the queries with the labeling rule (:meth:`ReferenceIndex.vote`).
+
+    The ``KNN_K`` nearest references vote (fewer when there are fewer); with
+    `exclude_self` the queries are the references and each one's own row is left out.
+    """
+    k = min(KNN_K, reference.size - int(exclude_self))
+    if exclude_self:
+        sims, ids = search(query_emb, reference.embeddings, k, exclude_self=True)
+    else:
+        sims, ids = reference.search(query_emb, k, device)
+    return reference.vote(sims, ids)
+
+
+def _write_predictions(
+    path: Path, files: list[str], true: np.ndarray, vote: KnnVote, class_names: list[str]
+) -> Path:
+    """Write the per-query predictions table (see the module docstring)."""
+    names = np.asarray([*class_names, UNKNOWN], dtype=object)  # label -1 takes the last
+    table = pa.table(
+        {
+            "file": pa.array(files, pa.string()),
+            "true_label": pa.array(names[true], pa.string()),
+            "label": pa.array(names[vote.label_ids], pa.string()),
+            "score": pa.array(vote.scores, pa.float32()),
+            "margin": pa.array(vote.margins, pa.float32()),
+            "similarity": pa.array(vote.similarity, pa.float32()),
+        }
+    )
+    with atomic_write(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return path
+
+
 # ---------------------------------------------------------------------- the stage
 
 
@@ -228,19 +286,16 @@ def evaluate(
     check_apart(out_dir, [p for p in (checkpoint, query_dir, reference_dir) if p is not None])
     check_output(out_dir, "evaluate")
     dev = resolve_device(device)
-    dtype = resolve_precision(precision, dev)
+    resolve_precision(precision, dev)  # fails before any work
     ckpt = load_checkpoint(checkpoint)
-    transform = build_transforms(AugmentConfig(), ckpt.input_size, ckpt.mean, ckpt.std, train=False)
+    ckpt_sha = checkpoint_sha256(checkpoint)
     folders = [query_dir] if reference_dir is None else [query_dir, reference_dir]
-    datasets = [
-        ImageFolderDataset(f, bands=ckpt.bands, size=ckpt.input_size, transform=transform)
-        for f in folders
-    ]
+    datasets = [ImageFolderDataset(f, bands=ckpt.bands, size=ckpt.input_size) for f in folders]
     class_names = sorted({name for d in datasets for name in d.class_names})
-    model = prepare_model(build_model_from_checkpoint(ckpt), dev)
+    embedder = Embedder.from_checkpoint(ckpt, dev, precision)
     embedded = []
     for dataset, what in zip(datasets, ("query", "reference"), strict=False):
-        emb, labels = embed_folder(model, dataset, EMBED_BATCH_SIZE, dev, what, dtype)
+        emb, labels = embedder.embed_dataset(dataset, EMBED_BATCH_SIZE, what)
         to_union = np.array([class_names.index(c) for c in dataset.class_names])
         embedded.append((emb, to_union[labels]))
     query_emb, query_labels = embedded[0]
@@ -251,13 +306,16 @@ def evaluate(
     metrics = retrieval_metrics(
         query_emb, query_labels, ref_emb, ref_labels, exclude_self, num_classes, knn_k=KNN_K
     )
-    knn_k = min(KNN_K, len(ref_emb) - int(exclude_self))
-    sims, ids = search(query_emb, ref_emb, knn_k, exclude_self=exclude_self)
-    neighbor_labels = np.where(ids >= 0, ref_labels[np.maximum(ids, 0)], -1)
-    predicted = knn_vote(sims, neighbor_labels, num_classes).label_ids
-    matrix = confusion_matrix(query_labels, predicted, num_classes)
+    reference = ReferenceIndex.build(
+        ref_emb, ref_labels, class_names, _files(datasets[-1]), ckpt_sha
+    )
+    vote = _classify(query_emb, reference, exclude_self, dev)
+    matrix = confusion_matrix(query_labels, vote.label_ids, num_classes)
 
     with claim_output(out_dir, "evaluate"):
+        predictions_path = _write_predictions(
+            out_dir / PREDICTIONS_PARQUET, _files(datasets[0]), query_labels, vote, class_names
+        )
         confusion_path = plot_confusion_matrix(matrix, class_names, out_dir / CONFUSION_PNG)
         points, chosen = tsne_2d(query_emb)
         tsne_path = plot_embedding_2d(points, query_labels[chosen], class_names, out_dir / TSNE_PNG)
@@ -285,11 +343,11 @@ def evaluate(
                 },
                 "inputs": {
                     "checkpoint": os.fspath(checkpoint),
-                    "checkpoint_sha256": checkpoint_sha256(checkpoint),
+                    "checkpoint_sha256": ckpt_sha,
                     "query_dir": os.fspath(query_dir),
                     "reference_dir": None if reference_dir is None else os.fspath(reference_dir),
                     "exclude_self": exclude_self,
-                    "knn_k": knn_k,
+                    "knn_k": min(KNN_K, reference.size - int(exclude_self)),
                     "class_names": class_names,
                 },
             },
@@ -298,6 +356,7 @@ def evaluate(
     return EvaluateResult(
         out_dir=out_dir,
         metrics_path=metrics_path,
+        predictions_path=predictions_path,
         confusion_path=confusion_path,
         tsne_path=tsne_path,
         similarity_path=similarity_path,

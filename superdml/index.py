@@ -18,21 +18,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import Subset
 
 from superdml._private.atomic import atomic_write
 from superdml._private.ownership import check_apart, claim_output
 from superdml.checkpoint import (
     Checkpoint,
-    build_model_from_checkpoint,
     checkpoint_sha256,
     load_checkpoint,
 )
 from superdml.classes import SCHEME_FILE, ClassScheme, folder_scheme
-from superdml.config import AugmentConfig, IndexConfig, config_hash, config_to_dict, dump_config
-from superdml.data import ImageFolderDataset, build_transforms
-from superdml.embed import embed_folder, prepare_model, resolve_device, resolve_precision
+from superdml.config import IndexConfig, config_hash, config_to_dict, dump_config
+from superdml.data import ImageFolderDataset
+from superdml.embed import Embedder, resolve_device, resolve_precision
 from superdml.errors import SuperDMLError, require_dir
 from superdml.reference import (
     CONFIG_YAML,
@@ -100,9 +98,8 @@ def _scan(reference_dir: str | os.PathLike[str], ckpt: Checkpoint) -> _Scan:
     Every image is decoded once to find unreadable ones (skipped with a warning), but
     nothing is kept in memory.
     """
-    transform = build_transforms(AugmentConfig(), ckpt.input_size, ckpt.mean, ckpt.std, train=False)
     dataset = ImageFolderDataset(
-        reference_dir, bands=ckpt.bands, size=ckpt.input_size, transform=transform, preload=False
+        reference_dir, bands=ckpt.bands, size=ckpt.input_size, preload=False
     )
     paths = [path for path, _ in dataset.samples]
     stats = [os.stat(path) for path in paths]
@@ -156,20 +153,6 @@ def _previous_rows(out_dir: Path, ckpt_sha: str, scan: _Scan) -> tuple[np.ndarra
     return np.array(rows, dtype=np.int64), previous.embeddings, previous.size
 
 
-def _embed_rows(
-    model: nn.Module,
-    dataset: ImageFolderDataset,
-    rows: np.ndarray,
-    device: torch.device,
-    config: IndexConfig,
-) -> np.ndarray:
-    """Embed the samples `rows` of `dataset`: an (n, D) float32 L2-normalized ndarray."""
-    dtype = resolve_precision(config.precision, device)
-    subset = Subset(dataset, rows.tolist())
-    embeddings, _ = embed_folder(model, subset, config.batch_size, device, "index", dtype)
-    return embeddings
-
-
 def _embed_reference(
     ckpt: Checkpoint,
     scan: _Scan,
@@ -177,12 +160,12 @@ def _embed_reference(
     config: IndexConfig,
     rows: np.ndarray,
     previous: np.ndarray,
-    model: nn.Module | None = None,
+    embedder: Embedder | None = None,
 ) -> np.ndarray:
     """Return the (N, D) float32 embeddings of the scanned crops.
 
     Crop i is copied from ``previous[rows[i]]`` when ``rows[i] >= 0``; the other crops
-    are embedded with `model` (built from `ckpt` only when some crop needs it).
+    are embedded with `embedder` (made from `ckpt` only when some crop needs it).
     """
     embeddings = np.empty((len(scan.files), ckpt.embedding_size), dtype=np.float32)
     kept = rows >= 0
@@ -190,9 +173,10 @@ def _embed_reference(
         embeddings[kept] = previous[rows[kept]]
     fresh = np.flatnonzero(~kept)
     if fresh.size:
-        if model is None:
-            model = prepare_model(build_model_from_checkpoint(ckpt), device)
-        embeddings[fresh] = _embed_rows(model, scan.dataset, fresh, device, config)
+        if embedder is None:
+            embedder = Embedder.from_checkpoint(ckpt, device, config.precision)
+        subset = Subset(scan.dataset, fresh.tolist())
+        embeddings[fresh] = embedder.embed_dataset(subset, config.batch_size, "index")[0]
     return embeddings
 
 
@@ -219,7 +203,7 @@ def reference_from_folder(
     reference_dir: str | os.PathLike[str],
     device: torch.device,
     config: IndexConfig | None = None,
-    model: nn.Module | None = None,
+    embedder: Embedder | None = None,
 ) -> ReferenceIndex:
     """Embed a labeled crop folder into an in-memory :class:`~superdml.reference.ReferenceIndex`.
 
@@ -235,14 +219,14 @@ def reference_from_folder(
         Where the model runs.
     config : IndexConfig, optional
         Batch size, precision and index settings.
-    model : nn.Module, optional
-        The checkpoint's model, already on `device` (built when None).
+    embedder : Embedder, optional
+        The checkpoint's :class:`~superdml.embed.Embedder` (made when None).
     """
     config = config or IndexConfig()
     scan = _scan(reference_dir, ckpt)
     rows = np.full(len(scan.files), -1, dtype=np.int64)
     embeddings = _embed_reference(
-        ckpt, scan, device, config, rows, np.empty((0, 0), np.float32), model
+        ckpt, scan, device, config, rows, np.empty((0, 0), np.float32), embedder
     )
     return _index_scan(scan, embeddings, ckpt_sha, config)
 

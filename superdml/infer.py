@@ -22,14 +22,13 @@ from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import TensorDataset
 
 from superdml._private.atomic import atomic_write
-from superdml.checkpoint import build_model_from_checkpoint, checkpoint_sha256, load_checkpoint
+from superdml.checkpoint import checkpoint_sha256, load_checkpoint
 from superdml.classes import UNKNOWN
-from superdml.config import AugmentConfig, IndexConfig, Precision
-from superdml.data import IMAGE_SUFFIXES, IMAGE_SUFFIXES_TEXT, _decode, build_transforms
-from superdml.embed import embed_folder, prepare_model, resolve_device, resolve_precision
+from superdml.config import IndexConfig, Precision
+from superdml.data import IMAGE_SUFFIXES, IMAGE_SUFFIXES_TEXT, _decode
+from superdml.embed import Embedder, resolve_device, resolve_precision
 from superdml.errors import ConfigError, InputError, input_error, require_file
 from superdml.index import reference_from_folder
 from superdml.knn import UNKNOWN_LABEL
@@ -170,7 +169,7 @@ def infer(
             "(--reference-dir), exactly one of them"
         )
     dev = resolve_device(device)
-    dtype = resolve_precision(precision, dev)
+    resolve_precision(precision, dev)  # fails before any work
     ckpt = load_checkpoint(checkpoint)
     ckpt_sha = checkpoint_sha256(checkpoint)
     ref = None if reference is None else ReferenceIndex.load(reference)
@@ -178,15 +177,13 @@ def infer(
         ref.check_checkpoint(ckpt_sha, checkpoint)
     paths = [Path(p) for p in images]
     pixels = _read_images(paths, ckpt.bands, ckpt.input_size)
-    model = prepare_model(build_model_from_checkpoint(ckpt), dev)
+    embedder = Embedder.from_checkpoint(ckpt, dev, precision)
     if ref is None:
         # exactly one of reference and reference_dir is given (checked above)
         folder = cast("str | os.PathLike[str]", reference_dir)
         config = IndexConfig(precision=cast("Precision", precision))
-        ref = reference_from_folder(ckpt, ckpt_sha, folder, dev, config, model)
-    transform = build_transforms(AugmentConfig(), ckpt.input_size, ckpt.mean, ckpt.std, train=False)
-    dataset = TensorDataset(transform(pixels), torch.zeros(len(paths), dtype=torch.int64))
-    embeddings, _ = embed_folder(model, dataset, BATCH_SIZE, dev, "infer", dtype)
+        ref = reference_from_folder(ckpt, ckpt_sha, folder, dev, config, embedder)
+    embeddings = embedder(pixels, BATCH_SIZE)
     sims, ids = ref.search(embeddings, k, dev)
     vote = ref.vote(sims, ids)
     names, files, labels = ref.class_names, ref.files, ref.labels

@@ -73,7 +73,7 @@ def load_embedder(
     from superdml.embed import Embedder
 
     del sha256  # part of the cache key only
-    return Embedder(checkpoint, device, precision)
+    return Embedder.from_checkpoint(checkpoint, device, precision)
 
 
 @functools.lru_cache(maxsize=2)

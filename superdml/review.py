@@ -298,8 +298,10 @@ def _pool_embeddings(inputs: _Inputs, pool: _Candidates, device: str) -> np.ndar
                 f"changed since labeling (SHA-256 {sha[:12]} recorded in "
                 f"{inputs.label_run.out_dir}): label again, or label with --keep-embeddings",
             )
-        embedder = load_embedder(checkpoint, sha, resolve_device(device).type, None)
-        batch_size = int(meta.get("config", {}).get("batch_size", 256))
+        labeled = meta.get("config", {})  # embed as the label run did
+        precision = str(labeled.get("precision", "auto"))
+        embedder = load_embedder(checkpoint, sha, resolve_device(device).type, None, precision)
+        batch_size = int(labeled.get("batch_size", 256))
         for i, (r, t, index) in enumerate(tiles):
             if kept[i] is None:
                 crops, _ = _tile_crops(inputs, r, t, pool.segment_id[index])

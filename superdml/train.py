@@ -39,7 +39,8 @@ Choices:
 - **Resume** restores model, loss parameters, optimizer, scheduler, epoch, every RNG and
   the metrics history, so an interrupted run continued with ``resume=True`` ends with
   the weights of an uninterrupted one. Only ``epochs`` may change on resume (the cosine
-  schedule then stretches to the new end from the current step on).
+  schedule then stretches to the new end from the current step on). Resume and warm
+  start live in :mod:`superdml._private.resume`.
 - **Warm start** (``init``): the model weights of another checkpoint (same backbone,
   embedding size and band count); with the same loss, the proxies of classes present in
   both class lists are copied and new classes keep freshly initialized ones.
@@ -63,22 +64,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from superdml._private.atomic import atomic_write
 from superdml._private.ownership import check_apart, claim_output
 from superdml._private.progress import progress
+from superdml._private.resume import open_resume, restore, warm_start
 from superdml.checkpoint import (
-    Checkpoint,
     load_checkpoint,
-    restore_rng_state,
     resume_state,
     save_checkpoint,
 )
 from superdml.classes import folder_scheme
-from superdml.config import Precision, TrainConfig, config_to_dict, dump_config
+from superdml.config import Precision, TrainConfig, dump_config
 from superdml.crops import read_crop_rule
 from superdml.data import (
     ImageFolderDataset,
@@ -89,17 +89,17 @@ from superdml.data import (
     stratified_split,
 )
 from superdml.embed import (
+    Embedder,
     autocast,
-    embed_folder,
     prepare_model,
     resolve_device,
     resolve_precision,
     to_device,
 )
 from superdml.errors import CheckpointError, ConfigError, input_error
-from superdml.losses import MetricLoss, get_loss, transfer_proxies
+from superdml.losses import MetricLoss, get_loss
 from superdml.metrics import retrieval_metrics
-from superdml.models import EmbeddingNet, build_model
+from superdml.models import build_model
 from superdml.provenance import combine, fingerprint
 from superdml.shipped import loss_config_path
 
@@ -215,12 +215,14 @@ class _Data:
     crop_rule: dict[str, Any] | None
     train: Dataset  # training split, augmented
     train_labels: np.ndarray  # (N,) labels of `train`
-    references: Dataset  # training split, not augmented
-    val: Dataset | None  # validation crops, not augmented
+    references: Dataset  # training split, uint8 (the Embedder normalizes)
+    val: Dataset | None  # validation crops, uint8
     val_classes: np.ndarray | None  # (C_val,) training class id of each val class id
 
 
-def _view(dataset: ImageFolderDataset, indices: Sequence[int], transform: Callable) -> Subset:
+def _view(
+    dataset: ImageFolderDataset, indices: Sequence[int], transform: Callable | None
+) -> Subset:
     """Return samples `indices` of `dataset` under `transform`, sharing its preloaded crops."""
     view = copy.copy(dataset)
     view.transform = transform
@@ -233,7 +235,7 @@ def _load_data(
     config: TrainConfig,
     statistics: tuple[list[float], list[float]] | None = None,
 ) -> _Data:
-    """Scan the folders, split, measure the band statistics and build the transforms."""
+    """Scan the folders, split, measure the band statistics and build the augmentation."""
     rule = read_crop_rule(train_dir)
     base = ImageFolderDataset(
         train_dir, bands=rule.channels if rule is not None else None, size=config.input_size
@@ -249,13 +251,10 @@ def _load_data(
     else:
         mean, std = imagenet_statistics(base.bands)
     train_tf = build_transforms(config.augment, config.input_size, mean, std, train=True)
-    eval_tf = build_transforms(config.augment, config.input_size, mean, std, train=False)
     val: Dataset | None = None
     val_classes = None
     if val_dir is not None:
-        val = ImageFolderDataset(
-            val_dir, bands=base.bands, size=config.input_size, transform=eval_tf
-        )
+        val = ImageFolderDataset(val_dir, bands=base.bands, size=config.input_size)
         unknown = [c for c in val.class_names if c not in base.class_names]
         if unknown:
             raise input_error(
@@ -265,7 +264,7 @@ def _load_data(
             )
         val_classes = np.array([base.class_names.index(c) for c in val.class_names])
     elif val_idx:
-        val = _view(base, val_idx, eval_tf)
+        val = _view(base, val_idx, None)
         val_classes = np.arange(len(base.class_names))
     return _Data(
         class_names=list(base.class_names),
@@ -275,7 +274,7 @@ def _load_data(
         crop_rule=rule.to_dict() if rule is not None else None,
         train=_view(base, train_idx, train_tf),
         train_labels=np.asarray(base.labels)[train_idx],
-        references=_view(base, train_idx, eval_tf),
+        references=_view(base, train_idx, None),
         val=val,
         val_classes=val_classes,
     )
@@ -338,15 +337,16 @@ def _train_epoch(
     return float(total) / max(steps, 1)
 
 
-def _validate(
-    model: nn.Module, data: _Data, device: torch.device, dtype: torch.dtype
-) -> dict[str, float]:
-    """Return retrieval metrics of the validation crops against the training crops."""
+def _validate(embedder: Embedder, data: _Data) -> dict[str, float]:
+    """Return retrieval metrics of the validation crops against the training crops.
+
+    `embedder` wraps the model being trained, so validation embeds crops exactly as
+    ``index`` and ``label`` will with the saved checkpoint.
+    """
     if data.val is None or data.val_classes is None:
         return {}
-    refs, val = data.references, data.val
-    ref_emb, ref_labels = embed_folder(model, refs, EMBED_BATCH_SIZE, device, "refs", dtype)
-    val_emb, val_labels = embed_folder(model, val, EMBED_BATCH_SIZE, device, "val", dtype)
+    ref_emb, ref_labels = embedder.embed_dataset(data.references, EMBED_BATCH_SIZE, "refs")
+    val_emb, val_labels = embedder.embed_dataset(data.val, EMBED_BATCH_SIZE, "val")
     metrics = retrieval_metrics(val_emb, data.val_classes[val_labels], ref_emb, ref_labels)
     return {k: float(v) for k, v in metrics.items()}
 
@@ -388,96 +388,6 @@ def _summary_writer(out_dir: Path, purge_step: int) -> Any:
         logger.info("tensorboard is not installed: metrics go to %s only", METRICS_CSV)
         return None
     return SummaryWriter(out_dir / TENSORBOARD_DIR, purge_step=purge_step)
-
-
-# ---------------------------------------------------------------------- checks
-
-
-def _open_resume(last_path: Path, config: TrainConfig) -> Checkpoint:
-    """Load ``last.pt`` for ``--resume`` and check that `config` continues its run."""
-    if not last_path.is_file():
-        raise input_error(last_path, "no such file: nothing to resume (drop --resume)")
-    ckpt = load_checkpoint(last_path)
-    if ckpt.resume is None:
-        raise CheckpointError(f"{last_path}: has no resume state")
-    _check_same_run(config, ckpt)
-    if ckpt.resume["epoch"] >= config.epochs:
-        raise ConfigError(
-            f"{last_path}: already trained {ckpt.resume['epoch']} of {config.epochs} "
-            "epochs: pass --epochs N with a larger N to train further"
-        )
-    return ckpt
-
-
-def _check_same_run(config: TrainConfig, ckpt: Checkpoint) -> None:
-    """Refuse to resume with a config that differs in anything but ``epochs``."""
-    saved = ckpt.train_config
-    for key, value in config_to_dict(config).items():
-        if key != "epochs" and saved.get(key) != value:
-            raise ConfigError(
-                f"{ckpt.path}: the run was trained with {key}={saved.get(key)!r}, got "
-                f"{value!r}; --resume continues the same run (only epochs may change): "
-                "drop the option, or start a new run with --init"
-            )
-
-
-def _check_init(ckpt: Checkpoint, config: TrainConfig, bands: int) -> None:
-    """Refuse a warm start from a checkpoint whose network does not fit `config`."""
-    theirs = (ckpt.backbone, ckpt.embedding_size, ckpt.bands)
-    ours = (config.backbone, config.embedding_size, bands)
-    if theirs != ours:
-        raise CheckpointError(
-            f"{ckpt.path}: a {theirs[0]} with embedding size {theirs[1]} on {theirs[2]} "
-            f"bands cannot warm-start a {ours[0]} with embedding size {ours[1]} on "
-            f"{ours[2]} bands: match backbone and embedding_size in the config"
-        )
-
-
-def _load_weights(module: nn.Module, state: dict[str, Tensor], ckpt: Checkpoint) -> None:
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as err:
-        detail = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"{ckpt.path}: weights do not fit ({detail})") from None
-
-
-def _warm_start(
-    ckpt: Checkpoint, model: EmbeddingNet, loss_fn: MetricLoss, config: TrainConfig, data: _Data
-) -> None:
-    _check_init(ckpt, config, data.bands)
-    _load_weights(model, ckpt.state_dict, ckpt)
-    if ckpt.loss_name != config.loss:
-        logger.info("%s: trained with %s, new %s proxies", ckpt.path, ckpt.loss_name, config.loss)
-        return
-    shared = transfer_proxies(ckpt.loss_state, ckpt.class_names, loss_fn, data.class_names)
-    fresh = [c for c in data.class_names if c not in shared]
-    logger.info("%s: proxies kept for %s; new for %s", ckpt.path, shared, fresh)
-
-
-def _restore(
-    ckpt: Checkpoint,
-    model: nn.Module,
-    loss_fn: MetricLoss,
-    optimizer: torch.optim.Optimizer,
-    scheduler: LambdaLR,
-    loader_rng: torch.Generator,
-) -> tuple[int, float]:
-    """Put a run back into the state of `ckpt`; return its epoch and best score."""
-    state = ckpt.resume
-    if state is None:
-        raise CheckpointError(f"{ckpt.path}: has no resume state")
-    _load_weights(model, ckpt.state_dict, ckpt)
-    _load_weights(loss_fn, ckpt.loss_state, ckpt)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    # the learning rate of the next step, on the schedule of the (possibly new) epochs
-    for group, base_lr, factor in zip(
-        optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
-    ):
-        group["lr"] = base_lr * factor(scheduler.last_epoch)
-    restore_rng_state(state["rng"])
-    loader_rng.set_state(state["loader_rng"])
-    return int(state["epoch"]), float(state["best_score"])
 
 
 # ---------------------------------------------------------------------- the stage
@@ -556,19 +466,13 @@ def _train(
 ) -> TrainResult:
     """Run :func:`train` in its claimed output folder."""
     last_path, best_path = out_dir / LAST, out_dir / BEST
-    ckpt = _open_resume(last_path, config) if resume else None
+    crops = combine(fingerprint(train_dir), None if val_dir is None else fingerprint(val_dir))
+    ckpt = open_resume(last_path, config, crops, train_dir) if resume else None
     if not resume and last_path.exists():
         raise input_error(
             last_path, "a training run is already here: pass --resume, or choose another --out"
         )
     init_ckpt = load_checkpoint(init) if init is not None else None
-    crops = combine(fingerprint(train_dir), None if val_dir is None else fingerprint(val_dir))
-    if ckpt is not None and ckpt.resume is not None and ckpt.resume.get("crops") != crops:
-        raise input_error(
-            train_dir,
-            f"crops changed since the run in {out_dir} started: resuming would mix two "
-            "training sets; start a new run (--init with its last.pt keeps its weights)",
-        )
 
     stats = (ckpt.mean, ckpt.std) if ckpt is not None else None
     data = _load_data(train_dir, val_dir, config, stats)
@@ -591,9 +495,10 @@ def _train(
         config.loss, len(data.class_names), config.embedding_size, **config.loss_params
     )
     if init_ckpt is not None:
-        _warm_start(init_ckpt, model, loss_fn, config, data)
+        warm_start(init_ckpt, model, loss_fn, config, data.bands, data.class_names)
     prepare_model(model, dev)
     loss_fn.to(dev)
+    embedder = Embedder(model, config.input_size, data.mean, data.std, dev, dtype)
     sampler = PKSampler(
         data.train_labels, config.classes_per_batch, config.samples_per_class, config.seed
     )
@@ -611,7 +516,7 @@ def _train(
 
     start_epoch, best_score = 0, -math.inf
     if ckpt is not None:
-        start_epoch, best_score = _restore(ckpt, model, loss_fn, optimizer, scheduler, loader_rng)
+        start_epoch, best_score = restore(ckpt, model, loss_fn, optimizer, scheduler, loader_rng)
     history = _read_history(out_dir / METRICS_CSV, start_epoch)
     dump_config(config, out_dir / CONFIG_YAML)
     writer = _summary_writer(out_dir, start_epoch + 1)
@@ -642,7 +547,7 @@ def _train(
                     f"lr: training diverged in epoch {epoch + 1} (loss {train_loss}): "
                     "lower lr or proxy_lr"
                 )
-            metrics = _validate(model, data, dev, dtype)
+            metrics = _validate(embedder, data)
             row = {
                 "epoch": epoch + 1,
                 "train_loss": train_loss,

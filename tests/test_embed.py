@@ -48,8 +48,8 @@ def test_unknown_precision_is_a_config_error(config):
 def test_bf16_embeddings_are_close_to_fp32(tmp_path, one_torch_thread):
     checkpoint = save_untrained_checkpoint(tmp_path / "m.pt", ["a", "b"], input_size=32)
     crops = np.random.default_rng(0).integers(0, 256, (40, 3, 48, 48), dtype=np.uint8)
-    fp32 = Embedder(checkpoint, "cpu", "fp32")(crops, batch_size=16)
-    bf16 = Embedder(checkpoint, "cpu", "bf16")(crops, batch_size=16)
+    fp32 = Embedder.from_checkpoint(checkpoint, "cpu", "fp32")(crops, batch_size=16)
+    bf16 = Embedder.from_checkpoint(checkpoint, "cpu", "bf16")(crops, batch_size=16)
     assert fp32.shape == bf16.shape == (40, 16) and bf16.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(bf16, axis=1), 1.0, rtol=1e-6)
     cosine = (fp32 * bf16).sum(axis=1)

@@ -1,4 +1,10 @@
-"""End to end: segment -> crops from a truth raster -> train -> index -> label -> export."""
+"""Labeling: its mechanics on an untrained model, end to end accuracy on a trained one.
+
+Mechanics (schema, resume, reruns, kept embeddings, bad input) run on
+:func:`worlds.untrained_world`; only the tests that assert how well superpixels are
+labeled train a model (segment -> crops from a truth raster -> train -> index -> label
+-> export).
+"""
 
 import dataclasses
 import json
@@ -10,14 +16,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import rasterio
+from checkpoints import save_untrained_checkpoint
 from click.testing import CliRunner
 from rasters import texture_mosaic, write_raster
+from worlds import untrained_world
 
 import superdml.embed as embed_module
 import superdml.label as label_module
 from superdml.cli import cli
 from superdml.config import CropsConfig, IndexConfig, LabelConfig, SegmentConfig, TrainConfig
-from superdml.crops import export_crops
+from superdml.crops import export_crops, read_crop_rule
 from superdml.embed import cpu_has_bf16
 from superdml.errors import InputError
 from superdml.export import export
@@ -32,8 +40,18 @@ CLASSES = ["class_1", "class_2", "class_3", "class_4"]
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+    """A 256 px mosaic in 4 tiles of 128 px, its crops indexed with an untrained model."""
+    root = untrained_world(tmp_path_factory.mktemp("label"))
+    # segmenting again with the same config only reads back what untrained_world wrote
+    seg = segment_raster(root / "mosaic.tif", root / "seg", SegmentConfig(16, tile_size=128))
+    assert seg.skipped
+    return {"root": root, "seg": seg, "checkpoint": root / "model.pt"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
     """A mosaic of four textures; crops of its left half trained on and indexed."""
-    root = tmp_path_factory.mktemp("label")
+    root = tmp_path_factory.mktemp("trained")
     rgb, truth = texture_mosaic(384)
     source = write_raster(root / "mosaic.tif", rgb)
     write_raster(root / "truth.tif", truth[None])
@@ -48,20 +66,30 @@ def world(tmp_path_factory):
         input_size=32, embedding_size=32, epochs=6, loss="proxy_nca", classes_per_batch=4,
         samples_per_class=8, warmup_epochs=0, val_fraction=0.2,
     )  # fmt: skip
-    trained = train(root / "crops", root / "model", config, device="cpu")
-    checkpoint = root / "model" / "best.pt"
+    checkpoint = train(root / "crops", root / "model", config, device="cpu").best_path
     build_index(checkpoint, root / "crops", root / "ref", device="cpu")
-    return {"root": root, "truth": truth, "seg": seg, "checkpoint": checkpoint, "trained": trained}
+    return {"root": root, "truth": truth, "seg": seg, "checkpoint": checkpoint}
 
 
-@pytest.fixture(scope="module")
-def labeled(world):
+def _label(world):
     out = world["root"] / "out"
     config = LabelConfig(k=5, tile_size=128, batch_size=64)
     result = label(
         world["seg"].out_dir, world["checkpoint"], world["root"] / "ref", out, config, device="cpu"
     )
     return {"out": out, "result": result, "config": config}
+
+
+@pytest.fixture(scope="module")
+def labeled(world):
+    """The untrained world labeled."""
+    return _label(world)
+
+
+@pytest.fixture(scope="module")
+def trained_labeled(trained):
+    """The trained world labeled."""
+    return _label(trained)
 
 
 def read_predictions(out):
@@ -84,7 +112,7 @@ def test_every_superpixel_labeled_once_with_the_schema(world, labeled):
     assert table.schema.remove_metadata() == predictions_schema()
     ids = table.column("segment_id").to_numpy()
     assert len(ids) == len(np.unique(ids)) == world["seg"].n_superpixels
-    assert labeled["result"].n_tiles == 9 and labeled["result"].n_skipped == 0
+    assert labeled["result"].n_tiles == 4 and labeled["result"].n_skipped == 0
     topk = table.column("topk_similarities").to_pylist()
     assert all(len(t) == 5 and t == sorted(t, reverse=True) for t in topk)
     sims = table.column("similarity").to_numpy()
@@ -106,9 +134,9 @@ def test_every_superpixel_labeled_once_with_the_schema(world, labeled):
     }
 
 
-def test_most_superpixels_get_their_region_class(world, labeled):
-    truth, table = majority_truth(world)
-    preds = read_predictions(labeled["out"])
+def test_most_superpixels_get_their_region_class(trained, trained_labeled):
+    truth, table = majority_truth(trained)
+    preds = read_predictions(trained_labeled["out"])
     cols = dict(
         zip(table.column("segment_id").to_pylist(), table.column("col").to_pylist(), strict=True)
     )
@@ -119,17 +147,20 @@ def test_most_superpixels_get_their_region_class(world, labeled):
     assert accuracy > 0.55, accuracy  # chance is 0.25; 6 epochs on 160 crops from scratch
 
 
-def test_export_aligns_with_the_truth_grid(world, labeled):
-    result = export(labeled["out"], world["seg"].out_dir, "cog", "gpkg")
+def test_export_aligns_with_the_truth_grid(trained, trained_labeled):
+    result = export(trained_labeled["out"], trained["seg"].out_dir, "cog", "gpkg")
     files = result.outputs["mosaic"]
-    with rasterio.open(files["labels"]) as src, rasterio.open(world["root"] / "truth.tif") as truth:
+    with (
+        rasterio.open(files["labels"]) as src,
+        rasterio.open(trained["root"] / "truth.tif") as truth,
+    ):
         assert (src.crs, src.transform, src.shape) == (truth.crs, truth.transform, truth.shape)
         labels = src.read(1)
-    right = labels[:, 192:] == world["truth"][:, 192:]
+    right = labels[:, 192:] == trained["truth"][:, 192:]
     assert right.mean() > 0.55
     import pyogrio
 
-    assert pyogrio.read_info(files["polygons"])["features"] == world["seg"].n_superpixels
+    assert pyogrio.read_info(files["polygons"])["features"] == trained["seg"].n_superpixels
 
 
 def test_rerun_skips_finished_tiles(world, labeled):
@@ -150,7 +181,7 @@ def test_interrupted_run_resumes_to_identical_predictions(world, labeled, tmp_pa
     real, calls = label_module._label_tile, {"n": 0}
 
     def interrupted(job, tile):
-        if calls["n"] == 4:
+        if calls["n"] == 2:
             raise KeyboardInterrupt
         calls["n"] += 1
         return real(job, tile)
@@ -165,11 +196,11 @@ def test_interrupted_run_resumes_to_identical_predictions(world, labeled, tmp_pa
     )
     with pytest.raises(KeyboardInterrupt):
         label(*args, device="cpu")
-    assert len(list((tmp_path / "out" / "predictions").rglob("*.parquet"))) == 4
+    assert len(list((tmp_path / "out" / "predictions").rglob("*.parquet"))) == 2
     assert not list((tmp_path / "out").rglob("*.sdml-tmp-*"))
     monkeypatch.setattr(label_module, "_label_tile", real)
     resumed = label(*args, device="cpu")
-    assert resumed.n_skipped == 4
+    assert resumed.n_skipped == 2
     assert read_predictions(tmp_path / "out").equals(read_predictions(labeled["out"]))
 
 
@@ -212,7 +243,7 @@ def test_keep_embeddings_lets_a_new_reference_only_revote(world, labeled, tmp_pa
     label(
         world["seg"].out_dir, world["checkpoint"], world["root"] / "ref", out, config, device="cpu"
     )
-    assert len(list((out / "embeddings").rglob("*.npz"))) == 9
+    assert len(list((out / "embeddings").rglob("*.npz"))) == 4
     smaller = tmp_path / "crops"
     shutil.copytree(world["root"] / "crops", smaller)
     for png in sorted((smaller / "class_1").glob("*.png"))[::2]:
@@ -247,7 +278,8 @@ def test_keep_embeddings_lets_a_new_reference_only_revote(world, labeled, tmp_pa
 
 
 @pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bf16 instructions")
-def test_bf16_and_fp32_labels_agree(world, labeled, tmp_path):
+def test_bf16_and_fp32_labels_agree(trained, trained_labeled, tmp_path):
+    world, labeled = trained, trained_labeled  # agreement needs neighbours a model tells apart
     fp32 = IndexConfig(precision="fp32")
     build_index(world["checkpoint"], world["root"] / "crops", tmp_path / "ref", fp32, device="cpu")
     config = dataclasses.replace(labeled["config"], precision="fp32")
@@ -293,9 +325,7 @@ def test_cli_refuses_an_unusable_precision(world, tmp_path, monkeypatch, precisi
 
 
 def test_reference_of_another_checkpoint_is_refused(world, tmp_path):
-    from checkpoints import save_untrained_checkpoint
-
-    other = save_untrained_checkpoint(tmp_path / "other.pt", CLASSES)
+    other = save_untrained_checkpoint(tmp_path / "other.pt", CLASSES, seed=1)
     with pytest.raises(InputError, match="ref: reference built with another checkpoint"):
         label(world["seg"].out_dir, other, world["root"] / "ref", tmp_path / "out", device="cpu")
     assert not (tmp_path / "out").exists()
@@ -325,10 +355,15 @@ def test_moved_raster_of_another_size(world, tmp_path):
 
 
 def test_one_band_raster_for_an_rgb_model(world, tmp_path):
+    # a checkpoint of the crops' rule (bands 1, 2, 3 of an RGB raster), as training records it
+    rule = read_crop_rule(world["root"] / "crops")
+    assert rule is not None
+    checkpoint = save_untrained_checkpoint(tmp_path / "m.pt", CLASSES, crop_rule=rule.to_dict())
+    build_index(checkpoint, world["root"] / "crops", tmp_path / "ref", device="cpu")
     gray = write_raster(tmp_path / "gray.tif", texture_mosaic(128)[0][:1])
     seg = segment_raster(gray, tmp_path / "seg", SegmentConfig(region_size=16, tile_size=128))
     with pytest.raises(InputError, match="gray.tif: gives crops from 1 band.*expects 3"):
-        label(seg.out_dir, world["checkpoint"], world["root"] / "ref", tmp_path / "o")
+        label(seg.out_dir, checkpoint, tmp_path / "ref", tmp_path / "o")
 
 
 def test_other_checkpoint_in_out_needs_overwrite(world, labeled, tmp_path):
@@ -360,7 +395,7 @@ def test_cli_label_and_export(world, labeled, tmp_path):
          "--tile-size", "128", "--device", "cpu", "--workers", "0"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert f"{world['seg'].n_superpixels} superpixels in 9 tiles" in result.output
+    assert f"{world['seg'].n_superpixels} superpixels in 4 tiles" in result.output
     result = runner.invoke(
         cli,
         ["-q", "export", str(out), "--segments", str(world["seg"].out_dir), "--vector", "parquet"],
