@@ -5,8 +5,9 @@ from click.testing import CliRunner
 from rasters import texture_mosaic, write_raster
 
 from superdml.cli import cli
+from superdml.compare import write_comparison
 from superdml.errors import ConfigError
-from superdml.pipeline import load_pipeline, run_pipeline, write_comparison
+from superdml.pipeline import load_pipeline, run_pipeline
 
 PIPELINE = """\
 vars:

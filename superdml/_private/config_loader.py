@@ -175,9 +175,10 @@ def load_config(
     Raises
     ------
     ConfigError
-        Naming the file and the key on any unreadable file, unknown key or bad value.
+        Naming the file (when there is one) and the key on any unreadable file,
+        unknown key or bad value.
     """
-    source = os.fspath(path) if path is not None else "<defaults>"
+    source = os.fspath(path) if path is not None else ""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -197,6 +198,8 @@ def load_config(
     try:
         return from_dict(cls, data)
     except ConfigError as err:
+        if path is None:
+            raise
         raise ConfigError(f"{source}: {err}") from None
 
 
