@@ -271,7 +271,11 @@ def init_command(folder: Path) -> None:
     show_default=True,
     help="Mosaic side in pixels.",
 )
-@click.option("--epochs", type=click.IntRange(min=1), help="Training epochs [8].")
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    help="Training epochs (default: the shipped demo pipeline's).",
+)
 @device_option
 @cluster_options
 def demo_command(
