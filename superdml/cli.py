@@ -134,20 +134,23 @@ def _stage_command(spec: StageSpec) -> click.Command:
 
     def callback(**values: Any) -> None:
         options = given(click.get_current_context(), values)
-        ctx = RunContext(resume=options.pop("resume", False))
-        ctx.overwrite = options.pop("overwrite", False)
-        if "device" in spec.context:
-            ctx.device = options.pop("device", values["device"])
+        run = RunContext(
+            resume=options.pop("resume", False), overwrite=options.pop("overwrite", False)
+        )
+        if "device" in spec.context:  # the shared --device (segment's is a config key)
+            options.pop("device", None)
+            run.device = values["device"]
         workers, scheduler = options.pop("workers", None), options.pop("scheduler", None)
         spec.check_options(options)
-        spec.build_config(options, ctx.resume)  # a bad value fails before a cluster starts
+        spec.build_config(options, run.resume)  # a bad value fails before a cluster starts
         if "client" in spec.context:
             from superdml.cluster import make_client
 
-            with make_client(workers, scheduler, stage=spec.cluster) as ctx.client:
-                result = spec.run(options, ctx)
+            with make_client(workers, scheduler, stage=spec.cluster) as client:
+                run.client = client
+                result = spec.run(options, run)
         else:
-            result = spec.run(options, ctx)
+            result = spec.run(options, run)
         click.echo(spec.summary(result))
 
     command = click.Command(spec.name, callback=callback, params=params, help=spec.help)
