@@ -16,7 +16,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from superdml._private.config_loader import load_config
 from superdml._private.ownership import remove_output
@@ -24,7 +24,6 @@ from superdml.config import (
     CropsConfig,
     IndexConfig,
     LabelConfig,
-    Precision,
     ReviewConfig,
     SegmentConfig,
     TrainConfig,
@@ -296,9 +295,8 @@ def _evaluate_summary(r: Any) -> str:
 
 _OUT = Param("out", "output", required=True, arg="out_dir")
 _CHECKPOINT = Param("checkpoint", "input", required=True)
-_PRECISION = Param(
+_PRECISION = Param(  # checked by the stage: a bad value is one line, as label's
     "precision",
-    choices=get_args(Precision),
     default="auto",
     help="Model arithmetic: auto (bf16 where the device computes it), fp32 or bf16.",
 )
