@@ -224,7 +224,7 @@ def _train(entry: Callable[..., Any], kwargs: dict[str, Any], ctx: RunContext) -
         resume = resume and (Path(kwargs["out_dir"]) / LAST).exists()
         if not resume:
             remove_output(kwargs["out_dir"], "train", TRAIN_FILES)
-    return entry(**kwargs, resume=resume, device=ctx.device)
+    return entry(**kwargs, resume=resume)
 
 
 def _train_config(options: Mapping[str, Any], resume: bool) -> Any:
@@ -375,6 +375,7 @@ REGISTRY: dict[str, StageSpec] = {
                 _PRECISION,
             ),  # fmt: skip
             TrainConfig,
+            ("device",),
             config_file=_train_config,
             glue=_train,
         ),

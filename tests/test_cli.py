@@ -236,4 +236,7 @@ def test_registry_entry_takes_what_the_registry_passes(spec):
     entry = getattr(importlib.import_module(module), function)
     kwargs = {p.arg or p.name: None for p in spec.params if not p.cli_only}
     kwargs.update(dict.fromkeys(spec.context), **({"config": None} if spec.config else {}))
-    inspect.signature(entry).bind(**kwargs)
+    signature = inspect.signature(entry)
+    signature.bind(**kwargs)
+    for name in ("device", "client"):  # the command offers --device, --workers/--scheduler
+        assert (name in signature.parameters) == (name in spec.context), name
