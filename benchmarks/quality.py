@@ -53,6 +53,7 @@ from superdml import pipeline as pipeline_mod
 from superdml.demo import CLASS_NAMES, unseen_half_scores, write_demo_data
 from superdml.predictions import load_label_run
 from superdml.shipped import pipeline_path
+from superdml.stages import REGISTRY
 
 MASKS = ("none", "outside", "alpha")
 CROP_SIZES = (32, 64)
@@ -79,14 +80,15 @@ class _TrainTimer:
 
     def __init__(self) -> None:
         self.wall = self.cpu = 0.0
-        spec = pipeline_mod.STAGES["train"]
-        self._run = spec.run
-        pipeline_mod.STAGES["train"] = dataclasses.replace(spec, run=self)
+        spec = REGISTRY["train"]
+        self._glue = spec.glue
+        REGISTRY["train"] = dataclasses.replace(spec, glue=self)
 
-    def __call__(self, options: dict[str, Any], ctx: Any) -> None:
+    def __call__(self, entry: Any, kwargs: dict[str, Any], ctx: Any) -> Any:
         wall, cpu = time.perf_counter(), time.process_time()
-        self._run(options, ctx)
+        result = self._glue(entry, kwargs, ctx)
         self.wall, self.cpu = time.perf_counter() - wall, time.process_time() - cpu
+        return result
 
 
 def _score(workdir: Path, truth: np.ndarray) -> dict[str, Any]:

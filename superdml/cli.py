@@ -15,7 +15,9 @@ from typing import Any
 import click
 
 from superdml import __version__
+from superdml._private.options import config_options, given, param_option
 from superdml.errors import SuperDMLError
+from superdml.stages import CONFIG, REGISTRY, RunContext, StageSpec
 
 logger = logging.getLogger("superdml")
 
@@ -48,35 +50,6 @@ class _Group(click.Group):
 
 
 # ----------------------------------------------------------------- shared options
-
-
-def _parse_bands(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
-    if value is None:
-        return None
-    try:
-        bands = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected 1-based band numbers like 1,2,3") from None
-    if not bands or min(bands) < 1:
-        raise click.BadParameter(f"{value!r}: expected 1-based band numbers like 1,2,3")
-    return bands
-
-
-def bands_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    """``--bands 1,2,3``: 1-based band numbers, parsed into a tuple of int."""
-    return click.option("--bands", callback=_parse_bands, help="1-based band numbers, e.g. 1,2,3.")(
-        f
-    )
-
-
-def config_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    """``--config FILE``: a YAML file of the stage's keys."""
-    return click.option(
-        "--config",
-        "config_path",
-        type=click.Path(dir_okay=False, path_type=Path),
-        help="YAML config of this stage; options given here override it.",
-    )(f)
 
 
 def cluster_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -137,276 +110,62 @@ def main() -> None:
     sys.exit(cli.main(prog_name="superdml", standalone_mode=True))
 
 
-# ---------------------------------------------------------------------- commands
+# ---------------------------------------------------------------- stage commands
 
 
-@cli.command()
-@click.argument("rasters", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@config_option
-@click.option("--region-size", type=int, help="Approximate superpixel side in pixels [32].")
-@click.option("--compactness", type=float, help="Weight of the spatial term [0.2].")
-@click.option("--tile-size", type=int, help="Core tile side in pixels [2048].")
-@bands_option
-@click.option("--nodata", type=float, help="Value to treat as nodata (default: the raster's).")
-@click.option("--backend", metavar="auto|numpy|torch", help="SLIC implementation [auto: torch].")
-@click.option(
-    "--device", metavar="auto|cpu|cuda", help="Where the torch backend runs [auto: CUDA if any]."
-)
-@cluster_options
-def segment(
-    rasters: tuple[Path, ...],
-    out: Path,
-    config_path: Path | None,
-    region_size: int | None,
-    compactness: float | None,
-    tile_size: int | None,
-    bands: tuple[int, ...] | None,
-    nodata: float | None,
-    backend: str | None,
-    device: str | None,
-    workers: int | None,
-    scheduler: str | None,
-) -> None:
-    """Segment RASTERS into SLIC superpixels: segments.tif + superpixels.parquet each."""
-    from superdml.cluster import make_client
-    from superdml.config import SegmentConfig, load_config
-    from superdml.segment import segment_raster
+def _stage_command(spec: StageSpec) -> click.Command:
+    """Build the command of a registry stage (:mod:`superdml.stages`).
 
-    config = load_config(
-        config_path,
-        SegmentConfig,
-        {
-            "region_size": region_size,
-            "compactness": compactness,
-            "tile_size": tile_size,
-            "bands": bands,
-            "nodata": nodata,
-            "backend": backend,
-            "device": device,
-        },
-    )
-    with make_client(workers, scheduler) as client:
-        for raster in rasters:
-            result = segment_raster(raster, out, config, client=client)
-            click.echo(
-                f"{raster}: {result.n_superpixels} superpixels in {result.n_tiles} tiles "
-                f"-> {result.segments_path}, {result.table_path}"
+    Its parameters come from the stage's :class:`~superdml.stages.Param` list, then
+    ``--config`` and one option per config field, then the shared ``--device`` and
+    ``--workers/--scheduler`` where the stage takes a device or a dask client. Options
+    left out keep the config file's value, else the field's default.
+    """
+    params = [param_option(p) for p in spec.params]
+    if spec.config is not None:
+        params.append(
+            click.Option(
+                ["--config", CONFIG],
+                type=click.Path(dir_okay=False, path_type=Path),
+                help="YAML config of this stage; options given here override it.",
             )
-
-
-@cli.command()
-@click.argument("segment_dir", type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@config_option
-@click.option("--crop-size", type=int, help="Crop side in pixels [64].")
-@click.option(
-    "--mask",
-    type=click.Choice(["none", "outside", "alpha"]),
-    help="Pixels outside the superpixel: kept, zeroed, or kept with an alpha mask [none].",
-)
-@bands_option
-@click.option("--sample", type=int, help="Draw this many superpixels at random.")
-@click.option("--per-class", type=int, help="At most this many per class (with --label-raster).")
-@click.option("--seed", type=int, help="Seed of the random draws [0].")
-@click.option(
-    "--label-raster",
-    type=click.Path(path_type=Path),
-    help="Categorical raster: each superpixel goes to its majority class's folder.",
-)
-@click.option(
-    "--classes",
-    type=click.Path(path_type=Path),
-    help="Class scheme YAML: code -> name or {name, color, description} (see README).",
-)
-@click.option("--min-purity", type=float, help="Minimum majority share [0.8].")
-@cluster_options
-def crops(
-    segment_dir: Path,
-    out: Path,
-    config_path: Path | None,
-    crop_size: int | None,
-    mask: str | None,
-    bands: tuple[int, ...] | None,
-    sample: int | None,
-    per_class: int | None,
-    seed: int | None,
-    label_raster: Path | None,
-    classes: Path | None,
-    min_purity: float | None,
-    workers: int | None,
-    scheduler: str | None,
-) -> None:
-    """Write PNG crops of the superpixels in SEGMENT_DIR into class folders."""
-    from superdml.cluster import make_client
-    from superdml.config import CropsConfig, load_config
-    from superdml.crops import export_crops
-
-    config = load_config(
-        config_path,
-        CropsConfig,
-        {
-            "crop_size": crop_size,
-            "mask": mask,
-            "bands": bands,
-            "sample": sample,
-            "per_class": per_class,
-            "seed": seed,
-            "min_purity": min_purity,
-        },
-    )
-    with make_client(workers, scheduler) as client:
-        result = export_crops(segment_dir, out, config, label_raster, classes, client=client)
-    counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.per_class.items()))
-    click.echo(f"{result.n_crops} crops ({counts}) -> {result.out_dir}, {result.table_path}")
-
-
-@cli.command("label")
-@click.argument("segment_dir", type=click.Path(path_type=Path))
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
-@click.option(
-    "--reference",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="REF_DIR of `superdml index`.",
-)
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--raster", type=click.Path(path_type=Path), help="The source raster, if it moved.")
-@config_option
-@click.option("--k", type=int, help="Nearest references that vote [10].")
-@click.option("--batch-size", type=int, help="Crops per forward pass [256].")
-@click.option("--crop-size", type=int, help="Crop side (default: the checkpoint's crop rule).")
-@click.option("--tile-size", type=int, help="Raster tile side, the unit of work [1024].")
-@click.option(
-    "--unknown-threshold", type=float, help="Similarity below which the label is unknown."
-)
-@click.option(
-    "--keep-embeddings", is_flag=True, default=None, help="Keep tile embeddings for re-votes."
-)
-@click.option("--overwrite", is_flag=True, help="Replace predictions made with another checkpoint.")
-@precision_option
-@device_option
-@cluster_options
-def label_command(
-    segment_dir: Path,
-    checkpoint: Path,
-    reference: Path,
-    out: Path,
-    raster: Path | None,
-    config_path: Path | None,
-    k: int | None,
-    batch_size: int | None,
-    crop_size: int | None,
-    tile_size: int | None,
-    unknown_threshold: float | None,
-    keep_embeddings: bool | None,
-    overwrite: bool,
-    precision: str | None,
-    device: str,
-    workers: int | None,
-    scheduler: str | None,
-) -> None:
-    """Label every superpixel of SEGMENT_DIR by kNN against a reference index."""
-    from superdml.cluster import make_client
-    from superdml.config import LabelConfig, load_config
-    from superdml.label import label
-
-    config = load_config(
-        config_path,
-        LabelConfig,
-        {
-            "k": k,
-            "batch_size": batch_size,
-            "crop_size": crop_size,
-            "tile_size": tile_size,
-            "unknown_threshold": unknown_threshold,
-            "keep_embeddings": keep_embeddings,
-            "precision": precision,
-        },
-    )
-    with make_client(workers, scheduler, stage="label") as client:
-        result = label(
-            segment_dir, checkpoint, reference, out, config, raster, device, client, overwrite
         )
-    click.echo(
-        f"{result.n_superpixels} superpixels in {result.n_tiles} tiles "
-        f"({result.n_skipped} already done), {result.superpixels_per_second:.0f} superpixels/s "
-        f"-> {result.out_dir / 'predictions'}"
-    )
+        params += config_options(spec.config)
+
+    def callback(**values: Any) -> None:
+        options = given(click.get_current_context(), values)
+        run = RunContext(
+            resume=options.pop("resume", False), overwrite=options.pop("overwrite", False)
+        )
+        if "device" in spec.context:  # the shared --device (segment's is a config key)
+            options.pop("device", None)
+            run.device = values["device"]
+        workers, scheduler = options.pop("workers", None), options.pop("scheduler", None)
+        spec.check_options(options)
+        spec.build_config(options, run.resume)  # a bad value fails before a cluster starts
+        if "client" in spec.context:
+            from superdml.cluster import make_client
+
+            with make_client(workers, scheduler, stage=spec.cluster) as client:
+                run.client = client
+                result = spec.run(options, run)
+        else:
+            result = spec.run(options, run)
+        click.echo(spec.summary(result))
+
+    command = click.Command(spec.name, callback=callback, params=params, help=spec.help)
+    for shared, wanted in ((device_option, "device"), (cluster_options, "client")):
+        if wanted in spec.context:
+            shared(command)  # click's option decorators append to a command's params
+    return command
 
 
-@cli.command("export")
-@click.argument("out", type=click.Path(path_type=Path))
-@click.option("--segments", required=True, type=click.Path(path_type=Path), help="SEGMENT_DIR.")
-@click.option(
-    "--raster-format", type=click.Choice(["cog", "gtiff"]), default="cog", show_default=True
-)
-@click.option(
-    "--vector", type=click.Choice(["gpkg", "parquet", "none"]), default="gpkg", show_default=True
-)
-@click.option(
-    "--allow-incomplete",
-    is_flag=True,
-    help="Export a label run with tiles that have no predictions (left unlabeled).",
-)
-def export_command(
-    out: Path, segments: Path, raster_format: str, vector: str, allow_incomplete: bool
-) -> None:
-    """Write label/score rasters, polygons, a QGIS style and a summary for OUT."""
-    from superdml.export import export
-
-    result = export(out, segments, raster_format, vector, allow_incomplete)  # type: ignore[arg-type]
-    for name, files in result.outputs.items():
-        click.echo(f"{name}: " + ", ".join(str(p) for p in files.values()))
+for _spec in REGISTRY.values():
+    if _spec.command:
+        cli.add_command(_stage_command(_spec))
 
 
-@cli.command("index")
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
-@click.option(
-    "--reference-dir",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Labeled crops, one folder per class.",
-)
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@config_option
-@click.option("--batch-size", type=int, help="Crops per forward pass [256].")
-@click.option("--ivf-threshold", type=int, help="More references than this get an IVF index.")
-@click.option("--nprobe", type=int, help="Inverted lists an IVF search visits [32].")
-@precision_option
-@device_option
-def index_command(
-    checkpoint: Path,
-    reference_dir: Path,
-    out: Path,
-    config_path: Path | None,
-    batch_size: int | None,
-    ivf_threshold: int | None,
-    nprobe: int | None,
-    precision: str | None,
-    device: str,
-) -> None:
-    """Embed the labeled crops of --reference-dir into a reference index at --out."""
-    from superdml.config import IndexConfig, load_config
-    from superdml.index import build_index
-
-    config = load_config(
-        config_path,
-        IndexConfig,
-        {
-            "batch_size": batch_size,
-            "ivf_threshold": ivf_threshold,
-            "nprobe": nprobe,
-            "precision": precision,
-        },
-    )
-    result = build_index(checkpoint, reference_dir, out, config, device)
-    counts = ", ".join(f"{k}: {v}" for k, v in result.per_class.items())
-    click.echo(
-        f"{result.n_references} references ({counts}); {result.n_embedded} embedded, "
-        f"{result.n_reused} reused, {result.n_removed} removed -> {result.out_dir} "
-        f"({result.index_type} index)"
-    )
+# ---------------------------------------------------------------- other commands
 
 
 @cli.command("infer")
@@ -448,100 +207,6 @@ def infer_command(
             click.echo(f"  {rank}. {neighbour.file}  {neighbour.label}  {neighbour.similarity:.4f}")
     if plot is not None:
         click.echo(f"-> {plot_neighbours(results, plot)}")
-
-
-@cli.command("train")
-@click.option(
-    "--train-dir",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Labeled crops: one sub-folder of images per class.",
-)
-@click.option(
-    "--val-dir",
-    type=click.Path(path_type=Path),
-    help="Validation crops (default: a stratified share of --train-dir, val_fraction).",
-)
-@click.option(
-    "--loss",
-    metavar="NAME",
-    help="triplet, proxy_nca, proxy_anchor or soft_triple; without --config the "
-    "shipped configs/losses/NAME.yaml is used.",
-)
-@config_option
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
-@click.option(
-    "--init",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Warm-start from this checkpoint (its classes may differ).",
-)
-@click.option("--epochs", type=int, help="Training epochs (overrides the config).")
-@precision_option
-@device_option
-def train_command(
-    train_dir: Path,
-    val_dir: Path | None,
-    loss: str | None,
-    config_path: Path | None,
-    out: Path,
-    resume: bool,
-    init: Path | None,
-    epochs: int | None,
-    precision: str | None,
-    device: str,
-) -> None:
-    """Train an embedding network on labeled crop folders: best.pt, last.pt, metrics.csv."""
-    from superdml.config import TrainConfig, load_config
-    from superdml.train import train, training_config_path
-
-    config = load_config(
-        training_config_path(config_path, loss, out, resume),
-        TrainConfig,
-        {"loss": loss, "epochs": epochs},
-    )
-    result = train(train_dir, out, config, val_dir, resume, init, device, precision or "auto")
-    score = result.metrics.get("map_at_r")
-    validation = f", map_at_r {score:.4f}" if score is not None else ""
-    click.echo(
-        f"{result.epochs_run} epochs in {result.seconds:.0f} s{validation} -> "
-        f"{result.best_path}, {result.last_path}, {result.metrics_path}"
-    )
-
-
-@cli.command("evaluate")
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--query-dir",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Labeled crops to evaluate: one sub-folder of images per class.",
-)
-@click.option(
-    "--reference-dir",
-    type=click.Path(path_type=Path),
-    help="Labeled references to search (default: the queries, each leaving itself out).",
-)
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@precision_option
-@device_option
-def evaluate_command(
-    checkpoint: Path,
-    query_dir: Path,
-    reference_dir: Path | None,
-    out: Path,
-    precision: str | None,
-    device: str,
-) -> None:
-    """Evaluate a checkpoint: metrics.json, confusion matrix, t-SNE and similarity figures."""
-    from superdml.evaluate import evaluate
-
-    result = evaluate(checkpoint, query_dir, out, reference_dir, device, precision or "auto")
-    click.echo(
-        f"{result.n_query} queries, {result.n_reference} references: map_at_r "
-        f"{result.metrics['map_at_r']:.4f}, top1_accuracy {result.metrics['top1_accuracy']:.4f}"
-        f" -> {result.metrics_path}"
-    )
 
 
 @cli.command("run")
@@ -595,64 +260,6 @@ def init_command(folder: Path) -> None:
     )
 
 
-@cli.command("review")
-@click.argument("out", type=click.Path(path_type=Path))
-@click.option("--segments", required=True, type=click.Path(path_type=Path), help="SEGMENT_DIR.")
-@click.option("--raster", type=click.Path(path_type=Path), help="The source raster, if it moved.")
-@click.option(
-    "--out",
-    "folder",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Folder for <predicted class>/ crops and crops.parquet.",
-)
-@config_option
-@click.option("--max-score", type=float, help="Candidates have a vote share at most this [0.6].")
-@click.option("--unknown", is_flag=True, default=None, help="Also every unknown superpixel.")
-@click.option("--per-class", type=int, help="At most this many per predicted class.")
-@click.option("--limit", type=int, help="At most this many in all, without --per-class [200].")
-@click.option(
-    "--diverse", is_flag=True, default=None, help="Spread the picks over the embedding space."
-)
-@click.option("--seed", type=int, help="Seed of the --diverse k-means [0].")
-@device_option
-def review_command(
-    out: Path,
-    segments: Path,
-    raster: Path | None,
-    folder: Path,
-    config_path: Path | None,
-    max_score: float | None,
-    unknown: bool | None,
-    per_class: int | None,
-    limit: int | None,
-    diverse: bool | None,
-    seed: int | None,
-    device: str,
-) -> None:
-    """Write crops of the least certain superpixels of OUT into class folders to relabel."""
-    from superdml.config import ReviewConfig, load_config
-    from superdml.review import review
-
-    if per_class is not None and limit is not None:
-        raise click.UsageError("give --per-class or --limit, not both")
-    config = load_config(
-        config_path,
-        ReviewConfig,
-        {
-            "max_score": max_score,
-            "unknown": unknown,
-            "per_class": per_class,
-            "limit": limit,
-            "diverse": diverse,
-            "seed": seed,
-        },
-    )
-    result = review(out, segments, folder, config, raster, device)
-    counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.per_class.items()))
-    click.echo(f"{result.n_crops} crops to review ({counts}) -> {result.folder}")
-
-
 @cli.command("demo")
 @click.option(
     "--out",
@@ -667,7 +274,11 @@ def review_command(
     show_default=True,
     help="Mosaic side in pixels.",
 )
-@click.option("--epochs", type=click.IntRange(min=1), help="Training epochs [8].")
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    help="Training epochs (default: the shipped demo pipeline's).",
+)
 @device_option
 @cluster_options
 def demo_command(

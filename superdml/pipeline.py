@@ -28,249 +28,25 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from superdml._private.atomic import write_json
-from superdml._private.ownership import check_apart, claim_output, remove_output
-from superdml.config import (
-    CropsConfig,
-    IndexConfig,
-    LabelConfig,
-    ReviewConfig,
-    SegmentConfig,
-    TrainConfig,
-    from_dict,
-    load_config,
-    parse_override,
-)
+from superdml._private.ownership import check_apart, claim_output
+from superdml.config import parse_override
 from superdml.errors import ConfigError, InputError
 from superdml.provenance import fingerprint
-from superdml.shipped import configs_dir, loss_config_path, resolve_pipeline
+from superdml.shipped import configs_dir, resolve_pipeline
+from superdml.stages import REGISTRY, RunContext, StageSpec
 
 logger = logging.getLogger(__name__)
 
 STATE_DIR = ".superdml"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_.-]*)\}")
-
-
-# ------------------------------------------------------------------------ stages
-
-
-@dataclass(frozen=True)
-class StageKind:
-    """How the runner calls one kind of stage.
-
-    Attributes
-    ----------
-    run : callable
-        ``run(options, context) -> None``; options are resolved (absolute paths).
-    required : tuple of str
-        Options that must be given.
-    paths : tuple of str
-        Options holding paths (resolved against the working folder).
-    inputs : tuple of str
-        Path options read by the stage (fingerprinted).
-    outputs : tuple of str
-        Path options the stage writes.
-    config : type or None
-        Dataclass of the stage's config keys, accepted as options.
-    extra : tuple of str
-        Other accepted options.
-    edited : tuple of str
-        Inputs people edit by hand (crop folders they sort): fingerprinted by content
-        even when an earlier stage made them.
-    """
-
-    run: Callable[[dict[str, Any], RunContext], None]
-    required: tuple[str, ...]
-    paths: tuple[str, ...]
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    config: type | None = None
-    extra: tuple[str, ...] = ()
-    edited: tuple[str, ...] = ()
-
-    def options(self) -> list[str]:
-        """Every option name this kind accepts."""
-        keys = list(self.paths) + list(self.extra)
-        if self.config is not None:
-            keys += [f.name for f in fields(self.config)]
-        return sorted(set(keys))
-
-
-@dataclass
-class RunContext:
-    """What every stage run shares: the dask client, device and whether to resume."""
-
-    client: Any = None
-    device: str = "auto"
-    resume: bool = False
-
-
-def _split(options: dict[str, Any], config_cls: type | None) -> tuple[Any, dict[str, Any]]:
-    """Build the stage config from its keys (and ``config`` file); return the rest."""
-    if config_cls is None:
-        return None, options
-    names = {f.name for f in fields(config_cls)}
-    keys = {k: v for k, v in options.items() if k in names}
-    rest = {k: v for k, v in options.items() if k not in names}
-    config_file = rest.pop("config", None)
-    return load_config(config_file, config_cls, keys), rest
-
-
-def _run_segment(options: dict[str, Any], ctx: RunContext) -> None:
-    from superdml.segment import segment_raster
-
-    config, rest = _split(options, SegmentConfig)
-    rasters = rest["rasters"] if isinstance(rest["rasters"], list) else [rest["rasters"]]
-    for raster in rasters:
-        segment_raster(raster, rest["out"], config, client=ctx.client)
-
-
-def _run_crops(options: dict[str, Any], ctx: RunContext) -> None:
-    from superdml.crops import export_crops
-
-    config, rest = _split(options, CropsConfig)
-    export_crops(
-        rest["segments"], rest["out"], config, rest.get("label_raster"), rest.get("classes"),
-        client=ctx.client,
-    )  # fmt: skip
-
-
-def _run_train(options: dict[str, Any], ctx: RunContext) -> None:
-    from superdml.train import LAST, TRAIN_FILES, train
-
-    names = {f.name for f in fields(TrainConfig)}
-    keys = {k: v for k, v in options.items() if k in names}
-    config_file = options.get("config") or loss_config_path(keys.get("loss"))
-    config = load_config(config_file, TrainConfig, keys)
-    out = Path(options["out"])
-    resume = ctx.resume and (out / LAST).exists()
-    if not resume:
-        remove_output(out, "train", TRAIN_FILES)  # this stage's own output of an older run
-    train(
-        options["train_dir"], out, config, options.get("val_dir"), resume=resume,
-        init=options.get("init"), device=ctx.device,
-    )  # fmt: skip
-
-
-def _run_index(options: dict[str, Any], ctx: RunContext) -> None:
-    from superdml.index import build_index
-
-    config, rest = _split(options, IndexConfig)
-    build_index(rest["checkpoint"], rest["reference_dir"], rest["out"], config, ctx.device)
-
-
-def _run_label(options: dict[str, Any], ctx: RunContext) -> None:
-    from superdml.label import label
-
-    config, rest = _split(options, LabelConfig)
-    label(
-        rest["segments"], rest["checkpoint"], rest["reference"], rest["out"], config,
-        rest.get("raster"), ctx.device, ctx.client, overwrite=True,
-    )  # fmt: skip
-
-
-def _run_export(options: dict[str, Any], ctx: RunContext) -> None:
-    from superdml.export import export
-
-    export(
-        options["out"], options["segments"], options.get("raster_format", "cog"),
-        options.get("vector", "gpkg"),
-    )  # fmt: skip
-
-
-def _run_evaluate(options: dict[str, Any], ctx: RunContext) -> None:
-    from superdml.evaluate import evaluate
-
-    evaluate(
-        options["checkpoint"], options["query_dir"], options["out"],
-        options.get("reference_dir"), ctx.device,
-    )  # fmt: skip
-
-
-def _run_review(options: dict[str, Any], ctx: RunContext) -> None:
-    from superdml.review import REVIEW_FILES, review
-
-    config, rest = _split(options, ReviewConfig)
-    remove_output(rest["folder"], "review", REVIEW_FILES)  # its own output of an older run
-    review(rest["out"], rest["segments"], rest["folder"], config, rest.get("raster"), ctx.device)
-
-
-def _run_compare(options: dict[str, Any], ctx: RunContext) -> None:
-    before = json.loads(Path(options["before"]).read_text())
-    after = json.loads(Path(options["after"]).read_text())
-    write_comparison(before, after, Path(options["out"]))
-
-
-def write_comparison(before: Mapping[str, Any], after: Mapping[str, Any], out: Path) -> None:
-    """Write ``comparison.json`` and ``comparison.md``: each metric before, after, change."""
-    b, a = before.get("metrics", before), after.get("metrics", after)
-    rows = {
-        k: {"before": b[k], "after": a[k], "change": a[k] - b[k]}
-        for k in sorted(set(a) & set(b))
-        if isinstance(a[k], int | float) and isinstance(b[k], int | float)
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "comparison.json", rows)
-    lines = ["| metric | before | after | change |", "| --- | --- | --- | --- |"]
-    lines += [
-        f"| {k} | {r['before']:.3f} | {r['after']:.3f} | {r['change']:+.3f} |"
-        for k, r in rows.items()
-    ]
-    (out / "comparison.md").write_text("\n".join(lines) + "\n")
-
-
-STAGES: dict[str, StageKind] = {
-    "segment": StageKind(
-        _run_segment, ("rasters", "out"), ("rasters", "out", "config"), ("rasters", "config"),
-        ("out",), SegmentConfig,
-    ),
-    "crops": StageKind(
-        _run_crops, ("segments", "out"), ("segments", "out", "label_raster", "classes", "config"),
-        ("segments", "label_raster", "classes", "config"), ("out",), CropsConfig,
-    ),
-    "train": StageKind(
-        _run_train, ("train_dir", "out"), ("train_dir", "val_dir", "out", "init", "config"),
-        ("train_dir", "val_dir", "init", "config"), ("out",), TrainConfig,
-        edited=("train_dir", "val_dir"),
-    ),
-    "index": StageKind(
-        _run_index, ("checkpoint", "reference_dir", "out"),
-        ("checkpoint", "reference_dir", "out", "config"),
-        ("checkpoint", "reference_dir", "config"), ("out",), IndexConfig,
-        edited=("reference_dir",),
-    ),
-    "label": StageKind(
-        _run_label, ("segments", "checkpoint", "reference", "out"),
-        ("segments", "checkpoint", "reference", "out", "raster", "config"),
-        ("segments", "checkpoint", "reference", "raster", "config"), ("out",), LabelConfig,
-    ),
-    "export": StageKind(
-        _run_export, ("out", "segments"), ("out", "segments"), ("out", "segments"), (),
-        None, ("raster_format", "vector"),
-    ),
-    "evaluate": StageKind(
-        _run_evaluate, ("checkpoint", "query_dir", "out"),
-        ("checkpoint", "query_dir", "reference_dir", "out"),
-        ("checkpoint", "query_dir", "reference_dir"), ("out",),
-        edited=("query_dir", "reference_dir"),
-    ),
-    "review": StageKind(
-        _run_review, ("out", "segments", "folder"),
-        ("out", "segments", "folder", "raster", "config"),
-        ("out", "segments", "raster", "config"), ("folder",), ReviewConfig,
-    ),
-    "compare": StageKind(
-        _run_compare, ("before", "after", "out"), ("before", "after", "out"), ("before", "after"),
-        ("out",),
-    ),
-}  # fmt: skip
 
 
 # ------------------------------------------------------------------------ loading
@@ -397,11 +173,13 @@ def load_pipeline(
         if not isinstance(entry, dict) or "stage" not in entry:
             raise ConfigError(f"{where}: each stage needs 'stage: <kind>'")
         kind = entry["stage"]
-        if kind not in STAGES:
-            close = difflib.get_close_matches(str(kind), STAGES, n=1)
+        if kind not in REGISTRY:
+            close = difflib.get_close_matches(str(kind), REGISTRY, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{where}: unknown stage {kind!r}{hint}; known: {', '.join(STAGES)}")
-        spec = STAGES[kind]
+            raise ConfigError(
+                f"{where}: unknown stage {kind!r}{hint}; known: {', '.join(REGISTRY)}"
+            )
+        spec = REGISTRY[kind]
         name = str(entry.get("name", kind))
         if name in names:
             raise ConfigError(f"{where}: two stages named {name!r}: give one a 'name'")
@@ -415,18 +193,22 @@ def load_pipeline(
                 close = difflib.get_close_matches(key, accepted, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ConfigError(f"{where}: stage {name!r}: unknown option {key!r}{hint}")
-        for key in spec.required:
+        for key in [p.name for p in spec.params if p.required and not p.cli_only]:
             if key not in options:
                 raise ConfigError(f"{where}: stage {name!r}: missing option {key!r}")
-        for key in spec.paths:
+        for key in spec.paths("input") + spec.paths("output"):
             if key in options and options[key] is not None:
                 value = options[key]
                 resolve = lambda p: str((root / p).resolve())  # noqa: E731
                 options[key] = (
                     [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
                 )
-        _check_config(spec, options, f"{where}: stage {name!r}")
-        for key in spec.inputs:
+        try:
+            spec.check_options(options)
+            spec.build_config(options)  # types and ranges now, before any stage runs
+        except ConfigError as err:
+            raise ConfigError(f"{where}: stage {name!r}: {err}") from None
+        for key in spec.paths("input"):
             values = options.get(key)
             for value in values if isinstance(values, list) else [values]:
                 if value is None:
@@ -437,11 +219,11 @@ def load_pipeline(
                         f"{where}: stage {name!r}: {key} {value} does not exist and no "
                         "earlier stage makes it"
                     )
-        for key in spec.inputs:
+        for key in spec.paths("input"):
             values = options.get(key)
             read |= {(Path(v), name) for v in (values if isinstance(values, list) else [values])
                      if v is not None}  # fmt: skip
-        for key in spec.outputs:
+        for key in spec.paths("output"):
             for used, reader in sorted(read):
                 try:
                     check_apart(options[key], [used])
@@ -455,23 +237,6 @@ def load_pipeline(
     if stage_sets:
         raise ConfigError(f"--set {sorted(stage_sets)[0]}.…: no stage of that name in {path}")
     return pipeline
-
-
-def _check_config(spec: StageKind, options: dict[str, Any], where: str) -> None:
-    """Validate config keys now (types and ranges), so a bad value fails before any stage."""
-    if spec.config is None:
-        return
-    names = {f.name for f in fields(spec.config)}
-    keys = {k: v for k, v in options.items() if k in names}
-    try:
-        if spec.config is TrainConfig and "config" not in options:
-            load_config(loss_config_path(keys.get("loss")), TrainConfig, keys)
-        elif "config" in options:
-            load_config(options["config"], spec.config, keys)
-        else:
-            from_dict(spec.config, keys)
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
 
 
 # ------------------------------------------------------------------------ running
@@ -493,13 +258,14 @@ def _fingerprint(path: Path, state: Path, edited: bool) -> str:
     return fingerprint(path)
 
 
-def _stage_hash(stage: Stage, spec: StageKind, state: Path) -> str:
+def _stage_hash(stage: Stage, spec: StageSpec, state: Path) -> str:
+    edited = {p.name for p in spec.params if p.edited}
     inputs = {}
-    for key in spec.inputs:
+    for key in spec.paths("input"):
         values = stage.options.get(key)
         for value in values if isinstance(values, list) else [values]:
             if value is not None:
-                inputs[f"{key}:{value}"] = _fingerprint(Path(value), state, key in spec.edited)
+                inputs[f"{key}:{value}"] = _fingerprint(Path(value), state, key in edited)
     blob = json.dumps(
         {"kind": stage.kind, "options": stage.options, "inputs": inputs}, sort_keys=True
     )
@@ -569,12 +335,12 @@ def _run_stages(
     forced = False
     outcomes = []
     for stage in pipeline.stages:
-        spec = STAGES[stage.kind]
+        spec = REGISTRY[stage.kind]
         forced = forced or stage.name in force
         digest = _stage_hash(stage, spec, state)
         manifest_path = state / f"{stage.name}.json"
         previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-        outputs = [stage.options[k] for k in spec.outputs]
+        outputs = [stage.options[k] for k in spec.paths("output")]
         done = (
             not forced
             and previous.get("hash") == digest
@@ -591,7 +357,7 @@ def _run_stages(
         write_json(manifest_path, record)
         logger.info("%s: running", stage.name)
         t0 = time.perf_counter()
-        spec.run(dict(stage.options), RunContext(client, device, resume))
+        spec.run(dict(stage.options), RunContext(client, device, resume, overwrite=True))
         record["finished"] = time.time()
         write_json(manifest_path, record)
         outcomes.append(StageOutcome(stage.name, "ran", time.perf_counter() - t0))

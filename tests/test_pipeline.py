@@ -5,8 +5,9 @@ from click.testing import CliRunner
 from rasters import texture_mosaic, write_raster
 
 from superdml.cli import cli
+from superdml.compare import write_comparison
 from superdml.errors import ConfigError
-from superdml.pipeline import load_pipeline, run_pipeline, write_comparison
+from superdml.pipeline import load_pipeline, run_pipeline
 
 PIPELINE = """\
 vars:
@@ -99,6 +100,13 @@ SEG = "stages:\n  - stage: segment\n"
         (SEG + "    rasters: [mosaic.tif]\n    out: s\n    tile_size: 0\n",
          "stage 'segment': tile_size: got 0"),
         ("stages:\n  - stage: crops\n    segments: nowhere\n    out: c\n", "segments"),
+        ("stages:\n  - stage: train\n    train_dir: c\n    out: m\n    resume: true\n",
+         "p.yaml:2: stage 'train': unknown option 'resume'"),
+        ("stages:\n  - stage: review\n    out: l\n    segments: s\n    folder: r\n"
+         "    per_class: 3\n    limit: 9\n",
+         "p.yaml:2: stage 'review': per_class and limit: give one, not both"),
+        ("stages:\n  - stage: train\n    train_dir: c\n    out: m\n    augment: {flip: 1}\n",
+         "unknown key 'augment.flip'"),
     ],
 )  # fmt: skip
 def test_validation_names_the_line_before_anything_runs(workdir, text, message):
@@ -153,3 +161,25 @@ def test_shipped_pipelines_validate(tmp_path, name):
     assert pipeline.stages and all(
         str(tmp_path) in s.options.get("out", str(tmp_path)) for s in pipeline.stages
     )
+
+
+def test_cli_run_unknown_option_is_one_line_naming_file_stage_and_option(workdir):
+    (workdir / "p.yaml").write_text(PIPELINE.replace("per_class: 5", "per_clas: 5"))
+    result = CliRunner().invoke(cli, ["run", str(workdir / "p.yaml"), "--workers", "0"])
+    assert result.exit_code == 2
+    assert result.output == (
+        f"error: {workdir / 'p.yaml'}:9: stage 'crops': unknown option 'per_clas' "
+        "(did you mean 'per_class'?)\n"
+    )
+    assert not (workdir / ".superdml").exists() and not (workdir / "seg").exists()
+
+
+def test_pipeline_options_are_the_registry_s(workdir):
+    """A stage accepts exactly its parameters, its config keys and ``config``."""
+    from superdml.stages import REGISTRY
+
+    assert REGISTRY["export"].options() == [
+        "allow_incomplete", "out", "raster_format", "segments", "vector",
+    ]  # fmt: skip
+    assert "resume" not in REGISTRY["train"].options()
+    assert {"augment", "loss_params", "config", "train_dir"} <= set(REGISTRY["train"].options())
