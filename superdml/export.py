@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
 from xml.sax.saxutils import escape
@@ -68,6 +69,17 @@ COG_OPTIONS: dict[str, Any] = {
 #: cores; the COG driver's temporary overview file uncompressed (a third of the raster's
 #: pixels; compressing it with its default, LZW, doubled the COG copy of the scores).
 GDAL_CONFIG: dict[str, str] = {"GDAL_NUM_THREADS": "ALL_CPUS", "COG_TMP_COMPRESSION": "NONE"}
+#: Columns of ``superpixels.gpkg`` / ``.parquet`` (geometry as WKB).
+POLYGON_SCHEMA = pa.schema(
+    [
+        ("segment_id", pa.uint32()),
+        ("label", pa.string()),
+        ("label_code", pa.uint16()),
+        ("score", pa.float32()),
+        ("margin", pa.float32()),
+        ("geometry", pa.binary()),
+    ]
+)
 #: Side of the windows the rasters are written in, in pixels: whole output blocks.
 WINDOW = 2 * BLOCK_SIZE
 
@@ -246,63 +258,64 @@ def write_label_rasters(
             tmp.unlink(missing_ok=True)
 
 
-def _owned_polygons(
-    label_run: LabelRun, run: SegmentRun, tile: Any
-) -> tuple[pa.Table, list[bytes]]:
-    """Polygons (WKB) of the superpixels owned by one tile, with their predictions."""
+def _owned_polygons(label_run: LabelRun, run: SegmentRun, tile: Tile) -> pa.Table:
+    """Polygons of the superpixels owned by one tile, with their predictions.
+
+    Returns
+    -------
+    pyarrow.Table
+        :data:`POLYGON_SCHEMA`, geometry as WKB; no rows for a tile without predictions.
+    """
     import shapely
 
     path = label_run.part_path(run.name, tile)
     if not path.exists():
-        return pa.table({}), []
-    preds = pq.read_table(path, columns=["segment_id", "label", "label_code", "score", "margin"])
+        return POLYGON_SCHEMA.empty_table()
+    preds = pq.ParquetFile(path).read(columns=POLYGON_SCHEMA.names[:-1])
     if preds.num_rows == 0:
-        return preds, []
+        return POLYGON_SCHEMA.empty_table()
     ids = preds.column("segment_id").to_numpy()
     boxes = run.superpixels_in(
         tile.row, tile.col, tile.height, tile.width,
         ["segment_id", "row_start", "row_stop", "col_start", "col_stop"],
     )  # fmt: skip
-    r0 = int(pa.compute.min(boxes.column("row_start")).as_py())
-    r1 = int(pa.compute.max(boxes.column("row_stop")).as_py())
-    c0 = int(pa.compute.min(boxes.column("col_start")).as_py())
-    c1 = int(pa.compute.max(boxes.column("col_stop")).as_py())
+    r0, c0 = (int(boxes.column(c).to_numpy().min()) for c in ("row_start", "col_start"))
+    r1, c1 = (int(boxes.column(c).to_numpy().max()) for c in ("row_stop", "col_stop"))
     with open_raster(run.segments_path) as seg:
         segments, _ = read_window(seg, [1], r0, c0, r1 - r0, c1 - c0)
-    # shapes() takes int32 at most: trace compact indexes, then map them back to ids
-    window_ids, compact = np.unique(segments[0], return_inverse=True)
-    compact = compact.reshape(segments[0].shape).astype(np.int32)
-    owned = np.isin(segments[0], ids)
+    # shapes() takes int32 at most: trace each owned pixel's row in `ids` (-1: not owned)
+    index = lookup(segments[0], ids, np.arange(ids.size, dtype=np.int32), -1)
     affine = window_transform(Window(c0, r0, c1 - c0, r1 - r0), run.source.affine)
-    shapes = rasterio.features.shapes(compact, mask=owned, transform=affine, connectivity=4)
-    geoms, keys = [], []
-    for geom, value in shapes:
-        geoms.append(shapely.geometry.shape(geom))
-        keys.append(int(window_ids[int(value)]))
-    keys_arr = np.asarray(keys, dtype=np.int64)
-    order = np.argsort(keys_arr, kind="stable")
-    unique, starts = np.unique(keys_arr[order], return_index=True)
-    parts = np.split(np.asarray(geoms, dtype=object)[order], starts[1:])
+    shapes = rasterio.features.shapes(index, mask=index >= 0, transform=affine, connectivity=4)
+    # GeoJSON rings -> one coordinate array; shapely assembles every polygon in one call
+    rings: list[list[tuple[float, float]]] = []
+    polygon_of: list[int] = []
+    values: list[float] = []
+    for n, (geom, value) in enumerate(shapes):
+        rings.extend(geom["coordinates"])
+        polygon_of.extend([n] * len(geom["coordinates"]))
+        values.append(value)
+    lengths = np.fromiter(map(len, rings), np.intp, len(rings))
+    flat = chain.from_iterable(chain.from_iterable(rings))
+    coords = np.fromiter(flat, np.float64, 2 * int(lengths.sum())).reshape(-1, 2)
+    ring_index = np.repeat(np.arange(len(rings)), lengths)
+    polygons = shapely.polygons(shapely.linearrings(coords, indices=ring_index), indices=polygon_of)
+    rows = np.asarray(values).astype(np.intp)
+    # a superpixel traced in several parts (touching only at corners) becomes a MultiPolygon
+    order = np.argsort(rows, kind="stable")
+    traced, starts = np.unique(rows[order], return_index=True)
+    if traced.size != ids.size:
+        raise RuntimeError(f"{path}: superpixels without pixels in {run.segments_path}")
+    parts = np.split(polygons[order], starts[1:])
     merged = [p[0] if len(p) == 1 else shapely.union_all(p) for p in parts]
-    by_id = dict(zip(unique.tolist(), merged, strict=True))
-    wkb = [shapely.to_wkb(by_id[int(i)]) for i in ids]
-    return preds, wkb
+    geometry = pa.array(shapely.to_wkb(np.array(merged, object)), pa.binary())
+    return preds.append_column("geometry", geometry).cast(POLYGON_SCHEMA)
 
 
 def write_polygons(label_run: LabelRun, run: SegmentRun, path: Path, fmt: VectorFormat) -> None:
     """Write superpixel polygons with label, score and margin as GeoPackage or GeoParquet."""
     tiles = label_run.tiles(run.source.height, run.source.width)
     crs = rasterio.crs.CRS.from_wkt(run.source.crs) if run.source.crs else None
-    schema = pa.schema(
-        [
-            ("segment_id", pa.uint32()),
-            ("label", pa.string()),
-            ("label_code", pa.uint16()),
-            ("score", pa.float32()),
-            ("margin", pa.float32()),
-            ("geometry", pa.binary()),
-        ]
-    )
     geo = {
         "version": "1.1.0",
         "primary_column": "geometry",
@@ -317,17 +330,16 @@ def write_polygons(label_run: LabelRun, run: SegmentRun, path: Path, fmt: Vector
     with atomic_write(path, keep_suffix=True) as tmp:
         writer = (
             pq.ParquetWriter(
-                tmp, schema.with_metadata({"geo": json.dumps(geo)}), compression="zstd"
+                tmp, POLYGON_SCHEMA.with_metadata({"geo": json.dumps(geo)}), compression="zstd"
             )
             if fmt == "parquet"
             else None
         )
         first = True
         for tile in progress(tiles, total=len(tiles), desc=f"{run.name}: polygons", unit="tile"):
-            preds, wkb = _owned_polygons(label_run, run, tile)
-            if not wkb:
+            table = _owned_polygons(label_run, run, tile)
+            if table.num_rows == 0:
                 continue
-            table = preds.append_column("geometry", pa.array(wkb, pa.binary())).cast(schema)
             if writer is not None:
                 writer.write_table(table)
             else:
@@ -336,7 +348,7 @@ def write_polygons(label_run: LabelRun, run: SegmentRun, path: Path, fmt: Vector
         if writer is not None:
             writer.close()
         elif first:
-            _append_gpkg(tmp, schema.empty_table(), crs, append=False)
+            _append_gpkg(tmp, POLYGON_SCHEMA.empty_table(), crs, append=False)
 
 
 def _append_gpkg(path: Path, table: pa.Table, crs: Any, append: bool) -> None:
