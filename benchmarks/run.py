@@ -19,7 +19,9 @@ label    ``superdml label`` with its defaults: the   the fastest bare forward of
          (``benchmarks/label.py``)                   channels_last, bf16 channels_last
 knn      ``ReferenceIndex.search`` over 100k         ``torch.mm`` + ``topk`` of the same
          references (``benchmarks/knn.py``)          shapes
-export   label + score rasters (COG), MP/s           none (target >= 50 MP/s)
+export   label + score rasters (COG), MP/s;          rasterio writing the same two rasters
+         superpixel polygons (GeoPackage), sp/s      from memory, same options (target
+         (``benchmarks/export.py``)                  >= 50 MP/s); polygons: none
 =======  ==========================================  ========================================
 
 The input is the demo mosaic (:func:`superdml.demo.write_demo_data`): 2048^2 with
@@ -138,7 +140,12 @@ def run(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
     if "export" in stages:
         spec = {"labels": str(labels), "segments": segments, "megapixels": mp}
         measured = run_case(HERE / "export.py", "measure", spec)
-        rows.append(_row("export", f"{size}^2 labels + scores, COG", measured, "MP/s", None))
+        base = run_case(HERE / "export.py", "write_only", spec)
+        workload = f"{size}^2 labels + scores, COG, vs rasterio writes"
+        rows.append(_row("export", workload, measured, "MP/s", base["throughput"]))
+        measured = run_case(HERE / "export.py", "polygons", {**spec, "superpixels": n_sp})
+        workload = f"{n_sp} superpixel polygons, GeoPackage"
+        rows.append(_row("export", workload, measured, "sp/s", None))
     return rows + _knn(args)
 
 

@@ -1,9 +1,11 @@
 """GIS exports of predictions: label and score rasters, polygons, QGIS style, summary.
 
-Rasters are written window by window from ``segments.tif`` and the predictions parts of
-the window's tile and its neighbours (a small lookup table from segment id to class),
-never the whole raster in memory. With ``raster_format="cog"`` the tiled GeoTIFF is then
-copied by GDAL's COG driver (overviews by mode for labels, average for scores).
+Rasters are written in windows of whole output blocks from ``segments.tif`` and the
+predictions parts of the tiles around the window (a lookup table from segment id to
+class, each part read once), never the whole raster in memory. With
+``raster_format="cog"`` the tiled GeoTIFF is then copied by GDAL's COG driver
+(overviews by mode for labels, average for scores). GDAL's compression, decoding and
+overviews, which bound the rasters' speed, run on all cores.
 Polygons are traced per tile over the superpixels that tile owns, so each superpixel
 is traced once, whole.
 """
@@ -15,6 +17,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
 from xml.sax.saxutils import escape
@@ -33,14 +36,52 @@ from superdml._private.ownership import claim_output
 from superdml._private.progress import progress
 from superdml.classes import UNKNOWN, UNKNOWN_COLOR, ClassScheme
 from superdml.errors import InputError, input_error
-from superdml.predictions import LabelRun, load_label_run, lookup, neighbours
-from superdml.raster import geotiff_profile, open_raster, read_window
+from superdml.predictions import LabelRun, load_label_run, lookup
+from superdml.raster import (
+    BLOCK_SIZE,
+    RasterInfo,
+    Tile,
+    geotiff_profile,
+    iter_blocks,
+    open_raster,
+    read_window,
+)
 from superdml.segment import SegmentRun, load_segment_runs
 
 logger = logging.getLogger(__name__)
 
 RasterFormat = Literal["cog", "gtiff"]
 VectorFormat = Literal["gpkg", "parquet", "none"]
+
+#: Compression of the label and score rasters. zstd at level 1 without a predictor: these
+#: rasters are runs of one value per superpixel, which a predictor breaks up; on the
+#: benchmark's rasters it compresses 4x faster than deflate level 6 for 10% more bytes
+#: (``benchmarks/README.md``). ``NUM_THREADS``: compressed on all cores.
+COMPRESSION: dict[str, Any] = {
+    "compress": "zstd", "zstd_level": 1, "predictor": 1, "num_threads": "all_cpus",
+}  # fmt: skip
+#: Creation options of the COG copy (the same compression).
+COG_OPTIONS: dict[str, Any] = {
+    "COMPRESS": "ZSTD", "LEVEL": 1, "NUM_THREADS": "ALL_CPUS", "BLOCKSIZE": BLOCK_SIZE,
+    "BIGTIFF": "IF_SAFER",
+}  # fmt: skip
+#: GDAL settings of the raster writes: decode, compress and resample overviews on all
+#: cores; the COG driver's temporary overview file uncompressed (a third of the raster's
+#: pixels; compressing it with its default, LZW, doubled the COG copy of the scores).
+GDAL_CONFIG: dict[str, str] = {"GDAL_NUM_THREADS": "ALL_CPUS", "COG_TMP_COMPRESSION": "NONE"}
+#: Columns of ``superpixels.gpkg`` / ``.parquet`` (geometry as WKB).
+POLYGON_SCHEMA = pa.schema(
+    [
+        ("segment_id", pa.uint32()),
+        ("label", pa.string()),
+        ("label_code", pa.uint16()),
+        ("score", pa.float32()),
+        ("margin", pa.float32()),
+        ("geometry", pa.binary()),
+    ]
+)
+#: Side of the windows the rasters are written in, in pixels: whole output blocks.
+WINDOW = 2 * BLOCK_SIZE
 
 
 @dataclass(frozen=True)
@@ -97,124 +138,184 @@ def color_table(scheme: ClassScheme) -> dict[int, tuple[int, int, int, int]]:
     return table
 
 
-def _tile_lookup(
-    label_run: LabelRun, run: SegmentRun, tile: Any, by_index: dict[tuple[int, int], Any]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Segment ids, label codes and scores of the predictions around `tile`."""
-    table = label_run.read_parts(
-        run.name, neighbours(tile, by_index), ["segment_id", "label_code", "score"]
-    )
-    return (
-        table.column("segment_id").to_numpy(),
-        table.column("label_code").to_numpy().astype(np.uint16),
-        table.column("score").to_numpy(zero_copy_only=False).astype(np.float32),
-    )
+class _PartCache:
+    """The predictions parts of one raster as arrays, each read once, kept while needed.
+
+    Windows go row-major, so a part is dropped once the windows have passed its tile row
+    and the row below: what is held is about three rows of tiles.
+    """
+
+    def __init__(self, label_run: LabelRun, raster: str, tiles: list[Tile], dtype: str) -> None:
+        self.label_run, self.raster, self.dtype = label_run, raster, np.dtype(dtype)
+        self.by_index = {(t.ti, t.tj): t for t in tiles}
+        self.rows = 1 + max(t.ti for t in tiles)
+        self.cols = 1 + max(t.tj for t in tiles)
+        self.parts: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def around(
+        self, row: int, col: int, height: int, width: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Segment ids, label codes and scores of the tiles a window touches and their neighbours.
+
+        Parameters
+        ----------
+        row, col, height, width : int
+            The window, inside the raster.
+
+        Returns
+        -------
+        ids : (N,) uint32 ndarray
+        codes : (N,) ndarray of the scheme's dtype
+        scores : (N,) float32 ndarray
+        """
+        size = self.label_run.tile_size
+        ti0, ti1 = max(row // size - 1, 0), min((row + height - 1) // size + 1, self.rows - 1)
+        tj0, tj1 = max(col // size - 1, 0), min((col + width - 1) // size + 1, self.cols - 1)
+        for key in [k for k in self.parts if k[0] < ti0]:
+            del self.parts[key]
+        keys = [(ti, tj) for ti in range(ti0, ti1 + 1) for tj in range(tj0, tj1 + 1)]
+        for key in keys:
+            if key not in self.parts:
+                self.parts[key] = self._read(self.by_index[key])
+        ids, codes, scores = zip(*(self.parts[k] for k in keys), strict=True)
+        return np.concatenate(ids), np.concatenate(codes), np.concatenate(scores)
+
+    def _read(self, tile: Tile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        path = self.label_run.part_path(self.raster, tile)
+        if not path.exists():  # an incomplete run's missing part: its superpixels unlabeled
+            return np.empty(0, np.uint32), np.empty(0, self.dtype), np.empty(0, np.float32)
+        table = pq.ParquetFile(path).read(columns=["segment_id", "label_code", "score"])
+        return (
+            table.column("segment_id").to_numpy().astype(np.uint32, copy=False),
+            table.column("label_code").to_numpy().astype(self.dtype),
+            table.column("score").to_numpy(zero_copy_only=False).astype(np.float32, copy=False),
+        )
+
+
+def raster_profile(info: RasterInfo, dtype: str, nodata: float) -> dict[str, Any]:
+    """Profile of a label or score raster: :func:`geotiff_profile` with :data:`COMPRESSION`."""
+    profile = {
+        k: v for k, v in geotiff_profile(info, dtype, nodata=nodata).items() if k != "zlevel"
+    }
+    return {**profile, **COMPRESSION}
+
+
+def finish_raster(stage: Path, final: Path, cog: bool, resampling: str) -> None:
+    """Move a written raster into place: as is, or copied as a COG (overviews by `resampling`)."""
+    with atomic_write(final) as out:
+        if cog:
+            rasterio.shutil.copy(
+                stage, out, driver="COG", RESAMPLING=resampling, OVERVIEW_RESAMPLING=resampling,
+                **COG_OPTIONS,
+            )  # fmt: skip
+        else:
+            os.replace(stage, out)
 
 
 def write_label_rasters(
     label_run: LabelRun, run: SegmentRun, labels_path: Path, scores_path: Path, cog: bool
 ) -> None:
-    """Write ``labels.tif`` and ``scores.tif`` for one raster, window by window."""
+    """Write ``labels.tif`` and ``scores.tif`` for one raster, window by window.
+
+    Windows are whole blocks of the outputs (and of ``segments.tif``); each maps its
+    segment ids through the predictions of the tiles around it (:class:`_PartCache`).
+    GDAL runs with :data:`GDAL_CONFIG`.
+    """
     scheme = label_run.scheme
-    dtype = scheme.dtype
     tiles = label_run.tiles(run.source.height, run.source.width)
-    by_index = {(t.ti, t.tj): t for t in tiles}
-    label_profile = geotiff_profile(run.source, dtype, nodata=scheme.nodata)
-    score_profile = geotiff_profile(run.source, "float32", nodata=float("nan"))
+    parts = _PartCache(label_run, run.name, tiles, scheme.dtype)
+    windows = list(iter_blocks(run.source.height, run.source.width, WINDOW))
     tmp_labels = temp_path(labels_path.with_name(f"{labels_path.stem}-stage.tif"))
     tmp_scores = temp_path(scores_path.with_name(f"{scores_path.stem}-stage.tif"))
     try:
-        with (
-            rasterio.open(tmp_labels, "w", **label_profile) as dst_l,
-            rasterio.open(tmp_scores, "w", **score_profile) as dst_s,
-            open_raster(run.segments_path) as seg,
-        ):
-            for tile in progress(tiles, total=len(tiles), desc=f"{run.name}: rasters", unit="tile"):
-                segments, _ = read_window(seg, [1], tile.row, tile.col, tile.height, tile.width)
-                ids, codes, scores = _tile_lookup(label_run, run, tile, by_index)
-                window = Window(tile.col, tile.row, tile.width, tile.height)
-                labels = lookup(segments[0], ids, codes, scheme.nodata).astype(dtype)
-                dst_l.write(labels, 1, window=window)
-                dst_s.write(lookup(segments[0], ids, scores, np.nan), 1, window=window)
-            dst_l.write_colormap(1, color_table(scheme))
-            tags = label_tags(scheme)
-            dst_l.update_tags(1, **tags)
-            dst_l.update_tags(**tags)
-            dst_s.update_tags(1, description="kNN vote share of the predicted class")
-        for tmp, final, resampling in (
-            (tmp_labels, labels_path, "MODE"),
-            (tmp_scores, scores_path, "AVERAGE"),
-        ):
-            with atomic_write(final) as out:
-                if cog:
-                    rasterio.shutil.copy(
-                        tmp, out, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=512,
-                        RESAMPLING=resampling, OVERVIEW_RESAMPLING=resampling, BIGTIFF="IF_SAFER",
-                    )  # fmt: skip
-                else:
-                    os.replace(tmp, out)
+        with rasterio.Env(**GDAL_CONFIG):
+            with (
+                rasterio.open(
+                    tmp_labels, "w", **raster_profile(run.source, scheme.dtype, scheme.nodata)
+                ) as dst_l,
+                rasterio.open(
+                    tmp_scores, "w", **raster_profile(run.source, "float32", float("nan"))
+                ) as dst_s,
+                open_raster(run.segments_path) as seg,
+            ):
+                for row, col, height, width in progress(
+                    windows, total=len(windows), desc=f"{run.name}: rasters", unit="window"
+                ):
+                    window = Window(col, row, width, height)
+                    segments = seg.read(1, window=window)
+                    ids, codes, scores = parts.around(row, col, height, width)
+                    dst_l.write(lookup(segments, ids, codes, scheme.nodata), 1, window=window)
+                    dst_s.write(lookup(segments, ids, scores, np.nan), 1, window=window)
+                dst_l.write_colormap(1, color_table(scheme))
+                tags = label_tags(scheme)
+                dst_l.update_tags(1, **tags)
+                dst_l.update_tags(**tags)
+                dst_s.update_tags(1, description="kNN vote share of the predicted class")
+            finish_raster(tmp_labels, labels_path, cog, "MODE")
+            finish_raster(tmp_scores, scores_path, cog, "AVERAGE")
     finally:
         for tmp in (tmp_labels, tmp_scores):
             tmp.unlink(missing_ok=True)
 
 
-def _owned_polygons(
-    label_run: LabelRun, run: SegmentRun, tile: Any
-) -> tuple[pa.Table, list[bytes]]:
-    """Polygons (WKB) of the superpixels owned by one tile, with their predictions."""
+def _owned_polygons(label_run: LabelRun, run: SegmentRun, tile: Tile) -> pa.Table:
+    """Polygons of the superpixels owned by one tile, with their predictions.
+
+    Returns
+    -------
+    pyarrow.Table
+        :data:`POLYGON_SCHEMA`, geometry as WKB; no rows for a tile without predictions.
+    """
     import shapely
 
     path = label_run.part_path(run.name, tile)
     if not path.exists():
-        return pa.table({}), []
-    preds = pq.read_table(path, columns=["segment_id", "label", "label_code", "score", "margin"])
+        return POLYGON_SCHEMA.empty_table()
+    preds = pq.ParquetFile(path).read(columns=POLYGON_SCHEMA.names[:-1])
     if preds.num_rows == 0:
-        return preds, []
+        return POLYGON_SCHEMA.empty_table()
     ids = preds.column("segment_id").to_numpy()
     boxes = run.superpixels_in(
         tile.row, tile.col, tile.height, tile.width,
         ["segment_id", "row_start", "row_stop", "col_start", "col_stop"],
     )  # fmt: skip
-    r0 = int(pa.compute.min(boxes.column("row_start")).as_py())
-    r1 = int(pa.compute.max(boxes.column("row_stop")).as_py())
-    c0 = int(pa.compute.min(boxes.column("col_start")).as_py())
-    c1 = int(pa.compute.max(boxes.column("col_stop")).as_py())
+    r0, c0 = (int(boxes.column(c).to_numpy().min()) for c in ("row_start", "col_start"))
+    r1, c1 = (int(boxes.column(c).to_numpy().max()) for c in ("row_stop", "col_stop"))
     with open_raster(run.segments_path) as seg:
         segments, _ = read_window(seg, [1], r0, c0, r1 - r0, c1 - c0)
-    # shapes() takes int32 at most: trace compact indexes, then map them back to ids
-    window_ids, compact = np.unique(segments[0], return_inverse=True)
-    compact = compact.reshape(segments[0].shape).astype(np.int32)
-    owned = np.isin(segments[0], ids)
+    # shapes() takes int32 at most: trace each owned pixel's row in `ids` (-1: not owned)
+    index = lookup(segments[0], ids, np.arange(ids.size, dtype=np.int32), -1)
     affine = window_transform(Window(c0, r0, c1 - c0, r1 - r0), run.source.affine)
-    shapes = rasterio.features.shapes(compact, mask=owned, transform=affine, connectivity=4)
-    geoms, keys = [], []
-    for geom, value in shapes:
-        geoms.append(shapely.geometry.shape(geom))
-        keys.append(int(window_ids[int(value)]))
-    keys_arr = np.asarray(keys, dtype=np.int64)
-    order = np.argsort(keys_arr, kind="stable")
-    unique, starts = np.unique(keys_arr[order], return_index=True)
-    parts = np.split(np.asarray(geoms, dtype=object)[order], starts[1:])
+    shapes = rasterio.features.shapes(index, mask=index >= 0, transform=affine, connectivity=4)
+    # GeoJSON rings -> one coordinate array; shapely assembles every polygon in one call
+    rings: list[list[tuple[float, float]]] = []
+    polygon_of: list[int] = []
+    values: list[float] = []
+    for n, (geom, value) in enumerate(shapes):
+        rings.extend(geom["coordinates"])
+        polygon_of.extend([n] * len(geom["coordinates"]))
+        values.append(value)
+    lengths = np.fromiter(map(len, rings), np.intp, len(rings))
+    flat = chain.from_iterable(chain.from_iterable(rings))
+    coords = np.fromiter(flat, np.float64, 2 * int(lengths.sum())).reshape(-1, 2)
+    ring_index = np.repeat(np.arange(len(rings)), lengths)
+    polygons = shapely.polygons(shapely.linearrings(coords, indices=ring_index), indices=polygon_of)
+    rows = np.asarray(values).astype(np.intp)
+    # a superpixel traced in several parts (touching only at corners) becomes a MultiPolygon
+    order = np.argsort(rows, kind="stable")
+    traced, starts = np.unique(rows[order], return_index=True)
+    if traced.size != ids.size:
+        raise RuntimeError(f"{path}: superpixels without pixels in {run.segments_path}")
+    parts = np.split(polygons[order], starts[1:])
     merged = [p[0] if len(p) == 1 else shapely.union_all(p) for p in parts]
-    by_id = dict(zip(unique.tolist(), merged, strict=True))
-    wkb = [shapely.to_wkb(by_id[int(i)]) for i in ids]
-    return preds, wkb
+    geometry = pa.array(shapely.to_wkb(np.array(merged, object)), pa.binary())
+    return preds.append_column("geometry", geometry).cast(POLYGON_SCHEMA)
 
 
 def write_polygons(label_run: LabelRun, run: SegmentRun, path: Path, fmt: VectorFormat) -> None:
     """Write superpixel polygons with label, score and margin as GeoPackage or GeoParquet."""
     tiles = label_run.tiles(run.source.height, run.source.width)
     crs = rasterio.crs.CRS.from_wkt(run.source.crs) if run.source.crs else None
-    schema = pa.schema(
-        [
-            ("segment_id", pa.uint32()),
-            ("label", pa.string()),
-            ("label_code", pa.uint16()),
-            ("score", pa.float32()),
-            ("margin", pa.float32()),
-            ("geometry", pa.binary()),
-        ]
-    )
     geo = {
         "version": "1.1.0",
         "primary_column": "geometry",
@@ -229,17 +330,16 @@ def write_polygons(label_run: LabelRun, run: SegmentRun, path: Path, fmt: Vector
     with atomic_write(path, keep_suffix=True) as tmp:
         writer = (
             pq.ParquetWriter(
-                tmp, schema.with_metadata({"geo": json.dumps(geo)}), compression="zstd"
+                tmp, POLYGON_SCHEMA.with_metadata({"geo": json.dumps(geo)}), compression="zstd"
             )
             if fmt == "parquet"
             else None
         )
         first = True
         for tile in progress(tiles, total=len(tiles), desc=f"{run.name}: polygons", unit="tile"):
-            preds, wkb = _owned_polygons(label_run, run, tile)
-            if not wkb:
+            table = _owned_polygons(label_run, run, tile)
+            if table.num_rows == 0:
                 continue
-            table = preds.append_column("geometry", pa.array(wkb, pa.binary())).cast(schema)
             if writer is not None:
                 writer.write_table(table)
             else:
@@ -248,7 +348,7 @@ def write_polygons(label_run: LabelRun, run: SegmentRun, path: Path, fmt: Vector
         if writer is not None:
             writer.close()
         elif first:
-            _append_gpkg(tmp, schema.empty_table(), crs, append=False)
+            _append_gpkg(tmp, POLYGON_SCHEMA.empty_table(), crs, append=False)
 
 
 def _append_gpkg(path: Path, table: pa.Table, crs: Any, append: bool) -> None:
@@ -282,7 +382,7 @@ def summarize(label_run: LabelRun, run: SegmentRun) -> dict[str, Any]:
     scheme = label_run.scheme
     tiles = label_run.tiles(run.source.height, run.source.width)
     preds = label_run.read_parts(run.name, tiles, ["segment_id", "label_code", "score"])
-    areas = pq.read_table(run.table_path, columns=["segment_id", "area_px"])
+    areas = pq.ParquetFile(run.table_path).read(columns=["segment_id", "area_px"])
     area = lookup(
         preds.column("segment_id").to_numpy(),
         areas.column("segment_id").to_numpy(),

@@ -147,7 +147,7 @@ class LabelRun:
     ) -> pa.Table:
         """Concatenate the existing parts of `tiles` (missing parts are skipped)."""
         tables = [
-            pq.read_table(path, columns=columns)
+            pq.ParquetFile(path).read(columns=columns)  # read_table would import pyarrow.dataset
             for tile in tiles
             if (path := self.part_path(raster, tile)).exists()
         ]
@@ -206,18 +206,14 @@ def load_label_run(out_dir: str | Path) -> LabelRun:
     return LabelRun(out_dir, list(meta["class_names"]), int(meta["tile_size"]), meta)
 
 
-def neighbours(tile: Tile, tiles_by_index: dict[tuple[int, int], Tile]) -> list[Tile]:
-    """`tile` and the existing tiles around it (3 x 3)."""
-    return [
-        t
-        for di in (-1, 0, 1)
-        for dj in (-1, 0, 1)
-        if (t := tiles_by_index.get((tile.ti + di, tile.tj + dj))) is not None
-    ]
-
-
 def lookup(ids: np.ndarray, keys: np.ndarray, values: np.ndarray, fill: Any) -> np.ndarray:
     """Map `ids` through the table ``keys -> values``; ids not in `keys` get `fill`.
+
+    Unsigned `ids` of up to 32 bits whose `keys` span no more values than there are ids
+    and keys (segment ids: a grid's cell numbers) go through a dense table indexed by
+    ``id - min(keys)`` in the ids' own dtype (ids below the minimum wrap around past the
+    table's end, where `fill` is): one gather per id, no sort, no int64 copy of `ids`.
+    Other ids are found by binary search in the sorted keys.
 
     Parameters
     ----------
@@ -230,9 +226,19 @@ def lookup(ids: np.ndarray, keys: np.ndarray, values: np.ndarray, fill: Any) -> 
     -------
     ndarray of `ids`'s shape and `values`'s dtype
     """
-    out = np.full(ids.shape, fill, dtype=values.dtype)
     if keys.size == 0:
-        return out
+        return np.full(ids.shape, fill, dtype=values.dtype)
+    lo, hi = int(keys.min()), int(keys.max())
+    small = ids.dtype.kind == "u" and ids.dtype.itemsize <= 4  # wrapped ids stay positive int64
+    if small and lo >= 0 and hi - lo <= ids.size + keys.size:
+        if hi > np.iinfo(ids.dtype).max:  # keys no id of this dtype can equal
+            inside = keys <= np.iinfo(ids.dtype).max
+            return lookup(ids, keys[inside], values[inside], fill)
+        table = np.full(hi - lo + 2, fill, dtype=values.dtype)
+        table[keys - lo] = values
+        index = np.subtract(ids, ids.dtype.type(lo))
+        return table.take(index, mode="clip")
+    out = np.full(ids.shape, fill, dtype=values.dtype)
     order = np.argsort(keys)
     pos = np.searchsorted(keys, ids, sorter=order).clip(0, keys.size - 1)
     hit = keys[order[pos]] == ids

@@ -3,12 +3,14 @@ import shutil
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import rasterio
 from click.testing import CliRunner
 from rasters import texture_mosaic, write_raster
 
+import superdml.export
 from superdml._private.ownership import mark_output
 from superdml.classes import make_scheme, palette
 from superdml.cli import cli
@@ -102,6 +104,51 @@ def test_label_raster_matches_predictions_on_the_source_grid(labeled, exported):
         expected[labeled["segments"] == row["segment_id"]] = row["label_code"]
     np.testing.assert_array_equal(labels, expected)
     assert (labels == labeled["truth"]).mean() > 0.9
+
+
+def renumber_segments(seg_dir, spread):
+    """Give the run's superpixels the ids ``id * spread + 7`` (segments.tif and table)."""
+    run = load_segment_runs(seg_dir)[0]
+    with rasterio.open(run.segments_path) as src:
+        profile, segments = src.profile, src.read(1)
+    segments = np.where(segments > 0, segments * np.uint32(spread) + np.uint32(7), 0)
+    with rasterio.open(run.segments_path, "w", **profile) as dst:
+        dst.write(segments.astype(np.uint32), 1)
+    table = pq.read_table(run.table_path)
+    ids = pc.add(pc.multiply(table.column("segment_id"), spread), 7).cast(pa.uint32())
+    table = table.set_column(table.schema.get_field_index("segment_id"), "segment_id", ids)
+    pq.write_table(table, run.table_path)
+
+
+@pytest.mark.parametrize("spread", [1, 2**20], ids=["grid-ids", "sparse-ids"])
+def test_label_and_score_rasters_equal_a_direct_computation_across_windows(
+    labeled, tmp_path, monkeypatch, spread
+):
+    seg_dir = tmp_path / "mosaic"  # a copy of the raster's segment folder
+    shutil.copytree(labeled["seg"].out_dir, seg_dir)
+    renumber_segments(seg_dir, spread)
+    out = tmp_path / "out"
+    _, segments = fake_label_run(seg_dir, labeled["truth"], out)
+    part = out / "predictions" / "mosaic" / "t0000_0001.parquet"
+    kept = pq.read_table(part)
+    pq.write_table(kept.slice(0, kept.num_rows // 2), part)  # half a tile's superpixels unlabeled
+    # 96 px windows: each straddles label tiles (128 px) and needs parts of its neighbours
+    monkeypatch.setattr(superdml.export, "WINDOW", 96)
+    result = export(out, seg_dir, "gtiff", "none")
+    predictions = pq.read_table(out / "predictions")
+    assert int(pc.min(predictions.column("segment_id")).as_py()) >= 7
+    expected_labels = np.zeros(segments.shape, np.uint8)
+    expected_scores = np.full(segments.shape, np.nan, np.float32)
+    for row in predictions.to_pylist():
+        expected_labels[segments == row["segment_id"]] = row["label_code"]
+        expected_scores[segments == row["segment_id"]] = row["score"]
+    with rasterio.open(result.outputs["mosaic"]["labels"]) as src:
+        labels = src.read(1)
+    with rasterio.open(result.outputs["mosaic"]["scores"]) as src:
+        scores = src.read(1)
+    assert 0.8 < (labels > 0).mean() < 0.95  # an eighth of the raster unlabeled
+    np.testing.assert_array_equal(labels, expected_labels)
+    np.testing.assert_array_equal(scores, expected_scores)
 
 
 def test_score_raster_is_float_with_nan_nodata(labeled, exported):
@@ -232,3 +279,27 @@ def test_helpers():
     np.testing.assert_array_equal(
         lookup(np.array([[5, 0], [9, 7]]), np.array([7, 5]), np.array([2, 1]), 0), [[1, 0], [0, 2]]
     )
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "uint32", "uint64", "int32", "int64"])
+@pytest.mark.parametrize("far", [False, True], ids=["dense-keys", "one-far-key"])
+def test_lookup_matches_a_dictionary(dtype, far):
+    rng = np.random.default_rng(3)
+    keys = rng.choice(np.arange(5, 200), 60, replace=False)
+    if far:  # keys spanning more values than there are ids: binary search (but in uint8)
+        keys = np.append(keys, min(np.iinfo(dtype).max, 2**31))
+    values = rng.random(keys.size).astype(np.float32)
+    absent = [0, 1, 4, 200, min(np.iinfo(dtype).max, 2**31 - 1)]
+    ids = rng.choice(np.concatenate([keys, absent]), (30, 40)).astype(dtype)
+    table = dict(zip(keys.tolist(), values.tolist(), strict=True))
+    expected = [[table.get(i, -1.0) for i in row] for row in ids.tolist()]
+    got = lookup(ids, keys, values, -1)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, np.array(expected, np.float32))
+    assert (got == -1).any() and (got >= 0).any()
+
+
+def test_lookup_ignores_keys_beyond_the_ids_dtype():
+    ids = np.array([0, 3, 255], np.uint8)
+    keys = np.array([3, 255, 256 + 3], np.int64)  # 259 would wrap to 3 in uint8
+    np.testing.assert_array_equal(lookup(ids, keys, np.array([1, 2, 9]), 0), [0, 1, 2])

@@ -16,6 +16,7 @@ from superdml.classes import (
     default_scheme,
     folder_scheme,
     make_scheme,
+    palette,
     read_scheme,
     write_scheme,
 )
@@ -224,6 +225,15 @@ def test_unrecorded_scheme_gets_sorted_codes_and_distinct_colors():
     assert len({e.color for e in scheme.entries}) == 3
     with pytest.raises(InputError, match="nodata code 0 is also the code of 'a'"):
         make_scheme({0: {"name": "a"}}, "test")
+
+
+def test_palette_is_tab20_then_golden_angle_hues_without_the_avoided():
+    from matplotlib import colormaps
+
+    tab20 = [tuple(round(255 * c) for c in colormaps["tab20"](i)[:3]) for i in range(20)]
+    assert palette(20) == tab20
+    assert palette(3, avoid={tab20[0], tab20[2]}) == [tab20[1], tab20[3], tab20[4]]
+    assert palette(21)[20] == (230, 80, 80)  # hue 0 at saturation 0.65, value 0.9
 
 
 def test_gdal_category_names_of_the_label_raster_name_the_classes(world, tmp_path):
