@@ -16,7 +16,7 @@ each uint8 batch in the loop (on the training device)::
     dataset = ImageFolderDataset(root, size=config.input_size)
     train_idx, val_idx = stratified_split(dataset, config.val_fraction, config.seed)
     mean, std = band_statistics(dataset, indices=train_idx)
-    augment = build_transforms(config.augment, config.input_size, mean, std, train=True)
+    augment = TrainTransform(config.augment, config.input_size, mean, std)
     sampler = PKSampler([dataset.labels[i] for i in train_idx], P, K, seed=config.seed)
     loader = DataLoader(Subset(dataset, train_idx), batch_sampler=sampler)
     for epoch in range(config.epochs):
@@ -40,7 +40,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Sampler
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from superdml.config import AugmentConfig
@@ -126,7 +125,7 @@ class ImageFolderDataset(Dataset):
     transform : callable, optional
         Applied to ``(C, H, W)`` uint8 items and, in :meth:`__getitems__` when `size` is
         set, to ``(N, C, H, W)`` uint8 batches (the transforms of
-        :func:`build_transforms` accept both).
+        :class:`TrainTransform` accepts both).
     preload : bool
         Keep the decoded images in memory, one ``(N, bands, size, size)`` uint8 tensor
         when `size` is set (``N * bands * size**2`` bytes: 16 MB per 1000 RGBA crops of
@@ -476,6 +475,8 @@ class TrainTransform(nn.Module):
     def __init__(
         self, augment: AugmentConfig, input_size: int, mean: Sequence[float], std: Sequence[float]
     ) -> None:
+        if len(mean) != len(std):
+            raise ValueError(f"mean and std: got {len(mean)} and {len(std)} values, expected equal")
         super().__init__()
         self.augment = augment
         self.input_size = input_size
@@ -553,41 +554,3 @@ class TrainTransform(nn.Module):
 
 def _to_float(x: Tensor) -> Tensor:
     return x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
-
-
-def build_transforms(
-    augment_config: AugmentConfig,
-    input_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    train: bool,
-) -> Transform:
-    """Return the training or evaluation transform.
-
-    Both accept ``(C, H, W)`` or ``(N, C, H, W)`` uint8 tensors (any H, W) and return
-    float32 ``(..., C, input_size, input_size)`` normalized with `mean` and `std` (one
-    value per band, for pixels scaled to [0, 1]).
-
-    Parameters
-    ----------
-    augment_config : AugmentConfig
-        Augmentation used when `train` is True (see :class:`TrainTransform`).
-    input_size : int
-        Output side S in pixels.
-    mean, std : sequence of float
-        Per-band normalization, from :func:`imagenet_statistics` or
-        :func:`band_statistics`.
-    train : bool
-        Augment (True) or only resize and normalize (False).
-    """
-    if len(mean) != len(std):
-        raise ValueError(f"mean and std: got {len(mean)} and {len(std)} values, expected equal")
-    if train:
-        return TrainTransform(augment_config, input_size, mean, std)
-    return v2.Compose(
-        [
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Resize((input_size, input_size), antialias=True),
-            v2.Normalize(list(mean), list(std)),
-        ]
-    )

@@ -83,8 +83,8 @@ from superdml.crops import read_crop_rule
 from superdml.data import (
     ImageFolderDataset,
     PKSampler,
+    TrainTransform,
     band_statistics,
-    build_transforms,
     imagenet_statistics,
     stratified_split,
 )
@@ -250,7 +250,7 @@ def _load_data(
         mean, std = band_statistics(base, indices=train_idx)
     else:
         mean, std = imagenet_statistics(base.bands)
-    train_tf = build_transforms(config.augment, config.input_size, mean, std, train=True)
+    train_tf = TrainTransform(config.augment, config.input_size, mean, std)
     val: Dataset | None = None
     val_classes = None
     if val_dir is not None:

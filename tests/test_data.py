@@ -16,8 +16,8 @@ from superdml.data import (
     IMAGENET_STD,
     ImageFolderDataset,
     PKSampler,
+    TrainTransform,
     band_statistics,
-    build_transforms,
     imagenet_statistics,
     stratified_split,
 )
@@ -230,7 +230,7 @@ def test_pk_sampler_is_reproducible_per_seed_and_epoch():
 def test_pk_sampler_drives_a_dataloader_with_batched_transforms(crop_folders):
     mean, std = imagenet_statistics(3)
     dataset = ImageFolderDataset(
-        crop_folders, size=48, transform=build_transforms(AugmentConfig(), 48, mean, std, True)
+        crop_folders, size=48, transform=TrainTransform(AugmentConfig(), 48, mean, std)
     )
     sampler = PKSampler(dataset, 4, 6, seed=0)
     torch.manual_seed(0)
@@ -247,7 +247,7 @@ def test_split_subset_loader_yields_uint8_batches_for_batched_augmentation(crop_
     train, _ = stratified_split(dataset, 0.25, seed=0)
     sampler = PKSampler([dataset.labels[i] for i in train], 3, 4, seed=0)
     loader = DataLoader(Subset(dataset, train), batch_sampler=sampler)
-    augment = build_transforms(AugmentConfig(), 32, *imagenet_statistics(3), train=True)
+    augment = TrainTransform(AugmentConfig(), 32, *imagenet_statistics(3))
     for images, labels in loader:
         assert images.shape == (12, 3, 32, 32) and images.dtype == torch.uint8
         assert sorted(Counter(labels.tolist()).values()) == [4, 4, 4]
@@ -258,21 +258,9 @@ def test_split_subset_loader_yields_uint8_batches_for_batched_augmentation(crop_
 # --------------------------------------------------------------------- transforms
 
 
-def test_eval_transform_resizes_and_normalizes():
-    images = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8)
-    mean, std = [0.1, 0.2, 0.3], [0.5, 0.25, 2.0]
-    out = build_transforms(AugmentConfig(), 40, mean, std, train=False)(images)
-    expected = (images.float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[
-        :, None, None
-    ]
-    torch.testing.assert_close(out, expected)
-    resized = build_transforms(AugmentConfig(), 20, mean, std, train=False)(images[0])
-    assert resized.shape == (3, 20, 20) and resized.dtype == torch.float32
-
-
 def test_train_transform_without_augmentation_only_normalizes():
     images = torch.randint(0, 256, (3, 4, 32, 32), dtype=torch.uint8)
-    out = build_transforms(NO_AUGMENT, 32, [0.0] * 4, [1.0] * 4, train=True)(images)
+    out = TrainTransform(NO_AUGMENT, 32, [0.0] * 4, [1.0] * 4)(images)
     torch.testing.assert_close(out, images.float() / 255)
 
 
@@ -283,8 +271,8 @@ def test_color_jitter_leaves_the_alpha_band_alone():
         hflip=False, vflip=False, rot90=False, color_jitter=0.5, random_resized_crop=None
     )
     mean, std = imagenet_statistics(4)
-    out = build_transforms(jitter, 24, mean, std, train=True)(images)
-    plain = build_transforms(NO_AUGMENT, 24, mean, std, train=True)(images)
+    out = TrainTransform(jitter, 24, mean, std)(images)
+    plain = TrainTransform(NO_AUGMENT, 24, mean, std)(images)
     assert torch.equal(out[:, 3], plain[:, 3])
     assert torch.equal(out[:, 3], (images[:, 3].float() / 255 - 0.5) / 0.5)
     assert (out[:, :3] - plain[:, :3]).abs().amax(dim=(1, 2, 3)).min() > 0.01
@@ -300,7 +288,7 @@ def test_flips_and_rotations_are_exact_and_vary_per_sample(option):
         random_resized_crop=None,
     )
     images = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)
-    out = build_transforms(config, 16, [0.0] * 3, [1.0] * 3, train=True)(
+    out = TrainTransform(config, 16, [0.0] * 3, [1.0] * 3)(
         images, generator=torch.Generator().manual_seed(0)
     )
     x = images.float() / 255
@@ -319,8 +307,8 @@ def test_flips_and_rotations_are_exact_and_vary_per_sample(option):
 def test_geometry_is_shared_by_all_bands_including_alpha():
     rgb = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
     images = torch.cat([rgb, rgb[:, :1]], 1)  # alpha band = copy of red
-    out = build_transforms(
-        AugmentConfig(color_jitter=0.0, random_resized_crop=0.3), 32, [0.0] * 4, [1.0] * 4, True
+    out = TrainTransform(
+        AugmentConfig(color_jitter=0.0, random_resized_crop=0.3), 32, [0.0] * 4, [1.0] * 4
     )(images)
     torch.testing.assert_close(out[:, 3], out[:, 0])
 
@@ -330,9 +318,7 @@ def test_random_resized_crop_zooms_into_the_image():
     config = AugmentConfig(
         hflip=False, vflip=False, rot90=False, color_jitter=0.0, random_resized_crop=0.3
     )
-    out = build_transforms(config, 64, [0.0], [1.0], train=True)(
-        ramp, generator=torch.Generator().manual_seed(1)
-    )
+    out = TrainTransform(config, 64, [0.0], [1.0])(ramp, generator=torch.Generator().manual_seed(1))
     rows = out[:, 0, 0]
     assert torch.all(rows[:, 1:] >= rows[:, :-1] - 1e-6)  # no flips: still increasing
     span = rows[:, -1] - rows[:, 0]
@@ -343,7 +329,7 @@ def test_random_resized_crop_zooms_into_the_image():
 
 def test_train_transform_is_seeded_and_handles_single_images():
     images = torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8)
-    transform = build_transforms(AugmentConfig(), 32, *imagenet_statistics(3), train=True)
+    transform = TrainTransform(AugmentConfig(), 32, *imagenet_statistics(3))
     a = transform(images, generator=torch.Generator().manual_seed(3))
     b = transform(images, generator=torch.Generator().manual_seed(3))
     assert a.shape == (4, 3, 32, 32)
