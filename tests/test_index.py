@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -27,20 +26,6 @@ from superdml.reference import ReferenceIndex, content_sha256
 
 CLASSES = ("brick", "grass", "coffee")
 PER_CLASS = 6
-
-
-def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
-    x = rng.standard_normal((n, d)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def circle(degrees: list[float]) -> np.ndarray:
-    rad = np.deg2rad(degrees)
-    return np.stack([np.cos(rad), np.sin(rad)], axis=1).astype(np.float32)
-
-
-def cos(degrees: float) -> float:
-    return math.cos(math.radians(degrees))
 
 
 @pytest.fixture(scope="module")

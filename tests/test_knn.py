@@ -8,6 +8,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
+from vectors import circle, cos, unit_rows
 
 import superdml.knn
 from superdml.errors import ConfigError, InputError
@@ -21,20 +22,6 @@ from superdml.knn import (
 )
 
 BACKENDS = ["faiss", "torch"]
-
-
-def circle(degrees: list[float]) -> np.ndarray:
-    rad = np.deg2rad(degrees)
-    return np.stack([np.cos(rad), np.sin(rad)], axis=1).astype(np.float32)
-
-
-def cos(degrees: float) -> float:
-    return math.cos(math.radians(degrees))
-
-
-def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
-    x = rng.standard_normal((n, d)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 # references at 0, 10, 40, 100 degrees; queries at 6 and 68 degrees. The similarity of

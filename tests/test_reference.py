@@ -3,30 +3,16 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import faiss
 import numpy as np
 import pytest
+from vectors import circle, cos, unit_rows
 
 from superdml.errors import InputError, MissingInputError
 from superdml.knn import UNKNOWN_LABEL
 from superdml.reference import ReferenceIndex, check_replaceable, reference_scheme
-
-
-def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
-    x = rng.standard_normal((n, d)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def circle(degrees: list[float]) -> np.ndarray:
-    rad = np.deg2rad(degrees)
-    return np.stack([np.cos(rad), np.sin(rad)], axis=1).astype(np.float32)
-
-
-def cos(degrees: float) -> float:
-    return math.cos(math.radians(degrees))
 
 
 def hand_made() -> ReferenceIndex:
