@@ -216,6 +216,11 @@ class ImageFolderDataset(Dataset):
         """Label of every sample, in sample order."""
         return [label for _, label in self.samples]
 
+    @property
+    def files(self) -> list[str]:
+        """Path of every sample relative to the root folder (``/``-separated), in order."""
+        return [path.relative_to(self.root).as_posix() for path, _ in self.samples]
+
     def __len__(self) -> int:
         return len(self.samples)
 

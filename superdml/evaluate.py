@@ -196,11 +196,6 @@ def sample_examples(
     return np.concatenate(rows).astype(np.int64)
 
 
-def _files(dataset: ImageFolderDataset) -> list[str]:
-    """Every sample's path relative to the dataset's folder, in sample order."""
-    return [path.relative_to(dataset.root).as_posix() for path, _ in dataset.samples]
-
-
 def _classify(
     query_emb: np.ndarray,
     reference: ReferenceIndex,
@@ -306,15 +301,13 @@ def evaluate(
     metrics = retrieval_metrics(
         query_emb, query_labels, ref_emb, ref_labels, exclude_self, num_classes, knn_k=KNN_K
     )
-    reference = ReferenceIndex.build(
-        ref_emb, ref_labels, class_names, _files(datasets[-1]), ckpt_sha
-    )
+    reference = ReferenceIndex.build(ref_emb, ref_labels, class_names, datasets[-1].files, ckpt_sha)
     vote = _classify(query_emb, reference, exclude_self, dev)
     matrix = confusion_matrix(query_labels, vote.label_ids, num_classes)
 
     with claim_output(out_dir, "evaluate"):
         predictions_path = _write_predictions(
-            out_dir / PREDICTIONS_PARQUET, _files(datasets[0]), query_labels, vote, class_names
+            out_dir / PREDICTIONS_PARQUET, datasets[0].files, query_labels, vote, class_names
         )
         confusion_path = plot_confusion_matrix(matrix, class_names, out_dir / CONFUSION_PNG)
         points, chosen = tsne_2d(query_emb)

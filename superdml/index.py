@@ -105,7 +105,7 @@ def _scan(reference_dir: str | os.PathLike[str], ckpt: Checkpoint) -> _Scan:
     stats = [os.stat(path) for path in paths]
     return _Scan(
         dataset=dataset,
-        files=[path.relative_to(dataset.root).as_posix() for path in paths],
+        files=dataset.files,
         stats=np.array([(s.st_size, s.st_mtime_ns) for s in stats], dtype=np.int64),
     )
 

@@ -46,6 +46,10 @@ def test_dataset_classes_samples_and_items(crop_folders):
     assert Counter(dataset.labels) == dict.fromkeys(range(6), 24)
     for path, label in dataset.samples:
         assert path.parent.name == names[label]
+    assert dataset.files[30] == f"brick/{dataset.samples[30][0].name}"
+    assert sorted(dataset.files) == sorted(
+        str(p.relative_to(crop_folders)) for p in crop_folders.glob("*/*.png")
+    )
     image, label = dataset[30]
     assert image.shape == (3, 40, 40) and image.dtype == torch.uint8
     assert label == 1
