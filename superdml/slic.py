@@ -1,6 +1,6 @@
 """The tiled SLIC's torch backend: the centers and assignment phases on any torch device.
 
-Same contract as the numpy functions of :mod:`superdml.segment`: same global grid, 3 x 3
+Same contract as the numpy functions of :mod:`superdml.superpixels`: same global grid, 3 x 3
 cell search, float32 distance evaluated in the same order, offsets tried in the same order
 with a strictly smaller distance winning, ``-1`` for pixels without a center. The tile
 tasks call either backend on the same windows, so every guarantee of ``segment`` (ids
@@ -86,7 +86,7 @@ def nearest_centers(
 ) -> torch.Tensor:
     """One SLIC assignment step: each pixel to the nearest of its 3 x 3 cells' centers.
 
-    The torch twin of :func:`superdml.segment.assign_pixels`: offsets are tried in the
+    The torch twin of :func:`superdml.superpixels.assign_pixels`: offsets are tried in the
     same order and only a strictly smaller distance wins, so ties resolve the same way.
 
     Parameters
@@ -165,7 +165,7 @@ def cell_means(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return initial centers: the mean position and features of each cell's valid pixels.
 
-    The torch twin of :func:`superdml.segment.cell_means`.
+    The torch twin of :func:`superdml.superpixels.cell_means`.
 
     Returns
     -------
@@ -286,7 +286,7 @@ def slic_centers(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run SLIC on a window aligned to the global grid and return its cells' centers.
 
-    The torch backend of :func:`superdml.segment.slic_centers`: same arguments, same result.
+    The torch backend of :func:`superdml.superpixels.slic_centers`: same arguments, same result.
 
     Parameters
     ----------
@@ -328,7 +328,7 @@ def assign_pixels(
     device: str | torch.device = "cpu",
     kernel: Kernel = "fast",
 ) -> np.ndarray:
-    """Assign pixels to centers: :func:`superdml.segment.assign_pixels` on a torch device.
+    """Assign pixels to centers: :func:`superdml.superpixels.assign_pixels` on a torch device.
 
     Returns
     -------

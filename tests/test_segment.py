@@ -10,13 +10,7 @@ from skimage import data
 import superdml.segment as segment_module
 from superdml.config import SegmentConfig
 from superdml.errors import ConfigError, InputError, MissingInputError
-from superdml.segment import (
-    assign_pixels,
-    enforce_connectivity,
-    load_segment_runs,
-    segment_raster,
-    slic_centers,
-)
+from superdml.segment import load_segment_runs, segment_raster
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +116,7 @@ def test_rerun_is_skipped_and_identical(mosaic_tif, mosaic_runs):
 def test_resume_after_interruption_gives_identical_output(
     mosaic_tif, mosaic_runs, tmp_path, monkeypatch
 ):
-    real = segment_module._assign_task
+    real = segment_module.assign_task
     calls = {"n": 0}
 
     def interrupted(grid, tile):
@@ -131,7 +125,7 @@ def test_resume_after_interruption_gives_identical_output(
         calls["n"] += 1
         return real(grid, tile)
 
-    monkeypatch.setattr(segment_module, "_assign_task", interrupted)
+    monkeypatch.setattr(segment_module, "assign_task", interrupted)
     config = SegmentConfig(region_size=16, tile_size=256)
     with pytest.raises(KeyboardInterrupt):
         segment_raster(mosaic_tif, tmp_path, config)
@@ -148,7 +142,7 @@ def test_resume_after_interruption_gives_identical_output(
             computed.append(tile.key)
         return real(grid, tile)
 
-    monkeypatch.setattr(segment_module, "_assign_task", counting)
+    monkeypatch.setattr(segment_module, "assign_task", counting)
     resumed = segment_raster(mosaic_tif, tmp_path, config)
     assert len(computed) == 2  # 4 tiles, 2 were done
     a, *_ = read_segments(resumed)
@@ -299,44 +293,3 @@ def test_all_nodata_raster_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="empty.tif: has no valid pixel"):
         segment_raster(path, tmp_path / "out", SegmentConfig(region_size=8, tile_size=32))
     assert not (tmp_path / "out" / "empty" / "segments.tif").exists()
-
-
-# --------------------------------------------------------------- pure functions
-
-
-def test_slic_centers_follow_a_two_region_image():
-    image = np.zeros((1, 32, 64), np.float32)
-    image[:, :, 32:] = 10.0
-    valid = np.ones((32, 64), bool)
-    centers, active = slic_centers(image, valid, step=16, max_iter=5)
-    assert active.all()
-    left = centers[:, :2, 2]
-    right = centers[:, 2:, 2]
-    np.testing.assert_allclose(left, 0.0)
-    np.testing.assert_allclose(right, 10.0)
-
-
-def test_assign_pixels_picks_nearest_center():
-    features = np.zeros((1, 4, 8), np.float32)
-    features[:, :, 4:] = 5.0
-    centers = np.zeros((3, 4, 3), np.float32)  # 1 x 2 cells plus a one-cell ring
-    active = np.zeros((3, 4), bool)
-    centers[1, 1] = (1.5, 1.5, 0.0)
-    centers[1, 2] = (1.5, 5.5, 5.0)
-    active[1, 1] = active[1, 2] = True
-    index = assign_pixels(features, np.ones((4, 8), bool), centers, active, step=4)
-    assert (index[:, :4] == 1 * 4 + 1).all() and (index[:, 4:] == 1 * 4 + 2).all()
-
-
-def test_enforce_connectivity_merges_fragment_into_longest_border():
-    labels = np.array(
-        [
-            [1, 1, 1, 2, 2],
-            [1, 1, 1, 2, 2],
-            [3, 3, 3, 3, 1],
-            [3, 3, 3, 3, 3],
-        ]
-    )
-    fixed = enforce_connectivity(labels)
-    assert fixed[2, 4] == 3  # the lone 1 borders 3 twice and 2 once
-    assert (fixed[:2, :3] == 1).all()

@@ -9,7 +9,7 @@ from rasters import write_raster
 from scipy import ndimage
 from skimage.segmentation import slic as skimage_slic
 
-import superdml.segment as numpy_slic
+import superdml.superpixels as numpy_slic
 from superdml import slic
 from superdml.cli import cli
 from superdml.config import SegmentConfig, load_config
@@ -257,13 +257,12 @@ def test_cli_backend_option_reaches_the_run(small_tif, tmp_path):
 
 def test_read_ahead_gives_the_same_segments(demo_tif, segments, tmp_path, monkeypatch):
     """On a GPU tile tasks read the next tile on a reader thread; forced here on the CPU."""
-    import superdml.segment as segment_module
-    from superdml._private import read_ahead
+    from superdml._private import read_ahead, segment_tasks
 
     hits = []
     claim = read_ahead.claim
     monkeypatch.setattr(read_ahead, "claim", lambda key: hits.append(claim(key)) or hits[-1])
-    monkeypatch.setattr(segment_module, "_reads_ahead", lambda grid: True)
+    monkeypatch.setattr(segment_tasks, "reads_ahead", lambda grid: True)
     config = SegmentConfig(region_size=STEP, tile_size=128, backend="torch", device="cpu")
     result = segment_raster(demo_tif[0], tmp_path, config)
     with rasterio.open(result.segments_path) as src:

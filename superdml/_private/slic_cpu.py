@@ -6,7 +6,7 @@ distances but its CPU scatter is an atomic loop. Here each thread walks its band
 rows once: per cell row it spreads the 3 x 3 neighbouring centers over the columns,
 finds each pixel's nearest with loops over whole pixel rows that LLVM vectorizes, and
 adds the pixel to its thread's partial sums. Same arithmetic as
-:func:`superdml.segment.assign_pixels` (float32 distance in the same order, offsets in
+:func:`superdml.superpixels.assign_pixels` (float32 distance in the same order, offsets in
 the same order, strict ``<``; an inactive center is at an infinite row, so it never
 wins, as numpy skips it), so the labels are those of the numpy path for the same
 centers.
