@@ -55,7 +55,13 @@ from rasterio.windows import Window
 from superdml import __version__
 from superdml._private.atomic import atomic_write, write_json
 from superdml._private.ownership import claim_output
-from superdml._private.segment_tasks import Grid, assign_task, centers_task, table_schema
+from superdml._private.segment_tasks import (
+    Grid,
+    assign_task,
+    centers_task,
+    table_schema,
+    task_threads,
+)
 from superdml.cluster import map_tasks
 from superdml.config import SegmentConfig, config_hash, config_to_dict, dump_config
 from superdml.errors import InputError
@@ -205,8 +211,11 @@ def segment_raster(
             info.path, len(tiles), tile_size, step, backend, device,
         )  # fmt: skip
         calls = [(grid, tile) for tile in tiles]
-        map_tasks(centers_task, calls, client, desc=f"{folder.name}: centers")
-        counts = map_tasks(assign_task, calls, client, desc=f"{folder.name}: labels")
+        threads = task_threads(grid)
+        map_tasks(centers_task, calls, client, desc=f"{folder.name}: centers", threads=threads)
+        counts = map_tasks(
+            assign_task, calls, client, desc=f"{folder.name}: labels", threads=threads
+        )
         meta = {
             "superdml_version": __version__,
             "source": info.to_dict(),

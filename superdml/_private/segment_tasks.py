@@ -140,6 +140,17 @@ def reads_ahead(grid: Grid) -> bool:
     return grid.device != "cpu"
 
 
+def task_threads(grid: Grid) -> int:
+    """Threads that run the tile tasks of an in-process run (no dask client).
+
+    On the CPU two tiles are in flight: one tile's SLIC sweep (compiled, on every core,
+    one at a time) runs while the other reads, enforces connectivity and computes its
+    stats (GDAL and compiled kernels, which release the GIL). Where tasks read ahead
+    (a GPU) one thread, fed by the reader thread.
+    """
+    return 1 if reads_ahead(grid) else 2
+
+
 def _read_cells(grid: Grid, tile: Tile, cells: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Read a tile's core grown by `cells` cells: pixels, features and valid mask.
 
