@@ -59,8 +59,8 @@ from superdml._private.segment_tasks import (
     Grid,
     assign_task,
     centers_task,
+    in_process_threads,
     table_schema,
-    task_threads,
 )
 from superdml.cluster import map_tasks
 from superdml.config import SegmentConfig, config_hash, config_to_dict, dump_config
@@ -200,18 +200,19 @@ def segment_raster(
             if stale != work:
                 shutil.rmtree(stale)
         work.mkdir(exist_ok=True)
+        threads, sweep_threads = in_process_threads(device, len(tiles))
         grid = Grid(
             source=info.path, name=folder.name, bands=tuple(bands), nodata=config.nodata,
             lo=tuple(lo), hi=tuple(hi), step=step, compactness=config.compactness,
             max_iter=config.max_iter, tile_size=tile_size, height=info.height, width=info.width,
             transform=info.transform, work=str(work), backend=backend, device=device,
+            sweep_threads=None if client is not None else sweep_threads,
         )  # fmt: skip
         logger.info(
             "%s: %d tiles of %d px, region size %d, %s backend on %s",
             info.path, len(tiles), tile_size, step, backend, device,
         )  # fmt: skip
         calls = [(grid, tile) for tile in tiles]
-        threads = task_threads(grid)
         map_tasks(centers_task, calls, client, desc=f"{folder.name}: centers", threads=threads)
         counts = map_tasks(
             assign_task, calls, client, desc=f"{folder.name}: labels", threads=threads

@@ -242,37 +242,45 @@ def cpu_sweep(
     active: torch.Tensor,
     step: int,
     with_sums: bool,
+    threads: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One sweep with the numba CPU kernel; same arguments and results as :func:`reference_sweep`.
 
-    Uses as many threads as torch (``torch.get_num_threads()``: one per dask worker).
+    Parameters
+    ----------
+    threads : int, optional
+        Threads of the sweep; by default as many as torch uses (``torch.get_num_threads()``:
+        one per dask worker). With one, the sweep runs on the calling thread and several
+        threads (tile tasks) may sweep at once; with more, sweeps take turns on numba's pool.
     """
     import numba
 
-    from superdml._private.slic_cpu import slic_sweep
+    from superdml._private.slic_cpu import slic_sweep, slic_sweep_serial
 
     # the size of numba's pool (config attributes are set at import: mypy cannot see them)
     pool = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
-    threads = min(torch.get_num_threads(), pool)
-    numba.set_num_threads(threads)
+    threads = max(1, min(threads or torch.get_num_threads(), pool))
     c, h, w = features.shape
     labels = np.empty((h, w), dtype=np.int64)
     n = active.numel() if with_sums else 0
     partial = np.zeros((threads, n, 3 + c), dtype=np.float64)
-    with _CPU_KERNEL_LOCK:
-        slic_sweep(
-            features.numpy(), valid.numpy(), centers.numpy(), active.numpy(), step, labels, partial
-        )
+    arrays = (features.numpy(), valid.numpy(), centers.numpy(), active.numpy())
+    if threads == 1:
+        slic_sweep_serial(*arrays, step, labels, partial)
+    else:
+        with _CPU_KERNEL_LOCK:
+            numba.set_num_threads(threads)
+            slic_sweep(*arrays, step, labels, partial)
     sums = torch.from_numpy(partial.sum(axis=0)).view(*active.shape, -1) if with_sums else None
     return torch.from_numpy(labels), sums
 
 
-def _sweep_for(device: torch.device, kernel: Kernel) -> Sweep:
+def _sweep_for(device: torch.device, kernel: Kernel, threads: int | None = None) -> Sweep:
     """Return the sweep of `kernel` on `device`: eager reference, numba or compiled."""
     if kernel == "reference":
         return reference_sweep
     if device.type == "cpu":
-        return cpu_sweep
+        return functools.partial(cpu_sweep, threads=threads)
     return functools.partial(reference_sweep, compiled=True)
 
 
@@ -283,6 +291,7 @@ def slic_centers(
     max_iter: int,
     device: str | torch.device = "cpu",
     kernel: Kernel = "fast",
+    threads: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run SLIC on a window aligned to the global grid and return its cells' centers.
 
@@ -297,6 +306,8 @@ def slic_centers(
     device : str or torch.device
     kernel : {"fast", "reference"}
         The numba kernel on the CPU (``torch.compile`` on CUDA), or the eager reference.
+    threads : int, optional
+        Threads of the numba kernel (:func:`cpu_sweep`).
 
     Returns
     -------
@@ -304,7 +315,7 @@ def slic_centers(
     active : (H // step, W // step) bool ndarray
     """
     device = torch.device(device)
-    sweep = _sweep_for(device, kernel)
+    sweep = _sweep_for(device, kernel, threads)
     f = torch.from_numpy(features).to(device)
     v = torch.from_numpy(valid).to(device)
     centers, active = cell_means(f, v, step)
@@ -327,6 +338,7 @@ def assign_pixels(
     step: int,
     device: str | torch.device = "cpu",
     kernel: Kernel = "fast",
+    threads: int | None = None,
 ) -> np.ndarray:
     """Assign pixels to centers: :func:`superdml.superpixels.assign_pixels` on a torch device.
 
@@ -335,7 +347,7 @@ def assign_pixels(
     (H, W) int64 ndarray
     """
     device = torch.device(device)
-    labels, _ = _sweep_for(device, kernel)(
+    labels, _ = _sweep_for(device, kernel, threads)(
         torch.from_numpy(features).to(device),
         torch.from_numpy(valid).to(device),
         torch.from_numpy(centers).to(device),

@@ -7,6 +7,7 @@ import rasterio
 from rasters import CRS, texture_mosaic, write_raster
 from skimage import data
 
+import superdml._private.segment_tasks as segment_tasks
 import superdml.segment as segment_module
 from superdml.config import SegmentConfig
 from superdml.errors import ConfigError, InputError, MissingInputError
@@ -293,3 +294,10 @@ def test_all_nodata_raster_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="empty.tif: has no valid pixel"):
         segment_raster(path, tmp_path / "out", SegmentConfig(region_size=8, tile_size=32))
     assert not (tmp_path / "out" / "empty" / "segments.tif").exists()
+
+
+def test_in_process_threads_follow_the_tiles_and_device(monkeypatch):
+    monkeypatch.setattr(segment_tasks, "default_workers", lambda: 4)
+    assert segment_tasks.in_process_threads("cpu", 9) == (2, 2)
+    assert segment_tasks.in_process_threads("cpu", 1) == (1, 4)  # one tile: every core sweeps
+    assert segment_tasks.in_process_threads("cuda", 9) == (1, None)  # fed by the read-ahead

@@ -65,11 +65,13 @@ def test_centers_match_numpy(n_bands, kernel):
     assert np.quantile(diff, 0.99) < 1e-3 and diff.max() < 1.0
 
 
-def test_cpu_kernel_sums_equal_reference_sums():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_kernel_sums_equal_reference_sums(threads):
+    """One thread: the serial kernel, which tile threads run at once; two: numba's pool."""
     features, valid = window(3)
     centers, active = ring_centers(features, valid)
     tensors = [torch.from_numpy(a) for a in (features, valid, centers, active)]
-    labels, sums = slic.cpu_sweep(*tensors, STEP, True)
+    labels, sums = slic.cpu_sweep(*tensors, STEP, True, threads=threads)
     ref_labels, ref_sums = slic.reference_sweep(*tensors, STEP, True)
     torch.testing.assert_close(labels, ref_labels, rtol=0, atol=0)
     assert sums.shape == ref_sums.shape == (*active.shape, 6)

@@ -25,6 +25,7 @@ import rasterio
 
 from superdml._private import read_ahead
 from superdml._private.atomic import atomic_write
+from superdml.cluster import default_workers
 from superdml.raster import Tile, open_raster, read_window, tile_grid
 from superdml.superpixels import (
     assign_pixels,
@@ -58,6 +59,7 @@ class Grid:
     work: str
     backend: str = "numpy"
     device: str = "cpu"
+    sweep_threads: int | None = None  # threads of one CPU SLIC sweep; None: torch's count
 
     @property
     def cell_rows(self) -> int:
@@ -108,8 +110,8 @@ def _kernels(
     from superdml import slic
 
     return (
-        functools.partial(slic.slic_centers, device=grid.device),
-        functools.partial(slic.assign_pixels, device=grid.device),
+        functools.partial(slic.slic_centers, device=grid.device, threads=grid.sweep_threads),
+        functools.partial(slic.assign_pixels, device=grid.device, threads=grid.sweep_threads),
     )
 
 
@@ -137,18 +139,34 @@ def _grown_cells(grid: Grid, tile: Tile, cells: int) -> tuple[int, int, int, int
 
 def reads_ahead(grid: Grid) -> bool:
     """Whether tile tasks read the next tile while computing: on a GPU, not on the CPU."""
-    return grid.device != "cpu"
+    return reads_ahead_on(grid.device)
 
 
-def task_threads(grid: Grid) -> int:
-    """Threads that run the tile tasks of an in-process run (no dask client).
+def reads_ahead_on(device: str) -> bool:
+    """Whether tile tasks on `device` read ahead (see :func:`reads_ahead`)."""
+    return device != "cpu"
 
-    On the CPU two tiles are in flight: one tile's SLIC sweep (compiled, on every core,
-    one at a time) runs while the other reads, enforces connectivity and computes its
-    stats (GDAL and compiled kernels, which release the GIL). Where tasks read ahead
-    (a GPU) one thread, fed by the reader thread.
+
+def in_process_threads(device: str, n_tiles: int) -> tuple[int, int | None]:
+    """Task threads and threads per CPU SLIC sweep of an in-process run (no dask client).
+
+    On the CPU two tiles are in flight, each on its own threads: one tile's reads,
+    connectivity and stats (GDAL and compiled kernels, which release the GIL) overlap
+    with the other's sweeps, and the cores are shared between the two tiles rather than
+    within each sweep (no barrier waiting for a descheduled thread on a busy machine).
+    A raster of one tile has all the cores for its sweeps. Where tasks read ahead
+    (a GPU) one task thread, fed by the reader thread.
+
+    Returns
+    -------
+    task_threads : int
+    sweep_threads : int or None
+        None where no CPU sweep runs.
     """
-    return 1 if reads_ahead(grid) else 2
+    if reads_ahead_on(device):
+        return 1, None
+    tasks = max(1, min(2, n_tiles))
+    return tasks, max(1, default_workers() // tasks)
 
 
 def _read_cells(grid: Grid, tile: Tile, cells: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
