@@ -54,6 +54,7 @@ from rasterio.windows import Window
 
 from superdml import __version__
 from superdml._private.atomic import atomic_write, write_json
+from superdml._private.heap import map_large_allocations
 from superdml._private.ownership import claim_output
 from superdml._private.segment_tasks import (
     Grid,
@@ -201,6 +202,8 @@ def segment_raster(
                 shutil.rmtree(stale)
         work.mkdir(exist_ok=True)
         threads, sweep_threads = in_process_threads(device, len(tiles))
+        if client is None and threads > 1:
+            map_large_allocations()  # two threads of tile arrays: memory flat with raster size
         grid = Grid(
             source=info.path, name=folder.name, bands=tuple(bands), nodata=config.nodata,
             lo=tuple(lo), hi=tuple(hi), step=step, compactness=config.compactness,

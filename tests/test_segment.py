@@ -1,4 +1,5 @@
 import json
+import platform
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -301,3 +302,10 @@ def test_in_process_threads_follow_the_tiles_and_device(monkeypatch):
     assert segment_tasks.in_process_threads("cpu", 9) == (2, 2)
     assert segment_tasks.in_process_threads("cpu", 1) == (1, 4)  # one tile: every core sweeps
     assert segment_tasks.in_process_threads("cuda", 9) == (1, None)  # fed by the read-ahead
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_threaded_runs_set_the_heap_options():
+    from superdml._private.heap import map_large_allocations
+
+    assert map_large_allocations() is True
