@@ -32,7 +32,8 @@ the tile tasks are in :mod:`superdml._private.segment_tasks`. Both phases write 
 small file per tile into a work folder, so an interrupted run
 resumes where it stopped and gives identical output; the final ``segments.tif`` and
 ``superpixels.parquet`` are assembled tile by tile and renamed into place when complete.
-Peak memory is that of one tile, whatever the raster size.
+Peak memory is that of the tiles in flight (two at a time in process), whatever the
+raster size.
 """
 
 from __future__ import annotations
