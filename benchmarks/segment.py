@@ -24,6 +24,10 @@ distance, not the speed much), the same ``compactness`` (both minimise
 stage: reading the GeoTIFF, both SLIC phases, connectivity, writing ``segments.tif``
 and ``superpixels.parquet``.
 
+``CPU s`` is the CPU time (all threads of the process, ``time.process_time``) of
+the timed call, for in-process cases: on a shared machine it moves far less than the
+wall time, and on an idle one the wall time of N busy cores is at least CPU s / N.
+
 Every case runs in a fresh subprocess. ``max RSS`` is the kernel's peak resident set of
 the largest process of the case (``os.wait4`` rusage; the case's own process when
 in-process); ``tree RSS`` is the peak of the summed RSS of the case's process and all
@@ -226,10 +230,11 @@ def child_superdml(
     from superdml.segment import segment_raster
 
     config = SegmentConfig(backend=backend, device=device if backend == "torch" else "auto")
+    cpu = None
     if workers == 0:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         result = segment_raster(raster, out, config, client=None)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     else:
         with make_client(workers=workers) as client:
             client.wait_for_workers(workers)
@@ -238,7 +243,12 @@ def child_superdml(
             seconds = time.perf_counter() - start
     if result.skipped:
         raise RuntimeError(f"{out}: segment_raster skipped an up-to-date run")
-    return {"seconds": seconds, "n_superpixels": result.n_superpixels, "n_tiles": result.n_tiles}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "n_superpixels": result.n_superpixels,
+        "n_tiles": result.n_tiles,
+    }
 
 
 def child_skimage(raster: str) -> dict[str, object]:
@@ -255,7 +265,7 @@ def child_skimage(raster: str) -> dict[str, object]:
     n_segments = round(image.shape[0] / config.region_size) * round(
         image.shape[1] / config.region_size
     )
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     labels = slic(
         img_as_float32(image),
         n_segments=n_segments,
@@ -266,8 +276,13 @@ def child_skimage(raster: str) -> dict[str, object]:
         start_label=1,
         channel_axis=-1,
     )
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "n_superpixels": int(labels.max()), "n_tiles": 1}
+    seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "n_superpixels": int(labels.max()),
+        "n_tiles": 1,
+    }
 
 
 def run_case(args: list[str], result_path: Path) -> dict[str, object]:
@@ -312,16 +327,17 @@ def run_case(args: list[str], result_path: Path) -> dict[str, object]:
 
 
 def format_table(rows: list[dict[str, object]], baseline_mps: float) -> str:
-    """One text table: case, megapixels, seconds, MP/s, ratio, peak RSS."""
+    """One text table: case, megapixels, seconds, CPU seconds, MP/s, ratio, peak RSS."""
     header = (
-        f"{'case':<44} {'MP':>7} {'seconds':>9} {'MP/s':>7} {'vs skimage':>10} "
+        f"{'case':<44} {'MP':>7} {'seconds':>9} {'CPU s':>7} {'MP/s':>7} {'vs skimage':>10} "
         f"{'max RSS MiB':>11} {'tree RSS MiB':>12}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         mps = row["mp"] / row["seconds"]
+        cpu = "-" if row.get("cpu_seconds") is None else f"{row['cpu_seconds']:.1f}"
         lines.append(
-            f"{row['case']:<44} {row['mp']:>7.1f} {row['seconds']:>9.1f} {mps:>7.3f} "
+            f"{row['case']:<44} {row['mp']:>7.1f} {row['seconds']:>9.1f} {cpu:>7} {mps:>7.3f} "
             f"{mps / baseline_mps:>10.2f} {row['max_rss_mib']:>11.0f} {row['tree_rss_mib']:>12.0f}"
         )
     return "\n".join(lines)

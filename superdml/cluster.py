@@ -4,17 +4,19 @@
 to a running scheduler.
 ``map_tasks`` runs one function over many argument tuples on that client, keeping at
 most a few tasks in flight so memory stays flat however many tiles there are; without a
-client it runs them in this process, in order.
+client it runs them in this process, in order or on a few threads.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -118,6 +120,7 @@ def map_tasks(
     on_result: Callable[[int, T], None] | None = None,
     count: Callable[[T], int] | None = None,
     count_unit: str = "items",
+    threads: int = 1,
 ) -> list[T]:
     """Run ``func(*args)`` for every tuple in `calls`; return results in call order.
 
@@ -140,6 +143,10 @@ def map_tasks(
         Items in a result (superpixels of a tile), shown as a rate on the bar.
     count_unit : str
         Name of those items.
+    threads : int
+        Without a client: tasks run on this many threads of this process, one task per
+        thread in flight (worth it where tasks release the GIL: compiled kernels, GDAL).
+        An error stops the submission, waits for the running tasks and is raised.
     """
     results: list[Any] = [None] * len(calls)
     bar = progress_bar(len(calls), desc=desc, unit=unit)
@@ -156,6 +163,10 @@ def map_tasks(
             bar.set_postfix_str(f"{rate:,.0f} {count_unit}/s", refresh=False)
         bar.update(1)
 
+    if client is None and threads > 1:
+        _map_on_threads(func, calls, threads, collect)
+        bar.close()
+        return results
     if client is None:
         for i, args in enumerate(calls):
             collect(i, func(*args))
@@ -187,3 +198,27 @@ def map_tasks(
         submit_next()
     bar.close()
     return results
+
+
+def _map_on_threads(
+    func: Callable[..., T],
+    calls: Sequence[tuple[Any, ...]],
+    threads: int,
+    collect: Callable[[int, T], None],
+) -> None:
+    """Run the calls on `threads` threads, at most one in flight per thread."""
+    pending = iter(range(len(calls)))
+    with ThreadPoolExecutor(threads, thread_name_prefix="superdml-task") as pool:
+        running: dict[Future[T], int] = {}
+        try:
+            for first in itertools.islice(pending, threads):
+                running[pool.submit(func, *calls[first])] = first
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    collect(running.pop(future), future.result())
+                    following = next(pending, None)
+                    if following is not None:
+                        running[pool.submit(func, *calls[following])] = following
+        finally:
+            wait(running)  # an error: let the running tasks finish their writes

@@ -1,6 +1,6 @@
 """The tiled SLIC's torch backend: the centers and assignment phases on any torch device.
 
-Same contract as the numpy functions of :mod:`superdml.segment`: same global grid, 3 x 3
+Same contract as the numpy functions of :mod:`superdml.superpixels`: same global grid, 3 x 3
 cell search, float32 distance evaluated in the same order, offsets tried in the same order
 with a strictly smaller distance winning, ``-1`` for pixels without a center. The tile
 tasks call either backend on the same windows, so every guarantee of ``segment`` (ids
@@ -86,7 +86,7 @@ def nearest_centers(
 ) -> torch.Tensor:
     """One SLIC assignment step: each pixel to the nearest of its 3 x 3 cells' centers.
 
-    The torch twin of :func:`superdml.segment.assign_pixels`: offsets are tried in the
+    The torch twin of :func:`superdml.superpixels.assign_pixels`: offsets are tried in the
     same order and only a strictly smaller distance wins, so ties resolve the same way.
 
     Parameters
@@ -165,7 +165,7 @@ def cell_means(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return initial centers: the mean position and features of each cell's valid pixels.
 
-    The torch twin of :func:`superdml.segment.cell_means`.
+    The torch twin of :func:`superdml.superpixels.cell_means`.
 
     Returns
     -------
@@ -242,37 +242,45 @@ def cpu_sweep(
     active: torch.Tensor,
     step: int,
     with_sums: bool,
+    threads: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One sweep with the numba CPU kernel; same arguments and results as :func:`reference_sweep`.
 
-    Uses as many threads as torch (``torch.get_num_threads()``: one per dask worker).
+    Parameters
+    ----------
+    threads : int, optional
+        Threads of the sweep; by default as many as torch uses (``torch.get_num_threads()``:
+        one per dask worker). With one, the sweep runs on the calling thread and several
+        threads (tile tasks) may sweep at once; with more, sweeps take turns on numba's pool.
     """
     import numba
 
-    from superdml._private.slic_cpu import slic_sweep
+    from superdml._private.slic_cpu import slic_sweep, slic_sweep_serial
 
     # the size of numba's pool (config attributes are set at import: mypy cannot see them)
     pool = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
-    threads = min(torch.get_num_threads(), pool)
-    numba.set_num_threads(threads)
+    threads = max(1, min(threads or torch.get_num_threads(), pool))
     c, h, w = features.shape
     labels = np.empty((h, w), dtype=np.int64)
     n = active.numel() if with_sums else 0
     partial = np.zeros((threads, n, 3 + c), dtype=np.float64)
-    with _CPU_KERNEL_LOCK:
-        slic_sweep(
-            features.numpy(), valid.numpy(), centers.numpy(), active.numpy(), step, labels, partial
-        )
+    arrays = (features.numpy(), valid.numpy(), centers.numpy(), active.numpy())
+    if threads == 1:
+        slic_sweep_serial(*arrays, step, labels, partial)
+    else:
+        with _CPU_KERNEL_LOCK:
+            numba.set_num_threads(threads)
+            slic_sweep(*arrays, step, labels, partial)
     sums = torch.from_numpy(partial.sum(axis=0)).view(*active.shape, -1) if with_sums else None
     return torch.from_numpy(labels), sums
 
 
-def _sweep_for(device: torch.device, kernel: Kernel) -> Sweep:
+def _sweep_for(device: torch.device, kernel: Kernel, threads: int | None = None) -> Sweep:
     """Return the sweep of `kernel` on `device`: eager reference, numba or compiled."""
     if kernel == "reference":
         return reference_sweep
     if device.type == "cpu":
-        return cpu_sweep
+        return functools.partial(cpu_sweep, threads=threads)
     return functools.partial(reference_sweep, compiled=True)
 
 
@@ -283,10 +291,11 @@ def slic_centers(
     max_iter: int,
     device: str | torch.device = "cpu",
     kernel: Kernel = "fast",
+    threads: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run SLIC on a window aligned to the global grid and return its cells' centers.
 
-    The torch backend of :func:`superdml.segment.slic_centers`: same arguments, same result.
+    The torch backend of :func:`superdml.superpixels.slic_centers`: same arguments, same result.
 
     Parameters
     ----------
@@ -297,6 +306,8 @@ def slic_centers(
     device : str or torch.device
     kernel : {"fast", "reference"}
         The numba kernel on the CPU (``torch.compile`` on CUDA), or the eager reference.
+    threads : int, optional
+        Threads of the numba kernel (:func:`cpu_sweep`).
 
     Returns
     -------
@@ -304,7 +315,7 @@ def slic_centers(
     active : (H // step, W // step) bool ndarray
     """
     device = torch.device(device)
-    sweep = _sweep_for(device, kernel)
+    sweep = _sweep_for(device, kernel, threads)
     f = torch.from_numpy(features).to(device)
     v = torch.from_numpy(valid).to(device)
     centers, active = cell_means(f, v, step)
@@ -327,15 +338,16 @@ def assign_pixels(
     step: int,
     device: str | torch.device = "cpu",
     kernel: Kernel = "fast",
+    threads: int | None = None,
 ) -> np.ndarray:
-    """Assign pixels to centers: :func:`superdml.segment.assign_pixels` on a torch device.
+    """Assign pixels to centers: :func:`superdml.superpixels.assign_pixels` on a torch device.
 
     Returns
     -------
     (H, W) int64 ndarray
     """
     device = torch.device(device)
-    labels, _ = _sweep_for(device, kernel)(
+    labels, _ = _sweep_for(device, kernel, threads)(
         torch.from_numpy(features).to(device),
         torch.from_numpy(valid).to(device),
         torch.from_numpy(centers).to(device),

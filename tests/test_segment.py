@@ -1,4 +1,5 @@
 import json
+import platform
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -7,16 +8,11 @@ import rasterio
 from rasters import CRS, texture_mosaic, write_raster
 from skimage import data
 
+import superdml._private.segment_tasks as segment_tasks
 import superdml.segment as segment_module
 from superdml.config import SegmentConfig
 from superdml.errors import ConfigError, InputError, MissingInputError
-from superdml.segment import (
-    assign_pixels,
-    enforce_connectivity,
-    load_segment_runs,
-    segment_raster,
-    slic_centers,
-)
+from superdml.segment import load_segment_runs, segment_raster
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +118,7 @@ def test_rerun_is_skipped_and_identical(mosaic_tif, mosaic_runs):
 def test_resume_after_interruption_gives_identical_output(
     mosaic_tif, mosaic_runs, tmp_path, monkeypatch
 ):
-    real = segment_module._assign_task
+    real = segment_module.assign_task
     calls = {"n": 0}
 
     def interrupted(grid, tile):
@@ -131,7 +127,7 @@ def test_resume_after_interruption_gives_identical_output(
         calls["n"] += 1
         return real(grid, tile)
 
-    monkeypatch.setattr(segment_module, "_assign_task", interrupted)
+    monkeypatch.setattr(segment_module, "assign_task", interrupted)
     config = SegmentConfig(region_size=16, tile_size=256)
     with pytest.raises(KeyboardInterrupt):
         segment_raster(mosaic_tif, tmp_path, config)
@@ -148,7 +144,7 @@ def test_resume_after_interruption_gives_identical_output(
             computed.append(tile.key)
         return real(grid, tile)
 
-    monkeypatch.setattr(segment_module, "_assign_task", counting)
+    monkeypatch.setattr(segment_module, "assign_task", counting)
     resumed = segment_raster(mosaic_tif, tmp_path, config)
     assert len(computed) == 2  # 4 tiles, 2 were done
     a, *_ = read_segments(resumed)
@@ -301,42 +297,15 @@ def test_all_nodata_raster_is_a_clear_error(tmp_path):
     assert not (tmp_path / "out" / "empty" / "segments.tif").exists()
 
 
-# --------------------------------------------------------------- pure functions
+def test_in_process_threads_follow_the_tiles_and_device(monkeypatch):
+    monkeypatch.setattr(segment_tasks, "default_workers", lambda: 4)
+    assert segment_tasks.in_process_threads("cpu", 9) == (2, 2)
+    assert segment_tasks.in_process_threads("cpu", 1) == (1, 4)  # one tile: every core sweeps
+    assert segment_tasks.in_process_threads("cuda", 9) == (1, None)  # fed by the read-ahead
 
 
-def test_slic_centers_follow_a_two_region_image():
-    image = np.zeros((1, 32, 64), np.float32)
-    image[:, :, 32:] = 10.0
-    valid = np.ones((32, 64), bool)
-    centers, active = slic_centers(image, valid, step=16, max_iter=5)
-    assert active.all()
-    left = centers[:, :2, 2]
-    right = centers[:, 2:, 2]
-    np.testing.assert_allclose(left, 0.0)
-    np.testing.assert_allclose(right, 10.0)
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_threaded_runs_set_the_heap_options():
+    from superdml._private.heap import map_large_allocations
 
-
-def test_assign_pixels_picks_nearest_center():
-    features = np.zeros((1, 4, 8), np.float32)
-    features[:, :, 4:] = 5.0
-    centers = np.zeros((3, 4, 3), np.float32)  # 1 x 2 cells plus a one-cell ring
-    active = np.zeros((3, 4), bool)
-    centers[1, 1] = (1.5, 1.5, 0.0)
-    centers[1, 2] = (1.5, 5.5, 5.0)
-    active[1, 1] = active[1, 2] = True
-    index = assign_pixels(features, np.ones((4, 8), bool), centers, active, step=4)
-    assert (index[:, :4] == 1 * 4 + 1).all() and (index[:, 4:] == 1 * 4 + 2).all()
-
-
-def test_enforce_connectivity_merges_fragment_into_longest_border():
-    labels = np.array(
-        [
-            [1, 1, 1, 2, 2],
-            [1, 1, 1, 2, 2],
-            [3, 3, 3, 3, 1],
-            [3, 3, 3, 3, 3],
-        ]
-    )
-    fixed = enforce_connectivity(labels)
-    assert fixed[2, 4] == 3  # the lone 1 borders 3 twice and 2 once
-    assert (fixed[:2, :3] == 1).all()
+    assert map_large_allocations() is True

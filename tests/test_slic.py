@@ -9,7 +9,7 @@ from rasters import write_raster
 from scipy import ndimage
 from skimage.segmentation import slic as skimage_slic
 
-import superdml.segment as numpy_slic
+import superdml.superpixels as numpy_slic
 from superdml import slic
 from superdml.cli import cli
 from superdml.config import SegmentConfig, load_config
@@ -65,11 +65,13 @@ def test_centers_match_numpy(n_bands, kernel):
     assert np.quantile(diff, 0.99) < 1e-3 and diff.max() < 1.0
 
 
-def test_cpu_kernel_sums_equal_reference_sums():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_kernel_sums_equal_reference_sums(threads):
+    """One thread: the serial kernel, which tile threads run at once; two: numba's pool."""
     features, valid = window(3)
     centers, active = ring_centers(features, valid)
     tensors = [torch.from_numpy(a) for a in (features, valid, centers, active)]
-    labels, sums = slic.cpu_sweep(*tensors, STEP, True)
+    labels, sums = slic.cpu_sweep(*tensors, STEP, True, threads=threads)
     ref_labels, ref_sums = slic.reference_sweep(*tensors, STEP, True)
     torch.testing.assert_close(labels, ref_labels, rtol=0, atol=0)
     assert sums.shape == ref_sums.shape == (*active.shape, 6)
@@ -257,13 +259,12 @@ def test_cli_backend_option_reaches_the_run(small_tif, tmp_path):
 
 def test_read_ahead_gives_the_same_segments(demo_tif, segments, tmp_path, monkeypatch):
     """On a GPU tile tasks read the next tile on a reader thread; forced here on the CPU."""
-    import superdml.segment as segment_module
-    from superdml._private import read_ahead
+    from superdml._private import read_ahead, segment_tasks
 
     hits = []
     claim = read_ahead.claim
     monkeypatch.setattr(read_ahead, "claim", lambda key: hits.append(claim(key)) or hits[-1])
-    monkeypatch.setattr(segment_module, "_reads_ahead", lambda grid: True)
+    monkeypatch.setattr(segment_tasks, "reads_ahead", lambda grid: True)
     config = SegmentConfig(region_size=STEP, tile_size=128, backend="torch", device="cpu")
     result = segment_raster(demo_tif[0], tmp_path, config)
     with rasterio.open(result.segments_path) as src:
