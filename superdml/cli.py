@@ -63,7 +63,7 @@ def cluster_options(f: Callable[..., Any]) -> Callable[..., Any]:
         "--workers",
         type=click.IntRange(min=0),
         help="Worker processes of the local dask cluster (default: one per core; label: "
-        "one using every core; 0: no cluster, run in this process).",
+        "none, it runs in this process, its model on every core; 0: no cluster).",
     )(f)
 
 

@@ -9,9 +9,10 @@ model and the reference index once (a cache keyed by their SHA-256) and reuses t
 
 The model runs through :class:`superdml.embed.Embedder`: channels_last, bf16 autocast
 where the device computes bf16 (``LabelConfig.precision``); on CUDA the batch is copied
-from pinned memory without blocking and the kNN search runs on the GPU too. A worker
-process runs two tile tasks at a time but one forward at a time, so one task reads and
-crops its tile while the other's crops are embedded and the model never waits for I/O.
+from pinned memory without blocking and the kNN search runs on the GPU too. By default
+the tiles are labeled in the calling process, one after another, the model on every
+core (:data:`superdml.cluster.SHAPES`); a worker with several task threads runs one
+forward at a time, so one task can read and crop its tile while another's are embedded.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from superdml.cluster import map_tasks
+from superdml.cluster import SHAPES, make_client, map_tasks
+from superdml.errors import InputError
 
 
 def square_slowly(x):
@@ -39,3 +40,14 @@ def test_error_on_a_thread_stops_the_map_after_running_tasks_finish():
         map_tasks(task, [(x,) for x in range(8)], threads=2)
     assert max(started) <= 3  # nothing submitted after the error was seen
     assert sorted(finished) == sorted(x for x in started if x != 2)
+
+
+def test_label_runs_in_this_process_unless_workers_are_asked_for():
+    assert SHAPES["label"].processes == 0
+    with make_client(stage="label") as client:
+        assert client is None
+    with make_client(workers=0) as client:
+        assert client is None
+    with pytest.raises(InputError, match="give one, not both"):
+        with make_client(workers=1, scheduler="tcp://127.0.0.1:1"):
+            pass
