@@ -8,8 +8,8 @@ the truth as label raster), an untrained checkpoint of the benchmark's model (we
 not change the speed) carrying the 64 px crop rule, and its reference index.
 
 ``label_cli``: ``superdml label SEGMENTS --checkpoint --reference --out`` in a
-subprocess, with the defaults a user gets (the local cluster of the ``label`` shape,
-``--precision auto``); the rate is the one the command prints (the whole
+subprocess, with the defaults a user gets (``superdml.cluster.SHAPES["label"]``: in
+process; ``--precision auto``); the rate is the one the command prints (the whole
 :func:`superdml.label.label` call: loading the checkpoint and index, reading, cropping,
 embedding, kNN vote, writing every part; the cluster's start is not counted).
 

@@ -14,8 +14,8 @@ segment  ``segment_raster`` on the default local     one ``skimage.segmentation.
          cluster (``benchmarks/segment.py``)          the same image, same parameters
 train    the training loop (``benchmarks/train.py``)  bare forward+backward+step of the same
                                                      model and batch at the same precision
-label    ``superdml label`` with its defaults: the   the fastest bare forward of the same
-         local cluster, ``--precision auto``         model on the device: fp32, fp32
+label    ``superdml label`` with its defaults (in    the fastest bare forward of the same
+         process), ``--precision auto``              model on the device: fp32, fp32
          (``benchmarks/label.py``)                   channels_last, bf16 channels_last
 knn      ``ReferenceIndex.search`` over 100k         ``torch.mm`` + ``topk`` of the same
          references (``benchmarks/knn.py``)          shapes
