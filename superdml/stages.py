@@ -444,7 +444,8 @@ REGISTRY: dict[str, StageSpec] = {
             "evaluate",
             "superdml.evaluate:evaluate",
             _evaluate_summary,
-            "Evaluate a checkpoint: metrics.json, confusion matrix, t-SNE and similarity figures.",
+            "Evaluate a checkpoint: metrics.json, predictions.parquet (each crop's label and "
+            "score), confusion matrix, t-SNE and similarity figures.",
             (
                 _CHECKPOINT,
                 Param(
