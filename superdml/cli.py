@@ -236,12 +236,12 @@ def run_command(
     A shipped pipeline runs in the current folder unless --workdir says otherwise;
     `superdml init DIR` writes editable copies of them.
     """
-    from superdml.cluster import make_client
+    from superdml.cluster import stage_clients
     from superdml.pipeline import load_pipeline, run_pipeline
 
     load_pipeline(pipeline, list(sets), workdir)  # fail on a bad file before starting a cluster
-    with make_client(workers, scheduler) as client:
-        result = run_pipeline(pipeline, list(sets), workdir, list(force), client, device)
+    with stage_clients(workers, scheduler) as clients:
+        result = run_pipeline(pipeline, list(sets), workdir, list(force), clients, device)
     for stage in result.stages:
         click.echo(f"{stage.name}: {stage.status} ({stage.seconds:.1f} s)")
 
@@ -290,11 +290,11 @@ def demo_command(
     scheduler: str | None,
 ) -> None:
     """Label a sample mosaic end to end and write DIR/report.md and DIR/overview.png."""
-    from superdml.cluster import make_client
+    from superdml.cluster import stage_clients
     from superdml.demo import demo
 
-    with make_client(workers, scheduler) as client:
-        result = demo(out, device, size, epochs, client)
+    with stage_clients(workers, scheduler) as clients:
+        result = demo(out, device, size, epochs, clients)
     click.echo(
         f"demo finished in {result.seconds:.0f} s: unseen-half pixel accuracy "
         f"{result.pixel_accuracy:.3f}\n  report:   {result.report}\n  overview: {result.overview}\n"

@@ -80,8 +80,7 @@ def make_client(
     """
     from distributed import Client, LocalCluster
 
-    if scheduler is not None and workers is not None:
-        raise InputError("--workers and --scheduler: give one, not both")
+    _check_options(workers, scheduler)
     if scheduler is not None:
         try:
             client = Client(scheduler, timeout="10s")
@@ -108,6 +107,35 @@ def make_client(
         Client(cluster) as client,
     ):
         yield client
+
+
+def _check_options(workers: int | None, scheduler: str | None) -> None:
+    if scheduler is not None and workers is not None:
+        raise InputError("--workers and --scheduler: give one, not both")
+
+
+@contextlib.contextmanager
+def stage_clients(
+    workers: int | None = None, scheduler: str | None = None
+) -> Iterator[Callable[[Stage], Any]]:
+    """Yield ``client_for(stage)``: the client of each stage shape, for runs of several stages.
+
+    Each client is made by :func:`make_client` when a stage of its shape first asks for
+    it, shared by the later stages of the same shape, and closed on exit; so a pipeline
+    labels in its own process (the ``label`` shape) while segment and export share one
+    local cluster. With `workers` or `scheduler`, every stage shares one client.
+    """
+    _check_options(workers, scheduler)
+    made: dict[object, Any] = {}
+    with contextlib.ExitStack() as stack:
+
+        def client_for(stage: Stage) -> Any:
+            key = SHAPES[stage] if workers is None and scheduler is None else "given"
+            if key not in made:
+                made[key] = stack.enter_context(make_client(workers, scheduler, stage))
+            return made[key]
+
+        yield client_for
 
 
 def map_tasks(

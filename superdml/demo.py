@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from rasterio.transform import from_origin
 
 from superdml._private.atomic import atomic_write, write_json
 from superdml._private.ownership import claim_output
+from superdml.cluster import Stage
 
 CLASS_NAMES = ("brick", "grass", "gravel", "coffee", "cat")
 DEMO_CRS = "EPSG:32633"  # WGS 84 / UTM zone 33N
@@ -213,7 +215,7 @@ def demo(
     device: str = "auto",
     size: int = 1024,
     epochs: int | None = None,
-    client: Any = None,
+    clients: Callable[[Stage], Any] | None = None,
 ) -> DemoResult:
     """Run the demo: mosaic -> segment -> crops -> train -> index -> label -> export -> review.
 
@@ -226,7 +228,9 @@ def demo(
         Side of the square mosaic in pixels (1024: the full demo).
     epochs : int, optional
         Training epochs (the pipeline's value when None).
-    client : distributed.Client, optional
+    clients : callable, optional
+        The dask client of each cluster shape (:func:`superdml.cluster.stage_clients`);
+        everything runs in this process when None.
 
     Returns
     -------
@@ -242,7 +246,7 @@ def demo(
         sets = [f"mosaic={data.mosaic}", f"truth_left={data.truth_left}"]
         if epochs is not None:
             sets.append(f"epochs={epochs}")
-        result = run_pipeline("demo", sets, out_dir, client=client, device=device)
+        result = run_pipeline("demo", sets, out_dir, clients=clients, device=device)
         scheme = load_label_run(out_dir / "labels").scheme
         labels, scores = out_dir / "labels" / "labels.tif", out_dir / "labels" / "scores.tif"
         with rasterio.open(labels) as src:

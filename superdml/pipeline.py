@@ -28,7 +28,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ import yaml
 
 from superdml._private.atomic import write_json
 from superdml._private.ownership import check_apart, claim_output
+from superdml.cluster import Stage as ClusterShape
 from superdml.config import parse_override
 from superdml.errors import ConfigError, InputError
 from superdml.provenance import fingerprint
@@ -295,7 +296,7 @@ def run_pipeline(
     sets: list[str] | None = None,
     workdir: str | Path | None = None,
     force: list[str] | None = None,
-    client: Any = None,
+    clients: Callable[[ClusterShape], Any] | None = None,
     device: str = "auto",
 ) -> PipelineResult:
     """Run a pipeline file, skipping stages whose outputs are complete and up to date.
@@ -310,7 +311,10 @@ def run_pipeline(
         Where relative paths resolve and the stage manifests live.
     force : list of str, optional
         Stage names to rerun, with every stage after them.
-    client : distributed.Client, optional
+    clients : callable, optional
+        ``clients(shape)``: the dask client of the stages of a cluster shape
+        (:func:`superdml.cluster.stage_clients`); every stage runs in this process
+        when None.
     device : {"auto", "cpu", "cuda"}
 
     Returns
@@ -324,12 +328,16 @@ def run_pipeline(
         if name not in known:
             raise ConfigError(f"--force {name}: no such stage in {path} ({', '.join(known)})")
     with claim_output(pipeline.workdir / STATE_DIR, "pipeline") as state:
-        outcomes = _run_stages(pipeline, state, force or [], client, device)
+        outcomes = _run_stages(pipeline, state, force or [], clients, device)
     return PipelineResult(pipeline.workdir, outcomes, time.perf_counter() - start)
 
 
 def _run_stages(
-    pipeline: Pipeline, state: Path, force: list[str], client: Any, device: str
+    pipeline: Pipeline,
+    state: Path,
+    force: list[str],
+    clients: Callable[[ClusterShape], Any] | None,
+    device: str,
 ) -> list[StageOutcome]:
     """Run or skip each stage in order (see :func:`run_pipeline`)."""
     forced = False
@@ -357,6 +365,7 @@ def _run_stages(
         write_json(manifest_path, record)
         logger.info("%s: running", stage.name)
         t0 = time.perf_counter()
+        client = clients(spec.cluster) if clients and "client" in spec.context else None
         spec.run(dict(stage.options), RunContext(client, device, resume, overwrite=True))
         record["finished"] = time.time()
         write_json(manifest_path, record)

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from superdml.cluster import SHAPES, make_client, map_tasks
+from superdml.cluster import SHAPES, make_client, map_tasks, stage_clients
 from superdml.errors import InputError
 
 
@@ -50,4 +50,17 @@ def test_label_runs_in_this_process_unless_workers_are_asked_for():
         assert client is None
     with pytest.raises(InputError, match="give one, not both"):
         with make_client(workers=1, scheduler="tcp://127.0.0.1:1"):
+            pass
+
+
+def test_stage_clients_make_one_client_per_shape_on_first_use():
+    with stage_clients() as client_for:
+        assert client_for("label") is None  # labeling runs in this process
+    with stage_clients(workers=1) as client_for:
+        client = client_for("cpu")
+        assert len(client.nthreads()) == 1
+        assert client_for("label") is client  # --workers: every stage shares it
+    assert client.status == "closed"
+    with pytest.raises(InputError, match="give one, not both"):
+        with stage_clients(workers=1, scheduler="tcp://127.0.0.1:1"):
             pass
