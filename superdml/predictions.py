@@ -206,14 +206,72 @@ def load_label_run(out_dir: str | Path) -> LabelRun:
     return LabelRun(out_dir, list(meta["class_names"]), int(meta["tile_size"]), meta)
 
 
+class IdTable:
+    """The map ``keys -> values`` from superpixel ids, built once to map many id arrays.
+
+    Unsigned keys of up to 32 bits that span no more values than `dense_up_to` (segment
+    ids: a grid's cell numbers) go into a dense table indexed by ``id - min(keys)``:
+    one compiled gather per id (:func:`superdml._private.gather.gather`), no search, no
+    int64 copy of the ids. Other keys (or ids) are found by binary search in the sorted
+    keys. A table is read-only once built: threads may share it.
+
+    Parameters
+    ----------
+    keys : (N,) ndarray, unique
+    values : (N,) ndarray
+    fill : scalar
+        The value of ids not in `keys`.
+    dense_up_to : int
+        The largest key span a dense table may have (its size, in entries).
+    """
+
+    def __init__(self, keys: np.ndarray, values: np.ndarray, fill: Any, dense_up_to: int) -> None:
+        keys, values = np.asarray(keys), np.asarray(values)
+        self.fill, self.dtype = fill, values.dtype
+        self.lo = int(keys.min()) if keys.size else 0
+        span = int(keys.max()) - self.lo if keys.size else 0
+        order = np.argsort(keys)
+        self.keys, self.values = keys[order], values[order]
+        self.table: np.ndarray | None = None
+        if keys.dtype.kind in "ui" and self.lo >= 0 and span <= dense_up_to:
+            if self.lo + span <= np.iinfo(np.uint32).max:
+                self.table = np.full(span + 2, fill, dtype=values.dtype)
+                self.table[keys - self.lo] = values
+
+    def take(self, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Map `ids` through the table.
+
+        Parameters
+        ----------
+        ids : ndarray of any shape
+        out : ndarray of `ids`'s shape and the values' dtype, optional
+            Written in place.
+
+        Returns
+        -------
+        ndarray of `ids`'s shape and the values' dtype
+        """
+        if out is None:
+            out = np.empty(ids.shape, dtype=self.dtype)
+        if self.table is not None and ids.dtype.kind == "u" and ids.dtype.itemsize <= 4:
+            from superdml._private.gather import gather
+
+            as_2d = (-1, ids.shape[-1]) if ids.ndim >= 2 else (1, -1)
+            gather(ids.reshape(as_2d), self.lo, self.table, out.reshape(as_2d))
+            return out
+        out[...] = self.fill
+        if self.keys.size:
+            pos = np.searchsorted(self.keys, ids).clip(0, self.keys.size - 1)
+            hit = self.keys[pos] == ids
+            out[hit] = self.values[pos[hit]]
+        return out
+
+
 def lookup(ids: np.ndarray, keys: np.ndarray, values: np.ndarray, fill: Any) -> np.ndarray:
     """Map `ids` through the table ``keys -> values``; ids not in `keys` get `fill`.
 
-    Unsigned `ids` of up to 32 bits whose `keys` span no more values than there are ids
-    and keys (segment ids: a grid's cell numbers) go through a dense table indexed by
-    ``id - min(keys)`` in the ids' own dtype (ids below the minimum wrap around past the
-    table's end, where `fill` is): one gather per id, no sort, no int64 copy of `ids`.
-    Other ids are found by binary search in the sorted keys.
+    One :class:`IdTable` for one array: dense when the keys span no more values than
+    there are ids and keys.
 
     Parameters
     ----------
@@ -226,21 +284,4 @@ def lookup(ids: np.ndarray, keys: np.ndarray, values: np.ndarray, fill: Any) -> 
     -------
     ndarray of `ids`'s shape and `values`'s dtype
     """
-    if keys.size == 0:
-        return np.full(ids.shape, fill, dtype=values.dtype)
-    lo, hi = int(keys.min()), int(keys.max())
-    small = ids.dtype.kind == "u" and ids.dtype.itemsize <= 4  # wrapped ids stay positive int64
-    if small and lo >= 0 and hi - lo <= ids.size + keys.size:
-        if hi > np.iinfo(ids.dtype).max:  # keys no id of this dtype can equal
-            inside = keys <= np.iinfo(ids.dtype).max
-            return lookup(ids, keys[inside], values[inside], fill)
-        table = np.full(hi - lo + 2, fill, dtype=values.dtype)
-        table[keys - lo] = values
-        index = np.subtract(ids, ids.dtype.type(lo))
-        return table.take(index, mode="clip")
-    out = np.full(ids.shape, fill, dtype=values.dtype)
-    order = np.argsort(keys)
-    pos = np.searchsorted(keys, ids, sorter=order).clip(0, keys.size - 1)
-    hit = keys[order[pos]] == ids
-    out[hit] = values[order[pos[hit]]]
-    return out
+    return IdTable(keys, values, fill, ids.size + np.size(keys)).take(ids)

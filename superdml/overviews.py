@@ -1,0 +1,148 @@
+"""Overviews of label and score rasters: 2x2 mode and 2x2 mean, level by level.
+
+Each level halves the one below it (sizes rounded up: level ``f`` of an ``H x W`` raster
+is ``ceil(H / f) x ceil(W / f)``, as GDAL sizes overviews). A block cut by the raster's
+last row or column holds only the pixels that are there. Levels computed window by
+window equal levels computed on the whole raster as long as each window starts on a
+multiple of the largest factor: blocks never straddle two windows.
+
+- :func:`downsample_mode`: the most frequent value of each block, nodata left out; on a
+  tie, the value met first in the order top-left, top-right, bottom-left, bottom-right;
+  nodata where the whole block is nodata. The class a label overview shows is always a
+  class of some pixel below it, never a blend.
+- :func:`downsample_mean`: the mean of each block's non-NaN values; NaN where all are NaN.
+
+The kernels are compiled (numba) and release the GIL, so windows computed on threads
+run side by side.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+
+def overview_factors(height: int, width: int, block_size: int) -> list[int]:
+    """Return the overview factors GDAL's COG driver would make: 2, 4, 8... while needed.
+
+    Levels are added until the smallest fits in one block (``block_size`` on each side);
+    a raster that fits in one block has none.
+
+    Examples
+    --------
+    >>> overview_factors(4096, 4096, 512)
+    [2, 4, 8]
+    >>> overview_factors(512, 300, 512)
+    []
+    """
+    factors: list[int] = []
+    factor = 1
+    while max(math.ceil(height / factor), math.ceil(width / factor)) > block_size:
+        factor *= 2
+        factors.append(factor)
+    return factors
+
+
+def halved_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """Return the shape of the level above a ``(H, W)`` level: the halves, rounded up."""
+    return (shape[0] + 1) // 2, (shape[1] + 1) // 2
+
+
+def downsample_mode(src: np.ndarray, nodata: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Return the 2x2 mode of an integer raster (the module's rule for ties and nodata).
+
+    Parameters
+    ----------
+    src : (H, W) integer ndarray
+    nodata : int
+        The value left out of the counts.
+    out : (ceil(H / 2), ceil(W / 2)) ndarray of `src`'s dtype, optional
+        Written in place (a view into a larger level is fine).
+
+    Returns
+    -------
+    (ceil(H / 2), ceil(W / 2)) ndarray of `src`'s dtype
+    """
+    out = _out(src, out)
+    _mode_2x2(src, src.dtype.type(nodata), out)
+    return out
+
+
+def downsample_mean(src: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Return the 2x2 mean of a float32 raster, NaN left out.
+
+    Parameters
+    ----------
+    src : (H, W) float32 ndarray
+    out : (ceil(H / 2), ceil(W / 2)) float32 ndarray, optional
+        Written in place.
+
+    Returns
+    -------
+    (ceil(H / 2), ceil(W / 2)) float32 ndarray
+    """
+    out = _out(src, out)
+    _mean_2x2(src, out)
+    return out
+
+
+def _out(src: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    if src.ndim != 2:
+        raise ValueError(f"expected a (H, W) array, got shape {src.shape}")
+    shape = halved_shape(src.shape)
+    if out is None:
+        return np.empty(shape, src.dtype)
+    if out.shape != shape or out.dtype != src.dtype:
+        raise ValueError(f"out is {out.dtype} {out.shape}, expected {src.dtype} {shape}")
+    return out
+
+
+# A block cut by the last row or column repeats that row or column: a repeated pixel
+# doubles its own count and weight, which changes neither the mode nor the mean.
+
+
+@numba.njit(cache=True, nogil=True)
+def _mode_2x2(src: np.ndarray, nodata: int, out: np.ndarray) -> None:
+    h, w = src.shape
+    for i in range(out.shape[0]):
+        r0 = 2 * i
+        r1 = min(r0 + 1, h - 1)
+        for j in range(out.shape[1]):
+            c0 = 2 * j
+            c1 = min(c0 + 1, w - 1)
+            out[i, j] = _mode4(src[r0, c0], src[r0, c1], src[r1, c0], src[r1, c1], nodata)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _mode4(a, b, c, d, nodata):
+    # a value seen twice or more wins, the earliest such first; else the earliest value;
+    # a winning nodata gives way to the earliest other value
+    if a == b or a == c or a == d:
+        if a != nodata:
+            return a
+        return b if b != nodata else (c if c != nodata else d)
+    if b == c or b == d:
+        return b if b != nodata else a
+    if c == d:
+        return c if c != nodata else a
+    return a if a != nodata else b
+
+
+@numba.njit(cache=True, nogil=True)
+def _mean_2x2(src: np.ndarray, out: np.ndarray) -> None:
+    h, w = src.shape
+    for i in range(out.shape[0]):
+        r0 = 2 * i
+        r1 = min(r0 + 1, h - 1)
+        for j in range(out.shape[1]):
+            c0 = 2 * j
+            c1 = min(c0 + 1, w - 1)
+            total = np.float32(0.0)
+            count = 0
+            for value in (src[r0, c0], src[r0, c1], src[r1, c0], src[r1, c1]):
+                if not np.isnan(value):
+                    total += value
+                    count += 1
+            out[i, j] = total / np.float32(count) if count else np.float32(np.nan)
