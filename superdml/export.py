@@ -1,11 +1,11 @@
 """GIS exports of predictions: label and score rasters, polygons, QGIS style, summary.
 
-Rasters are written in windows of whole output blocks from ``segments.tif`` and the
-predictions parts of the tiles around the window (a lookup table from segment id to
-class, each part read once), never the whole raster in memory. With
-``raster_format="cog"`` the tiled GeoTIFF is then copied by GDAL's COG driver
-(overviews by mode for labels, average for scores). GDAL's compression, decoding and
-overviews, which bound the rasters' speed, run on all cores.
+Rasters are computed window by window (whole output blocks) from ``segments.tif`` and
+the raster's predictions, with their overview levels (mode for labels, mean for scores:
+:mod:`superdml.overviews`), into memory-mapped staging arrays; GDAL then writes each
+raster once from them, a COG with those overviews or a tiled GeoTIFF
+(:class:`~superdml._private.staged_raster.StagedRaster`). Windows run on a thread per
+core; GDAL compresses on all cores.
 Polygons are traced per tile over the superpixels that tile owns, so each superpixel
 is traced once, whole.
 """
@@ -15,7 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -27,25 +30,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import rasterio
 import rasterio.features
-import rasterio.shutil
 from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
-from superdml._private.atomic import atomic_write, temp_path, write_json
+from superdml._private.atomic import atomic_write, write_json
 from superdml._private.ownership import claim_output
 from superdml._private.progress import progress
+from superdml._private.staged_raster import StagedRaster
 from superdml.classes import UNKNOWN, UNKNOWN_COLOR, ClassScheme
 from superdml.errors import InputError, input_error
-from superdml.predictions import LabelRun, load_label_run, lookup
-from superdml.raster import (
-    BLOCK_SIZE,
-    RasterInfo,
-    Tile,
-    geotiff_profile,
-    iter_blocks,
-    open_raster,
-    read_window,
-)
+from superdml.overviews import downsample_mean, downsample_mode, overview_factors
+from superdml.predictions import IdTable, LabelRun, load_label_run, lookup
+from superdml.raster import BLOCK_SIZE, Tile, iter_blocks, open_raster, read_window
 from superdml.segment import SegmentRun, load_segment_runs
 
 logger = logging.getLogger(__name__)
@@ -53,22 +49,21 @@ logger = logging.getLogger(__name__)
 RasterFormat = Literal["cog", "gtiff"]
 VectorFormat = Literal["gpkg", "parquet", "none"]
 
-#: Compression of the label and score rasters. zstd at level 1 without a predictor: these
-#: rasters are runs of one value per superpixel, which a predictor breaks up; on the
-#: benchmark's rasters it compresses 4x faster than deflate level 6 for 10% more bytes
+#: Creation options of the COG rasters. zstd at level 1 without a predictor: these rasters
+#: are runs of one value per superpixel, which a predictor breaks up; on the benchmark's
+#: rasters it compresses 4x faster than deflate level 6 for 10% more bytes
 #: (``benchmarks/README.md``). ``NUM_THREADS``: compressed on all cores.
-COMPRESSION: dict[str, Any] = {
-    "compress": "zstd", "zstd_level": 1, "predictor": 1, "num_threads": "all_cpus",
-}  # fmt: skip
-#: Creation options of the COG copy (the same compression).
 COG_OPTIONS: dict[str, Any] = {
     "COMPRESS": "ZSTD", "LEVEL": 1, "NUM_THREADS": "ALL_CPUS", "BLOCKSIZE": BLOCK_SIZE,
     "BIGTIFF": "IF_SAFER",
 }  # fmt: skip
-#: GDAL settings of the raster writes: decode, compress and resample overviews on all
-#: cores; the COG driver's temporary overview file uncompressed (a third of the raster's
-#: pixels; compressing it with its default, LZW, doubled the COG copy of the scores).
-GDAL_CONFIG: dict[str, str] = {"GDAL_NUM_THREADS": "ALL_CPUS", "COG_TMP_COMPRESSION": "NONE"}
+#: Creation options of ``--raster-format gtiff``: the same compression and blocks, tiled.
+GTIFF_OPTIONS: dict[str, Any] = {
+    "COMPRESS": "ZSTD", "ZSTD_LEVEL": 1, "NUM_THREADS": "ALL_CPUS", "TILED": "YES",
+    "BLOCKXSIZE": BLOCK_SIZE, "BLOCKYSIZE": BLOCK_SIZE, "BIGTIFF": "IF_SAFER",
+}  # fmt: skip
+#: GDAL settings of the raster writes: decode ``segments.tif`` on all cores.
+GDAL_CONFIG: dict[str, str] = {"GDAL_NUM_THREADS": "ALL_CPUS"}
 #: Columns of ``superpixels.gpkg`` / ``.parquet`` (geometry as WKB).
 POLYGON_SCHEMA = pa.schema(
     [
@@ -138,124 +133,82 @@ def color_table(scheme: ClassScheme) -> dict[int, tuple[int, int, int, int]]:
     return table
 
 
-class _PartCache:
-    """The predictions parts of one raster as arrays, each read once, kept while needed.
-
-    Windows go row-major, so a part is dropped once the windows have passed its tile row
-    and the row below: what is held is about three rows of tiles.
-    """
-
-    def __init__(self, label_run: LabelRun, raster: str, tiles: list[Tile], dtype: str) -> None:
-        self.label_run, self.raster, self.dtype = label_run, raster, np.dtype(dtype)
-        self.by_index = {(t.ti, t.tj): t for t in tiles}
-        self.rows = 1 + max(t.ti for t in tiles)
-        self.cols = 1 + max(t.tj for t in tiles)
-        self.parts: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-
-    def around(
-        self, row: int, col: int, height: int, width: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Segment ids, label codes and scores of the tiles a window touches and their neighbours.
-
-        Parameters
-        ----------
-        row, col, height, width : int
-            The window, inside the raster.
-
-        Returns
-        -------
-        ids : (N,) uint32 ndarray
-        codes : (N,) ndarray of the scheme's dtype
-        scores : (N,) float32 ndarray
-        """
-        size = self.label_run.tile_size
-        ti0, ti1 = max(row // size - 1, 0), min((row + height - 1) // size + 1, self.rows - 1)
-        tj0, tj1 = max(col // size - 1, 0), min((col + width - 1) // size + 1, self.cols - 1)
-        for key in [k for k in self.parts if k[0] < ti0]:
-            del self.parts[key]
-        keys = [(ti, tj) for ti in range(ti0, ti1 + 1) for tj in range(tj0, tj1 + 1)]
-        for key in keys:
-            if key not in self.parts:
-                self.parts[key] = self._read(self.by_index[key])
-        ids, codes, scores = zip(*(self.parts[k] for k in keys), strict=True)
-        return np.concatenate(ids), np.concatenate(codes), np.concatenate(scores)
-
-    def _read(self, tile: Tile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        path = self.label_run.part_path(self.raster, tile)
-        if not path.exists():  # an incomplete run's missing part: its superpixels unlabeled
-            return np.empty(0, np.uint32), np.empty(0, self.dtype), np.empty(0, np.float32)
-        table = pq.ParquetFile(path).read(columns=["segment_id", "label_code", "score"])
-        return (
-            table.column("segment_id").to_numpy().astype(np.uint32, copy=False),
-            table.column("label_code").to_numpy().astype(self.dtype),
-            table.column("score").to_numpy(zero_copy_only=False).astype(np.float32, copy=False),
-        )
-
-
-def raster_profile(info: RasterInfo, dtype: str, nodata: float) -> dict[str, Any]:
-    """Profile of a label or score raster: :func:`geotiff_profile` with :data:`COMPRESSION`."""
-    profile = {
-        k: v for k, v in geotiff_profile(info, dtype, nodata=nodata).items() if k != "zlevel"
-    }
-    return {**profile, **COMPRESSION}
-
-
-def finish_raster(stage: Path, final: Path, cog: bool, resampling: str) -> None:
-    """Move a written raster into place: as is, or copied as a COG (overviews by `resampling`)."""
-    with atomic_write(final) as out:
-        if cog:
-            rasterio.shutil.copy(
-                stage, out, driver="COG", RESAMPLING=resampling, OVERVIEW_RESAMPLING=resampling,
-                **COG_OPTIONS,
-            )  # fmt: skip
-        else:
-            os.replace(stage, out)
-
-
 def write_label_rasters(
-    label_run: LabelRun, run: SegmentRun, labels_path: Path, scores_path: Path, cog: bool
+    label_run: LabelRun,
+    run: SegmentRun,
+    predictions: pa.Table,
+    labels_path: Path,
+    scores_path: Path,
+    cog: bool,
 ) -> None:
     """Write ``labels.tif`` and ``scores.tif`` for one raster, window by window.
 
-    Windows are whole blocks of the outputs (and of ``segments.tif``); each maps its
-    segment ids through the predictions of the tiles around it (:class:`_PartCache`).
-    GDAL runs with :data:`GDAL_CONFIG`.
+    Each window of ``segments.tif`` (whole blocks, a multiple of the largest overview
+    factor) is mapped through the raster's predictions (one :class:`IdTable` each for
+    codes and scores) into a :class:`StagedRaster`, and its overview levels computed
+    from it (:func:`downsample_mode` for labels, :func:`downsample_mean` for scores).
+    Windows run on a thread per core; GDAL then writes each raster once.
+
+    Parameters
+    ----------
+    label_run, run
+    predictions : pyarrow.Table
+        ``segment_id``, ``label_code`` and ``score`` of the raster's superpixels.
+    labels_path, scores_path : Path
+    cog : bool
+        COGs with overviews, else tiled GeoTIFFs without.
     """
     scheme = label_run.scheme
-    tiles = label_run.tiles(run.source.height, run.source.width)
-    parts = _PartCache(label_run, run.name, tiles, scheme.dtype)
-    windows = list(iter_blocks(run.source.height, run.source.width, WINDOW))
-    tmp_labels = temp_path(labels_path.with_name(f"{labels_path.stem}-stage.tif"))
-    tmp_scores = temp_path(scores_path.with_name(f"{scores_path.stem}-stage.tif"))
-    try:
-        with rasterio.Env(**GDAL_CONFIG):
-            with (
-                rasterio.open(
-                    tmp_labels, "w", **raster_profile(run.source, scheme.dtype, scheme.nodata)
-                ) as dst_l,
-                rasterio.open(
-                    tmp_scores, "w", **raster_profile(run.source, "float32", float("nan"))
-                ) as dst_s,
-                open_raster(run.segments_path) as seg,
-            ):
-                for row, col, height, width in progress(
-                    windows, total=len(windows), desc=f"{run.name}: rasters", unit="window"
-                ):
-                    window = Window(col, row, width, height)
-                    segments = seg.read(1, window=window)
-                    ids, codes, scores = parts.around(row, col, height, width)
-                    dst_l.write(lookup(segments, ids, codes, scheme.nodata), 1, window=window)
-                    dst_s.write(lookup(segments, ids, scores, np.nan), 1, window=window)
-                dst_l.write_colormap(1, color_table(scheme))
-                tags = label_tags(scheme)
-                dst_l.update_tags(1, **tags)
-                dst_l.update_tags(**tags)
-                dst_s.update_tags(1, description="kNN vote share of the predicted class")
-            finish_raster(tmp_labels, labels_path, cog, "MODE")
-            finish_raster(tmp_scores, scores_path, cog, "AVERAGE")
-    finally:
-        for tmp in (tmp_labels, tmp_scores):
-            tmp.unlink(missing_ok=True)
+    info = run.source
+    factors = overview_factors(info.height, info.width, BLOCK_SIZE) if cog else []
+    step = factors[-1] if factors else 1
+    size = -(-WINDOW // step) * step
+    windows = list(iter_blocks(info.height, info.width, size))
+    ids = predictions.column("segment_id").to_numpy()
+    pixels = info.height * info.width
+    codes = IdTable(ids, predictions.column("label_code").to_numpy(), scheme.nodata, pixels)
+    scores = predictions.column("score").to_numpy(zero_copy_only=False).astype(np.float32)
+    score_of = IdTable(ids, scores, np.float32(np.nan), pixels)
+    folder = labels_path.parent
+    cores = len(os.sched_getaffinity(0))
+    with (
+        rasterio.Env(**GDAL_CONFIG),
+        StagedRaster(folder, info, scheme.dtype, scheme.nodata, factors) as labels,
+        StagedRaster(folder, info, "float32", float("nan"), factors) as score_raster,
+        ExitStack() as stack,
+    ):
+        readers: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for _ in range(cores):
+            readers.put(stack.enter_context(open_raster(run.segments_path)))
+
+        def fill(window: tuple[int, int, int, int]) -> None:
+            row, col, height, width = window
+            segments = readers.get()
+            try:
+                ids = segments.read(1, window=Window(col, row, width, height))
+            finally:
+                readers.put(segments)
+            for staged, table in ((labels, codes), (score_raster, score_of)):
+                table.take(ids, out=staged.window(0, row, col, height, width))
+                for level in range(1, len(staged.levels)):
+                    below = staged.window(level - 1, row, col, height, width)
+                    out = staged.window(level, row, col, height, width)
+                    if staged is labels:
+                        downsample_mode(below, scheme.nodata, out)
+                    else:
+                        downsample_mean(below, out)
+
+        with ThreadPoolExecutor(cores, thread_name_prefix="superdml-export") as pool:
+            done = pool.map(fill, windows)
+            for _ in progress(done, total=len(windows), desc=f"{run.name}: rasters", unit="window"):
+                pass
+        options = COG_OPTIONS if cog else GTIFF_OPTIONS
+        tags = label_tags(scheme)
+        labels.write(labels_path, cog, options, color_table(scheme), tags, tags)
+        score_raster.write(
+            scores_path, cog, options,
+            band_tags={"description": "kNN vote share of the predicted class"},
+        )  # fmt: skip
 
 
 def _owned_polygons(label_run: LabelRun, run: SegmentRun, tile: Tile) -> pa.Table:
@@ -369,8 +322,20 @@ def _append_gpkg(path: Path, table: pa.Table, crs: Any, append: bool) -> None:
     )
 
 
-def summarize(label_run: LabelRun, run: SegmentRun) -> dict[str, Any]:
+def read_predictions(label_run: LabelRun, run: SegmentRun) -> pa.Table:
+    """``segment_id``, ``label_code`` and ``score`` of every labeled superpixel of a raster."""
+    tiles = label_run.tiles(run.source.height, run.source.width)
+    return label_run.read_parts(run.name, tiles, ["segment_id", "label_code", "score"])
+
+
+def summarize(label_run: LabelRun, run: SegmentRun, preds: pa.Table) -> dict[str, Any]:
     """Count, area (in map units squared) and mean score per class of one raster.
+
+    Parameters
+    ----------
+    label_run, run
+    preds : pyarrow.Table
+        :func:`read_predictions` of the raster.
 
     Returns
     -------
@@ -380,8 +345,6 @@ def summarize(label_run: LabelRun, run: SegmentRun) -> dict[str, Any]:
         entries by code, as a string, each with its ``name``).
     """
     scheme = label_run.scheme
-    tiles = label_run.tiles(run.source.height, run.source.width)
-    preds = label_run.read_parts(run.name, tiles, ["segment_id", "label_code", "score"])
     areas = pq.ParquetFile(run.table_path).read(columns=["segment_id", "area_px"])
     area = lookup(
         preds.column("segment_id").to_numpy(),
@@ -537,7 +500,10 @@ def _export_run(
     folder = Path(out) if n_runs == 1 else Path(out) / run.name
     folder.mkdir(parents=True, exist_ok=True)
     files = {"labels": folder / "labels.tif", "scores": folder / "scores.tif"}
-    write_label_rasters(label_run, run, files["labels"], files["scores"], raster_format == "cog")
+    preds = read_predictions(label_run, run)
+    write_label_rasters(
+        label_run, run, preds, files["labels"], files["scores"], raster_format == "cog"
+    )
     files["style"] = folder / "labels.qml"
     with atomic_write(files["style"]) as tmp:
         tmp.write_text(qgis_style(label_run.scheme))
@@ -546,7 +512,7 @@ def _export_run(
         files["polygons"] = folder / f"superpixels.{suffix}"
         write_polygons(label_run, run, files["polygons"], vector)
     files["summary"] = folder / "summary.json"
-    summary = summarize(label_run, run)
+    summary = summarize(label_run, run, preds)
     if incomplete is not None:
         summary["incomplete"] = incomplete
     write_json(files["summary"], summary)

@@ -1,4 +1,6 @@
+import errno
 import json
+import os
 import shutil
 
 import numpy as np
@@ -18,6 +20,7 @@ from superdml.config import SegmentConfig
 from superdml.crops import majority_labels
 from superdml.errors import InputError
 from superdml.export import export, qgis_style
+from superdml.overviews import downsample_mean, downsample_mode
 from superdml.predictions import MANIFEST, lookup, predictions_schema
 from superdml.raster import tile_grid
 from superdml.segment import load_segment_runs, segment_raster
@@ -149,6 +152,52 @@ def test_label_and_score_rasters_equal_a_direct_computation_across_windows(
     assert 0.8 < (labels > 0).mean() < 0.95  # an eighth of the raster unlabeled
     np.testing.assert_array_equal(labels, expected_labels)
     np.testing.assert_array_equal(scores, expected_scores)
+
+
+def test_cog_overviews_are_modes_and_means_of_the_level_below(labeled, tmp_path, monkeypatch):
+    # 64 px blocks: overviews at 2 and 4 on the 256 px raster; 96 px windows, on threads
+    monkeypatch.setattr(superdml.export, "BLOCK_SIZE", 64)
+    monkeypatch.setattr(superdml.export, "WINDOW", 96)
+    out = tmp_path / "out"
+    fake_label_run(labeled["seg"].out_dir, labeled["truth"], out)
+    files = export(out, labeled["seg"].out_dir, "cog", "none").outputs["mosaic"]
+    written = {p.name for p in out.iterdir()} - {".superdml-stage", ".superdml.lock"}
+    expected = {"label.json", "predictions", "labels.tif", "scores.tif", "labels.qml"}
+    assert written == {*expected, "summary.json"}  # the staging files never had a name
+    for name, downsample in (
+        ("labels", lambda level: downsample_mode(level, 0)),
+        ("scores", downsample_mean),
+    ):
+        with rasterio.open(files[name]) as src:
+            assert src.overviews(1) == [2, 4]
+            assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+            level = src.read(1)
+        assert level.shape == labeled["segments"].shape
+        for overview in range(2):
+            level = downsample(level)
+            with rasterio.open(files[name], overview_level=overview) as ovr:
+                np.testing.assert_array_equal(ovr.read(1), level)
+
+
+def test_no_room_to_stage_is_one_line_and_keeps_the_old_rasters(labeled, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    fake_label_run(labeled["seg"].out_dir, labeled["truth"], out)
+    export(out, labeled["seg"].out_dir, "gtiff", "none")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    (out / "notes.txt").write_text("mine")
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    result = CliRunner().invoke(
+        cli, ["export", str(out), "--segments", str(labeled["seg"].out_dir), "--vector", "none"]
+    )
+    assert result.exit_code == 2
+    assert f"{out}: no room on its disk to stage a uint8 raster of 256 x 256" in result.output
+    assert (out / "notes.txt").read_text() == "mine"
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after == {**before, "notes.txt": b"mine"}  # nothing new, nothing changed
 
 
 def test_score_raster_is_float_with_nan_nodata(labeled, exported):
