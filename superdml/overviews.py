@@ -99,49 +99,43 @@ def _out(src: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     return out
 
 
-# A block cut by the last row or column repeats that row or column: a repeated pixel
-# doubles its own count and weight, which changes neither the mode nor the mean.
+@numba.njit(cache=True, nogil=True, inline="always")
+def _block(src: np.ndarray, i: int, j: int) -> tuple:
+    """Return the four pixels of block ``(i, j)`` in raster order.
+
+    A block cut by the last row or column repeats that row or column: a repeated pixel
+    doubles its own count and weight, which changes neither the mode nor the mean.
+    """
+    h, w = src.shape
+    r0, c0 = 2 * i, 2 * j
+    r1, c1 = min(r0 + 1, h - 1), min(c0 + 1, w - 1)
+    return src[r0, c0], src[r0, c1], src[r1, c0], src[r1, c1]
 
 
 @numba.njit(cache=True, nogil=True)
 def _mode_2x2(src: np.ndarray, nodata: int, out: np.ndarray) -> None:
-    h, w = src.shape
     for i in range(out.shape[0]):
-        r0 = 2 * i
-        r1 = min(r0 + 1, h - 1)
         for j in range(out.shape[1]):
-            c0 = 2 * j
-            c1 = min(c0 + 1, w - 1)
-            out[i, j] = _mode4(src[r0, c0], src[r0, c1], src[r1, c0], src[r1, c1], nodata)
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _mode4(a, b, c, d, nodata):
-    # a value seen twice or more wins, the earliest such first; else the earliest value;
-    # a winning nodata gives way to the earliest other value
-    if a == b or a == c or a == d:
-        if a != nodata:
-            return a
-        return b if b != nodata else (c if c != nodata else d)
-    if b == c or b == d:
-        return b if b != nodata else a
-    if c == d:
-        return c if c != nodata else a
-    return a if a != nodata else b
+            a, b, c, d = _block(src, i, j)
+            # a value seen twice or more wins, the earliest such first; else the earliest
+            # value; a winning nodata gives way to the earliest other value
+            if a == b or a == c or a == d:
+                out[i, j] = a if a != nodata else (b if b != nodata else (c if c != nodata else d))
+            elif b == c or b == d:
+                out[i, j] = b if b != nodata else a
+            elif c == d:
+                out[i, j] = c if c != nodata else a
+            else:
+                out[i, j] = a if a != nodata else b
 
 
 @numba.njit(cache=True, nogil=True)
 def _mean_2x2(src: np.ndarray, out: np.ndarray) -> None:
-    h, w = src.shape
     for i in range(out.shape[0]):
-        r0 = 2 * i
-        r1 = min(r0 + 1, h - 1)
         for j in range(out.shape[1]):
-            c0 = 2 * j
-            c1 = min(c0 + 1, w - 1)
             total = np.float32(0.0)
             count = 0
-            for value in (src[r0, c0], src[r0, c1], src[r1, c0], src[r1, c1]):
+            for value in _block(src, i, j):
                 if not np.isnan(value):
                     total += value
                     count += 1
