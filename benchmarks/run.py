@@ -119,10 +119,11 @@ def run(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
         )
         rows.append(_row("train", workload, measured, "crops/s", measured["baseline"]))
     labels = root / "labels"
-    if "label" in stages or "export" in stages:
+    if "label" in stages or "export" in stages:  # export exports this label run
         spec = {**prep, "segments": segments, "out": str(labels), "device": device,
                 "batch_size": args.batch_size, "tile_size": args.tile_size}  # fmt: skip
         measured = run_case(HERE / "label.py", "label_cli", spec)
+    if "label" in stages:
         variants = ["fp32", "fp32 channels_last"] + ["bf16 channels_last"] * prep["bf16"]
         bare = {
             v: run_case(HERE / "label.py", "bare_forward", {**spec, "variant": v, "n": n_sp})
@@ -132,11 +133,10 @@ def run(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
         workload = f"{backbone} 128-d 64 px, {n_sp} superpixels, vs bare {fastest}"
         if "gpu_util" in measured:
             workload += f", GPU {measured['gpu_util']:.0f}% busy"
-        if "label" in stages:
-            rows.append(_row("label", workload, measured, "sp/s", bare[fastest]["throughput"]))
-            for v in variants:
-                workload = f"bare forward {v}, batch {args.batch_size or 256}"
-                rows.append(_row("label", workload, bare[v], "img/s", bare[fastest]["throughput"]))
+        rows.append(_row("label", workload, measured, "sp/s", bare[fastest]["throughput"]))
+        for v in variants:
+            workload = f"bare forward {v}, batch {args.batch_size or 256}"
+            rows.append(_row("label", workload, bare[v], "img/s", bare[fastest]["throughput"]))
     if "export" in stages:
         spec = {"labels": str(labels), "segments": segments, "megapixels": mp}
         measured = run_case(HERE / "export.py", "measure", spec)
