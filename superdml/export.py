@@ -166,8 +166,9 @@ def write_label_rasters(
     windows = list(iter_blocks(info.height, info.width, size))
     ids = predictions.column("segment_id").to_numpy()
     pixels = info.height * info.width
-    codes = IdTable(ids, predictions.column("label_code").to_numpy(), scheme.nodata, pixels)
+    codes = predictions.column("label_code").to_numpy().astype(scheme.dtype)
     scores = predictions.column("score").to_numpy(zero_copy_only=False).astype(np.float32)
+    code_of = IdTable(ids, codes, scheme.nodata, pixels)
     score_of = IdTable(ids, scores, np.float32(np.nan), pixels)
     folder = labels_path.parent
     cores = len(os.sched_getaffinity(0))
@@ -188,7 +189,7 @@ def write_label_rasters(
                 ids = segments.read(1, window=Window(col, row, width, height))
             finally:
                 readers.put(segments)
-            for staged, table in ((labels, codes), (score_raster, score_of)):
+            for staged, table in ((labels, code_of), (score_raster, score_of)):
                 table.take(ids, out=staged.window(0, row, col, height, width))
                 for level in range(1, len(staged.levels)):
                     below = staged.window(level - 1, row, col, height, width)
