@@ -245,7 +245,7 @@ class IdTable:
         ----------
         ids : ndarray of any shape
         out : ndarray of `ids`'s shape and the values' dtype, optional
-            Written in place.
+            Written in place; for ids of other than two dimensions, a contiguous one.
 
         Returns
         -------
@@ -256,8 +256,11 @@ class IdTable:
         if self.table is not None and ids.dtype.kind == "u" and ids.dtype.itemsize <= 4:
             from superdml._private.gather import gather
 
-            as_2d = (-1, ids.shape[-1]) if ids.ndim >= 2 else (1, -1)
-            gather(ids.reshape(as_2d), self.lo, self.table, out.reshape(as_2d))
+            if ids.ndim == 2:  # a window, perhaps into a larger array
+                gather(ids, self.lo, self.table, out)
+            else:  # as rows: views of contiguous arrays
+                as_2d = (-1, ids.shape[-1]) if ids.ndim > 2 else (1, -1)
+                gather(ids.reshape(as_2d), self.lo, self.table, out.reshape(as_2d))
             return out
         out[...] = self.fill
         if self.keys.size:

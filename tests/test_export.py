@@ -2,6 +2,7 @@ import errno
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +22,7 @@ from superdml.crops import majority_labels
 from superdml.errors import InputError
 from superdml.export import export, qgis_style
 from superdml.overviews import downsample_mean, downsample_mode
-from superdml.predictions import MANIFEST, lookup, predictions_schema
+from superdml.predictions import MANIFEST, IdTable, lookup, predictions_schema
 from superdml.raster import tile_grid
 from superdml.segment import load_segment_runs, segment_raster
 
@@ -346,6 +347,33 @@ def test_lookup_matches_a_dictionary(dtype, far):
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, np.array(expected, np.float32))
     assert (got == -1).any() and (got >= 0).any()
+
+
+@pytest.mark.parametrize("dense_up_to", [10**6, 10], ids=["dense", "binary-search"])
+def test_id_table_writes_windows_of_a_larger_array_from_threads(dense_up_to):
+    rng = np.random.default_rng(4)
+    keys = rng.choice(np.arange(100, 5000), 700, replace=False).astype(np.uint32)
+    values = rng.integers(1, 250, keys.size).astype(np.uint8)
+    table = IdTable(keys, values, 0, dense_up_to)
+    assert (table.table is not None) == (dense_up_to == 10**6)
+    ids = rng.choice(np.concatenate([keys, [0, 7, 99, 5000, 2**32 - 1]]), (64, 96))
+    ids = ids.astype(np.uint32)
+    level = np.full((80, 120), 255, np.uint8)
+    windows = [(r, c) for r in (0, 32) for c in (0, 48)]  # four 32 x 48 windows at (8, 12)
+    with ThreadPoolExecutor(2) as pool:
+        done = pool.map(
+            lambda rc: table.take(
+                ids[rc[0] : rc[0] + 32, rc[1] : rc[1] + 48],
+                out=level[8 + rc[0] : 40 + rc[0], 12 + rc[1] : 60 + rc[1]],
+            ),
+            windows,
+        )
+        list(done)
+    lookup_of = dict(zip(keys.tolist(), values.tolist(), strict=True))
+    expected = np.array([[lookup_of.get(i, 0) for i in row] for row in ids.tolist()], np.uint8)
+    np.testing.assert_array_equal(level[8:72, 12:108], expected)
+    level[8:72, 12:108] = 255
+    assert (level == 255).all()  # nothing written outside the windows
 
 
 def test_lookup_ignores_keys_beyond_the_ids_dtype():
