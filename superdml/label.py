@@ -407,12 +407,25 @@ def label(
         dump_config(config, out / "label.yaml")
         done_before = sum(part_is_current(job.part_path(t), job.part_meta) for job, t in calls)
         counts = map_tasks(
-            _label_tile, calls, client, desc="label", count=int, count_unit="superpixels"
-        )
+            _label_tile, calls, client, desc="label", count=int, count_unit="superpixels",
+            threads=task_threads(dev),
+        )  # fmt: skip
     seconds = time.perf_counter() - start
     total = int(sum(counts))
     logger.info("labeled %d superpixels in %.1f s (%.0f/s)", total, seconds, total / seconds)
     return LabelResult(out, total, len(calls), done_before, seconds, total / max(seconds, 1e-9))
+
+
+def task_threads(device_type: str) -> int:
+    """Return how many tiles `label` works on at once in its own process (no cluster).
+
+    Two on a GPU: one thread reads and crops the next tile while the other's forward
+    runs (the :class:`~superdml.embed.Embedder`'s lock keeps forwards one at a time), so
+    the GPU does not wait for GDAL and the cropping. One on the CPU, whose forward uses
+    every core: a cropping thread beside it made labeling slower on 2 cores
+    (``benchmarks/README.md``).
+    """
+    return 2 if device_type == "cuda" else 1
 
 
 def _claim_predictions(out: Path, checkpoint_sha: str, overwrite: bool) -> None:

@@ -204,6 +204,22 @@ def test_interrupted_run_resumes_to_identical_predictions(world, labeled, tmp_pa
     assert read_predictions(tmp_path / "out").equals(read_predictions(labeled["out"]))
 
 
+def test_two_tiles_at_once_in_process_give_identical_predictions(
+    world, labeled, tmp_path, monkeypatch
+):
+    # what label does on a GPU (one thread crops the next tile while the other embeds),
+    # run here on the CPU: the same predictions, bit for bit
+    import superdml.label
+
+    assert superdml.label.task_threads("cuda") == 2 and superdml.label.task_threads("cpu") == 1
+    monkeypatch.setattr(superdml.label, "task_threads", lambda device_type: 2)
+    out = tmp_path / "out"
+    args = (world["seg"].out_dir, world["checkpoint"], world["root"] / "ref", out)
+    result = label(*args, labeled["config"], device="cpu")
+    assert result.n_superpixels == world["seg"].n_superpixels
+    assert read_predictions(out).equals(read_predictions(labeled["out"]))
+
+
 @pytest.mark.slow
 def test_dask_cluster_with_a_killed_worker_gives_identical_predictions(world, labeled, tmp_path):
     import os
