@@ -81,20 +81,23 @@ class StagedRaster:
         self.info, self.dtype, self.nodata, self.factors = info, np.dtype(dtype), nodata, factors
         self._files = []
         self.levels = []
-        for factor in [1, *factors]:
-            shape = (math.ceil(info.height / factor), math.ceil(info.width / factor))
+        shapes = [
+            (math.ceil(info.height / factor), math.ceil(info.width / factor))
+            for factor in [1, *factors]
+        ]
+        for shape in shapes:
             file = tempfile.TemporaryFile(dir=folder)
             self._files.append(file)
-            size = max(shape[0] * shape[1] * self.dtype.itemsize, 1)
             try:
-                _reserve(file.fileno(), size)
+                _reserve(file.fileno(), shape[0] * shape[1] * self.dtype.itemsize)
             except OSError as e:
                 self.close()
-                if e.errno != errno.ENOSPC:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
+                total = sum(h * w for h, w in shapes) * self.dtype.itemsize
                 raise input_error(folder, f"no room on its disk to stage a {dtype} raster "
-                                  f"of {info.height} x {info.width} ({size / 1e9:.1f} GB)"
-                                  ) from None  # fmt: skip
+                                  f"of {info.height} x {info.width} and its overviews "
+                                  f"({total / 1e9:.2f} GB)") from None  # fmt: skip
             self.levels.append(np.memmap(file, self.dtype, "r+", shape=shape))
 
     def window(self, level: int, row: int, col: int, height: int, width: int) -> np.ndarray:
