@@ -1,4 +1,4 @@
-"""Export throughput: label raster megapixels per second of ``superdml.export.export``.
+"""Export throughput: label raster megapixels per second of ``superdml.label.export.export``.
 
 A part of ``benchmarks/run.py``, run in fresh processes. ``measure``: ``export`` of the
 label row's predictions to COG label and score rasters, without polygons; the figure is
@@ -28,7 +28,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     Also ``first_call_seconds``: the first call of the process, which also starts numba
     (about 0.3 s, once per process) and GDAL's drivers.
     """
-    from superdml.export import export
+    from superdml.label.export import export
 
     seconds = []
     for _ in range(2):
@@ -65,7 +65,7 @@ def _write_cogs(rasters: list[tuple[Any, ...]]) -> None:
     import rasterio
     import rasterio.shutil
 
-    from superdml.export import COG_OPTIONS
+    from superdml.label.export import COG_OPTIONS
 
     with tempfile.TemporaryDirectory(prefix="superdml-bench-") as tmp:
         for name, resampling, data, profile, tags, colormap in rasters:
@@ -83,9 +83,9 @@ def _write_cogs(rasters: list[tuple[Any, ...]]) -> None:
 
 def polygons(spec: dict[str, Any]) -> dict[str, Any]:
     """Return ``throughput`` in superpixels per second of ``superpixels.gpkg``."""
-    from superdml.export import write_polygons
-    from superdml.predictions import load_label_run
-    from superdml.segment import load_segment_runs
+    from superdml.label.export import write_polygons
+    from superdml.label.predictions import load_label_run
+    from superdml.segment.run import load_segment_runs
 
     label_run = load_label_run(spec["labels"])
     run = load_segment_runs(spec["segments"])[0]

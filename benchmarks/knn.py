@@ -2,7 +2,7 @@
 
 A part of ``benchmarks/run.py``; each function runs in a fresh process.
 
-``search``: queries per second of :meth:`superdml.reference.ReferenceIndex.search` (what
+``search``: queries per second of :meth:`superdml.search.reference.ReferenceIndex.search` (what
 ``label`` calls per tile: ``torch.mm`` + ``topk`` for a flat index on the CPU; FAISS GPU or
 torch on CUDA)
 over ``refs`` random unit vectors of 128 dimensions, k = 10, ``queries`` queries in
@@ -35,7 +35,7 @@ def search(spec: dict[str, Any]) -> dict[str, Any]:
     """Queries/s of ``ReferenceIndex.search`` on ``spec["device"]``."""
     import numpy as np
 
-    from superdml.reference import ReferenceIndex
+    from superdml.search.reference import ReferenceIndex
 
     refs, queries = _data(spec)
     n = len(refs)

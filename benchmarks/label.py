@@ -8,9 +8,9 @@ the truth as label raster), an untrained checkpoint of the benchmark's model (we
 not change the speed) carrying the 64 px crop rule, and its reference index.
 
 ``label_cli``: ``superdml label SEGMENTS --checkpoint --reference --out`` in a
-subprocess, with the defaults a user gets (``superdml.cluster.SHAPES["label"]``: in
+subprocess, with the defaults a user gets (``superdml.core.cluster.SHAPES["label"]``: in
 process; ``--precision auto``); the rate is the one the command prints (the whole
-:func:`superdml.label.label` call: loading the checkpoint and index, reading, cropping,
+:func:`superdml.label.stage.label` call: loading the checkpoint and index, reading, cropping,
 embedding, kNN vote, writing every part; the cluster's start is not counted).
 
 ``bare_forward``: the same model on one random ``(batch, 3, 64, 64)`` tensor made
@@ -42,10 +42,10 @@ def save_checkpoint(path: Path, backbone: str, class_names: list[str]) -> Path:
     """Save an untrained embedding net of `backbone` with the 64 px crop rule."""
     import torch
 
-    from superdml.checkpoint import save_checkpoint as save
-    from superdml.crops import CropRule
-    from superdml.data import imagenet_statistics
-    from superdml.models import EmbeddingNet
+    from superdml.crops.rule import CropRule
+    from superdml.learn.checkpoint import save_checkpoint as save
+    from superdml.learn.data import imagenet_statistics
+    from superdml.learn.models import EmbeddingNet
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -71,10 +71,10 @@ def prepare(spec: dict[str, Any]) -> dict[str, Any]:
     """
     import torch
 
-    from superdml.config import CropsConfig
-    from superdml.crops import export_crops
-    from superdml.embed import resolve_precision
-    from superdml.index import build_index
+    from superdml.config.schema import CropsConfig
+    from superdml.crops.stage import export_crops
+    from superdml.label.index import build_index
+    from superdml.learn.embed import resolve_precision
 
     root = Path(spec["root"])
     crops = root / "crops"
@@ -95,7 +95,7 @@ def label_cli(spec: dict[str, Any]) -> dict[str, Any]:
     them. On CUDA ``gpu_util`` is the mean GPU utilisation (%) that ``nvidia-smi``
     sampled every 200 ms while the command ran.
     """
-    cmd = [sys.executable, "-c", "from superdml.cli import main; main()", "label",
+    cmd = [sys.executable, "-c", "from superdml.cli.commands import main; main()", "label",
            spec["segments"], "--checkpoint", spec["checkpoint"], "--reference",
            spec["reference"], "--out", spec["out"], "--device", spec["device"]]  # fmt: skip
     for option in ("batch_size", "tile_size"):
@@ -123,7 +123,7 @@ def bare_forward(spec: dict[str, Any]) -> dict[str, Any]:
     """Images/s of the checkpoint's model on one random batch (variant ``spec["variant"]``)."""
     import torch
 
-    from superdml.checkpoint import build_model_from_checkpoint, load_checkpoint
+    from superdml.learn.checkpoint import build_model_from_checkpoint, load_checkpoint
 
     channels_last, dtype = VARIANTS[spec["variant"]]
     device = torch.device(spec["device"])

@@ -5,10 +5,10 @@ What it measures
 For each crop mask mode (``none``, ``outside``, ``alpha``) and crop size (32, 64 px),
 the demo pipeline (``pipelines/demo.yaml``: crops pre-labeled from the left half's
 truth -> train -> index -> label -> export) runs on the demo mosaic
-(:func:`superdml.demo.write_demo_data`, ``--size`` px, 1024 = the full demo), and the
+(:func:`superdml.cli.demo.write_demo_data`, ``--size`` px, 1024 = the full demo), and the
 predicted label raster is scored on the unseen right half with
-:func:`superdml.demo.unseen_half_scores`: pixel accuracy and per-class F1 (predicted ids
-mapped to the truth's by class name, as :func:`superdml.demo.demo` does). The table
+:func:`superdml.cli.demo.unseen_half_scores`: pixel accuracy and per-class F1 (predicted ids
+mapped to the truth's by class name, as :func:`superdml.cli.demo.demo` does). The table
 shows, per case, the mean over ``--seeds`` seeds (each seed sets both ``crops.seed``,
 which draws the training superpixels, and ``train.seed``), the range of the pixel
 accuracy over the seeds, the macro F1 and the mean wall and CPU seconds of the train
@@ -50,10 +50,10 @@ import torch
 import yaml
 
 from superdml import pipeline as pipeline_mod
-from superdml.demo import CLASS_NAMES, unseen_half_scores, write_demo_data
-from superdml.predictions import load_label_run
-from superdml.shipped import pipeline_path
-from superdml.stages import REGISTRY
+from superdml.cli.demo import CLASS_NAMES, unseen_half_scores, write_demo_data
+from superdml.cli.stages import REGISTRY
+from superdml.config.shipped import pipeline_path
+from superdml.label.predictions import load_label_run
 
 MASKS = ("none", "outside", "alpha")
 CROP_SIZES = (32, 64)

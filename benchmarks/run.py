@@ -24,7 +24,7 @@ export   label + score rasters (COG), MP/s, a        GDAL writing the same two r
          (GeoPackage), sp/s (``export.py``)          (target >= 50 MP/s); polygons: none
 =======  ==========================================  ========================================
 
-The input is the demo mosaic (:func:`superdml.demo.write_demo_data`): 2048^2 with
+The input is the demo mosaic (:func:`superdml.cli.demo.write_demo_data`): 2048^2 with
 ``--quick`` (about 4k superpixels at region size 32; under 3 minutes on 2 cores), 4096^2
 otherwise. The machine may be shared: only ratios of one run compare.
 """
@@ -49,7 +49,7 @@ KEYS = ("stage", "workload", "throughput", "unit", "baseline", "ratio", "peak_rs
 
 def write_data(spec: dict[str, Any]) -> dict[str, Any]:
     """Write the demo mosaic and its truth rasters (a case: run in a child process)."""
-    from superdml.demo import write_demo_data
+    from superdml.cli.demo import write_demo_data
 
     data = write_demo_data(Path(spec["root"]), spec["size"])
     return {"mosaic": str(data.mosaic), "truth_left": str(data.truth_left)}

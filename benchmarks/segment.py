@@ -1,12 +1,12 @@
-"""Throughput and peak memory of ``superdml.segment.segment_raster`` on large rasters.
+"""Throughput and peak memory of ``superdml.segment.stage.segment_raster`` on large rasters.
 
 What it measures
 ----------------
 For each size in ``--sizes`` (default 4000 and 16000 pixels a side) the script writes a
 synthetic RGB raster (irregular regions of scikit-image textures and photos, a tiled and
 deflate-compressed GeoTIFF written window by window, so the raster is never whole in
-memory), then segments it with :func:`superdml.segment.segment_raster` using the default
-:class:`~superdml.config.SegmentConfig` (region size 32, compactness 0.2, 10 iterations,
+memory), then segments it with :func:`superdml.segment.stage.segment_raster` using the default
+:class:`~superdml.config.schema.SegmentConfig` (region size 32, compactness 0.2, 10 iterations,
 2048 px tiles), in process (``client=None``) and/or on a dask ``LocalCluster``
 (``--workers``), once per SLIC backend (``--backends``: numpy, and torch on ``--device``).
 The reference is one plain ``skimage.segmentation.slic`` call on the
@@ -225,9 +225,9 @@ def child_superdml(
     raster: str, out: str, workers: int, backend: str, device: str
 ) -> dict[str, object]:
     """Segment `raster` into `out` in process (`workers` 0) or on a local dask cluster."""
-    from superdml.cluster import make_client
-    from superdml.config import SegmentConfig
-    from superdml.segment import segment_raster
+    from superdml.config.schema import SegmentConfig
+    from superdml.core.cluster import make_client
+    from superdml.segment.stage import segment_raster
 
     config = SegmentConfig(backend=backend, device=device if backend == "torch" else "auto")
     cpu = None
@@ -257,7 +257,7 @@ def child_skimage(raster: str) -> dict[str, object]:
     from skimage.segmentation import slic
     from skimage.util import img_as_float32
 
-    from superdml.config import SegmentConfig
+    from superdml.config.schema import SegmentConfig
 
     config = SegmentConfig()
     with rasterio.open(raster) as src:

@@ -2,15 +2,15 @@
 
 A part of ``benchmarks/run.py``, run in a fresh process (``harness.run_case``).
 
-``pipeline``: crops per second of :func:`superdml.train._train_epoch`, the loop that
+``pipeline``: crops per second of :func:`superdml.learn.train._train_epoch`, the loop that
 ``superdml train`` runs: the PK batch sampler, the DataLoader gathering the preloaded
 crops, the batched training augmentation, forward, loss, backward, the AdamW step and
 the per-step schedule, on the labeled crops of the demo mosaic (``label.prepare``),
-loaded as training loads them (:func:`superdml.train._load_data`).
+loaded as training loads them (:func:`superdml.learn.train._load_data`).
 
 ``bare``: the same network, loss and optimizer stepped on one random batch of the same
 shape made before the loop (the model alone). Both at the precision training uses by
-default on the device (:func:`superdml.train.training_precision`), channels_last,
+default on the device (:func:`superdml.learn.train.training_precision`), channels_last,
 alternating ``rounds`` times after warm-up steps; each rate is the median.
 """
 
@@ -25,12 +25,13 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Return ``throughput`` (pipeline crops/s), ``baseline`` (bare crops/s), ``batch``."""
     import torch
 
-    from superdml.config import TrainConfig
-    from superdml.data import PKSampler
-    from superdml.embed import autocast, prepare_model, resolve_device, to_device
-    from superdml.losses import get_loss
-    from superdml.models import build_model
-    from superdml.train import (
+    from superdml.config.schema import TrainConfig
+    from superdml.core.devices import resolve_device
+    from superdml.learn.data import PKSampler
+    from superdml.learn.embed import autocast, prepare_model, to_device
+    from superdml.learn.losses import get_loss
+    from superdml.learn.models import build_model
+    from superdml.learn.train import (
         _load_data,
         _seed_worker,
         _train_epoch,

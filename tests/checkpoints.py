@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from superdml.checkpoint import save_checkpoint
-from superdml.classes import ClassScheme
-from superdml.data import imagenet_statistics
-from superdml.models import EmbeddingNet
+from superdml.learn.checkpoint import save_checkpoint
+from superdml.learn.data import imagenet_statistics
+from superdml.learn.models import EmbeddingNet
+from superdml.raster.classes import ClassScheme
 
 
 def save_untrained_checkpoint(

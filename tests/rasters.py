@@ -9,7 +9,7 @@ import rasterio
 from rasterio.transform import from_origin
 from skimage import data, transform
 
-from superdml.demo import voronoi_regions
+from superdml.cli.demo import voronoi_regions
 
 CRS = "EPSG:32633"
 TRANSFORM = from_origin(500_000.0, 4_000_000.0, 2.0, 2.0)

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from superdml.checkpoint import (
+from superdml.config.schema import TrainConfig, config_to_dict
+from superdml.core.errors import CheckpointError, MissingInputError
+from superdml.learn.checkpoint import (
     FORMAT,
     build_model_from_checkpoint,
     capture_rng_state,
@@ -16,9 +18,7 @@ from superdml.checkpoint import (
     resume_state,
     save_checkpoint,
 )
-from superdml.config import TrainConfig, config_to_dict
-from superdml.errors import CheckpointError, MissingInputError
-from superdml.models import EmbeddingNet
+from superdml.learn.models import EmbeddingNet
 
 CLASSES = ["brick", "grass", "gravel"]
 MEAN, STD = [0.5, 0.4, 0.3, 0.5], [0.2, 0.2, 0.2, 0.5]

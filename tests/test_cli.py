@@ -13,11 +13,11 @@ from rasters import write_raster
 from skimage import data
 
 from superdml import __version__
-from superdml._private.options import field_help, given
-from superdml.cli import cli
-from superdml.config import AugmentConfig, TrainConfig
-from superdml.errors import MissingInputError
-from superdml.stages import REGISTRY, RunContext
+from superdml.cli.commands import cli
+from superdml.cli.options import field_help, given
+from superdml.cli.stages import REGISTRY, RunContext
+from superdml.config.schema import AugmentConfig, TrainConfig
+from superdml.core.errors import MissingInputError
 
 
 @pytest.fixture

@@ -1,12 +1,12 @@
-"""map_tasks without a client: in order, or on threads (superdml.cluster)."""
+"""map_tasks without a client: in order, or on threads (superdml.core.cluster)."""
 
 import threading
 import time
 
 import pytest
 
-from superdml.cluster import SHAPES, make_client, map_tasks, stage_clients
-from superdml.errors import InputError
+from superdml.core.cluster import SHAPES, make_client, map_tasks, stage_clients
+from superdml.core.errors import InputError
 
 
 def square_slowly(x):

@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from superdml.crop_folder import (
+from superdml.core.errors import InputError
+from superdml.crops.folder import (
     CROPS_SCHEMA,
     CROPS_TABLE,
     clear_crops,
@@ -17,7 +18,6 @@ from superdml.crop_folder import (
     write_crops_table,
     write_png,
 )
-from superdml.errors import InputError
 
 
 def superpixels(ids):

@@ -9,19 +9,13 @@ from PIL import Image
 from rasterio.transform import from_origin
 from rasters import texture_mosaic, write_raster
 
-from superdml.cli import cli
-from superdml.config import CropsConfig, SegmentConfig
-from superdml.crop_folder import CROPS_SCHEMA
-from superdml.crops import (
-    CropRule,
-    export_crops,
-    extract_crops,
-    majority_labels,
-    read_crop_rule,
-    to_uint8,
-)
-from superdml.errors import InputError, MissingInputError
-from superdml.segment import segment_raster
+from superdml.cli.commands import cli
+from superdml.config.schema import CropsConfig, SegmentConfig
+from superdml.core.errors import InputError, MissingInputError
+from superdml.crops.folder import CROPS_SCHEMA
+from superdml.crops.rule import CropRule, extract_crops, read_crop_rule, to_uint8
+from superdml.crops.stage import export_crops, majority_labels
+from superdml.segment.stage import segment_raster
 
 
 def superpixel_rows(path):

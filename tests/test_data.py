@@ -10,8 +10,9 @@ from conftest import make_crop_folders
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from superdml.config import AugmentConfig
-from superdml.data import (
+from superdml.config.schema import AugmentConfig
+from superdml.core.errors import InputError, MissingInputError
+from superdml.learn.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageFolderDataset,
@@ -21,7 +22,6 @@ from superdml.data import (
     imagenet_statistics,
     stratified_split,
 )
-from superdml.errors import InputError, MissingInputError
 
 NO_AUGMENT = AugmentConfig(
     hflip=False, vflip=False, rot90=False, color_jitter=0.0, random_resized_crop=None

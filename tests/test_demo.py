@@ -9,11 +9,11 @@ import pytest
 import rasterio
 from click.testing import CliRunner
 
-from superdml.cli import cli
-from superdml.crops import majority_labels
-from superdml.demo import CLASS_NAMES, demo_mosaic, unseen_half_scores
-from superdml.pipeline import run_pipeline
-from superdml.shipped import pipeline_path
+from superdml.cli.commands import cli
+from superdml.cli.demo import CLASS_NAMES, demo_mosaic, unseen_half_scores
+from superdml.cli.pipeline import run_pipeline
+from superdml.config.shipped import pipeline_path
+from superdml.crops.stage import majority_labels
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ import pytest
 import torch
 from checkpoints import save_untrained_checkpoint
 
-import superdml.embed as embed_module
-from superdml.config import IndexConfig, LabelConfig
-from superdml.embed import Embedder, cpu_has_bf16, resolve_precision
-from superdml.errors import ConfigError
+import superdml.learn.embed as embed_module
+from superdml.config.schema import IndexConfig, LabelConfig
+from superdml.core.errors import ConfigError
+from superdml.learn.embed import Embedder, cpu_has_bf16, resolve_precision
 
 CPU = torch.device("cpu")
 needs_bf16 = pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bf16 instructions")

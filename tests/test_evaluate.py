@@ -7,8 +7,8 @@ from click.testing import CliRunner
 from conftest import make_crop_folders
 from PIL import Image
 
-from superdml.cli import cli
-from superdml.evaluate import confusion_matrix, evaluate, sample_examples, tsne_2d
+from superdml.cli.commands import cli
+from superdml.learn.evaluate import confusion_matrix, evaluate, sample_examples, tsne_2d
 
 METRIC_KEYS = {
     "map_at_r", "r_precision", "precision_at_1", "precision_at_5", "recall_at_1",

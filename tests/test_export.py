@@ -13,18 +13,19 @@ import rasterio
 from click.testing import CliRunner
 from rasters import texture_mosaic, write_raster
 
-import superdml.export
-from superdml._private.ownership import mark_output
-from superdml.classes import make_scheme, palette
-from superdml.cli import cli
-from superdml.config import SegmentConfig
-from superdml.crops import majority_labels
-from superdml.errors import InputError
-from superdml.export import export, qgis_style
-from superdml.overviews import downsample_mean, downsample_mode
-from superdml.predictions import MANIFEST, IdTable, lookup, predictions_schema
-from superdml.raster import tile_grid
-from superdml.segment import load_segment_runs, segment_raster
+import superdml.label.export
+from superdml.cli.commands import cli
+from superdml.config.schema import SegmentConfig
+from superdml.core.errors import InputError
+from superdml.core.ownership import mark_output
+from superdml.crops.stage import majority_labels
+from superdml.label.export import export, qgis_style
+from superdml.label.predictions import MANIFEST, IdTable, lookup, predictions_schema
+from superdml.raster.classes import make_scheme, palette
+from superdml.raster.io import tile_grid
+from superdml.raster.overviews import downsample_mean, downsample_mode
+from superdml.segment.run import load_segment_runs
+from superdml.segment.stage import segment_raster
 
 CLASSES = ["brick", "grass", "gravel", "coffee"]
 #: The classes of the truth's values 1..4, in CLASSES order (not sorted by name).
@@ -137,7 +138,7 @@ def test_label_and_score_rasters_equal_a_direct_computation_across_windows(
     kept = pq.read_table(part)
     pq.write_table(kept.slice(0, kept.num_rows // 2), part)  # half a tile's superpixels unlabeled
     # 96 px windows: each straddles label tiles (128 px) and needs parts of its neighbours
-    monkeypatch.setattr(superdml.export, "WINDOW", 96)
+    monkeypatch.setattr(superdml.label.export, "WINDOW", 96)
     result = export(out, seg_dir, "gtiff", "none")
     predictions = pq.read_table(out / "predictions")
     assert int(pc.min(predictions.column("segment_id")).as_py()) >= 7
@@ -157,8 +158,8 @@ def test_label_and_score_rasters_equal_a_direct_computation_across_windows(
 
 def test_cog_overviews_are_modes_and_means_of_the_level_below(labeled, tmp_path, monkeypatch):
     # 64 px blocks: overviews at 2 and 4 on the 256 px raster; 96 px windows, on threads
-    monkeypatch.setattr(superdml.export, "BLOCK_SIZE", 64)
-    monkeypatch.setattr(superdml.export, "WINDOW", 96)
+    monkeypatch.setattr(superdml.label.export, "BLOCK_SIZE", 64)
+    monkeypatch.setattr(superdml.label.export, "WINDOW", 96)
     out = tmp_path / "out"
     fake_label_run(labeled["seg"].out_dir, labeled["truth"], out)
     files = export(out, labeled["seg"].out_dir, "cog", "none").outputs["mosaic"]
@@ -305,8 +306,9 @@ def test_allow_incomplete_exports_and_says_so(labeled, interrupted):
          "--allow-incomplete"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert f"WARNING superdml.export: {out}: 1 of 4 tiles of 'mosaic' have no predictions" in (
-        result.output
+    assert (
+        f"WARNING superdml.label.export: {out}: 1 of 4 tiles of 'mosaic' have no predictions"
+        in (result.output)
     )
     written = [".superdml.lock", "labels.qml", "labels.tif", "scores.tif", "summary.json"]
     assert files_under(out) == sorted([*before, *written])

@@ -5,7 +5,7 @@ cut from it), so the same pixels reach the model as PNG files (``index``, ``infe
 ``evaluate``, training's validation) and cut from the raster (``label``, ``review``).
 Everything runs in float32, and every batch holds at least 16 crops: on the CPU a
 smaller batch runs the model's linear head through another matrix-multiply kernel,
-whose rows differ in the last bits (see :class:`superdml.embed.Embedder`).
+whose rows differ in the last bits (see :class:`superdml.learn.embed.Embedder`).
 """
 
 import dataclasses
@@ -19,12 +19,12 @@ import torch
 from click.testing import CliRunner
 from rasters import texture_mosaic, write_raster
 
-import superdml.evaluate as evaluate_module
-import superdml.label as label_module
-import superdml.review as review_module
-import superdml.train as train_module
-from superdml.cli import cli
-from superdml.config import (
+import superdml.label.review as review_module
+import superdml.label.stage as label_module
+import superdml.learn.evaluate as evaluate_module
+import superdml.learn.train as train_module
+from superdml.cli.commands import cli
+from superdml.config.schema import (
     CropsConfig,
     IndexConfig,
     LabelConfig,
@@ -32,16 +32,16 @@ from superdml.config import (
     SegmentConfig,
     TrainConfig,
 )
-from superdml.crops import export_crops
-from superdml.data import ImageFolderDataset, stratified_split
-from superdml.evaluate import evaluate
-from superdml.index import build_index
-from superdml.infer import infer
-from superdml.label import label
-from superdml.reference import ReferenceIndex
-from superdml.review import review
-from superdml.segment import segment_raster
-from superdml.train import train
+from superdml.crops.stage import export_crops
+from superdml.label.index import build_index
+from superdml.label.infer import infer
+from superdml.label.review import review
+from superdml.label.stage import label
+from superdml.learn.data import ImageFolderDataset, stratified_split
+from superdml.learn.evaluate import evaluate
+from superdml.learn.train import train
+from superdml.search.reference import ReferenceIndex
+from superdml.segment.stage import segment_raster
 
 #: One tile and one batch per labeled raster: every superpixel is embedded together.
 LABEL = LabelConfig(k=10, tile_size=256, batch_size=512, precision="fp32")

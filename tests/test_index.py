@@ -17,12 +17,16 @@ from conftest import make_crop_folders
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from superdml.checkpoint import build_model_from_checkpoint, checkpoint_sha256, load_checkpoint
-from superdml.cli import cli
-from superdml.config import IndexConfig
-from superdml.index import build_index
-from superdml.provenance import combine
-from superdml.reference import ReferenceIndex, content_sha256
+from superdml.cli.commands import cli
+from superdml.config.schema import IndexConfig
+from superdml.core.provenance import combine
+from superdml.label.index import build_index
+from superdml.learn.checkpoint import (
+    build_model_from_checkpoint,
+    checkpoint_sha256,
+    load_checkpoint,
+)
+from superdml.search.reference import ReferenceIndex, content_sha256
 
 CLASSES = ("brick", "grass", "coffee")
 PER_CLASS = 6

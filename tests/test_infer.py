@@ -11,10 +11,10 @@ from checkpoints import save_untrained_checkpoint
 from click.testing import CliRunner
 from conftest import make_crop_folders
 
-from superdml.cli import cli
-from superdml.errors import ConfigError, InputError, MissingInputError
-from superdml.index import build_index
-from superdml.infer import infer, plot_neighbours
+from superdml.cli.commands import cli
+from superdml.core.errors import ConfigError, InputError, MissingInputError
+from superdml.label.index import build_index
+from superdml.label.infer import infer, plot_neighbours
 
 CLASSES = ("brick", "grass", "coffee")
 

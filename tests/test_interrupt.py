@@ -57,7 +57,7 @@ def command(stage: str, root: Path, out: Path) -> list[str]:
                   "--out", out, "--device", "cpu"]
                  + (["--resume"] if (out / "last.pt").exists() else []),
     }[stage]  # fmt: skip
-    code = "from superdml.cli import main; main()"
+    code = "from superdml.cli.commands import main; main()"
     return [sys.executable, "-c", code, "-q", *map(str, args)]
 
 
@@ -68,7 +68,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 def startup() -> float:
     """Seconds a process takes to import the CLI (a kill before that tests nothing)."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import superdml.cli, torch"], env=ENV, check=True)
+    subprocess.run(
+        [sys.executable, "-c", "import superdml.cli.commands, torch"], env=ENV, check=True
+    )
     return time.perf_counter() - start
 
 

@@ -1,4 +1,4 @@
-"""superdml.knn: exact search on both backends, the weighted vote, the unknown threshold."""
+"""superdml.search.knn: exact search on both backends, the weighted vote, the unknown threshold."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from vectors import circle, cos, unit_rows
 
-import superdml.knn
-from superdml.errors import ConfigError, InputError
-from superdml.knn import (
+import superdml.search.knn
+from superdml.core.errors import ConfigError, InputError
+from superdml.search.knn import (
     UNKNOWN_LABEL,
     KnnVote,
     apply_unknown,
@@ -114,7 +114,9 @@ def test_the_backends_agree_on_random_embeddings(k, chunk_size):
 
 
 def test_auto_searches_a_tensor_with_torch_in_blocks(monkeypatch):
-    monkeypatch.setattr(superdml.knn, "TORCH_BLOCK_ELEMENTS", 4 * len(REF))  # 4 queries a block
+    monkeypatch.setattr(
+        superdml.search.knn, "TORCH_BLOCK_ELEMENTS", 4 * len(REF)
+    )  # 4 queries a block
     query = circle([float(d) for d in range(10)])
     tensor_starts = [s for s, _, _ in search_chunks(query, torch.from_numpy(REF), 2)]
     assert tensor_starts == [0, 4, 8]  # torch: blocks of at most 4 x 4 similarities

@@ -21,19 +21,20 @@ from click.testing import CliRunner
 from rasters import texture_mosaic, write_raster
 from worlds import untrained_world
 
-import superdml.embed as embed_module
-import superdml.label as label_module
-from superdml.cli import cli
-from superdml.config import CropsConfig, IndexConfig, LabelConfig, SegmentConfig, TrainConfig
-from superdml.crops import export_crops, read_crop_rule
-from superdml.embed import cpu_has_bf16
-from superdml.errors import InputError
-from superdml.export import export
-from superdml.index import build_index
-from superdml.label import label
-from superdml.predictions import predictions_schema
-from superdml.segment import segment_raster
-from superdml.train import train
+import superdml.label.stage as label_module
+import superdml.learn.embed as embed_module
+from superdml.cli.commands import cli
+from superdml.config.schema import CropsConfig, IndexConfig, LabelConfig, SegmentConfig, TrainConfig
+from superdml.core.errors import InputError
+from superdml.crops.rule import read_crop_rule
+from superdml.crops.stage import export_crops
+from superdml.label.export import export
+from superdml.label.index import build_index
+from superdml.label.predictions import predictions_schema
+from superdml.label.stage import label
+from superdml.learn.embed import cpu_has_bf16
+from superdml.learn.train import train
+from superdml.segment.stage import segment_raster
 
 CLASSES = ["class_1", "class_2", "class_3", "class_4"]
 
@@ -101,7 +102,7 @@ def majority_truth(world):
         segments = src.read(1)
     table = pq.read_table(world["seg"].table_path)
     ids = table.column("segment_id").to_numpy()
-    from superdml.crops import majority_labels
+    from superdml.crops.stage import majority_labels
 
     value, _ = majority_labels(segments, world["truth"], ids, None)
     return dict(zip(ids.tolist(), value.tolist(), strict=True)), table
@@ -209,10 +210,13 @@ def test_two_tiles_at_once_in_process_give_identical_predictions(
 ):
     # what label does on a GPU (one thread crops the next tile while the other embeds),
     # run here on the CPU: the same predictions, bit for bit
-    import superdml.label
+    import superdml.label.stage
 
-    assert superdml.label.task_threads("cuda") == 2 and superdml.label.task_threads("cpu") == 1
-    monkeypatch.setattr(superdml.label, "task_threads", lambda device_type: 2)
+    assert (
+        superdml.label.stage.task_threads("cuda") == 2
+        and superdml.label.stage.task_threads("cpu") == 1
+    )
+    monkeypatch.setattr(superdml.label.stage, "task_threads", lambda device_type: 2)
     out = tmp_path / "out"
     args = (world["seg"].out_dir, world["checkpoint"], world["root"] / "ref", out)
     result = label(*args, labeled["config"], device="cpu")
@@ -225,7 +229,7 @@ def test_dask_cluster_with_a_killed_worker_gives_identical_predictions(world, la
     import os
     import signal
 
-    from superdml.cluster import make_client
+    from superdml.core.cluster import make_client
 
     out = tmp_path / "out"
     with make_client(workers=2) as client:

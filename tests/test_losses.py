@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from superdml.errors import CheckpointError, ConfigError, InputError
-from superdml.losses import (
+from superdml.core.errors import CheckpointError, ConfigError, InputError
+from superdml.learn.losses import (
     LOSSES,
     ProxyAnchorLoss,
     ProxyNCALoss,

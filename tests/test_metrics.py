@@ -14,9 +14,9 @@ import pytest
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
-import superdml.metrics
-from superdml.errors import ConfigError, InputError
-from superdml.metrics import retrieval_metrics
+import superdml.learn.metrics
+from superdml.core.errors import ConfigError, InputError
+from superdml.learn.metrics import retrieval_metrics
 
 A, B, C = 0, 1, 2
 
@@ -182,7 +182,7 @@ def test_matches_brute_force_and_chunking(exclude_self, monkeypatch):
     for key, value in expected.items():
         assert out[key] == pytest.approx(value, abs=1e-12), key
     assert 0.2 < out["map_at_r"] < 0.95  # neither trivial nor hopeless
-    monkeypatch.setattr(superdml.metrics, "NEIGHBOR_BUDGET", 500)  # chunks of a few rows
+    monkeypatch.setattr(superdml.learn.metrics, "NEIGHBOR_BUDGET", 500)  # chunks of a few rows
     chunked = retrieval_metrics(query, query_labels, ref, ref_labels, exclude_self=exclude_self)
     assert chunked == pytest.approx(out)
 
@@ -295,9 +295,9 @@ def test_bad_arguments(kwargs, error, message):
 
 
 def test_importing_metrics_loads_no_checkpoint_data_or_index_code():
-    root = Path(superdml.metrics.__file__).parents[1]
+    root = Path(superdml.learn.metrics.__file__).parents[2]
     code = (
-        "import json, sys, superdml.metrics as m; print(json.dumps([m.__file__, "
+        "import json, sys, superdml.learn.metrics as m; print(json.dumps([m.__file__, "
         "sorted(name for name in sys.modules if name.startswith('superdml'))]))"
     )
     env = {
@@ -308,8 +308,8 @@ def test_importing_metrics_loads_no_checkpoint_data_or_index_code():
         [sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True
     )
     path, loaded = json.loads(out.stdout)
-    assert Path(path).parents[1] == root  # this checkout's package
-    assert "superdml.knn" in loaded
-    heavy = {"superdml.checkpoint", "superdml.data", "superdml.embed", "superdml.index",
-             "superdml.reference"}  # fmt: skip
+    assert Path(path).parents[2] == root  # this checkout's package
+    assert "superdml.search.knn" in loaded
+    heavy = {"superdml.learn.checkpoint", "superdml.learn.data", "superdml.learn.embed",
+             "superdml.label.index", "superdml.search.reference"}  # fmt: skip
     assert not heavy & set(loaded), sorted(heavy & set(loaded))

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torchvision import models as tvm
 
-from superdml.config import TrainConfig
-from superdml.errors import ConfigError, InputError, MissingInputError
-from superdml.models import EmbeddingNet, build_model, model_spec
+from superdml.config.schema import TrainConfig
+from superdml.core.errors import ConfigError, InputError, MissingInputError
+from superdml.learn.models import EmbeddingNet, build_model, model_spec
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,12 @@ import rasterio
 import rasterio.shutil
 from rasterio.enums import Resampling
 
-from superdml.overviews import downsample_mean, downsample_mode, halved_shape, overview_factors
+from superdml.raster.overviews import (
+    downsample_mean,
+    downsample_mode,
+    halved_shape,
+    overview_factors,
+)
 
 
 def blocks(src):

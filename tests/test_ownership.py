@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from superdml._private.atomic import atomic_write, remove_stale_temporaries, temp_path
-from superdml._private.ownership import (
+from superdml.core.atomic import atomic_write, remove_stale_temporaries, temp_path
+from superdml.core.errors import InputError, OutputLockedError
+from superdml.core.ownership import (
     MARKER,
     check_apart,
     claim_output,
@@ -15,7 +16,6 @@ from superdml._private.ownership import (
     owner,
     remove_output,
 )
-from superdml.errors import InputError, OutputLockedError
 
 
 def dead_pid() -> int:
@@ -75,7 +75,7 @@ def test_second_claim_of_a_locked_folder_fails_at_once_naming_the_holder(tmp_pat
 def test_lock_held_by_another_process(tmp_path):
     folder = tmp_path / "run"
     code = (
-        "import sys, time; from superdml._private.ownership import claim_output\n"
+        "import sys, time; from superdml.core.ownership import claim_output\n"
         f"with claim_output({str(folder)!r}, 'label'):\n"
         "    print('held', flush=True); time.sleep(30)\n"
     )

@@ -4,10 +4,10 @@ import pytest
 from click.testing import CliRunner
 from rasters import texture_mosaic, write_raster
 
-from superdml.cli import cli
-from superdml.compare import write_comparison
-from superdml.errors import ConfigError
-from superdml.pipeline import load_pipeline, run_pipeline
+from superdml.cli.commands import cli
+from superdml.cli.compare import write_comparison
+from superdml.cli.pipeline import load_pipeline, run_pipeline
+from superdml.core.errors import ConfigError
 
 PIPELINE = """\
 vars:
@@ -73,7 +73,7 @@ def test_force_reruns_the_stage_and_the_following(workdir):
 
 
 def test_interrupted_stage_reruns(workdir, monkeypatch):
-    import superdml.pipeline as pipeline_module
+    import superdml.cli.pipeline as pipeline_module
 
     run_pipeline(workdir / "p.yaml")
     manifest = workdir / ".superdml" / "crops.json"
@@ -150,7 +150,7 @@ def test_write_comparison(tmp_path):
 
 @pytest.mark.parametrize("name", ["demo", "label_mosaic", "retrain", "export_gis"])
 def test_shipped_pipelines_validate(tmp_path, name):
-    from superdml.shipped import pipeline_path
+    from superdml.config.shipped import pipeline_path
 
     for folder in ("segments", "crops", "reference", "labels", "data", "model"):
         (tmp_path / folder).mkdir()
@@ -176,7 +176,7 @@ def test_cli_run_unknown_option_is_one_line_naming_file_stage_and_option(workdir
 
 def test_pipeline_options_are_the_registry_s(workdir):
     """A stage accepts exactly its parameters, its config keys and ``config``."""
-    from superdml.stages import REGISTRY
+    from superdml.cli.stages import REGISTRY
 
     assert REGISTRY["export"].options() == [
         "allow_incomplete", "out", "raster_format", "segments", "vector",

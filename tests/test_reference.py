@@ -1,4 +1,4 @@
-"""superdml.reference: ReferenceIndex (build, search, vote, save, load) and the folder format."""
+"""superdml.search.reference: ReferenceIndex (build, search, vote, save, load), its format."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from vectors import circle, cos, unit_rows
 
-from superdml.errors import InputError, MissingInputError
-from superdml.knn import UNKNOWN_LABEL
-from superdml.reference import ReferenceIndex, check_replaceable, reference_scheme
+from superdml.core.errors import InputError, MissingInputError
+from superdml.search.knn import UNKNOWN_LABEL
+from superdml.search.reference import ReferenceIndex, check_replaceable, reference_scheme
 
 
 def hand_made() -> ReferenceIndex:
@@ -124,8 +124,8 @@ def test_ivf_index_above_the_threshold_is_close_to_exact(tmp_path):
 
 
 def test_label_and_infer_label_alike():
-    from superdml.config import LabelConfig
-    from superdml.label import predict
+    from superdml.config.schema import LabelConfig
+    from superdml.label.stage import predict
 
     rng = np.random.default_rng(3)
     emb = rng.normal(size=(60, 8)).astype(np.float32)

@@ -14,16 +14,25 @@ from click.testing import CliRunner
 from PIL import Image
 from rasters import texture_mosaic, write_raster
 
-import superdml.label as label_module
-from superdml.cli import cli
-from superdml.config import CropsConfig, IndexConfig, LabelConfig, ReviewConfig, SegmentConfig
-from superdml.crop_folder import CROPS_SCHEMA
-from superdml.crops import CropRule, crop_tile, export_crops, read_crop_rule
-from superdml.errors import ConfigError, InputError, MissingInputError
-from superdml.index import build_index
-from superdml.label import label
-from superdml.review import POOL_FACTOR, pick_diverse, pick_lowest, review
-from superdml.segment import load_segment_runs, segment_raster
+import superdml.learn.embed
+from superdml.cli.commands import cli
+from superdml.config.schema import (
+    CropsConfig,
+    IndexConfig,
+    LabelConfig,
+    ReviewConfig,
+    SegmentConfig,
+)
+from superdml.core.errors import ConfigError, InputError, MissingInputError
+from superdml.crops.cut import crop_tile
+from superdml.crops.folder import CROPS_SCHEMA
+from superdml.crops.rule import CropRule, read_crop_rule
+from superdml.crops.stage import export_crops
+from superdml.label.index import build_index
+from superdml.label.review import POOL_FACTOR, pick_diverse, pick_lowest, review
+from superdml.label.stage import label
+from superdml.segment.run import load_segment_runs
+from superdml.segment.stage import segment_raster
 
 CLASSES = ["class_1", "class_2", "class_3", "class_4"]
 
@@ -206,7 +215,7 @@ def test_diverse_spreads_over_the_embedding_space(world, tmp_path, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("kept embeddings cover the pool: the model must not load")
 
-    monkeypatch.setattr(label_module, "load_embedder", no_model)
+    monkeypatch.setattr(superdml.learn.embed, "load_embedder", no_model)
     config = ReviewConfig(max_score=1.0, limit=8, diverse=True)
     review(out, world["seg"].out_dir, tmp_path / "diverse", config)
     review(out, world["seg"].out_dir, tmp_path / "again", config)

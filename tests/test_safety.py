@@ -15,9 +15,9 @@ from click.testing import CliRunner
 from rasters import texture_mosaic, write_raster
 from worlds import untrained_world
 
-from superdml._private.ownership import LOCK, claim_output
-from superdml.cli import cli
-from superdml.reference import ReferenceIndex
+from superdml.cli.commands import cli
+from superdml.core.ownership import LOCK, claim_output
+from superdml.search.reference import ReferenceIndex
 
 
 @pytest.fixture(scope="module")
@@ -207,11 +207,11 @@ def test_a_second_run_into_the_same_folder_stops_at_once(work):
 
 
 def test_export_refuses_parts_left_by_a_run_with_other_inputs(work, monkeypatch):
-    import superdml.label
+    import superdml.label.stage
 
     assert invoke(*label_args(work))[0] == 0
     calls = []
-    original = superdml.label.predict
+    original = superdml.label.stage.predict
 
     def fail_on_the_third_tile(*args, **kwargs):
         calls.append(1)
@@ -219,7 +219,7 @@ def test_export_refuses_parts_left_by_a_run_with_other_inputs(work, monkeypatch)
             raise RuntimeError("power cut")  # in the middle of a rerun with another k
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(superdml.label, "predict", fail_on_the_third_tile)
+    monkeypatch.setattr(superdml.label.stage, "predict", fail_on_the_third_tile)
     with pytest.raises(RuntimeError, match="power cut"):
         CliRunner().invoke(cli, ["-q", *map(str, label_args(work, "labels", "--k", "5"))],
                            catch_exceptions=False)  # fmt: skip

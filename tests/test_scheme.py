@@ -11,7 +11,14 @@ from checkpoints import save_untrained_checkpoint
 from click.testing import CliRunner
 from rasters import texture_mosaic, write_raster
 
-from superdml.classes import (
+from superdml.cli.commands import cli
+from superdml.config.schema import CropsConfig, LabelConfig, SegmentConfig
+from superdml.core.errors import InputError
+from superdml.crops.rule import read_crop_rule
+from superdml.crops.stage import export_crops
+from superdml.label.index import build_index
+from superdml.label.stage import label
+from superdml.raster.classes import (
     SCHEME_FILE,
     default_scheme,
     folder_scheme,
@@ -20,14 +27,8 @@ from superdml.classes import (
     read_scheme,
     write_scheme,
 )
-from superdml.cli import cli
-from superdml.config import CropsConfig, LabelConfig, SegmentConfig
-from superdml.crops import export_crops, read_crop_rule
-from superdml.errors import InputError
-from superdml.index import build_index
-from superdml.label import label
-from superdml.raster import read_label_scheme
-from superdml.segment import segment_raster
+from superdml.raster.io import read_label_scheme
+from superdml.segment.stage import segment_raster
 
 #: The land-cover scheme of the input map: codes, names and its color table.
 CODES = {1: "ocean", 2: "land", 3: "lake"}

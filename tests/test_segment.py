@@ -8,11 +8,12 @@ import rasterio
 from rasters import CRS, texture_mosaic, write_raster
 from skimage import data
 
-import superdml._private.segment_tasks as segment_tasks
-import superdml.segment as segment_module
-from superdml.config import SegmentConfig
-from superdml.errors import ConfigError, InputError, MissingInputError
-from superdml.segment import load_segment_runs, segment_raster
+import superdml.segment.stage as segment_module
+import superdml.segment.tasks as segment_tasks
+from superdml.config.schema import SegmentConfig
+from superdml.core.errors import ConfigError, InputError, MissingInputError
+from superdml.segment.run import load_segment_runs
+from superdml.segment.stage import segment_raster
 
 
 @pytest.fixture(scope="module")
@@ -306,6 +307,6 @@ def test_in_process_threads_follow_the_tiles_and_device(monkeypatch):
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_threaded_runs_set_the_heap_options():
-    from superdml._private.heap import map_large_allocations
+    from superdml.segment.heap import map_large_allocations
 
     assert map_large_allocations() is True

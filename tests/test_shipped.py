@@ -9,18 +9,20 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from superdml.cli import cli
-from superdml.config import LabelConfig, SegmentConfig, load_config
-from superdml.errors import MissingInputError
-from superdml.pipeline import load_pipeline
-from superdml.shipped import configs_dir, pipeline_names, pipeline_path, resolve_pipeline
+from superdml.cli.commands import cli
+from superdml.cli.pipeline import load_pipeline
+from superdml.config.schema import LabelConfig, SegmentConfig, load_config
+from superdml.config.shipped import configs_dir, pipeline_names, pipeline_path, resolve_pipeline
+from superdml.core.errors import MissingInputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_files_live_in_the_package():
     assert pipeline_names() == ["demo", "export_gis", "label_mosaic", "retrain"]
-    assert configs_dir().parent == Path(__import__("superdml").__file__).parent
+    package = Path(__import__("superdml").__file__).parent
+    # in a wheel: the package's own copy; in a source checkout: configs/ at the root
+    assert configs_dir() in (package / "configs", package.parent / "configs")
     load_config(configs_dir() / "segment.yaml", SegmentConfig)
     load_config(configs_dir() / "label.yaml", LabelConfig)
 
@@ -59,7 +61,8 @@ def test_init_writes_editable_copies_and_never_over_a_users_folder(tmp_path):
     copies = sorted(p.relative_to(tmp_path / "proj").as_posix()
                     for p in (tmp_path / "proj").rglob("*.yaml"))  # fmt: skip
     shipped = sorted(p.relative_to(configs_dir().parent).as_posix()
-                     for p in configs_dir().parent.glob("*/**/*.yaml"))  # fmt: skip
+                     for folder in ("configs", "pipelines")
+                     for p in (configs_dir().parent / folder).rglob("*.yaml"))  # fmt: skip
     assert copies == shipped and "pipelines/retrain.yaml" in copies
     copy = yaml.safe_load((tmp_path / "proj" / "configs" / "segment.yaml").read_text())
     assert copy == yaml.safe_load((configs_dir() / "segment.yaml").read_text())
@@ -81,9 +84,11 @@ def test_the_wheel_carries_every_shipped_file(tmp_path):
     )  # fmt: skip
     (wheel,) = tmp_path.glob("superdml-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    tree = {
-        p.relative_to(ROOT).as_posix()
+    shipped = {
+        "superdml/" + p.relative_to(ROOT).as_posix()
         for folder in ("configs", "pipelines")
-        for p in (ROOT / "superdml" / folder).rglob("*.yaml")
+        for p in (ROOT / folder).rglob("*.yaml")
     }
-    assert tree and tree <= names
+    assert shipped and shipped <= names
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "superdml").rglob("*.py")}
+    assert modules <= names, sorted(modules - names)  # every package is listed in pyproject

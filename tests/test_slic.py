@@ -9,13 +9,13 @@ from rasters import write_raster
 from scipy import ndimage
 from skimage.segmentation import slic as skimage_slic
 
-import superdml.superpixels as numpy_slic
-from superdml import slic
-from superdml.cli import cli
-from superdml.config import SegmentConfig, load_config
-from superdml.demo import demo_mosaic
-from superdml.errors import ConfigError
-from superdml.segment import segment_raster
+import superdml.segment.slic_numpy as numpy_slic
+from superdml.cli.commands import cli
+from superdml.cli.demo import demo_mosaic
+from superdml.config.schema import SegmentConfig, load_config
+from superdml.core.errors import ConfigError
+from superdml.segment import slic_torch as slic
+from superdml.segment.stage import segment_raster
 
 STEP = 16
 
@@ -259,7 +259,8 @@ def test_cli_backend_option_reaches_the_run(small_tif, tmp_path):
 
 def test_read_ahead_gives_the_same_segments(demo_tif, segments, tmp_path, monkeypatch):
     """On a GPU tile tasks read the next tile on a reader thread; forced here on the CPU."""
-    from superdml._private import read_ahead, segment_tasks
+    from superdml.segment import read_ahead
+    from superdml.segment import tasks as segment_tasks
 
     hits = []
     claim = read_ahead.claim

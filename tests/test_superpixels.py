@@ -1,11 +1,11 @@
-"""The per-window SLIC functions and their compiled kernels (superdml.superpixels)."""
+"""The per-window SLIC functions and their compiled kernels (superdml.segment.slic_numpy)."""
 
 import numpy as np
 import pytest
 from skimage.measure import label as skimage_label
 
-from superdml._private.regions_cpu import label_components
-from superdml.superpixels import (
+from superdml.segment.regions_numba import label_components
+from superdml.segment.slic_numpy import (
     assign_pixels,
     enforce_connectivity,
     slic_centers,

@@ -12,17 +12,17 @@ import yaml
 from click.testing import CliRunner
 from conftest import make_crop_folders
 
-import superdml.train as train_module
-from superdml.checkpoint import load_checkpoint
-from superdml.cli import cli
-from superdml.config import TrainConfig, load_config
-from superdml.crop_folder import CROPS_TABLE
-from superdml.crops import CropRule
-from superdml.errors import CheckpointError, ConfigError
-from superdml.losses import get_loss
-from superdml.models import build_model
-from superdml.shipped import loss_config_path
-from superdml.train import (
+import superdml.learn.train as train_module
+from superdml.cli.commands import cli
+from superdml.config.schema import TrainConfig, load_config
+from superdml.config.shipped import loss_config_path
+from superdml.core.errors import CheckpointError, ConfigError
+from superdml.crops.folder import CROPS_TABLE
+from superdml.crops.rule import CropRule
+from superdml.learn.checkpoint import load_checkpoint
+from superdml.learn.losses import get_loss
+from superdml.learn.models import build_model
+from superdml.learn.train import (
     build_optimizer,
     lr_factor,
     train,

@@ -7,10 +7,10 @@ from pathlib import Path
 from checkpoints import save_untrained_checkpoint
 from rasters import texture_mosaic, write_raster
 
-from superdml.config import CropsConfig, IndexConfig, SegmentConfig
-from superdml.crops import export_crops
-from superdml.index import build_index
-from superdml.segment import segment_raster
+from superdml.config.schema import CropsConfig, IndexConfig, SegmentConfig
+from superdml.crops.stage import export_crops
+from superdml.label.index import build_index
+from superdml.segment.stage import segment_raster
 
 CLASSES = ["class_1", "class_2", "class_3", "class_4"]
 

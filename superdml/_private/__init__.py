@@ -1,1 +1,0 @@
-"""Helpers that are not part of the public API."""

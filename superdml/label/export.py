@@ -1,0 +1,520 @@
+"""GIS exports of predictions: label and score rasters, polygons, QGIS style, summary.
+
+Rasters are computed window by window (whole output blocks) from ``segments.tif`` and
+the raster's predictions, with their overview levels (mode for labels, mean for scores:
+:mod:`superdml.raster.overviews`), into memory-mapped staging arrays; GDAL then writes each
+raster once from them, a COG with those overviews or a tiled GeoTIFF
+(:class:`~superdml.raster.staged.StagedRaster`). Windows run on a thread per
+core; GDAL compresses on all cores.
+Polygons are traced per tile over the superpixels that tile owns, so each superpixel
+is traced once, whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from typing import Any, Literal
+from xml.sax.saxutils import escape
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import rasterio
+import rasterio.features
+from rasterio.windows import Window
+from rasterio.windows import transform as window_transform
+
+from superdml.core.atomic import atomic_write, write_json
+from superdml.core.errors import InputError, input_error
+from superdml.core.ownership import claim_output
+from superdml.core.progress import progress
+from superdml.label.predictions import IdTable, LabelRun, load_label_run, lookup
+from superdml.raster.classes import UNKNOWN, UNKNOWN_COLOR, ClassScheme
+from superdml.raster.io import BLOCK_SIZE, Tile, iter_blocks, open_raster, read_window
+from superdml.raster.overviews import downsample_mean, downsample_mode, overview_factors
+from superdml.raster.staged import StagedRaster
+from superdml.segment.run import SegmentRun, load_segment_runs
+
+logger = logging.getLogger(__name__)
+
+RasterFormat = Literal["cog", "gtiff"]
+VectorFormat = Literal["gpkg", "parquet", "none"]
+
+#: Creation options of the COG rasters. zstd at level 1 without a predictor: these rasters
+#: are runs of one value per superpixel, which a predictor breaks up; on the benchmark's
+#: rasters it compresses 4x faster than deflate level 6 for 10% more bytes
+#: (``benchmarks/README.md``). ``NUM_THREADS``: compressed on all cores.
+COG_OPTIONS: dict[str, Any] = {
+    "COMPRESS": "ZSTD", "LEVEL": 1, "NUM_THREADS": "ALL_CPUS", "BLOCKSIZE": BLOCK_SIZE,
+    "BIGTIFF": "IF_SAFER",
+}  # fmt: skip
+#: Creation options of ``--raster-format gtiff``: the same compression and blocks, tiled.
+GTIFF_OPTIONS: dict[str, Any] = {
+    "COMPRESS": "ZSTD", "ZSTD_LEVEL": 1, "NUM_THREADS": "ALL_CPUS", "TILED": "YES",
+    "BLOCKXSIZE": BLOCK_SIZE, "BLOCKYSIZE": BLOCK_SIZE, "BIGTIFF": "IF_SAFER",
+}  # fmt: skip
+#: GDAL settings of the raster writes: decode ``segments.tif`` on all cores.
+GDAL_CONFIG: dict[str, str] = {"GDAL_NUM_THREADS": "ALL_CPUS"}
+#: Columns of ``superpixels.gpkg`` / ``.parquet`` (geometry as WKB).
+POLYGON_SCHEMA = pa.schema(
+    [
+        ("segment_id", pa.uint32()),
+        ("label", pa.string()),
+        ("label_code", pa.uint16()),
+        ("score", pa.float32()),
+        ("margin", pa.float32()),
+        ("geometry", pa.binary()),
+    ]
+)
+#: Side of the windows the rasters are written in, in pixels: whole output blocks.
+WINDOW = 2 * BLOCK_SIZE
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """Files written by :func:`export`, per raster name."""
+
+    outputs: dict[str, dict[str, Path]]
+    seconds: float
+
+
+def qgis_style(scheme: ClassScheme) -> str:
+    """Return a QGIS ``.qml`` paletted style: the scheme's codes, names and colors.
+
+    ``unknown`` is an entry of its own (gray) on the scheme's unknown code.
+    """
+    rows = [*((e.code, e.name, e.color) for e in scheme.entries)]
+    rows.append((scheme.unknown, UNKNOWN, UNKNOWN_COLOR))
+    entries = "\n".join(
+        f'        <paletteEntry value="{code}" color="#{r:02x}{g:02x}{b:02x}" alpha="255" '
+        f'label="{escape(name, {chr(34): "&quot;"})}"/>'
+        for code, name, (r, g, b) in rows
+    )
+    return (
+        "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
+        '<qgis version="3.28" styleCategories="Symbology">\n'
+        "  <pipe>\n"
+        '    <rasterrenderer type="paletted" band="1" opacity="1" nodataColor="">\n'
+        "      <colorPalette>\n"
+        f"{entries}\n"
+        "      </colorPalette>\n"
+        "    </rasterrenderer>\n"
+        "  </pipe>\n"
+        "</qgis>\n"
+    )
+
+
+def label_tags(scheme: ClassScheme) -> dict[str, str]:
+    """Return the tags of ``labels.tif``: class names by code, and the special codes.
+
+    ``class_names`` is a JSON object code -> name (what ``superdml crops --label-raster``
+    reads back), without ``unknown``.
+    """
+    return {
+        "class_names": json.dumps({str(e.code): e.name for e in scheme.entries}),
+        "unknown_code": str(scheme.unknown),
+        "nodata_code": str(scheme.nodata),
+    }
+
+
+def color_table(scheme: ClassScheme) -> dict[int, tuple[int, int, int, int]]:
+    """Return the GDAL color table of ``labels.tif``: nodata transparent, unknown gray."""
+    table = {scheme.nodata: (0, 0, 0, 0), scheme.unknown: (*UNKNOWN_COLOR, 255)}
+    table.update({e.code: (*e.color, 255) for e in scheme.entries})
+    return table
+
+
+def write_label_rasters(
+    label_run: LabelRun,
+    run: SegmentRun,
+    predictions: pa.Table,
+    labels_path: Path,
+    scores_path: Path,
+    cog: bool,
+) -> None:
+    """Write ``labels.tif`` and ``scores.tif`` for one raster, window by window.
+
+    Each window of ``segments.tif`` (whole blocks, a multiple of the largest overview
+    factor) is mapped through the raster's predictions (one :class:`IdTable` each for
+    codes and scores) into a :class:`StagedRaster`, and its overview levels computed
+    from it (:func:`downsample_mode` for labels, :func:`downsample_mean` for scores).
+    Windows run on a thread per core; GDAL then writes each raster once.
+
+    Parameters
+    ----------
+    label_run, run
+    predictions : pyarrow.Table
+        ``segment_id``, ``label_code`` and ``score`` of the raster's superpixels.
+    labels_path, scores_path : Path
+    cog : bool
+        COGs with overviews, else tiled GeoTIFFs without.
+    """
+    scheme = label_run.scheme
+    info = run.source
+    factors = overview_factors(info.height, info.width, BLOCK_SIZE) if cog else []
+    step = factors[-1] if factors else 1
+    size = -(-WINDOW // step) * step
+    windows = list(iter_blocks(info.height, info.width, size))
+    ids = predictions.column("segment_id").to_numpy()
+    pixels = info.height * info.width
+    codes = predictions.column("label_code").to_numpy().astype(scheme.dtype)
+    scores = predictions.column("score").to_numpy(zero_copy_only=False).astype(np.float32)
+    code_of = IdTable(ids, codes, scheme.nodata, pixels)
+    score_of = IdTable(ids, scores, np.float32(np.nan), pixels)
+    folder = labels_path.parent
+    cores = len(os.sched_getaffinity(0))
+    with (
+        rasterio.Env(**GDAL_CONFIG),
+        StagedRaster(folder, info, scheme.dtype, scheme.nodata, factors) as labels,
+        StagedRaster(folder, info, "float32", float("nan"), factors) as score_raster,
+        ExitStack() as stack,
+    ):
+        readers: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for _ in range(cores):
+            readers.put(stack.enter_context(open_raster(run.segments_path)))
+
+        def fill(window: tuple[int, int, int, int]) -> None:
+            row, col, height, width = window
+            segments = readers.get()
+            try:
+                ids = segments.read(1, window=Window(col, row, width, height))
+            finally:
+                readers.put(segments)
+            for staged, table in ((labels, code_of), (score_raster, score_of)):
+                table.take(ids, out=staged.window(0, row, col, height, width))
+                for level in range(1, len(staged.levels)):
+                    below = staged.window(level - 1, row, col, height, width)
+                    out = staged.window(level, row, col, height, width)
+                    if staged is labels:
+                        downsample_mode(below, scheme.nodata, out)
+                    else:
+                        downsample_mean(below, out)
+
+        with ThreadPoolExecutor(cores, thread_name_prefix="superdml-export") as pool:
+            done = pool.map(fill, windows)
+            for _ in progress(done, total=len(windows), desc=f"{run.name}: rasters", unit="window"):
+                pass
+        options = COG_OPTIONS if cog else GTIFF_OPTIONS
+        tags = label_tags(scheme)
+        labels.write(labels_path, cog, options, color_table(scheme), tags, tags)
+        score_raster.write(
+            scores_path, cog, options,
+            band_tags={"description": "kNN vote share of the predicted class"},
+        )  # fmt: skip
+
+
+def _owned_polygons(label_run: LabelRun, run: SegmentRun, tile: Tile) -> pa.Table:
+    """Polygons of the superpixels owned by one tile, with their predictions.
+
+    Returns
+    -------
+    pyarrow.Table
+        :data:`POLYGON_SCHEMA`, geometry as WKB; no rows for a tile without predictions.
+    """
+    import shapely
+
+    path = label_run.part_path(run.name, tile)
+    if not path.exists():
+        return POLYGON_SCHEMA.empty_table()
+    preds = pq.ParquetFile(path).read(columns=POLYGON_SCHEMA.names[:-1])
+    if preds.num_rows == 0:
+        return POLYGON_SCHEMA.empty_table()
+    ids = preds.column("segment_id").to_numpy()
+    boxes = run.superpixels_in(
+        tile.row, tile.col, tile.height, tile.width,
+        ["segment_id", "row_start", "row_stop", "col_start", "col_stop"],
+    )  # fmt: skip
+    r0, c0 = (int(boxes.column(c).to_numpy().min()) for c in ("row_start", "col_start"))
+    r1, c1 = (int(boxes.column(c).to_numpy().max()) for c in ("row_stop", "col_stop"))
+    with open_raster(run.segments_path) as seg:
+        segments, _ = read_window(seg, [1], r0, c0, r1 - r0, c1 - c0)
+    # shapes() takes int32 at most: trace each owned pixel's row in `ids` (-1: not owned)
+    index = lookup(segments[0], ids, np.arange(ids.size, dtype=np.int32), -1)
+    affine = window_transform(Window(c0, r0, c1 - c0, r1 - r0), run.source.affine)
+    shapes = rasterio.features.shapes(index, mask=index >= 0, transform=affine, connectivity=4)
+    # GeoJSON rings -> one coordinate array; shapely assembles every polygon in one call
+    rings: list[list[tuple[float, float]]] = []
+    polygon_of: list[int] = []
+    values: list[float] = []
+    for n, (geom, value) in enumerate(shapes):
+        rings.extend(geom["coordinates"])
+        polygon_of.extend([n] * len(geom["coordinates"]))
+        values.append(value)
+    lengths = np.fromiter(map(len, rings), np.intp, len(rings))
+    flat = chain.from_iterable(chain.from_iterable(rings))
+    coords = np.fromiter(flat, np.float64, 2 * int(lengths.sum())).reshape(-1, 2)
+    ring_index = np.repeat(np.arange(len(rings)), lengths)
+    polygons = shapely.polygons(shapely.linearrings(coords, indices=ring_index), indices=polygon_of)
+    rows = np.asarray(values).astype(np.intp)
+    # a superpixel traced in several parts (touching only at corners) becomes a MultiPolygon
+    order = np.argsort(rows, kind="stable")
+    traced, starts = np.unique(rows[order], return_index=True)
+    if traced.size != ids.size:
+        raise RuntimeError(f"{path}: superpixels without pixels in {run.segments_path}")
+    parts = np.split(polygons[order], starts[1:])
+    merged = [p[0] if len(p) == 1 else shapely.union_all(p) for p in parts]
+    geometry = pa.array(shapely.to_wkb(np.array(merged, object)), pa.binary())
+    return preds.append_column("geometry", geometry).cast(POLYGON_SCHEMA)
+
+
+def write_polygons(label_run: LabelRun, run: SegmentRun, path: Path, fmt: VectorFormat) -> None:
+    """Write superpixel polygons with label, score and margin as GeoPackage or GeoParquet."""
+    tiles = label_run.tiles(run.source.height, run.source.width)
+    crs = rasterio.crs.CRS.from_wkt(run.source.crs) if run.source.crs else None
+    geo = {
+        "version": "1.1.0",
+        "primary_column": "geometry",
+        "columns": {
+            "geometry": {
+                "encoding": "WKB",
+                "geometry_types": ["Polygon", "MultiPolygon"],
+                "crs": crs.to_dict(projjson=True) if crs else None,
+            }
+        },
+    }
+    with atomic_write(path, keep_suffix=True) as tmp:
+        writer = (
+            pq.ParquetWriter(
+                tmp, POLYGON_SCHEMA.with_metadata({"geo": json.dumps(geo)}), compression="zstd"
+            )
+            if fmt == "parquet"
+            else None
+        )
+        first = True
+        for tile in progress(tiles, total=len(tiles), desc=f"{run.name}: polygons", unit="tile"):
+            table = _owned_polygons(label_run, run, tile)
+            if table.num_rows == 0:
+                continue
+            if writer is not None:
+                writer.write_table(table)
+            else:
+                _append_gpkg(tmp, table, crs, append=not first)
+            first = False
+        if writer is not None:
+            writer.close()
+        elif first:
+            _append_gpkg(tmp, POLYGON_SCHEMA.empty_table(), crs, append=False)
+
+
+def _append_gpkg(path: Path, table: pa.Table, crs: Any, append: bool) -> None:
+    from pyogrio.raw import write
+
+    columns = [c for c in table.column_names if c != "geometry"]
+    write(
+        str(path),
+        geometry=np.asarray(table.column("geometry").to_pylist(), dtype=object),
+        field_data=[table.column(c).to_numpy(zero_copy_only=False) for c in columns],
+        fields=columns,
+        crs=crs.to_wkt() if crs else None,
+        geometry_type="MultiPolygon",
+        driver="GPKG",
+        layer="superpixels",
+        append=append,
+        promote_to_multi=True,
+    )
+
+
+def read_predictions(label_run: LabelRun, run: SegmentRun) -> pa.Table:
+    """``segment_id``, ``label_code`` and ``score`` of every labeled superpixel of a raster."""
+    tiles = label_run.tiles(run.source.height, run.source.width)
+    return label_run.read_parts(run.name, tiles, ["segment_id", "label_code", "score"])
+
+
+def summarize(label_run: LabelRun, run: SegmentRun, preds: pa.Table) -> dict[str, Any]:
+    """Count, area (in map units squared) and mean score per class of one raster.
+
+    Parameters
+    ----------
+    label_run, run
+    preds : pyarrow.Table
+        :func:`read_predictions` of the raster.
+
+    Returns
+    -------
+    dict
+        ``raster``, ``superpixels``, ``classes`` (by class name, each with its ``code``;
+        ``unknown`` only when some superpixel is unknown) and ``codes`` (the same
+        entries by code, as a string, each with its ``name``).
+    """
+    scheme = label_run.scheme
+    areas = pq.ParquetFile(run.table_path).read(columns=["segment_id", "area_px"])
+    area = lookup(
+        preds.column("segment_id").to_numpy(),
+        areas.column("segment_id").to_numpy(),
+        areas.column("area_px").to_numpy(),
+        0,
+    )
+    a, b, _, d, e, _ = run.source.transform
+    pixel_area = abs(a * e - b * d)
+    codes = preds.column("label_code").to_numpy()
+    scores = preds.column("score").to_numpy(zero_copy_only=False)
+    classes = {}
+    for name, code in [*scheme.codes.items(), (UNKNOWN, scheme.unknown)]:
+        sel = codes == code
+        if (sel.any() or name != UNKNOWN) and name in [*label_run.class_names, UNKNOWN]:
+            classes[name] = {
+                "code": code,
+                "superpixels": int(sel.sum()),
+                "area_px": int(area[sel].sum()),
+                "area": float(area[sel].sum() * pixel_area),
+                "mean_score": float(scores[sel].mean()) if sel.any() else None,
+            }
+    by_code = {
+        str(c["code"]): {"name": n, **{k: v for k, v in c.items() if k != "code"}}
+        for n, c in classes.items()
+    }
+    return {
+        "raster": run.name,
+        "superpixels": int(preds.num_rows),
+        "classes": classes,
+        "codes": by_code,
+    }
+
+
+def check_complete(
+    label_run: LabelRun, runs: list[SegmentRun], allow_incomplete: bool
+) -> dict[str, dict[str, int]]:
+    """Refuse a label run with tiles that have no predictions part, unless allowed.
+
+    Parameters
+    ----------
+    label_run : LabelRun
+    runs : list of SegmentRun
+        The rasters to export.
+    allow_incomplete : bool
+        Log a warning instead of refusing.
+
+    Returns
+    -------
+    dict of str to dict
+        By raster name, for incomplete rasters only: ``{"missing_tiles": m, "tiles": n}``.
+
+    Raises
+    ------
+    InputError
+        When a raster has missing parts and `allow_incomplete` is false.
+    """
+    incomplete = {}
+    for run in runs:
+        height, width = run.source.height, run.source.width
+        missing = len(label_run.missing_tiles(run.name, height, width))
+        if missing:
+            incomplete[run.name] = {
+                "missing_tiles": missing,
+                "tiles": len(label_run.tiles(height, width)),
+            }
+    for name, counts in incomplete.items():
+        problem = (
+            f"{counts['missing_tiles']} of {counts['tiles']} tiles of {name!r} have no "
+            "predictions (interrupted label run?)"
+        )
+        if not allow_incomplete:
+            raise input_error(
+                label_run.out_dir,
+                f"{problem}: rerun superdml label, or pass --allow-incomplete",
+            )
+        logger.warning("%s: %s: exported with those tiles unlabeled", label_run.out_dir, problem)
+    return incomplete
+
+
+def export(
+    out: str | Path,
+    segment_dir: str | Path,
+    raster_format: RasterFormat = "cog",
+    vector: VectorFormat = "gpkg",
+    allow_incomplete: bool = False,
+) -> ExportResult:
+    """Export a label run as GIS files.
+
+    Writes per raster, in the label run's class scheme: ``labels.tif`` (the scheme's
+    codes, its unknown code for ``unknown``, its nodata code where unlabeled; class
+    names in the tags and the scheme's colors as the color table), ``scores.tif``
+    (float32, NaN where unlabeled), ``labels.qml`` (QGIS style), ``superpixels.gpkg`` or
+    ``superpixels.parquet`` (GeoParquet) polygons with ``label`` and ``label_code``, and
+    ``summary.json``. With one raster the files go to `out`, with several to
+    ``out/<raster>/``.
+
+    A label run with tiles that have no predictions part (an interrupted ``superdml
+    label``) is refused, before anything is written, unless `allow_incomplete`: then
+    those tiles are unlabeled and ``summary.json`` says
+    ``"incomplete": {"missing_tiles": m, "tiles": n}``.
+
+    Parameters
+    ----------
+    out : path
+        The ``superdml label`` output folder.
+    segment_dir : path
+        The segment run (or one raster's subfolder) that was labeled.
+    raster_format : {"cog", "gtiff"}
+    vector : {"gpkg", "parquet", "none"}
+    allow_incomplete : bool
+        Export a label run with missing predictions parts (a warning, not an error).
+
+    Returns
+    -------
+    ExportResult
+
+    Raises
+    ------
+    InputError
+        Before anything is written: `out` is not a label run, a raster was not labeled
+        there, or (without `allow_incomplete`) tiles have no predictions.
+    """
+    start = time.perf_counter()
+    if raster_format not in ("cog", "gtiff"):
+        raise InputError(f"--raster-format {raster_format!r}: expected cog or gtiff")
+    if vector not in ("gpkg", "parquet", "none"):
+        raise InputError(f"--vector {vector!r}: expected gpkg, parquet or none")
+    label_run = load_label_run(out)
+    runs = load_segment_runs(segment_dir)
+    label_run.check_segments(runs, segment_dir)
+    incomplete = check_complete(label_run, runs, allow_incomplete)
+    with claim_output(out, "export", accept=("label",)):
+        outputs = {
+            run.name: _export_run(
+                label_run, run, len(runs), raster_format, vector, incomplete.get(run.name)
+            )
+            for run in runs
+        }
+    return ExportResult(outputs, time.perf_counter() - start)
+
+
+def _export_run(
+    label_run: LabelRun, run: SegmentRun, n_runs: int, raster_format: RasterFormat,
+    vector: VectorFormat, incomplete: dict[str, int] | None,
+) -> dict[str, Path]:  # fmt: skip
+    """Write one raster's export files; return them by kind.
+
+    `incomplete` (missing tiles of a run exported with ``allow_incomplete``) goes into
+    ``summary.json``.
+    """
+    out = label_run.out_dir
+    folder = Path(out) if n_runs == 1 else Path(out) / run.name
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"labels": folder / "labels.tif", "scores": folder / "scores.tif"}
+    preds = read_predictions(label_run, run)
+    write_label_rasters(
+        label_run, run, preds, files["labels"], files["scores"], raster_format == "cog"
+    )
+    files["style"] = folder / "labels.qml"
+    with atomic_write(files["style"]) as tmp:
+        tmp.write_text(qgis_style(label_run.scheme))
+    if vector != "none":
+        suffix = "gpkg" if vector == "gpkg" else "parquet"
+        files["polygons"] = folder / f"superpixels.{suffix}"
+        write_polygons(label_run, run, files["polygons"], vector)
+    files["summary"] = folder / "summary.json"
+    summary = summarize(label_run, run, preds)
+    if incomplete is not None:
+        summary["incomplete"] = incomplete
+    write_json(files["summary"], summary)
+    return files

@@ -1,0 +1,290 @@
+"""The predictions dataset: its schema, layout and readers.
+
+``superdml label`` writes ``OUT/predictions/<raster>/<tile>.parquet``, one part per
+raster tile, each holding the superpixels whose centroid lies in that tile, plus
+``OUT/label.json`` (classes, tile size, the checkpoint's and reference's hashes).
+``superdml export`` and ``superdml review`` read them back tile by tile.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from superdml.core.errors import InputError, input_error, require_dir
+from superdml.core.provenance import combine
+from superdml.raster.classes import ClassScheme
+from superdml.raster.io import Tile, tile_grid
+from superdml.segment.run import SegmentRun
+
+MANIFEST = "label.json"
+PARTS = "predictions"
+EMBEDDINGS = "embeddings"
+PART_FILES = ("*/*.parquet",)
+"""What ``superdml label`` writes under ``OUT/predictions`` (it replaces nothing else)."""
+
+
+def predictions_schema() -> pa.Schema:
+    """Arrow schema of a predictions part.
+
+    ``label_code`` is the class's code in the class scheme (the value of the label
+    rasters), or the scheme's unknown code for ``unknown``. ``score`` is the winning class's
+    share of the similarity-weighted kNN vote (0-1), ``margin`` the best minus the
+    second-best share, ``similarity`` the cosine similarity to the nearest reference.
+    """
+    return pa.schema(
+        [
+            pa.field("segment_id", pa.uint32(), nullable=False),
+            pa.field("raster", pa.string(), nullable=False),
+            pa.field("x", pa.float64()),
+            pa.field("y", pa.float64()),
+            pa.field("label", pa.string()),
+            pa.field("label_code", pa.uint16()),
+            pa.field("score", pa.float32()),
+            pa.field("margin", pa.float32()),
+            pa.field("similarity", pa.float32()),
+            pa.field("topk_labels", pa.list_(pa.string())),
+            pa.field("topk_similarities", pa.list_(pa.float32())),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class LabelRun:
+    """What a finished (or partial) ``superdml label`` output folder holds.
+
+    Attributes
+    ----------
+    out_dir : Path
+    class_names : list of str
+        The reference's classes, in the order of its labels.
+    tile_size : int
+        Tiles of the predictions parts.
+    meta : dict
+        The whole ``label.json``.
+    """
+
+    out_dir: Path
+    class_names: list[str]
+    tile_size: int
+    meta: dict[str, Any]
+
+    @property
+    def scheme(self) -> ClassScheme:
+        """The class scheme the predictions' codes belong to (``label.json``'s).
+
+        Raises
+        ------
+        InputError
+            When the recorded scheme is malformed or lacks a class of the label run.
+        """
+        source = self.out_dir / MANIFEST
+        return ClassScheme.from_dict(self.meta["class_scheme"], source).covering(
+            self.class_names, source
+        )
+
+    def part_path(self, raster: str, tile: Tile) -> Path:
+        """Path of the predictions part of one tile."""
+        return self.out_dir / PARTS / raster / f"{tile.key}.parquet"
+
+    def tiles(self, height: int, width: int) -> list[Tile]:
+        """Return the tiles of a raster of this size, as labeling cut them."""
+        return tile_grid(height, width, self.tile_size)
+
+    def embeddings_path(self, run: SegmentRun, tile: Tile) -> Path:
+        """Where ``label --keep-embeddings`` kept the embeddings of one tile of `run`."""
+        return embeddings_path(
+            self.out_dir, self.meta["checkpoint_sha256"], self.meta["crop_rule"],
+            self.meta["segment_fingerprints"][run.name], run.name, tile,
+        )  # fmt: skip
+
+    def check_segments(self, runs: list[SegmentRun], segment_dir: str | Path) -> None:
+        """Refuse segment runs that are not the ones this label run labeled.
+
+        Raises
+        ------
+        InputError
+            For a raster that was not labeled here, or one segmented again since (its
+            fingerprint differs from the one recorded at labeling time).
+        """
+        labeled = self.meta.get("segment_fingerprints", {})
+        for run in runs:
+            if run.name not in labeled:
+                raise input_error(
+                    segment_dir,
+                    f"raster {run.name!r} was not labeled in {self.out_dir} (labeled: "
+                    f"{', '.join(sorted(labeled)) or 'none'}): pass the segments given to label",
+                )
+            if labeled[run.name] != run.fingerprint:
+                raise input_error(
+                    run.folder,
+                    f"segmented again since {self.out_dir} was labeled (the superpixels "
+                    "differ): run superdml label again before exporting or reviewing",
+                )
+
+    def missing_tiles(self, raster: str, height: int, width: int) -> list[Tile]:
+        """Return the tiles of a raster of this size without a current predictions part.
+
+        Labeling writes a part for every tile (an empty one where a tile owns no
+        superpixel) and records the parts' provenance in ``label.json``; a missing part,
+        or one left by an earlier run with other inputs, means the run did not finish.
+        """
+        expected = self.meta.get("part_meta", {}).get(raster)
+        return [
+            t
+            for t in self.tiles(height, width)
+            if not part_is_current(self.part_path(raster, t), expected)
+        ]
+
+    def read_parts(
+        self, raster: str, tiles: list[Tile], columns: list[str] | None = None
+    ) -> pa.Table:
+        """Concatenate the existing parts of `tiles` (missing parts are skipped)."""
+        tables = [
+            pq.ParquetFile(path).read(columns=columns)  # read_table would import pyarrow.dataset
+            for tile in tiles
+            if (path := self.part_path(raster, tile)).exists()
+        ]
+        if not tables:
+            return predictions_schema().empty_table().select(columns or predictions_schema().names)
+        return pa.concat_tables(tables)
+
+
+def part_is_current(path: Path, meta: dict[str, str] | None) -> bool:
+    """Whether the part at `path` exists and (unless `meta` is None) was made as `meta` says."""
+    if not path.exists():
+        return False
+    if meta is None:
+        return True
+    stored = pq.read_schema(path).metadata or {}
+    return bool(json.loads(stored.get(b"superdml", b"{}")) == meta)
+
+
+def embeddings_path(
+    out_dir: str | Path, checkpoint_sha256: str, crop_rule: dict[str, Any], segments: str,
+    raster: str, tile: Tile,
+) -> Path:  # fmt: skip
+    """Return the kept-embeddings file of one tile, keyed by what made the embeddings.
+
+    Parameters
+    ----------
+    out_dir : path
+        The label run.
+    checkpoint_sha256 : str
+    crop_rule : dict
+        :meth:`CropRule.to_dict` of the crops embedded.
+    segments : str
+        The segment run's fingerprint.
+    raster : str
+    tile : Tile
+    """
+    key = combine(checkpoint_sha256, json.dumps(crop_rule, sort_keys=True), segments)[:16]
+    return Path(out_dir) / EMBEDDINGS / key / raster / f"{tile.key}.npz"
+
+
+def load_label_run(out_dir: str | Path) -> LabelRun:
+    """Read ``OUT/label.json``; a clear error when `out_dir` is not a label output."""
+    out_dir = Path(out_dir)
+    require_dir(out_dir, "label output folder")
+    manifest = out_dir / MANIFEST
+    if not manifest.exists():
+        raise InputError(
+            f"{out_dir}: not a label output (no {MANIFEST}): run `superdml label` first"
+        )
+    meta = json.loads(manifest.read_text())
+    if "class_scheme" not in meta:
+        raise InputError(
+            f"{manifest}: made by an older superdml (no class scheme, predictions without "
+            "label_code): run `superdml label` again"
+        )
+    return LabelRun(out_dir, list(meta["class_names"]), int(meta["tile_size"]), meta)
+
+
+class IdTable:
+    """The map ``keys -> values`` from superpixel ids, built once to map many id arrays.
+
+    Unsigned keys of up to 32 bits that span no more values than `dense_up_to` (segment
+    ids: a grid's cell numbers) go into a dense table indexed by ``id - min(keys)``:
+    one compiled gather per id (:func:`superdml.label.gather.gather`), no search, no
+    int64 copy of the ids. Other keys (or ids) are found by binary search in the sorted
+    keys. A table is read-only once built: threads may share it.
+
+    Parameters
+    ----------
+    keys : (N,) ndarray, unique
+    values : (N,) ndarray
+    fill : scalar
+        The value of ids not in `keys`.
+    dense_up_to : int
+        The largest key span a dense table may have (its size, in entries).
+    """
+
+    def __init__(self, keys: np.ndarray, values: np.ndarray, fill: Any, dense_up_to: int) -> None:
+        keys, values = np.asarray(keys), np.asarray(values)
+        self.fill, self.dtype = fill, values.dtype
+        self.lo = int(keys.min()) if keys.size else 0
+        span = int(keys.max()) - self.lo if keys.size else 0
+        order = np.argsort(keys)
+        self.keys, self.values = keys[order], values[order]
+        self.table: np.ndarray | None = None
+        if keys.dtype.kind in "ui" and self.lo >= 0 and span <= dense_up_to:
+            if self.lo + span <= np.iinfo(np.uint32).max:
+                self.table = np.full(span + 2, fill, dtype=values.dtype)
+                self.table[keys - self.lo] = values
+
+    def take(self, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Map `ids` through the table.
+
+        Parameters
+        ----------
+        ids : ndarray of any shape
+        out : ndarray of `ids`'s shape and the values' dtype, optional
+            Written in place; for ids of other than two dimensions, a contiguous one.
+
+        Returns
+        -------
+        ndarray of `ids`'s shape and the values' dtype
+        """
+        if out is None:
+            out = np.empty(ids.shape, dtype=self.dtype)
+        if self.table is not None and ids.dtype.kind == "u" and ids.dtype.itemsize <= 4:
+            from superdml.label.gather import gather
+
+            if ids.ndim == 2:  # a window, perhaps into a larger array
+                gather(ids, self.lo, self.table, out)
+            else:  # as rows: views of contiguous arrays
+                as_2d = (-1, ids.shape[-1]) if ids.ndim > 2 else (1, -1)
+                gather(ids.reshape(as_2d), self.lo, self.table, out.reshape(as_2d))
+            return out
+        out[...] = self.fill
+        if self.keys.size:
+            pos = np.searchsorted(self.keys, ids).clip(0, self.keys.size - 1)
+            hit = self.keys[pos] == ids
+            out[hit] = self.values[pos[hit]]
+        return out
+
+
+def lookup(ids: np.ndarray, keys: np.ndarray, values: np.ndarray, fill: Any) -> np.ndarray:
+    """Map `ids` through the table ``keys -> values``; ids not in `keys` get `fill`.
+
+    One :class:`IdTable` for one array: dense when the keys span no more values than
+    there are ids and keys.
+
+    Parameters
+    ----------
+    ids : ndarray of any shape
+    keys : (N,) ndarray, unique
+    values : (N,) ndarray
+    fill : scalar
+
+    Returns
+    -------
+    ndarray of `ids`'s shape and `values`'s dtype
+    """
+    return IdTable(keys, values, fill, ids.size + np.size(keys)).take(ids)

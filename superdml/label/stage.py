@@ -1,0 +1,434 @@
+"""Batch labeling of every superpixel of segmented rasters, one raster tile per task.
+
+A task reads the tile's source window (with the halo its crops need) and segment
+window, cuts the crops of the superpixels the tile owns (the crop rule of the
+checkpoint's training folder), embeds them in fixed-size batches, searches the
+reference index and votes, then writes one predictions part, renamed into place when
+complete. Tasks carry paths and small descriptions only: each worker process loads the
+model and the reference index once (a cache keyed by their SHA-256) and reuses them.
+
+The model runs through :class:`superdml.learn.embed.Embedder`: channels_last, bf16 autocast
+where the device computes bf16 (``LabelConfig.precision``); on CUDA the batch is copied
+from pinned memory without blocking and the kNN search runs on the GPU too. By default
+the tiles are labeled in the calling process, one after another, the model on every
+core (:data:`superdml.core.cluster.SHAPES`); a worker with several task threads runs one
+forward at a time, so one task can read and crop its tile while another's are embedded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from superdml.config.schema import LabelConfig, config_hash, config_to_dict, dump_config
+from superdml.core.atomic import atomic_write, write_json
+from superdml.core.cluster import default_workers, map_tasks
+from superdml.core.errors import InputError
+from superdml.core.ownership import check_apart, claim_output, remove_files
+from superdml.core.provenance import combine
+from superdml.crops.cut import color_band_indexes, crop_tile
+from superdml.crops.rule import CropRule
+from superdml.label.predictions import (
+    MANIFEST,
+    PART_FILES,
+    PARTS,
+    embeddings_path,
+    part_is_current,
+    predictions_schema,
+)
+from superdml.learn.embed import load_embedder
+from superdml.raster.classes import UNKNOWN
+from superdml.raster.io import Tile, tile_grid
+from superdml.search.reference import load_reference
+from superdml.segment.run import SegmentRun, load_segment_runs
+
+if TYPE_CHECKING:  # torch is imported where a worker needs it
+    pass
+
+logger = logging.getLogger(__name__)
+
+_ID_COLUMNS = ("segment_id", "raster", "x", "y")
+
+
+# ------------------------------------------------------------------ worker side
+
+
+# ---------------------------------------------------------------------- the task
+
+
+@dataclass(frozen=True)
+class _LabelJob:
+    """Everything a tile task needs, small and picklable."""
+
+    run: SegmentRun
+    rule: CropRule
+    config: LabelConfig
+    checkpoint: str
+    checkpoint_sha256: str
+    reference: str
+    reference_sha256: str
+    class_names: tuple[str, ...]
+    codes: tuple[int, ...]  # scheme code of each class, then of unknown
+    out: str
+    device: str
+    threads: int | None
+
+    @property
+    def part_meta(self) -> dict[str, str]:
+        return part_meta(
+            self.run.fingerprint, self.rule, self.checkpoint_sha256, self.reference_sha256,
+            self.config, self.codes,
+        )  # fmt: skip
+
+    def part_path(self, tile: Tile) -> Path:
+        return Path(self.out) / PARTS / self.run.name / f"{tile.key}.parquet"
+
+    def embeddings_path(self, tile: Tile) -> Path:
+        return embeddings_path(
+            self.out, self.checkpoint_sha256, self.rule.to_dict(), self.run.fingerprint,
+            self.run.name, tile,
+        )  # fmt: skip
+
+
+def part_meta(
+    segments: str, rule: CropRule, checkpoint_sha256: str, reference_sha256: str,
+    config: LabelConfig, codes: tuple[int, ...],
+) -> dict[str, str]:  # fmt: skip
+    """Return the provenance of a predictions part (reused only when all of it matches).
+
+    Parameters
+    ----------
+    segments : str
+        The segment run's fingerprint (:attr:`SegmentRun.fingerprint`).
+    rule : CropRule
+    checkpoint_sha256, reference_sha256 : str
+    config : LabelConfig
+    codes : tuple of int
+        The class scheme's code of each class, then of unknown (a part holds codes: an
+        edited ``classes.yaml`` relabels, though the reference's content is the same).
+    """
+    return {
+        "segments": segments,
+        "crop_rule": combine(rule.to_dict()),
+        "checkpoint_sha256": checkpoint_sha256,
+        "reference_sha256": reference_sha256,
+        "label_config": config_hash(config),
+        "label_codes": combine(*codes),
+    }
+
+
+def _label_tile(job: _LabelJob, tile: Tile) -> int:
+    """Label the superpixels owned by one tile; return how many."""
+    part = job.part_path(tile)
+    if part_is_current(part, job.part_meta):
+        return pq.read_metadata(part).num_rows
+    table = job.run.superpixels_in(tile.row, tile.col, tile.height, tile.width)
+    ids = table.column("segment_id").to_numpy()
+    embeddings = _tile_embeddings(job, tile, table, ids)
+    reference = load_reference(job.reference, job.reference_sha256)
+    predictions = predict(embeddings, reference, job.config, job.class_names, job.codes, job.device)
+    columns = {
+        "segment_id": pa.array(ids, pa.uint32()),
+        "raster": pa.array([job.run.name] * len(ids), pa.string()),
+        "x": table.column("x"),
+        "y": table.column("y"),
+        **predictions,
+    }
+    out = pa.table(columns, schema=predictions_schema()).replace_schema_metadata(
+        {"superdml": json.dumps(job.part_meta)}
+    )
+    part.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(part) as tmp:
+        pq.write_table(out, tmp, compression="zstd")
+    return len(ids)
+
+
+def _tile_embeddings(job: _LabelJob, tile: Tile, table: pa.Table, ids: np.ndarray) -> np.ndarray:
+    """Embed a tile's crops, or reuse the embeddings kept by an earlier run."""
+    kept = job.embeddings_path(tile)
+    if kept.exists():
+        with np.load(kept) as stored:
+            if np.array_equal(stored["segment_id"], ids):
+                return stored["embeddings"].astype(np.float32)
+    embedder = load_embedder(
+        job.checkpoint, job.checkpoint_sha256, job.device, job.threads, job.config.precision
+    )
+    if len(ids) == 0:
+        return np.zeros((0, 1), np.float32)
+    crops, _ = crop_tile(job.run, job.rule, table)
+    embeddings = embedder(crops, job.config.batch_size)
+    if job.config.keep_embeddings:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(kept) as tmp, open(tmp, "wb") as f:
+            np.savez(f, segment_id=ids, embeddings=embeddings.astype(np.float16))
+    return embeddings
+
+
+def predict(
+    embeddings: np.ndarray,
+    reference: Any,
+    config: LabelConfig,
+    class_names: tuple[str, ...] | list[str],
+    codes: tuple[int, ...] | list[int],
+    device: str = "cpu",
+) -> dict[str, pa.Array]:
+    """Apply the kNN labeling rule to embeddings; return the predictions columns.
+
+    The reference's vote (:meth:`ReferenceIndex.vote`, the one labeling rule that
+    ``infer`` and ``evaluate`` apply too) decides: the similarity-weighted vote of the k
+    nearest references, except that a superpixel whose own crop is a labeled reference
+    keeps its class.
+
+    Parameters
+    ----------
+    embeddings : (N, D) float32 ndarray
+    reference : ReferenceIndex
+    config : LabelConfig
+        ``k``, ``weighting``, ``temperature``, ``unknown_threshold``.
+    class_names : sequence of str
+        The reference's classes C, in the order of its labels.
+    codes : sequence of int, length C + 1
+        The class scheme's code of each class, then the code of ``unknown``.
+    device : str
+        Where the search runs.
+
+    Returns
+    -------
+    dict of pyarrow arrays
+        ``label``, ``label_code``, ``score``, ``margin``, ``similarity``, ``topk_labels``,
+        ``topk_similarities`` (of the k nearest references, nearest first).
+    """
+    n, k = len(embeddings), config.k
+    if n == 0:
+        empty = predictions_schema()
+        return {f.name: pa.array([], f.type) for f in empty if f.name not in _ID_COLUMNS}
+    sims, neighbours = reference.search(embeddings, k, device=device)
+    neighbour_labels = np.where(neighbours >= 0, reference.labels[neighbours.clip(0)], -1)
+    vote = reference.vote(
+        sims, neighbours, config.weighting, config.temperature, config.unknown_threshold
+    )
+    label_ids, scores, margins = vote.label_ids, vote.scores, vote.margins
+    names = np.asarray([*class_names, UNKNOWN], dtype=object)
+    code_of = np.asarray(codes, dtype=np.int64)  # label -1 (unknown) takes the last
+    offsets = np.arange(n + 1, dtype=np.int32) * k
+    return {
+        "label": pa.array(names[label_ids], pa.string()),
+        "label_code": pa.array(code_of[label_ids], pa.uint16()),
+        "score": pa.array(scores, pa.float32()),
+        "margin": pa.array(margins, pa.float32()),
+        "similarity": pa.array(vote.similarity, pa.float32()),
+        "topk_labels": pa.ListArray.from_arrays(
+            offsets, pa.array(names[neighbour_labels.ravel()], pa.string())
+        ),
+        "topk_similarities": pa.ListArray.from_arrays(
+            offsets, pa.array(sims.ravel().astype(np.float32), pa.float32())
+        ),
+    }
+
+
+# ------------------------------------------------------------------------ the stage
+
+
+@dataclass(frozen=True)
+class LabelResult:
+    """What :func:`label` did.
+
+    Attributes
+    ----------
+    out_dir : Path
+    n_superpixels, n_tiles : int
+    n_skipped : int
+        Tiles whose predictions were already current.
+    seconds : float
+    superpixels_per_second : float
+    """
+
+    out_dir: Path
+    n_superpixels: int
+    n_tiles: int
+    n_skipped: int
+    seconds: float
+    superpixels_per_second: float
+
+
+def _check_inputs(
+    runs: list[SegmentRun], rule: CropRule, bands: int, checkpoint: str | Path
+) -> None:
+    """Fail before any work: crops the model cannot take, segments of another raster."""
+    if rule.channels != bands:
+        raise InputError(
+            f"{checkpoint}: the model takes {bands} bands, the crop rule gives {rule.channels} "
+            f"(mask {rule.mask!r}): retrain, or label with the checkpoint's crop rule"
+        )
+    for run in runs:
+        run.check_source()
+        color_band_indexes(run, rule)
+
+
+def label(
+    segment_dir: str | Path,
+    checkpoint: str | Path,
+    reference: str | Path,
+    out: str | Path,
+    config: LabelConfig | None = None,
+    raster: str | Path | None = None,
+    device: str = "auto",
+    client: Any = None,
+    overwrite: bool = False,
+) -> LabelResult:
+    """Label every superpixel of a segment run by kNN against a reference index.
+
+    Parameters
+    ----------
+    segment_dir : path
+        A segment run (all its rasters) or one raster's subfolder.
+    checkpoint : path
+        The model (``superdml train``).
+    reference : path
+        A reference index built with that checkpoint (``superdml index``).
+    out : path
+        Output folder: ``predictions/<raster>/<tile>.parquet`` and ``label.json``.
+    config : LabelConfig, optional
+    raster : path, optional
+        The source raster when it moved since segmentation (one raster only).
+    device : {"auto", "cpu", "cuda"}
+    client : distributed.Client, optional
+        Where the tile tasks run; in this process when None.
+    overwrite : bool
+        Replace predictions made with another checkpoint (refused otherwise).
+
+    Returns
+    -------
+    LabelResult
+
+    Raises
+    ------
+    InputError, CheckpointError
+        Before any work: a reference made with another checkpoint, an empty reference,
+        k larger than the reference, a band count the model cannot take, a moved raster
+        of another size, or predictions of another checkpoint in `out`.
+    """
+    from superdml.core.devices import resolve_device
+    from superdml.learn.checkpoint import checkpoint_sha256, load_checkpoint
+    from superdml.learn.embed import resolve_precision
+    from superdml.search.reference import ReferenceIndex, reference_scheme
+
+    start = time.perf_counter()
+    config = config or LabelConfig()
+    runs = load_segment_runs(segment_dir)
+    if raster is not None:
+        if len(runs) != 1:
+            raise InputError(f"{segment_dir}: --raster needs one raster's segment subfolder")
+        runs = [runs[0].with_source(raster)]
+    ckpt = load_checkpoint(checkpoint)
+    ckpt_sha = checkpoint_sha256(checkpoint)
+    ref = ReferenceIndex.load(reference)
+    scheme = reference_scheme(reference, ref.class_names)
+    if ref.checkpoint_sha256 != ckpt_sha:
+        raise InputError(
+            f"{reference}: reference built with another checkpoint "
+            f"({ref.checkpoint_sha256[:12]}, not {ckpt_sha[:12]} of {checkpoint}): "
+            "run `superdml index` with this checkpoint"
+        )
+    if config.k > ref.size:
+        raise InputError(f"{reference}: k={config.k} but the reference holds {ref.size} crops")
+    rule = CropRule.from_dict(ckpt.crop_rule) if ckpt.crop_rule else CropRule()
+    if config.crop_size is not None:
+        rule = dataclasses.replace(rule, crop_size=config.crop_size)
+    _check_inputs(runs, rule, ckpt.bands, checkpoint)
+    torch_device = resolve_device(device)
+    resolve_precision(config.precision, torch_device)  # fails here, not in a worker
+    dev = torch_device.type
+    out = Path(out)
+    check_apart(out, [*(run.folder for run in runs), checkpoint, reference])
+    with claim_output(out, "label"):
+        _claim_predictions(out, ckpt_sha, overwrite)
+        part_meta: dict[str, dict[str, str]] = {}  # each raster's, filled below
+        manifest = {
+            "class_names": list(ref.class_names),
+            "class_scheme": scheme.to_dict(),
+            "tile_size": config.tile_size,
+            "rasters": [run.name for run in runs],
+            "segments": [str(run.folder.resolve()) for run in runs],
+            "segment_fingerprints": {run.name: run.fingerprint for run in runs},
+            "checkpoint": str(Path(checkpoint).resolve()),
+            "checkpoint_sha256": ckpt_sha,
+            "reference": str(Path(reference).resolve()),
+            "reference_sha256": ref.sha256,
+            "crop_rule": rule.to_dict(),
+            "config": config_to_dict(config),
+            "part_meta": part_meta,
+        }
+        threads = _threads_per_worker(client)
+        calls = []
+        for run in runs:
+            job = _LabelJob(
+                run, rule, config, str(Path(checkpoint).resolve()), ckpt_sha,
+                str(Path(reference).resolve()), ref.sha256, tuple(ref.class_names),
+                tuple(scheme.codes_of([*ref.class_names, UNKNOWN]).tolist()), str(out),
+                dev, threads,
+            )  # fmt: skip
+            part_meta[run.name] = job.part_meta
+            grid = tile_grid(run.source.height, run.source.width, config.tile_size)
+            calls += [(job, tile) for tile in grid]
+        write_json(out / MANIFEST, manifest)
+        dump_config(config, out / "label.yaml")
+        done_before = sum(part_is_current(job.part_path(t), job.part_meta) for job, t in calls)
+        counts = map_tasks(
+            _label_tile, calls, client, desc="label", count=int, count_unit="superpixels",
+            threads=task_threads(dev),
+        )  # fmt: skip
+    seconds = time.perf_counter() - start
+    total = int(sum(counts))
+    logger.info("labeled %d superpixels in %.1f s (%.0f/s)", total, seconds, total / seconds)
+    return LabelResult(out, total, len(calls), done_before, seconds, total / max(seconds, 1e-9))
+
+
+def task_threads(device_type: str) -> int:
+    """Return how many tiles `label` works on at once in its own process (no cluster).
+
+    Two on a GPU: one thread reads and crops the next tile while the other's forward
+    runs (the :class:`~superdml.learn.embed.Embedder`'s lock keeps forwards one at a time), so
+    the GPU does not wait for GDAL and the cropping. One on the CPU, whose forward uses
+    every core: a cropping thread beside it made labeling slower on 2 cores
+    (``benchmarks/README.md``).
+    """
+    return 2 if device_type == "cuda" else 1
+
+
+def _claim_predictions(out: Path, checkpoint_sha: str, overwrite: bool) -> None:
+    """Refuse (or with `overwrite` remove) predictions of another checkpoint in `out`.
+
+    Parts of the same checkpoint stay: each is reused only when its provenance matches
+    (:func:`part_meta`), else relabeled.
+    """
+    manifest = out / MANIFEST
+    if manifest.exists():
+        previous = json.loads(manifest.read_text()).get("checkpoint_sha256")
+        if previous != checkpoint_sha:
+            if not overwrite:
+                raise InputError(
+                    f"{out}: holds predictions of another checkpoint ({str(previous)[:12]}): "
+                    "pass --overwrite to replace them, or choose another --out"
+                )
+            remove_files(out / PARTS, PART_FILES, "superdml label")
+
+
+def _threads_per_worker(client: Any) -> int | None:
+    """Torch threads per worker so that workers x threads = cores (local clusters)."""
+    if client is None:
+        return None
+    workers = client.nthreads()
+    local = all(addr.startswith(("tcp://127.0.0.1", "inproc://")) for addr in workers)
+    if not local:
+        return None
+    return max(1, default_workers() // max(1, len(workers)))

@@ -1,0 +1,94 @@
+"""Deep metric learning.
+
+Data, models, losses, training, checkpoints, the embedder, metrics, evaluation.
+
+Names load on first use (:mod:`lazy_loader`, as scikit-image does), so importing one
+module of the package does not import its siblings.
+"""
+
+import lazy_loader
+
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "checkpoint": [
+            "Checkpoint",
+            "FORMAT",
+            "FORMAT_VERSION",
+            "build_model_from_checkpoint",
+            "capture_rng_state",
+            "checkpoint_sha256",
+            "load_checkpoint",
+            "restore_rng_state",
+            "resume_state",
+            "save_checkpoint",
+        ],
+        "data": [
+            "ALPHA_MEAN",
+            "ALPHA_STD",
+            "IMAGENET_MEAN",
+            "IMAGENET_STD",
+            "IMAGE_SUFFIXES",
+            "IMAGE_SUFFIXES_TEXT",
+            "ImageFolderDataset",
+            "MIN_STD",
+            "PKSampler",
+            "TrainTransform",
+            "Transform",
+            "band_statistics",
+            "imagenet_statistics",
+            "stratified_split",
+        ],
+        "embed": [
+            "Embedder",
+            "autocast",
+            "cpu_has_bf16",
+            "load_embedder",
+            "prepare_model",
+            "resolve_precision",
+            "to_device",
+        ],
+        "evaluate": [
+            "CONFUSION_PNG",
+            "EMBED_BATCH_SIZE",
+            "EvaluateResult",
+            "KNN_K",
+            "METRICS_JSON",
+            "PREDICTIONS_PARQUET",
+            "SEED",
+            "SIMILARITY_CLASSES",
+            "SIMILARITY_PER_CLASS",
+            "SIMILARITY_PNG",
+            "TSNE_MAX_POINTS",
+            "TSNE_PNG",
+            "confusion_matrix",
+            "sample_examples",
+            "tsne_2d",
+        ],
+        "metrics": [
+            "NEIGHBOR_BUDGET",
+            "retrieval_metrics",
+        ],
+        "models": [
+            "BACKBONES",
+            "EmbeddingNet",
+            "build_model",
+            "model_spec",
+        ],
+        "train": [
+            "BEST",
+            "CONFIG_YAML",
+            "LAST",
+            "METRICS_CSV",
+            "SELECTION_METRIC",
+            "TENSORBOARD_DIR",
+            "TRAIN_FILES",
+            "TrainResult",
+            "build_optimizer",
+            "build_scheduler",
+            "lr_factor",
+            "training_config_path",
+            "training_precision",
+        ],
+    },
+)

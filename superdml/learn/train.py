@@ -1,0 +1,591 @@
+"""Training: the metric-learning loop, its checkpoints, logs and resume.
+
+``train(train_dir, out_dir, config)`` writes into `out_dir`:
+
+``train.yaml``
+    The effective :class:`~superdml.config.schema.TrainConfig`.
+``metrics.csv``
+    One row per epoch: ``epoch``, ``train_loss`` (mean over the epoch's batches), ``lr``
+    (the network's learning rate at the end of the epoch), every validation metric
+    of :func:`~superdml.learn.metrics.retrieval_metrics`, ``seconds``.
+``tb/``
+    The same values as TensorBoard scalars, when tensorboard is installed.
+``last.pt``
+    Checkpoint after every epoch, with the resume state (optimizer, scheduler, epoch,
+    RNG states).
+``best.pt``
+    Checkpoint of the epoch with the highest validation ``map_at_r`` (without a
+    validation set: the latest epoch); no resume state.
+
+Choices:
+
+- **Validation**: after every epoch the validation crops (``--val-dir``, or a stratified
+  ``val_fraction`` of the training folder held out with the config's seed) are queries
+  and the training crops are the references, both embedded without augmentation. This
+  is how labeling works later (new crops against labeled references), and small
+  validation sets still get meaningful precision@1.
+- **Optimizer**: AdamW with two parameter groups: the network at ``lr`` and the loss's
+  learned proxies / centers at ``proxy_lr`` (both with ``weight_decay``).
+- **Schedule**: stepped per batch: linear warm-up over ``warmup_epochs`` epochs, then a
+  cosine decay towards 0 at the end of ``epochs``. The steps per epoch are those of the
+  first epoch (the PK sampler's batch count can differ by one or two between epochs;
+  the factor is clamped at the end).
+- **Devices**: one code path, channels_last, with bf16 autocast on CUDA and float32 on
+  the CPU by default (:func:`training_precision`).
+- **Determinism**: the seed drives the split, the PK sampler (per epoch), the weight and
+  proxy initialization and the augmentation (torch's global RNG with ``num_workers=0``;
+  worker ``w`` of epoch e is seeded from a generator stored in the resume state). The
+  same seed gives the same weights on the same machine (bitwise on the CPU).
+- **Resume** restores model, loss parameters, optimizer, scheduler, epoch, every RNG and
+  the metrics history, so an interrupted run continued with ``resume=True`` ends with
+  the weights of an uninterrupted one. Only ``epochs`` may change on resume (the cosine
+  schedule then stretches to the new end from the current step on). Resume and warm
+  start live in :mod:`superdml.learn.resume`.
+- **Warm start** (``init``): the model weights of another checkpoint (same backbone,
+  embedding size and band count); with the same loss, the proxies of classes present in
+  both class lists are copied and new classes keep freshly initialized ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import functools
+import io
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from superdml.config.schema import Precision, TrainConfig, dump_config
+from superdml.config.shipped import loss_config_path
+from superdml.core.atomic import atomic_write
+from superdml.core.devices import resolve_device
+from superdml.core.errors import CheckpointError, ConfigError, input_error
+from superdml.core.ownership import check_apart, claim_output
+from superdml.core.progress import progress
+from superdml.core.provenance import combine, fingerprint
+from superdml.crops.rule import read_crop_rule
+from superdml.learn.checkpoint import (
+    load_checkpoint,
+    resume_state,
+    save_checkpoint,
+)
+from superdml.learn.data import (
+    ImageFolderDataset,
+    PKSampler,
+    TrainTransform,
+    band_statistics,
+    imagenet_statistics,
+    stratified_split,
+)
+from superdml.learn.embed import Embedder, autocast, prepare_model, resolve_precision, to_device
+from superdml.learn.losses import MetricLoss, get_loss
+from superdml.learn.metrics import retrieval_metrics
+from superdml.learn.models import build_model
+from superdml.learn.resume import open_resume, restore, warm_start
+from superdml.raster.classes import folder_scheme
+
+logger = logging.getLogger(__name__)
+
+BEST = "best.pt"
+LAST = "last.pt"
+METRICS_CSV = "metrics.csv"
+CONFIG_YAML = "train.yaml"
+TENSORBOARD_DIR = "tb"
+TRAIN_FILES = (BEST, LAST, METRICS_CSV, CONFIG_YAML, f"{TENSORBOARD_DIR}/*")
+"""What ``train`` writes into its folder (a pipeline rerun replaces only a folder of these)."""
+SELECTION_METRIC = "map_at_r"
+EMBED_BATCH_SIZE = 256
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What :func:`train` wrote and how the run ended.
+
+    Attributes
+    ----------
+    out_dir : Path
+    best_path, last_path : Path
+        ``best.pt`` (highest validation ``map_at_r``) and ``last.pt`` (latest epoch).
+    metrics_path : Path
+        ``metrics.csv``.
+    epochs_run : int
+        Epochs trained by this call (fewer than ``config.epochs`` after a resume).
+    metrics : dict of str to float
+        The last epoch's row of ``metrics.csv``.
+    seconds : float
+        Wall time of the call.
+    """
+
+    out_dir: Path
+    best_path: Path
+    last_path: Path
+    metrics_path: Path
+    epochs_run: int
+    metrics: dict[str, float]
+    seconds: float
+
+
+def training_config_path(
+    config_path: str | os.PathLike[str] | None,
+    loss: str | None,
+    out_dir: str | os.PathLike[str],
+    resume: bool,
+) -> Path | None:
+    """Return the YAML a ``superdml train`` run starts from, or None for the defaults.
+
+    In order: `config_path`; with `resume`, the run's own ``out_dir/train.yaml``; the
+    shipped ``configs/losses/<loss>.yaml``; None (:class:`TrainConfig` defaults).
+    """
+    if config_path is not None:
+        return Path(config_path)
+    saved = Path(out_dir) / CONFIG_YAML
+    if resume and saved.is_file():
+        return saved
+    return loss_config_path(loss)
+
+
+# ------------------------------------------------------------------ pure functions
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Return the learning-rate multiplier of optimizer step `step`.
+
+    Parameters
+    ----------
+    step : int
+        0-based optimizer step.
+    warmup_steps : int
+        Steps of linear warm-up: step s gets ``(s + 1) / warmup_steps``.
+    total_steps : int
+        Steps of the whole run; after the warm-up a half cosine goes from 1 down to 0
+        at `total_steps` (and stays at 0 beyond).
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    done = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * done))
+
+
+def build_optimizer(model: nn.Module, loss: MetricLoss, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the network (``lr``) and the loss's proxies / centers (``proxy_lr``)."""
+    groups: list[dict[str, Any]] = [{"params": list(model.parameters()), "lr": config.lr}]
+    if loss.has_parameters:
+        groups.append({"params": list(loss.parameters()), "lr": config.proxy_lr})
+    return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
+) -> LambdaLR:
+    """Per-step warm-up + cosine schedule (see :func:`lr_factor`) over ``config.epochs``."""
+    warmup, total = config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch
+    return LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))
+
+
+# -------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class _Data:
+    """The datasets of a run, all sharing one preloaded copy of the training crops."""
+
+    class_names: list[str]
+    bands: int
+    mean: list[float]
+    std: list[float]
+    crop_rule: dict[str, Any] | None
+    train: Dataset  # training split, augmented
+    train_labels: np.ndarray  # (N,) labels of `train`
+    references: Dataset  # training split, uint8 (the Embedder normalizes)
+    val: Dataset | None  # validation crops, uint8
+    val_classes: np.ndarray | None  # (C_val,) training class id of each val class id
+
+
+def _view(
+    dataset: ImageFolderDataset, indices: Sequence[int], transform: Callable | None
+) -> Subset:
+    """Return samples `indices` of `dataset` under `transform`, sharing its preloaded crops."""
+    view = copy.copy(dataset)
+    view.transform = transform
+    return Subset(view, list(indices))
+
+
+def _load_data(
+    train_dir: Path,
+    val_dir: Path | None,
+    config: TrainConfig,
+    statistics: tuple[list[float], list[float]] | None = None,
+) -> _Data:
+    """Scan the folders, split, measure the band statistics and build the augmentation."""
+    rule = read_crop_rule(train_dir)
+    base = ImageFolderDataset(
+        train_dir, bands=rule.channels if rule is not None else None, size=config.input_size
+    )
+    if val_dir is None:
+        train_idx, val_idx = stratified_split(base, config.val_fraction, config.seed)
+    else:
+        train_idx, val_idx = list(range(len(base))), []
+    if statistics is not None:
+        mean, std = statistics
+    elif config.normalization == "dataset":
+        mean, std = band_statistics(base, indices=train_idx)
+    else:
+        mean, std = imagenet_statistics(base.bands)
+    train_tf = TrainTransform(config.augment, config.input_size, mean, std)
+    val: Dataset | None = None
+    val_classes = None
+    if val_dir is not None:
+        val = ImageFolderDataset(val_dir, bands=base.bands, size=config.input_size)
+        unknown = [c for c in val.class_names if c not in base.class_names]
+        if unknown:
+            raise input_error(
+                Path(val_dir) / unknown[0],
+                f"validation class {unknown[0]!r} is not a class of the training folder "
+                f"{train_dir}: remove it or add it to the training folder",
+            )
+        val_classes = np.array([base.class_names.index(c) for c in val.class_names])
+    elif val_idx:
+        val = _view(base, val_idx, None)
+        val_classes = np.arange(len(base.class_names))
+    return _Data(
+        class_names=list(base.class_names),
+        bands=base.bands,
+        mean=list(mean),
+        std=list(std),
+        crop_rule=rule.to_dict() if rule is not None else None,
+        train=_view(base, train_idx, train_tf),
+        train_labels=np.asarray(base.labels)[train_idx],
+        references=_view(base, train_idx, None),
+        val=val,
+        val_classes=val_classes,
+    )
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002  # the legacy global state third-party code draws from
+    torch.manual_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed numpy and random in a DataLoader worker from its torch seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)  # noqa: NPY002  # see _seed_everything
+    random.seed(seed)
+
+
+# --------------------------------------------------------------------- the loop
+
+
+def training_precision(precision: Precision | str, device: torch.device) -> torch.dtype:
+    """Return the autocast dtype of training on `device`.
+
+    ``auto`` is bf16 on a CUDA device that computes it and float32 on the CPU, also one
+    with bf16 instructions: there bf16 autocast trained several times slower than
+    float32 (``benchmarks/README.md``).
+    ``fp32`` and ``bf16`` force one (:func:`~superdml.learn.embed.resolve_precision`).
+    """
+    if precision == "auto" and device.type == "cpu":
+        return torch.float32
+    return resolve_precision(precision, device)
+
+
+def _train_epoch(
+    model: nn.Module,
+    loss_fn: MetricLoss,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LambdaLR,
+    device: torch.device,
+    dtype: torch.dtype,
+    desc: str,
+) -> float:
+    """Run one epoch of optimizer steps; return the mean batch loss."""
+    model.train()
+    total = torch.zeros((), device=device)
+    steps = 0
+    for images, labels in progress(loader, len(loader), desc, "batch"):
+        images = to_device(images, device)
+        labels = labels.to(device, non_blocking=True)
+        with autocast(device, dtype):
+            loss = loss_fn(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += loss.detach()
+        steps += 1
+    return float(total) / max(steps, 1)
+
+
+def _validate(embedder: Embedder, data: _Data) -> dict[str, float]:
+    """Return retrieval metrics of the validation crops against the training crops.
+
+    `embedder` wraps the model being trained, so validation embeds crops exactly as
+    ``index`` and ``label`` will with the saved checkpoint.
+    """
+    if data.val is None or data.val_classes is None:
+        return {}
+    ref_emb, ref_labels = embedder.embed_dataset(data.references, EMBED_BATCH_SIZE, "refs")
+    val_emb, val_labels = embedder.embed_dataset(data.val, EMBED_BATCH_SIZE, "val")
+    metrics = retrieval_metrics(val_emb, data.val_classes[val_labels], ref_emb, ref_labels)
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _read_history(path: Path, epochs: int) -> list[dict[str, Any]]:
+    """Rows of an existing ``metrics.csv`` up to epoch `epochs` (for resume)."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as stream:
+        return [row for row in csv.DictReader(stream) if int(row["epoch"]) <= epochs]
+
+
+def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    fields: list[str] = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_write(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+
+
+def _log_scalars(writer: Any, row: dict[str, Any], metrics: dict[str, float]) -> None:
+    """Write an epoch's row to TensorBoard: ``val/<metric>`` and ``train/<value>``."""
+    for key, value in row.items():
+        if key != "epoch":
+            tag = f"val/{key}" if key in metrics else f"train/{key}"
+            writer.add_scalar(tag, value, row["epoch"])
+    writer.flush()
+
+
+def _summary_writer(out_dir: Path, purge_step: int) -> Any:
+    """Return a TensorBoard SummaryWriter on ``out_dir/tb`` (None without tensorboard)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        logger.info("tensorboard is not installed: metrics go to %s only", METRICS_CSV)
+        return None
+    return SummaryWriter(out_dir / TENSORBOARD_DIR, purge_step=purge_step)
+
+
+# ---------------------------------------------------------------------- the stage
+
+
+def train(
+    train_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    config: TrainConfig,
+    val_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    init: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+) -> TrainResult:
+    """Train an embedding network on labeled crop folders (see the module docstring).
+
+    Parameters
+    ----------
+    train_dir : path
+        ``<class>/<image>`` folders of labeled crops; a ``crops.parquet`` there (or one
+        level up) supplies the crop rule stored in the checkpoints.
+    out_dir : path
+        Folder for checkpoints and logs (created).
+    config : TrainConfig
+        Every hyper-parameter.
+    val_dir : path, optional
+        Validation crops (classes: a subset of the training classes); without it a
+        stratified ``config.val_fraction`` of `train_dir` is held out.
+    resume : bool
+        Continue the run in `out_dir` from its ``last.pt``.
+    init : path, optional
+        Checkpoint to warm-start from (its classes may differ).
+    device : {"auto", "cpu", "cuda"}
+    precision : {"auto", "fp32", "bf16"}
+        Arithmetic of the forward and backward passes (:func:`training_precision`).
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    ConfigError
+        On an unusable device or precision, an invalid loss, a config that differs from
+        the resumed run's, or a run that has already reached ``config.epochs``.
+    InputError, MissingInputError
+        On unusable crop folders (no images, one class, an empty class folder), an
+        `out_dir` that already holds a run (without `resume`), or a missing ``last.pt``.
+    CheckpointError
+        When `init` or ``last.pt`` is not a superdml checkpoint or does not fit.
+    """
+    start_time = time.perf_counter()
+    train_dir, out_dir = Path(train_dir), Path(out_dir)
+    val_dir = Path(val_dir) if val_dir is not None else None
+    dev = resolve_device(device)
+    dtype = training_precision(precision, dev)
+    if resume and init is not None:
+        raise ConfigError("--resume and --init: a resumed run keeps its own start; pass one")
+    get_loss(config.loss, 2, config.embedding_size, **config.loss_params)  # check early
+    check_apart(out_dir, [p for p in (train_dir, val_dir, init) if p is not None])
+    with claim_output(out_dir, "train"):
+        return _train(train_dir, out_dir, config, val_dir, resume, init, dev, dtype, start_time)
+
+
+def _train(
+    train_dir: Path,
+    out_dir: Path,
+    config: TrainConfig,
+    val_dir: Path | None,
+    resume: bool,
+    init: str | os.PathLike[str] | None,
+    dev: torch.device,
+    dtype: torch.dtype,
+    start_time: float,
+) -> TrainResult:
+    """Run :func:`train` in its claimed output folder."""
+    last_path, best_path = out_dir / LAST, out_dir / BEST
+    crops = combine(fingerprint(train_dir), None if val_dir is None else fingerprint(val_dir))
+    ckpt = open_resume(last_path, config, crops, train_dir) if resume else None
+    if not resume and last_path.exists():
+        raise input_error(
+            last_path, "a training run is already here: pass --resume, or choose another --out"
+        )
+    init_ckpt = load_checkpoint(init) if init is not None else None
+
+    stats = (ckpt.mean, ckpt.std) if ckpt is not None else None
+    data = _load_data(train_dir, val_dir, config, stats)
+    if ckpt is not None and ckpt.class_names != data.class_names:
+        raise CheckpointError(
+            f"{last_path}: trained on classes {ckpt.class_names}, {train_dir} has "
+            f"{data.class_names}: resume with the same folder, or start a new run with --init"
+        )
+    # codes of classes that stay are kept on retraining; classes.yaml in the folder rules
+    previous = ckpt or init_ckpt
+    scheme = folder_scheme(
+        train_dir, data.class_names, None if previous is None else previous.class_scheme
+    )
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    _seed_everything(config.seed)
+    model = build_model(config, data.bands)
+    loss_fn = get_loss(
+        config.loss, len(data.class_names), config.embedding_size, **config.loss_params
+    )
+    if init_ckpt is not None:
+        warm_start(init_ckpt, model, loss_fn, config, data.bands, data.class_names)
+    prepare_model(model, dev)
+    loss_fn.to(dev)
+    embedder = Embedder(model, config.input_size, data.mean, data.std, dev, dtype)
+    sampler = PKSampler(
+        data.train_labels, config.classes_per_batch, config.samples_per_class, config.seed
+    )
+    loader_rng = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(
+        data.train,
+        batch_sampler=sampler,
+        num_workers=config.num_workers,
+        worker_init_fn=_seed_worker,
+        generator=loader_rng,
+        pin_memory=dev.type == "cuda",
+    )
+    optimizer = build_optimizer(model, loss_fn, config)
+    scheduler = build_scheduler(optimizer, config, len(sampler))  # epoch 0's batch count
+
+    start_epoch, best_score = 0, -math.inf
+    if ckpt is not None:
+        start_epoch, best_score = restore(ckpt, model, loss_fn, optimizer, scheduler, loader_rng)
+    history = _read_history(out_dir / METRICS_CSV, start_epoch)
+    dump_config(config, out_dir / CONFIG_YAML)
+    writer = _summary_writer(out_dir, start_epoch + 1)
+    save = functools.partial(
+        save_checkpoint,
+        input_size=config.input_size,
+        class_names=data.class_names,
+        normalization=config.normalization,
+        mean=data.mean,
+        std=data.std,
+        loss_name=config.loss,
+        loss_params=loss_fn.hyperparameters,
+        train_config=config,
+        crop_rule=data.crop_rule,
+        class_scheme=scheme,
+    )
+    row: dict[str, Any] = {}
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            epoch_start = time.perf_counter()
+            sampler.set_epoch(epoch)
+            desc = f"epoch {epoch + 1}/{config.epochs}"
+            train_loss = _train_epoch(
+                model, loss_fn, loader, optimizer, scheduler, dev, dtype, desc
+            )
+            if not math.isfinite(train_loss):
+                raise ConfigError(
+                    f"lr: training diverged in epoch {epoch + 1} (loss {train_loss}): "
+                    "lower lr or proxy_lr"
+                )
+            metrics = _validate(embedder, data)
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": train_loss,
+                "lr": optimizer.param_groups[0]["lr"],
+                **metrics,
+                "seconds": time.perf_counter() - epoch_start,
+            }
+            history.append(row)
+            _write_history(out_dir / METRICS_CSV, history)
+            if writer is not None:
+                _log_scalars(writer, row, metrics)
+            logger.info(
+                "%s: loss %.4f, %s %.4f (%.1f s)",
+                desc,
+                train_loss,
+                SELECTION_METRIC,
+                metrics.get(SELECTION_METRIC, math.nan),
+                row["seconds"],
+            )
+            ckpt_metrics = {"epoch": epoch + 1, "train_loss": train_loss, **metrics}
+            score = metrics.get(SELECTION_METRIC, math.inf)
+            if score > best_score or not metrics:
+                best_score = score
+                save(
+                    best_path, model=model, metrics=ckpt_metrics,
+                    loss_state=loss_fn.state_dict(),
+                )  # fmt: skip
+            resume_info = resume_state(epoch + 1, optimizer, scheduler)
+            resume_info["loader_rng"] = loader_rng.get_state()
+            resume_info["best_score"] = best_score
+            resume_info["crops"] = crops
+            save(
+                last_path, model=model, metrics=ckpt_metrics, resume=resume_info,
+                loss_state=loss_fn.state_dict(),
+            )  # fmt: skip
+    finally:
+        if writer is not None:
+            writer.close()
+    return TrainResult(
+        out_dir=out_dir,
+        best_path=best_path,
+        last_path=last_path,
+        metrics_path=out_dir / METRICS_CSV,
+        epochs_run=config.epochs - start_epoch,
+        metrics={k: float(v) for k, v in row.items()},
+        seconds=time.perf_counter() - start_time,
+    )

@@ -1,0 +1,59 @@
+"""Raster I/O: windows and tiles, reads and writes, class schemes, overviews, staged writes.
+
+Names load on first use (:mod:`lazy_loader`, as scikit-image does), so importing one
+module of the package does not import its siblings.
+"""
+
+import lazy_loader
+
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "classes": [
+            "ClassEntry",
+            "ClassScheme",
+            "MAX_BYTES",
+            "MAX_CODE",
+            "RESERVED",
+            "SCHEME_FILE",
+            "TAB20",
+            "UNKNOWN",
+            "UNKNOWN_COLOR",
+            "UNLABELED",
+            "check_class_name",
+            "check_class_names",
+            "default_scheme",
+            "folder_scheme",
+            "make_scheme",
+            "palette",
+            "read_scheme",
+            "write_scheme",
+        ],
+        "io": [
+            "BLOCK_SIZE",
+            "RasterInfo",
+            "Tile",
+            "band_ranges",
+            "check_bands",
+            "check_label_overlap",
+            "geotiff_profile",
+            "iter_blocks",
+            "open_raster",
+            "raster_info",
+            "read_class_nodata",
+            "read_label_scheme",
+            "read_labels_on_grid",
+            "read_window",
+            "tile_grid",
+        ],
+        "overviews": [
+            "downsample_mean",
+            "downsample_mode",
+            "halved_shape",
+            "overview_factors",
+        ],
+        "staged": [
+            "StagedRaster",
+        ],
+    },
+)

@@ -1,0 +1,524 @@
+r"""Class schemes (codes, names, colors) and the class-name check every entry point applies.
+
+Class names come from data (a ``--classes`` YAML, a label raster's ``class_names`` tag,
+a label run's ``label.json``) and become folders (``OUT/<class>/...``). A name is used
+as it is, never rewritten, so it must be one ordinary path component:
+
+- a string, not empty, without leading or trailing whitespace;
+- no ``/`` or ``\`` and no control character;
+- not starting with ``.`` (``.`` and ``..`` walk the tree; training skips hidden folders);
+- at most 255 bytes in UTF-8 (the usual file name limit);
+- not ``unknown`` (what labeling calls a superpixel too far from every reference) or
+  ``unlabeled`` (the folder of crops without a class), in any letter case;
+- distinct from the other names of the same source, ignoring letter case (folders that
+  differ only in case are one folder on macOS and Windows).
+
+A class scheme (:class:`ClassScheme`) gives every class a code (its value in label
+rasters), a color and an optional description, plus the codes of ``unknown`` and of
+nodata. This module is the one reader and writer of its two forms: the YAML scheme file
+people write (``--classes``, a crop folder's ``classes.yaml``; :func:`read_scheme`,
+:func:`write_scheme`) and the JSON form stored in checkpoints, references and
+``label.json`` (:meth:`ClassScheme.to_dict`, :meth:`ClassScheme.from_dict`).
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import os
+import re
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import yaml
+
+from superdml.core.atomic import atomic_write
+from superdml.core.errors import InputError, input_error, require_file
+
+#: What labeling calls a superpixel too far from every reference.
+UNKNOWN = "unknown"
+#: The folder of crops without a class (``superdml crops`` without a label raster).
+UNLABELED = "unlabeled"
+RESERVED = frozenset({UNKNOWN, UNLABELED})
+MAX_BYTES = 255
+
+
+def _problem(name: str) -> str | None:
+    """Why `name` is not a folder name, or None when it is one."""
+    if not name:
+        return "it is empty"
+    if name != name.strip():
+        return "it has leading or trailing whitespace"
+    if "/" in name or "\\" in name:
+        return "it contains '/' or '\\'"
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return "it contains a control character"
+    if name.startswith("."):
+        return "it starts with '.'"
+    if len(name.encode("utf-8")) > MAX_BYTES:
+        return f"it is longer than {MAX_BYTES} bytes"
+    if name.casefold() in RESERVED:
+        return f"{UNKNOWN!r} and {UNLABELED!r} are reserved"
+    return None
+
+
+def check_class_name(name: object, source: str | os.PathLike[str], where: str) -> str:
+    r"""Return `name` when it can be a class folder name; else raise naming `source`.
+
+    Parameters
+    ----------
+    name : object
+        The class name as read (YAML values and JSON items may be of any type).
+    source : path
+        The file the name came from, named in the error.
+    where : str
+        Which entry of `source` it is, e.g. ``"for value 3"``.
+
+    Returns
+    -------
+    str
+        `name`, unchanged.
+
+    Raises
+    ------
+    InputError
+        ``<source>: class name '../x' for value 3 is not a folder name (it contains
+        '/' or '\')``.
+    """
+    if not isinstance(name, str):
+        raise input_error(
+            source, f"class name {name!r} {where} is not a string (got {type(name).__name__})"
+        )
+    problem = _problem(name)
+    if problem is not None:
+        raise input_error(source, f"class name {name!r} {where} is not a folder name ({problem})")
+    return name
+
+
+def check_class_names(
+    names: Mapping[int, object], source: str | os.PathLike[str], key: str = "value"
+) -> dict[int, str]:
+    """Check every name of a mapping id -> class name, and that no two names clash.
+
+    Parameters
+    ----------
+    names : mapping of int to object
+        Class value (or class id) -> name as read.
+    source : path
+        The file the names came from, named in the error.
+    key : str
+        What the ids are called in the error (``"value"`` of a label raster,
+        ``"class id"`` of a label run).
+
+    Returns
+    -------
+    dict of int to str
+        The same mapping, every name checked.
+
+    Raises
+    ------
+    InputError
+        At the first bad name, or the first two ids whose names are equal ignoring case.
+    """
+    checked: dict[int, str] = {}
+    seen: dict[str, int] = {}
+    for value, name in names.items():
+        checked[value] = check_class_name(name, source, f"for {key} {value}")
+        first = seen.setdefault(checked[value].casefold(), value)
+        if first != value:
+            raise input_error(
+                source,
+                f"{key}s {first} and {value} have the same class name "
+                f"({checked[first]!r}, {checked[value]!r}): class names must be distinct",
+            )
+    return checked
+
+
+# ------------------------------------------------------------------- class schemes
+
+#: The scheme file at the root of a crop folder (``superdml crops`` writes it; people may).
+SCHEME_FILE = "classes.yaml"
+MAX_CODE = 65535  # uint16, the widest label raster
+UNKNOWN_COLOR = (128, 128, 128)
+_HEX = re.compile(r"#([0-9a-fA-F]{6})")
+
+
+@dataclass(frozen=True)
+class ClassEntry:
+    """One class of a scheme.
+
+    Attributes
+    ----------
+    code : int
+        Its value in label rasters, in 0..65535.
+    name : str
+        A folder name (see :func:`check_class_name`).
+    color : tuple of 3 int
+        RGB, 0..255.
+    description : str or None
+    """
+
+    code: int
+    name: str
+    color: tuple[int, int, int]
+    description: str | None = None
+
+
+@dataclass(frozen=True)
+class ClassScheme:
+    """A classification scheme: codes, names, colors, plus the unknown and nodata codes.
+
+    Attributes
+    ----------
+    entries : tuple of ClassEntry
+        Sorted by code; codes and names (ignoring case) distinct.
+    unknown : int
+        Code of ``unknown`` (a superpixel too far from every reference), not a class code.
+    nodata : int
+        Code of pixels without a superpixel or prediction, not a class code.
+    """
+
+    entries: tuple[ClassEntry, ...]
+    unknown: int
+    nodata: int = 0
+
+    @property
+    def names(self) -> list[str]:
+        """Class names by code."""
+        return [e.name for e in self.entries]
+
+    @property
+    def codes(self) -> dict[str, int]:
+        """Code of each class name."""
+        return {e.name: e.code for e in self.entries}
+
+    @property
+    def dtype(self) -> str:
+        """``"uint8"`` when every code (unknown and nodata too) fits, else ``"uint16"``."""
+        top = max([self.unknown, self.nodata, *(e.code for e in self.entries)])
+        return "uint8" if top <= 255 else "uint16"
+
+    def codes_of(self, names: list[str] | tuple[str, ...]) -> np.ndarray:
+        """Return the (N,) int64 codes of `names` (``unknown`` included).
+
+        Raises
+        ------
+        KeyError
+            For a name that is neither a class of the scheme nor ``unknown``.
+        """
+        codes = {**self.codes, UNKNOWN: self.unknown}
+        return np.asarray([codes[n] for n in names], dtype=np.int64)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form stored in checkpoints, references and ``label.json``."""
+        return {
+            "classes": [
+                {"code": e.code, "name": e.name, "color": _hex(e.color)}
+                | ({"description": e.description} if e.description else {})
+                for e in self.entries
+            ],
+            "unknown": self.unknown,
+            "nodata": self.nodata,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str | os.PathLike[str]) -> ClassScheme:
+        """Inverse of :meth:`to_dict`, checked as a scheme file is; errors name `source`."""
+        try:
+            raw = {int(c["code"]): dict(c) for c in data["classes"]}
+            return make_scheme(raw, source, data.get("unknown"), int(data.get("nodata", 0)))
+        except InputError:
+            raise
+        except (KeyError, TypeError, ValueError) as err:
+            raise input_error(source, f"malformed class scheme ({err!r})") from None
+
+    def check_compatible(
+        self, other: ClassScheme, source: str | os.PathLike[str], other_source: str
+    ) -> None:
+        """Refuse a code or name that means something else in `other`.
+
+        Raises
+        ------
+        InputError
+            ``<source>: code 3 is 'water' here but 'lake' in <other_source>``.
+        """
+        mine, theirs = self.codes, other.codes
+        by_code = {e.code: e.name for e in other.entries}
+        for e in self.entries:
+            if e.code in by_code and by_code[e.code] != e.name:
+                raise input_error(
+                    source,
+                    f"code {e.code} is {e.name!r} here but {by_code[e.code]!r} in "
+                    f"{other_source}: keep the codes of the classes (or retrain)",
+                )
+        for name in mine.keys() & theirs.keys():
+            if mine[name] != theirs[name]:
+                raise input_error(
+                    source,
+                    f"class {name!r} has code {mine[name]} here but {theirs[name]} in "
+                    f"{other_source}: keep the codes of the classes (or retrain)",
+                )
+
+    def covering(self, names: list[str], source: str | os.PathLike[str]) -> ClassScheme:
+        """Return the scheme when it names every class of `names`; else raise.
+
+        Raises
+        ------
+        InputError
+            ``<source>: class folder 'x' is not in the class scheme: add it``.
+        """
+        known = self.codes
+        for name in names:
+            if name not in known:
+                raise input_error(
+                    source,
+                    f"class folder {name!r} is not in the class scheme "
+                    f"({', '.join(known) or 'empty'}): add it",
+                )
+        return self
+
+    def with_classes(self, added: Mapping[int, str], source: str | os.PathLike[str]) -> ClassScheme:
+        """Return the scheme plus the classes ``code -> name`` of `added` (colors chosen).
+
+        Raises
+        ------
+        InputError
+            Naming `source`, when an added code or name is already in the scheme.
+        """
+        raw: dict[int, Mapping[str, Any]] = {
+            e.code: {"name": e.name, "color": _hex(e.color), "description": e.description}
+            for e in self.entries
+        }
+        for code, name in added.items():
+            if code in raw:
+                raise input_error(source, f"code {code} is already {raw[code]['name']!r}")
+            raw[code] = {"name": name}
+        unknown = None if self.unknown in added else self.unknown
+        return make_scheme(raw, source, unknown, self.nodata)
+
+    def extended(self, names: list[str]) -> ClassScheme:
+        """Return the scheme plus `names` it lacks, on free codes after the highest one.
+
+        Classes already in the scheme keep their codes and colors (retraining with an
+        added class keeps the codes of the others).
+        """
+        taken = {e.code for e in self.entries} | {self.unknown, self.nodata}
+        added: dict[int, str] = {}
+        code = max([0, *(e.code for e in self.entries)])
+        for name in (n for n in names if n not in self.codes):
+            code += 1
+            while code in taken:
+                code += 1
+            added[code] = name
+        return self.with_classes(added, "class scheme") if added else self
+
+
+def _hex(color: tuple[int, int, int]) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*color)
+
+
+#: matplotlib's ``tab20`` colors as 8-bit RGB (a constant: importing matplotlib for them
+#: took a fifth of a second of every export).
+TAB20: tuple[tuple[int, int, int], ...] = (
+    (31, 119, 180), (174, 199, 232), (255, 127, 14), (255, 187, 120), (44, 160, 44),
+    (152, 223, 138), (214, 39, 40), (255, 152, 150), (148, 103, 189), (197, 176, 213),
+    (140, 86, 75), (196, 156, 148), (227, 119, 194), (247, 182, 210), (127, 127, 127),
+    (199, 199, 199), (188, 189, 34), (219, 219, 141), (23, 190, 207), (158, 218, 229),
+)  # fmt: skip
+
+
+def palette(n: int, avoid: set[tuple[int, int, int]] | None = None) -> list[tuple[int, int, int]]:
+    """Return `n` distinct RGB colors: tab20 first, then golden-angle hues, minus `avoid`."""
+    avoid = avoid or set()
+    colors: list[tuple[int, int, int]] = []
+    i = 0
+    while len(colors) < n:
+        if i < len(TAB20):
+            color = TAB20[i]
+        else:
+            hsv = colorsys.hsv_to_rgb(((i - 20) * 0.618034) % 1, 0.65, 0.9)
+            color = cast(tuple[int, int, int], tuple(int(round(255 * c)) for c in hsv))
+        if color not in avoid and color not in colors:
+            colors.append(color)
+        i += 1
+    return colors
+
+
+def _color(value: object, source: str | os.PathLike[str], code: int) -> tuple[int, int, int]:
+    if isinstance(value, str) and (match := _HEX.fullmatch(value.strip())):
+        h = match[1]
+        return (int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16))
+    raise input_error(
+        source, f'color {value!r} for code {code} is not a color (expected "#rrggbb", quoted)'
+    )
+
+
+def _code(value: object, source: str | os.PathLike[str], what: str) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_CODE:
+        raise input_error(source, f"{what} {value!r} is not an integer in 0..{MAX_CODE}")
+    return value
+
+
+def make_scheme(
+    raw: Mapping[int, Mapping[str, Any]],
+    source: str | os.PathLike[str],
+    unknown: int | None = None,
+    nodata: int = 0,
+    colormap: Mapping[int, tuple[int, ...]] | None = None,
+) -> ClassScheme:
+    """Build and check a scheme from entries ``code -> {"name", "color"?, "description"?}``.
+
+    Colors missing from an entry come from `colormap` (a label raster's color table),
+    else from :func:`palette` (distinct from the given colors). Without `unknown`, it is
+    255 (254 when nodata is 255) when every class code is below 254, else 65535 (65534).
+
+    Raises
+    ------
+    InputError
+        Naming `source`: a code outside 0..65535, a bad name, two codes with the same
+        name, a color that is not a color, or unknown / nodata equal to a class code.
+    """
+    for code in raw:
+        _code(code, source, "code")
+    nodata = _code(nodata, source, "nodata code")
+    names = check_class_names({c: e.get("name") for c, e in raw.items()}, source, "code")
+    given = {c: _color(e["color"], source, c) if "color" in e else None for c, e in raw.items()}
+    for c in raw:
+        if given[c] is None and colormap is not None and c in colormap:
+            given[c] = cast(tuple[int, int, int], tuple(int(v) for v in colormap[c][:3]))
+    fill = iter(palette(sum(v is None for v in given.values()), {v for v in given.values() if v}))
+    entries = []
+    for c in sorted(raw):
+        description = raw[c].get("description")
+        if description is not None and not isinstance(description, str):
+            raise input_error(source, f"description of code {c} is not a string")
+        entries.append(ClassEntry(c, names[c], given[c] or next(fill), description or None))
+    if unknown is None:
+        top = 255 if max([0, *raw]) < 254 else MAX_CODE
+        unknown = top if top != nodata else top - 1
+    unknown = _code(unknown, source, "unknown code")
+    for what, code in (("unknown", unknown), ("nodata", nodata)):
+        if code in raw:
+            raise input_error(
+                source, f"{what} code {code} is also the code of {names[code]!r}: choose another"
+            )
+    if unknown == nodata:
+        raise input_error(source, f"unknown and nodata have the same code {unknown}")
+    return ClassScheme(tuple(entries), unknown, nodata)
+
+
+def default_scheme(names: list[str]) -> ClassScheme:
+    """Codes 1..N in sorted name order and distinct palette colors."""
+    return make_scheme({i: {"name": n} for i, n in enumerate(sorted(names), 1)}, "class names")
+
+
+class _CodeTwice(yaml.YAMLError):
+    """A mapping key given twice."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses a mapping key given twice (two names on one code)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _CodeTwice(
+                    f"code {key!r} is given twice (line {key_node.start_mark.line + 1})"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_scheme(
+    path: str | os.PathLike[str],
+    colormap: Mapping[int, tuple[int, ...]] | None = None,
+    nodata: int = 0,
+) -> ClassScheme:
+    """Read a scheme file (``--classes``, ``classes.yaml``).
+
+    The file is a YAML mapping ``code: name`` or ``code: {name: ..., color: "#rrggbb",
+    description: ...}``, plus optional ``unknown: <code>`` and ``nodata: <code>``.
+
+    Parameters
+    ----------
+    path : path
+    colormap : mapping of int to RGB(A), optional
+        Colors for codes the file gives no color (a label raster's color table).
+    nodata : int
+        The nodata code when the file gives none.
+
+    Raises
+    ------
+    MissingInputError
+        When `path` is not a file.
+    InputError
+        One line naming `path`: not YAML, a code given twice, not a mapping, or a bad
+        entry (see :func:`make_scheme`).
+    """
+    require_file(path, "class scheme")
+    try:
+        loaded = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)  # noqa: S506  # a SafeLoader subclass
+    except _CodeTwice as err:
+        raise input_error(path, f"{err}: one name per code") from None
+    except yaml.YAMLError as err:
+        raise input_error(path, f"not valid YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(loaded, dict):
+        raise input_error(path, "expected a YAML mapping of class code -> name")
+    unknown, nodata = loaded.pop("unknown", None), loaded.pop("nodata", nodata)
+    raw: dict[int, Mapping[str, Any]] = {}
+    for code, entry in loaded.items():
+        if type(code) is not int:
+            raise input_error(
+                path, f"key {code!r} is not a class code (an integer), 'unknown' or 'nodata'"
+            )
+        if isinstance(entry, dict):
+            extra = set(entry) - {"name", "color", "description"}
+            if extra:
+                raise input_error(
+                    path, f"code {code}: unknown key {sorted(map(str, extra))[0]!r} "
+                    "(expected name, color, description)"
+                )  # fmt: skip
+            raw[code] = entry
+        else:
+            raw[code] = {"name": entry}
+    return make_scheme(raw, path, unknown, nodata, colormap)
+
+
+def write_scheme(path: str | os.PathLike[str], scheme: ClassScheme) -> None:
+    """Write `scheme` as a scheme file that :func:`read_scheme` reads back, atomically."""
+    lines = ["# class code: name, color (and description); see superdml's README"]
+    for e in scheme.entries:
+        fields = [f"name: {json.dumps(e.name)}", f'color: "{_hex(e.color)}"']
+        if e.description:
+            fields.append(f"description: {json.dumps(e.description)}")
+        lines.append(f"{e.code}: {{{', '.join(fields)}}}")
+    lines += [f"unknown: {scheme.unknown}", f"nodata: {scheme.nodata}"]
+    with atomic_write(Path(path)) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
+def folder_scheme(
+    root: str | os.PathLike[str], names: list[str], base: ClassScheme | None = None
+) -> ClassScheme:
+    """Return the scheme of a labeled crop folder with class folders `names`.
+
+    ``root/classes.yaml`` when present (it must name every class folder); else `base`
+    (a checkpoint's scheme) extended by the new classes; else :func:`default_scheme`.
+
+    Raises
+    ------
+    InputError
+        A bad ``classes.yaml``, or a class folder it does not name.
+    """
+    path = Path(root) / SCHEME_FILE
+    if path.is_file():
+        return read_scheme(path).covering(names, path)
+    if base is not None:
+        return base.extended(names)
+    return default_scheme(names)

@@ -1,0 +1,253 @@
+"""SLIC superpixels over rasters of any size, tile by tile, without seams.
+
+Method
+------
+SLIC is local: a pixel is only ever compared with centers a grid step ``S`` away. The
+raster is covered by one global grid of ``S x S`` cells; cell ``(i, j)`` seeds one center
+and, whatever tile computes it, that center's superpixel gets the id
+``i * n_cell_cols + j + 1``: unique over the raster, stable across reruns and tile
+sizes, with no coordination between tiles. Every pixel is compared with the centers of
+the 3 x 3 cells around its own cell (the gSLIC search), with scikit-image's distance
+``sum((band / m - center_band / m)**2) + (pixel distance / S)**2`` on bands scaled to
+[0, 1] per band.
+
+1. **Centers** (per tile, independent): SLIC runs on the tile's core grown by a halo of
+   ``HALO_CELLS`` cells, all tiles starting from the same global grid. The tile keeps
+   the centers of the cells in its core: each cell's center is owned by exactly one tile.
+2. **Assignment** (per tile, a stencil over its neighbours' centers): the owned centers
+   of the neighbouring tiles are put back on the global grid and every pixel of the core
+   grown by ``MARGIN_CELLS`` cells is assigned to its nearest center. The assignment is
+   a function of the pixel and one global set of centers, so a superpixel crossing a
+   tile edge gets the same id on both sides: there is no seam to hide.
+3. **Connectivity**: within that window each id's largest 4-connected component stays,
+   other fragments join the adjacent superpixel sharing the longest border. A
+   superpixel spans at most 3 x 3 cells, so the margin holds every superpixel (and
+   every neighbour of its fragments) that reaches the core: each tile decides exactly
+   as its neighbours do. Pixels are written by the tile whose core holds them; a
+   superpixel's table row by the tile whose core holds its centroid.
+
+The SLIC steps of both phases run on the numpy functions of
+:mod:`superdml.segment.slic_numpy` or on the torch backend (:mod:`superdml.segment.slic_torch`,
+CPU or CUDA, its kernels in :mod:`superdml.segment.slic_numba`), which keeps their contract;
+the tile tasks are in :mod:`superdml.segment.tasks`. Both phases write one
+small file per tile into a work folder, so an interrupted run
+resumes where it stopped and gives identical output; the final ``segments.tif`` and
+``superpixels.parquet`` are assembled tile by tile and renamed into place when complete.
+Peak memory is that of the tiles in flight (two at a time in process), whatever the
+raster size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import rasterio
+from rasterio.windows import Window
+
+from superdml import __version__
+from superdml.config.schema import SegmentConfig, config_hash, config_to_dict, dump_config
+from superdml.core.atomic import atomic_write, write_json
+from superdml.core.cluster import map_tasks
+from superdml.core.errors import InputError
+from superdml.core.ownership import claim_output
+from superdml.core.provenance import combine, file_fingerprint, sha256_file
+from superdml.raster.io import (
+    RasterInfo,
+    Tile,
+    band_ranges,
+    check_bands,
+    geotiff_profile,
+    raster_info,
+    tile_grid,
+)
+from superdml.segment.heap import map_large_allocations
+from superdml.segment.run import (
+    MANIFEST_NAME,
+    SEGMENTS_NAME,
+    TABLE_NAME,
+    run_dir,
+)
+from superdml.segment.tasks import (
+    Grid,
+    assign_task,
+    centers_task,
+    in_process_threads,
+    table_schema,
+)
+
+logger = logging.getLogger(__name__)
+
+ROW_GROUP_SIZE = 65536
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    """What ``segment_raster`` wrote.
+
+    Attributes
+    ----------
+    raster : str
+        Name of the run's subfolder (the raster's stem, made unique).
+    out_dir : Path
+        The raster's subfolder.
+    segments_path, table_path : Path
+        ``segments.tif`` and ``superpixels.parquet``.
+    n_superpixels, n_tiles : int
+    skipped : bool
+        True when the outputs were already complete for this source and config.
+    seconds : float
+    """
+
+    raster: str
+    out_dir: Path
+    segments_path: Path
+    table_path: Path
+    n_superpixels: int
+    n_tiles: int
+    skipped: bool
+    seconds: float
+
+
+def segment_raster(
+    path: str | Path,
+    out_dir: str | Path,
+    config: SegmentConfig | None = None,
+    client: object | None = None,
+) -> SegmentResult:
+    """Segment one raster into SLIC superpixels, tile by tile (see the module docstring).
+
+    Parameters
+    ----------
+    path : path
+        Any raster rasterio opens: GeoTIFF, VRT mosaic, PNG, JPEG...
+    out_dir : path
+        Run folder; the outputs go to ``out_dir/<stem>/``.
+    config : SegmentConfig, optional
+    client : distributed.Client, optional
+        Runs the tile tasks on this cluster; in this process when None.
+
+    Returns
+    -------
+    SegmentResult
+
+    Raises
+    ------
+    InputError, MissingInputError
+        Before any work, for a missing or unreadable raster, bands it lacks, or a
+        raster without any valid pixel.
+    """
+    start = time.perf_counter()
+    config = config or SegmentConfig()
+    from superdml.segment.slic_torch import resolve_backend  # torch: imported only when segmenting
+
+    backend, device = resolve_backend(config.backend, config.device)
+    info = raster_info(path)
+    bands = check_bands(path, info.count, config.bands)
+    step = config.region_size
+    tile_size = math.ceil(config.tile_size / step) * step
+    n_cells = math.ceil(info.height / step) * math.ceil(info.width / step)
+    if n_cells >= 2**32 - 1:
+        raise InputError(f"{path}: {n_cells} grid cells do not fit uint32 ids: raise region_size")
+    source_fp = file_fingerprint(info.path)
+    with claim_output(out_dir, "segment"):
+        folder = run_dir(out_dir, info.path)
+        folder.mkdir(exist_ok=True)
+        segments_path, table_path = folder / SEGMENTS_NAME, folder / TABLE_NAME
+        manifest_path = folder / MANIFEST_NAME
+        digest = config_hash(config)
+        tiles = tile_grid(info.height, info.width, tile_size)
+        if manifest_path.exists() and segments_path.exists() and table_path.exists():
+            manifest = json.loads(manifest_path.read_text())
+            if (
+                manifest.get("config_hash") == digest
+                and manifest["source"]["path"] == info.path
+                and manifest.get("source_fingerprint") == source_fp
+            ):
+                logger.info("%s: up to date, skipped", folder)
+                return SegmentResult(
+                    folder.name, folder, segments_path, table_path,
+                    manifest["n_superpixels"], len(tiles), True, time.perf_counter() - start,
+                )  # fmt: skip
+        manifest_path.unlink(missing_ok=True)  # the run's commit mark: gone until redone
+        write_json(folder / "source.json", {"source": info.path})
+        lo, hi = band_ranges(path, bands, config.nodata)
+        work = folder / f".work-{combine(digest, source_fp)[:16]}"
+        for stale in folder.glob(".work-" + "[0-9a-f]" * 16):  # ours: other inputs' runs
+            if stale != work:
+                shutil.rmtree(stale)
+        work.mkdir(exist_ok=True)
+        threads, sweep_threads = in_process_threads(device, len(tiles))
+        if client is None and threads > 1:
+            map_large_allocations()  # two threads of tile arrays: memory flat with raster size
+        grid = Grid(
+            source=info.path, name=folder.name, bands=tuple(bands), nodata=config.nodata,
+            lo=tuple(lo), hi=tuple(hi), step=step, compactness=config.compactness,
+            max_iter=config.max_iter, tile_size=tile_size, height=info.height, width=info.width,
+            transform=info.transform, work=str(work), backend=backend, device=device,
+            sweep_threads=None if client is not None else sweep_threads,
+        )  # fmt: skip
+        logger.info(
+            "%s: %d tiles of %d px, region size %d, %s backend on %s",
+            info.path, len(tiles), tile_size, step, backend, device,
+        )  # fmt: skip
+        calls = [(grid, tile) for tile in tiles]
+        map_tasks(centers_task, calls, client, desc=f"{folder.name}: centers", threads=threads)
+        counts = map_tasks(
+            assign_task, calls, client, desc=f"{folder.name}: labels", threads=threads
+        )
+        meta = {
+            "superdml_version": __version__,
+            "source": info.to_dict(),
+            "source_fingerprint": source_fp,
+            "bands": bands,
+            "band_lo": lo,
+            "band_hi": hi,
+            "config": config_to_dict(config),
+            "config_hash": digest,
+            "tile_size": tile_size,
+        }
+        _write_segments(grid, info, tiles, segments_path)
+        _write_table(grid, tiles, table_path, meta)
+        dump_config(config, folder / "segment.yaml")
+        table_sha = sha256_file(table_path)
+        write_json(
+            manifest_path,
+            {
+                **meta,
+                "table_sha256": table_sha,
+                "fingerprint": combine(source_fp, digest, table_sha),
+                "n_superpixels": int(sum(counts)),
+                "n_tiles": len(tiles),
+            },
+        )
+        shutil.rmtree(work)
+    return SegmentResult(
+        folder.name, folder, segments_path, table_path, int(sum(counts)), len(tiles), False,
+        time.perf_counter() - start,
+    )  # fmt: skip
+
+
+def _write_segments(grid: Grid, info: RasterInfo, tiles: list[Tile], path: Path) -> None:
+    profile = geotiff_profile(info, "uint32", nodata=0)
+    with atomic_write(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+        for tile in tiles:
+            window = Window(tile.col, tile.row, tile.width, tile.height)
+            dst.write(np.load(grid.labels_path(tile)), 1, window=window)
+        dst.update_tags(superdml_source=info.path, superdml_region_size=str(grid.step))
+
+
+def _write_table(grid: Grid, tiles: list[Tile], path: Path, meta: dict[str, object]) -> None:
+    schema = table_schema(grid.bands).with_metadata({"superdml": json.dumps(meta)})
+    with atomic_write(path) as tmp:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for tile in tiles:
+                part = pq.read_table(grid.table_path(tile)).cast(schema)
+                writer.write_table(part, row_group_size=ROW_GROUP_SIZE)
