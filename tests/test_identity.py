@@ -132,7 +132,7 @@ def evaluated(world, halves, tmp_path_factory):
         _spy(monkeypatch, evaluate_module, "retrieval_metrics", seen)
         result = evaluate(
             world["checkpoint"], world["root"] / "crops", tmp_path_factory.mktemp("eval"),
-            halves["ref_crops"], device="cpu", precision="fp32",
+            halves["ref_crops"], LABEL, device="cpu",
         )  # fmt: skip
     ((args, _),) = seen
     return {"embeddings": (args[0], args[2]), "result": result}
@@ -202,7 +202,9 @@ def test_infer_embeds_images_like_index(world, monkeypatch):
     _spy(monkeypatch, ReferenceIndex, "search", seen)
     files = sorted(world["vectors"])
     images = [world["root"] / "crops" / f for f in files]
-    infer(images, world["checkpoint"], world["root"] / "ref", k=3, device="cpu", precision="fp32")
+    infer(
+        images, world["checkpoint"], world["root"] / "ref", dataclasses.replace(LABEL, k=3), "cpu"
+    )
     ((args, _),) = seen
     np.testing.assert_array_equal(args[1], _reference(world, files))
 
@@ -212,7 +214,9 @@ def test_a_batch_of_a_few_crops_differs_only_in_the_last_bits(world, monkeypatch
     _spy(monkeypatch, ReferenceIndex, "search", seen)
     files = sorted(world["vectors"])[:3]
     images = [world["root"] / "crops" / f for f in files]
-    infer(images, world["checkpoint"], world["root"] / "ref", k=3, device="cpu", precision="fp32")
+    infer(
+        images, world["checkpoint"], world["root"] / "ref", dataclasses.replace(LABEL, k=3), "cpu"
+    )
     ((args, _),) = seen
     # another matrix-multiply kernel for the linear head of a batch of 3 rows
     np.testing.assert_allclose(args[1], _reference(world, files), rtol=0, atol=1e-6)
@@ -263,8 +267,8 @@ def test_label_infer_and_evaluate_give_a_crop_the_same_class_and_score(
     labeled = [by_segment[world["segment_of"][f]] for f in files]
 
     inferred = infer(
-        [crops / f for f in files], world["checkpoint"], halves["ref"], k=10, device="cpu",
-        precision="fp32",
+        [crops / f for f in files], world["checkpoint"], halves["ref"], config=LABEL,
+        device="cpu",
     )  # fmt: skip
     table = pq.read_table(evaluated["result"].predictions_path).to_pydict()
     assert table["file"] == files
