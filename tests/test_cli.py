@@ -139,7 +139,7 @@ def test_every_config_field_is_an_option_with_its_help_and_default(runner, spec)
     assert result.exit_code == 0, result.output
     entries = re.split(r"\n(?=  -)", result.output.split("Options:\n", 1)[1])
     lines = {entry.split()[0]: entry for entry in entries}  # option -> its help, unwrapped
-    for key, default, owner in flat_fields(spec.config):
+    for key, default, owner in flat_fields(spec.option_class()):
         flag = "--" + key.replace(".", "-").replace("_", "-")
         assert flag in lines, f"{spec.name}: no {flag}"
         line = " ".join(lines[flag].split())
@@ -159,7 +159,8 @@ def test_field_help_reads_every_documented_field():
     assert field_help(AugmentConfig)["vflip"] == field_help(AugmentConfig)["hflip"]
     assert "``" not in helps["loss_params"] and "{margin: 0.2}" in helps["loss_params"]
     for spec in CONFIG_STAGES:
-        assert all(field_help(owner)[k.split(".")[-1]] for k, _, owner in flat_fields(spec.config))
+        fields = flat_fields(spec.option_class())
+        assert all(field_help(owner)[k.split(".")[-1]] for k, _, owner in fields)
 
 
 def parsed_config(name, args):

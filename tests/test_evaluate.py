@@ -6,13 +6,21 @@ from checkpoints import save_untrained_checkpoint
 from click.testing import CliRunner
 from conftest import make_crop_folders
 from PIL import Image
+from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+from sklearn.metrics import f1_score
 
 from superdml.cli.commands import cli
-from superdml.learn.evaluate import confusion_matrix, evaluate, sample_examples, tsne_2d
+from superdml.learn.evaluate import (
+    _classification_report,
+    confusion_matrix,
+    evaluate,
+    sample_examples,
+    tsne_2d,
+)
 
 METRIC_KEYS = {
     "map_at_r", "r_precision", "precision_at_1", "precision_at_5", "recall_at_1",
-    "recall_at_5", "top1_accuracy", "top5_accuracy", "nmi",
+    "recall_at_5", "top1_accuracy", "top5_accuracy", "nmi", "accuracy", "macro_f1",
 }  # fmt: skip
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -31,15 +39,33 @@ def queries(tmp_path_factory):
     return make_crop_folders(root, classes=("brick", "grass", "gravel"), per_class=8, size=32)
 
 
-def test_confusion_matrix_by_hand():
+def test_confusion_matrix_by_hand_and_as_scikit_learn():
     true = np.array([0, 0, 1, 1, 1, 2])
     predicted = np.array([0, 1, 1, 1, 0, 2])
     matrix = confusion_matrix(true, predicted, 4)
     expected = [[0.5, 0.5, 0, 0], [1 / 3, 2 / 3, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
     np.testing.assert_allclose(matrix, expected)
     np.testing.assert_allclose(matrix.sum(axis=1), [1, 1, 1, 0])  # class 3 has no samples
+    reference = sk_confusion_matrix(true, predicted, labels=[0, 1, 2], normalize="true")
+    np.testing.assert_allclose(matrix[:3, :3], reference)
     with pytest.raises(ValueError, match="predicted: class ids must lie in"):
         confusion_matrix(true, predicted + 2, 4)
+
+
+def test_unknown_predictions_are_wrong_in_the_matrix_and_the_scores():
+    true = np.array([0, 0, 0, 1, 1, 2])
+    predicted = np.array([0, -1, 1, 1, 1, -1])
+    matrix = confusion_matrix(true, predicted, 3)
+    np.testing.assert_allclose(matrix, [[1 / 3, 1 / 3, 0], [0, 1, 0], [0, 0, 0]])
+    scores, accuracy, f1, same = _classification_report(true, predicted, ["a", "b", "c"])
+    np.testing.assert_array_equal(same, matrix)
+    assert accuracy == {"a": pytest.approx(1 / 3), "b": 1.0, "c": 0.0}
+    # by hand: a: precision 1, recall 1/3; b: precision 2/3, recall 1; c: 0
+    assert f1 == {"a": pytest.approx(0.5), "b": pytest.approx(0.8), "c": 0.0}
+    assert scores == {"accuracy": pytest.approx(0.5), "macro_f1": pytest.approx(1.3 / 3)}
+    assert scores["macro_f1"] == pytest.approx(
+        f1_score(true, predicted, labels=[0, 1, 2], average="macro", zero_division=0.0)
+    )
 
 
 def test_sample_examples_groups_a_few_crops_of_spread_classes():
@@ -67,13 +93,16 @@ def test_evaluate_writes_metrics_and_figures(checkpoint, queries, tmp_path):
         with Image.open(path) as image:
             assert image.format == "PNG" and min(image.size) > 200
     report = json.loads(result.metrics_path.read_text())
-    assert set(report) == {"metrics", "per_class_accuracy", "counts", "inputs"}
+    assert set(report) == {"metrics", "per_class_accuracy", "per_class_f1", "counts", "inputs"}
     assert set(report["metrics"]) == METRIC_KEYS
     assert report["counts"]["query"] == report["counts"]["reference"] == 24
     assert report["inputs"]["exclude_self"] is True and len(report["inputs"]["checkpoint_sha256"])
     # the confusion matrix is the kNN classifier behind top1_accuracy: 8 queries per class
     per_class = np.array(list(report["per_class_accuracy"].values()))
     assert per_class.mean() == pytest.approx(report["metrics"]["top1_accuracy"])
+    assert report["metrics"]["accuracy"] == pytest.approx(report["metrics"]["top1_accuracy"])
+    assert report["inputs"]["rule"] == {"batch_size": 256, "precision": "auto", "k": 10,
+        "weighting": "similarity", "temperature": 0.1, "unknown_threshold": None}  # fmt: skip
     assert result.n_query == 24 and result.metrics == report["metrics"]
 
 

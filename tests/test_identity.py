@@ -132,7 +132,7 @@ def evaluated(world, halves, tmp_path_factory):
         _spy(monkeypatch, evaluate_module, "retrieval_metrics", seen)
         result = evaluate(
             world["checkpoint"], world["root"] / "crops", tmp_path_factory.mktemp("eval"),
-            halves["ref_crops"], device="cpu", precision="fp32",
+            halves["ref_crops"], LABEL, device="cpu",
         )  # fmt: skip
     ((args, _),) = seen
     return {"embeddings": (args[0], args[2]), "result": result}
@@ -202,7 +202,7 @@ def test_infer_embeds_images_like_index(world, monkeypatch):
     _spy(monkeypatch, ReferenceIndex, "search", seen)
     files = sorted(world["vectors"])
     images = [world["root"] / "crops" / f for f in files]
-    infer(images, world["checkpoint"], world["root"] / "ref", k=3, device="cpu", precision="fp32")
+    infer(images, world["checkpoint"], world["root"] / "ref", config=LABEL, device="cpu")
     ((args, _),) = seen
     np.testing.assert_array_equal(args[1], _reference(world, files))
 
@@ -212,7 +212,7 @@ def test_a_batch_of_a_few_crops_differs_only_in_the_last_bits(world, monkeypatch
     _spy(monkeypatch, ReferenceIndex, "search", seen)
     files = sorted(world["vectors"])[:3]
     images = [world["root"] / "crops" / f for f in files]
-    infer(images, world["checkpoint"], world["root"] / "ref", k=3, device="cpu", precision="fp32")
+    infer(images, world["checkpoint"], world["root"] / "ref", config=LABEL, device="cpu")
     ((args, _),) = seen
     # another matrix-multiply kernel for the linear head of a batch of 3 rows
     np.testing.assert_allclose(args[1], _reference(world, files), rtol=0, atol=1e-6)
@@ -263,8 +263,8 @@ def test_label_infer_and_evaluate_give_a_crop_the_same_class_and_score(
     labeled = [by_segment[world["segment_of"][f]] for f in files]
 
     inferred = infer(
-        [crops / f for f in files], world["checkpoint"], halves["ref"], k=10, device="cpu",
-        precision="fp32",
+        [crops / f for f in files], world["checkpoint"], halves["ref"], config=LABEL,
+        device="cpu",
     )  # fmt: skip
     table = pq.read_table(evaluated["result"].predictions_path).to_pydict()
     assert table["file"] == files
@@ -281,3 +281,48 @@ def test_label_infer_and_evaluate_give_a_crop_the_same_class_and_score(
         table["true_label"][i] for i in np.flatnonzero(is_reference)
     ]
     assert (scores[~is_reference] < 1).any()
+
+
+def test_one_label_config_gives_a_crop_one_label_in_label_infer_and_evaluate(
+    world, halves, evaluated, tmp_path
+):
+    """label, infer and evaluate read the same label.yaml, with a rule far from the defaults."""
+    crops, files = world["root"] / "crops", _files(world["root"] / "crops")
+    nearest = pq.read_table(evaluated["result"].predictions_path)["similarity"].to_numpy()
+    threshold = float(np.median(nearest[nearest < 0.999]))  # about half the non-references
+    rule = tmp_path / "label.yaml"
+    rule.write_text(
+        f"k: 4\nweighting: softmax\ntemperature: 0.02\nunknown_threshold: {threshold}\n"
+        "tile_size: 256\nbatch_size: 512\nprecision: fp32\n"
+    )
+    common = ["--checkpoint", str(world["checkpoint"]), "--config", str(rule), "--device", "cpu"]
+    runner = CliRunner()
+    out = tmp_path / "labeled"
+    result = runner.invoke(
+        cli, ["-q", "label", str(world["seg"].out_dir), "--reference", str(halves["ref"]),
+              "--out", str(out), "--workers", "0", *common],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    predictions = pq.read_table(out / "predictions").to_pydict()
+    by_segment = dict(zip(predictions["segment_id"], predictions["label"], strict=True))
+    labeled = [by_segment[world["segment_of"][f]] for f in files]
+
+    result = runner.invoke(
+        cli, ["-q", "infer", *[str(crops / f) for f in files], "--reference", str(halves["ref"]),
+              *common],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    inferred = [line.split(": ")[1].split(" (score")[0] for line in result.output.splitlines()
+                if not line.startswith("  ")]  # fmt: skip
+
+    result = runner.invoke(
+        cli, ["-q", "evaluate", "--query-dir", str(crops), "--reference-dir",
+              str(halves["ref_crops"]), "--out", str(tmp_path / "eval"), *common],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    evaluated_labels = pq.read_table(tmp_path / "eval" / "predictions.parquet")["label"].to_pylist()
+
+    assert inferred == labeled == evaluated_labels
+    assert 5 <= labeled.count("unknown") <= 35  # the threshold is applied by all three
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert report["inputs"]["rule"]["k"] == 4 and report["inputs"]["rule"]["weighting"] == "softmax"

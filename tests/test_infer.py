@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from conftest import make_crop_folders
 
 from superdml.cli.commands import cli
+from superdml.config.schema import VoteConfig
 from superdml.core.errors import ConfigError, InputError, MissingInputError
 from superdml.label.index import build_index
 from superdml.label.infer import infer, plot_neighbours
@@ -33,7 +34,7 @@ def setup(tmp_path_factory) -> tuple[Path, Path, Path, Path]:
 def test_a_reference_crop_finds_itself_first(setup):
     crops, checkpoint, ref, _ = setup
     images = [crops / "grass" / "grass_003.png", crops / "coffee" / "coffee_001.png"]
-    results = infer(images, checkpoint, reference=ref, k=1, device="cpu")
+    results = infer(images, checkpoint, reference=ref, config=VoteConfig(k=1), device="cpu")
     assert [r.label for r in results] == ["grass", "coffee"]
     for result, image in zip(results, images, strict=True):
         (nearest,) = result.neighbours
@@ -45,8 +46,8 @@ def test_a_reference_crop_finds_itself_first(setup):
 def test_a_crop_folder_gives_the_same_neighbours_as_its_saved_reference(setup):
     crops, checkpoint, ref, _ = setup
     image = [crops / "brick" / "brick_002.png"]
-    saved = infer(image, checkpoint, reference=ref, k=4, device="cpu")[0]
-    fresh = infer(image, checkpoint, reference_dir=crops, k=4, device="cpu")[0]
+    saved = infer(image, checkpoint, reference=ref, config=VoteConfig(k=4), device="cpu")[0]
+    fresh = infer(image, checkpoint, reference_dir=crops, config=VoteConfig(k=4), device="cpu")[0]
     assert [n.file for n in fresh.neighbours] == [n.file for n in saved.neighbours]
     np.testing.assert_allclose(
         [n.similarity for n in fresh.neighbours],
@@ -73,7 +74,7 @@ def test_bad_inputs_are_clear_errors(setup, tmp_path):
     with pytest.raises(MissingInputError, match="gone.png: no such file"):
         infer([tmp_path / "gone.png"], checkpoint, reference=ref, device="cpu")
     with pytest.raises(InputError, match="k: got 16, but .*ref holds only 15 crops"):
-        infer([image], checkpoint, reference=ref, k=16, device="cpu")
+        infer([image], checkpoint, reference=ref, config=VoteConfig(k=16), device="cpu")
 
 
 def test_cli_infer_prints_labels_and_neighbours_and_plots(setup, tmp_path):
@@ -114,8 +115,8 @@ def test_cli_infer_needs_one_reference_and_reports_bad_images(setup, tmp_path):
 def test_plot_marks_references_that_are_gone(setup, tmp_path):
     crops, checkpoint, _, _ = setup
     moved = Path(shutil.copytree(crops, tmp_path / "crops"))
-    results = infer([moved / "grass" / "grass_001.png"], checkpoint, reference_dir=moved, k=2,
-                    device="cpu")  # fmt: skip
+    results = infer([moved / "grass" / "grass_001.png"], checkpoint, reference_dir=moved,
+                    config=VoteConfig(k=2), device="cpu")  # fmt: skip
     shutil.rmtree(moved / "grass")
     path = plot_neighbours(results, tmp_path / "plot.svg")
     assert "missing" in path.read_text()

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import faiss
 import numpy as np
 import pytest
+import torch
 from vectors import circle, cos, unit_rows
 
 from superdml.core.errors import InputError, MissingInputError
 from superdml.search.knn import UNKNOWN_LABEL
-from superdml.search.reference import ReferenceIndex, check_replaceable, reference_scheme
+from superdml.search.reference import ReferenceIndex
+from superdml.search.reference_files import check_replaceable, reference_scheme
 
 
 def hand_made() -> ReferenceIndex:
@@ -164,3 +169,30 @@ def test_reference_scheme_is_the_recorded_one_or_codes_by_name(tmp_path):
     assert reference_scheme(out, ["a", "b"]).codes == {"b": 3, "a": 7}
     with pytest.raises(InputError, match="class folder 'c' is not in the class scheme"):
         reference_scheme(out, ["a", "b", "c"])
+
+
+def test_threads_searching_at_once_make_one_device_copy(monkeypatch):
+    ref = hand_made()
+    made = []
+    as_tensor = torch.as_tensor
+
+    def slow_copy(data, *args, **kwargs):
+        if data is ref.embeddings:
+            made.append(threading.get_ident())
+            time.sleep(0.05)  # every thread arrives while the first one copies
+        return as_tensor(data, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "as_tensor", slow_copy)
+    queries = circle([6.0, 68.0])
+    barrier = threading.Barrier(8)
+
+    def search(_):
+        barrier.wait()
+        return ref.search(queries, 3, "cpu")
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(search, range(8)))
+    assert len(made) == 1
+    for sims, ids in results:
+        np.testing.assert_array_equal(ids, results[0][1])
+        np.testing.assert_array_equal(sims, results[0][0])

@@ -17,7 +17,6 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "infer_command",
             "init_command",
             "main",
-            "precision_option",
             "run_command",
         ],
     },

@@ -17,6 +17,8 @@ import click
 from superdml import __version__
 from superdml.cli.options import config_options, given, param_option
 from superdml.cli.stages import CONFIG, REGISTRY, RunContext, StageSpec
+from superdml.config.load import load_config
+from superdml.config.schema import LabelConfig, VoteConfig
 from superdml.core.errors import SuperDMLError
 
 logger = logging.getLogger("superdml")
@@ -78,14 +80,6 @@ def device_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
-def precision_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    """``--precision auto|fp32|bf16``, checked by the stage (a bad value: one line, exit 2)."""
-    return click.option(
-        "--precision",
-        help="Model arithmetic: auto (bf16 where the device computes it), fp32 or bf16.",
-    )(f)
-
-
 # ------------------------------------------------------------------------- group
 
 
@@ -130,7 +124,7 @@ def _stage_command(spec: StageSpec) -> click.Command:
                 help="YAML config of this stage; options given here override it.",
             )
         )
-        params += config_options(spec.config)
+        params += config_options(spec.option_class())
 
     def callback(**values: Any) -> None:
         options = given(click.get_current_context(), values)
@@ -177,36 +171,44 @@ for _spec in REGISTRY.values():
     type=click.Path(path_type=Path),
     help="Labeled crop folder to embed on the fly instead of --reference.",
 )
-@click.option("--k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option(
     "--plot",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Draw each image and its neighbours into this figure (.png, .pdf, .svg).",
 )
-@precision_option
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="YAML config of `superdml label` (its labeling rule applies); options given here "
+    "override it.",
+)
 @device_option
 def infer_command(
     images: tuple[Path, ...],
     checkpoint: Path,
     reference: Path | None,
     reference_dir: Path | None,
-    k: int,
     plot: Path | None,
-    precision: str | None,
+    config: Path | None,
     device: str,
+    **rule: Any,
 ) -> None:
-    """Label IMAGES by their k nearest references and print those references."""
+    """Label IMAGES by label's rule (the vote of their k nearest references); print those."""
     from superdml.label.infer import infer, plot_neighbours
 
     if (reference is None) == (reference_dir is None):
         raise click.UsageError("give exactly one of --reference and --reference-dir")
-    results = infer(images, checkpoint, reference, reference_dir, k, device, precision or "auto")
+    label_config = load_config(config, LabelConfig, given(click.get_current_context(), rule))
+    results = infer(images, checkpoint, reference, reference_dir, label_config, device)
     for result in results:
         click.echo(f"{result.image}: {result.label} (score {result.score:.3f})")
         for rank, neighbour in enumerate(result.neighbours, 1):
             click.echo(f"  {rank}. {neighbour.file}  {neighbour.label}  {neighbour.similarity:.4f}")
     if plot is not None:
         click.echo(f"-> {plot_neighbours(results, plot)}")
+
+
+infer_command.params += config_options(VoteConfig)  # label's rule, the options evaluate takes
 
 
 @cli.command("run")

@@ -30,11 +30,20 @@ _ROLE = re.compile(r":\w+:`~?([^`]+)`")
 
 
 def field_help(cls: type) -> dict[str, str]:
-    """Return ``{field: description}`` from the numpydoc ``Attributes`` section of `cls`.
+    """Return ``{field: description}`` from the numpydoc ``Attributes`` sections of `cls`.
 
-    An entry naming several fields (``hflip, vflip : bool``) documents each of them;
-    reST markup (``x``, `x`, :mod:`x`) is reduced to its text.
+    Fields inherited from a base config class are documented there, once. An entry
+    naming several fields (``hflip, vflip : bool``) documents each of them; reST markup
+    (``x``, `x`, :mod:`x`) is reduced to its text.
     """
+    helps: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        helps.update(_own_field_help(klass))
+    return helps
+
+
+def _own_field_help(cls: type) -> dict[str, str]:
+    """Return ``{field: description}`` of the fields documented in `cls`'s own docstring."""
     doc = inspect.cleandoc(cls.__doc__ or "")
     _, found, section = doc.partition("Attributes\n----------\n")
     helps: dict[str, str] = {}

@@ -26,6 +26,7 @@ from superdml.config.schema import (
     ReviewConfig,
     SegmentConfig,
     TrainConfig,
+    VoteConfig,
 )
 from superdml.core.errors import ConfigError
 from superdml.core.ownership import remove_output
@@ -142,6 +143,9 @@ class StageSpec:
         Pairs of options that may not both be given.
     command : bool
         Also a command of the command line (else only a pipeline stage).
+    options_from : type or None
+        A base class of `config` whose fields alone are options (``evaluate`` reads a
+        label config but takes only its labeling rule); all of `config`'s when None.
     """
 
     name: str
@@ -156,6 +160,7 @@ class StageSpec:
     glue: Glue | None = None
     exclusive: tuple[tuple[str, str], ...] = ()
     command: bool = True
+    options_from: type | None = None
 
     def check_options(self, options: Mapping[str, Any]) -> None:
         """Raise ConfigError when two :attr:`exclusive` options are both given."""
@@ -163,9 +168,14 @@ class StageSpec:
             if a in options and b in options:
                 raise ConfigError(f"{a} and {b}: give one, not both")
 
+    def option_class(self) -> type | None:
+        """Return the class whose fields are options (:attr:`options_from` or :attr:`config`)."""
+        return self.options_from or self.config
+
     def config_fields(self) -> list[str]:
-        """Names of the config dataclass's fields (none without a config)."""
-        return [f.name for f in dataclasses.fields(self.config)] if self.config else []
+        """Names of the config fields that are options (none without a config)."""
+        cls = self.option_class()
+        return [f.name for f in dataclasses.fields(cls)] if cls else []
 
     def options(self) -> list[str]:
         """Every option a pipeline stage of this kind accepts."""
@@ -295,11 +305,6 @@ def _evaluate_summary(r: Any) -> str:
 
 _OUT = Param("out", "output", required=True, arg="out_dir")
 _CHECKPOINT = Param("checkpoint", "input", required=True)
-_PRECISION = Param(  # checked by the stage: a bad value is one line, as label's
-    "precision",
-    default="auto",
-    help="Model arithmetic: auto (bf16 where the device computes it), fp32 or bf16.",
-)
 _SEGMENTS = Param("segments", "input", required=True, cli="--segments", arg="segment_dir",
                   help="SEGMENT_DIR.")  # fmt: skip
 _RASTER = Param("raster", "input", help="The source raster, if it moved.")
@@ -372,7 +377,12 @@ REGISTRY: dict[str, StageSpec] = {
                     "input",
                     help="Warm-start from this checkpoint (its classes may differ).",
                 ),
-                _PRECISION,
+                Param(  # training's arithmetic; inference's is EmbedConfig.precision
+                    "precision",
+                    default="auto",
+                    help="Arithmetic of training: auto (bf16 on CUDA, fp32 on the CPU), fp32 "
+                    "or bf16.",
+                ),
             ),  # fmt: skip
             TrainConfig,
             ("device",),
@@ -445,7 +455,8 @@ REGISTRY: dict[str, StageSpec] = {
             "superdml.learn.evaluate:evaluate",
             _evaluate_summary,
             "Evaluate a checkpoint: metrics.json, predictions.parquet (each crop's label and "
-            "score), confusion matrix, t-SNE and similarity figures.",
+            "score by label's rule: --config takes a label config), confusion matrix, t-SNE "
+            "and similarity figures.",
             (
                 _CHECKPOINT,
                 Param(
@@ -463,9 +474,10 @@ REGISTRY: dict[str, StageSpec] = {
                     "itself out).",
                 ),
                 _OUT,
-                _PRECISION,
             ),  # fmt: skip
-            context=("device",),
+            LabelConfig,
+            ("device",),
+            options_from=VoteConfig,
         ),
         StageSpec(
             "review",

@@ -28,6 +28,7 @@ __all__ = [
     "AugmentConfig",
     "Backbone",
     "CropsConfig",
+    "EmbedConfig",
     "IndexConfig",
     "LabelConfig",
     "MaskMode",
@@ -38,6 +39,8 @@ __all__ = [
     "SegmentConfig",
     "SegmentDevice",
     "TrainConfig",
+    "VoteConfig",
+    "Weighting",
     "check",
     "config_hash",
     "config_to_dict",
@@ -50,16 +53,8 @@ __all__ = [
 MaskMode = Literal["none", "outside", "alpha"]
 SegmentBackend = Literal["auto", "numpy", "torch"]
 SegmentDevice = Literal["auto", "cpu", "cuda"]
-
-
-def _check_precision(precision: str) -> None:
-    """Raise ConfigError unless `precision` is one of :data:`Precision`."""
-    check(
-        precision in get_args(Precision),
-        "precision",
-        precision,
-        "one of " + ", ".join(get_args(Precision)),
-    )
+#: Vote weights of the labeling rule (:func:`superdml.search.knn.knn_vote`).
+Weighting = Literal["similarity", "softmax"]
 
 
 @dataclass(frozen=True)
@@ -348,8 +343,38 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class LabelConfig:
-    """Parameters of ``superdml label`` (the kNN rule is shared with ``infer``).
+class EmbedConfig:
+    """How a checkpoint's model embeds crops (``index``, ``label``, ``infer``, ``evaluate``).
+
+    Attributes
+    ----------
+    batch_size : int
+        Crops per forward pass (``label`` pads the last batch of a tile to it).
+    precision : {"auto", "fp32", "bf16"}
+        Arithmetic of the model: ``auto`` is bf16 autocast where the device computes bf16
+        in hardware (CUDA, a CPU with AVX-512 BF16 or AMX), float32 elsewhere.
+    """
+
+    batch_size: int = 256
+    precision: Precision = "auto"
+
+    def __post_init__(self) -> None:
+        check(
+            self.precision in get_args(Precision),
+            "precision",
+            self.precision,
+            "one of " + ", ".join(get_args(Precision)),
+        )
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class VoteConfig(EmbedConfig):
+    """The labeling rule: ``label``, ``infer`` and ``evaluate`` all label a crop by it.
+
+    Its fields (with :class:`EmbedConfig`'s) are the keys of a label config that
+    ``infer`` and ``evaluate`` read, so one ``label.yaml`` gives a crop one label
+    whichever command asks.
 
     Attributes
     ----------
@@ -361,38 +386,21 @@ class LabelConfig:
         Softmax temperature of the ``softmax`` weighting.
     unknown_threshold : float or None
         Similarity to the nearest reference below which the label is ``unknown``.
-    batch_size : int
-        Crops per forward pass; the last batch of a tile is padded to it.
-    tile_size : int
-        Side of the raster tiles that are the unit of work.
-    crop_size : int or None
-        Crop side; the checkpoint's crop rule when None.
-    keep_embeddings : bool
-        Also write each tile's embeddings (float16), so a later run with the same
-        checkpoint and a new reference only re-votes.
-    precision : {"auto", "fp32", "bf16"}
-        Arithmetic of the model: ``auto`` is bf16 autocast where the device computes bf16
-        in hardware (CUDA, a CPU with AVX-512 BF16 or AMX), float32 elsewhere.
     """
 
     k: int = 10
-    weighting: Literal["similarity", "softmax"] = "similarity"
+    weighting: Weighting = "similarity"
     temperature: float = 0.1
     unknown_threshold: float | None = None
-    batch_size: int = 256
-    tile_size: int = 1024
-    crop_size: int | None = None
-    keep_embeddings: bool = False
-    precision: Precision = "auto"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(self.k >= 1, "k", self.k, "an integer >= 1")
-        _check_precision(self.precision)
         check(
-            self.weighting in ("similarity", "softmax"),
+            self.weighting in get_args(Weighting),
             "weighting",
             self.weighting,
-            "one of similarity, softmax",
+            "one of " + ", ".join(get_args(Weighting)),
         )
         check(self.temperature > 0, "temperature", self.temperature, "a number > 0")
         check(
@@ -401,7 +409,29 @@ class LabelConfig:
             self.unknown_threshold,
             "a cosine similarity in [-1, 1]",
         )
-        check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class LabelConfig(VoteConfig):
+    """Parameters of ``superdml label``: the labeling rule (:class:`VoteConfig`) and tiling.
+
+    Attributes
+    ----------
+    tile_size : int
+        Side of the raster tiles that are the unit of work.
+    crop_size : int or None
+        Crop side; the checkpoint's crop rule when None.
+    keep_embeddings : bool
+        Also write each tile's embeddings (float16), so a later run with the same
+        checkpoint and a new reference only re-votes.
+    """
+
+    tile_size: int = 1024
+    crop_size: int | None = None
+    keep_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         check(self.tile_size >= 64, "tile_size", self.tile_size, "an integer >= 64")
         check(
             self.crop_size is None or self.crop_size >= 4,
@@ -415,13 +445,11 @@ class LabelConfig:
 
 
 @dataclass(frozen=True)
-class IndexConfig:
+class IndexConfig(EmbedConfig):
     """Parameters of ``superdml index`` (the reference index of labeled crops).
 
     Attributes
     ----------
-    batch_size : int
-        Crops per forward pass while embedding.
     ivf_threshold : int
         Reference sets larger than this get an approximate IVF index
         (``faiss.IndexIVFFlat``); smaller ones an exact ``faiss.IndexFlatIP``.
@@ -429,19 +457,14 @@ class IndexConfig:
         Inverted lists of the IVF index; ``round(4 * sqrt(N))`` for N references when None.
     nprobe : int
         Inverted lists visited per query by an IVF search (more: slower, closer to exact).
-    precision : {"auto", "fp32", "bf16"}
-        Arithmetic of the model while embedding (as :class:`LabelConfig`'s).
     """
 
-    batch_size: int = 256
     ivf_threshold: int = 100_000
     nlist: int | None = None
     nprobe: int = 32
-    precision: Precision = "auto"
 
     def __post_init__(self) -> None:
-        _check_precision(self.precision)
-        check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        super().__post_init__()
         check(self.ivf_threshold >= 1, "ivf_threshold", self.ivf_threshold, "an integer >= 1")
         check(self.nlist is None or self.nlist >= 1, "nlist", self.nlist, "an integer >= 1")
         check(self.nprobe >= 1, "nprobe", self.nprobe, "an integer >= 1")

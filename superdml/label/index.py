@@ -37,12 +37,8 @@ from superdml.learn.checkpoint import (
 )
 from superdml.learn.embed import resolve_precision
 from superdml.raster.classes import SCHEME_FILE, ClassScheme, folder_scheme
-from superdml.search.reference import (
-    CONFIG_YAML,
-    FILE_STATS_NPY,
-    IndexType,
-    check_replaceable,
-)
+from superdml.search.reference import IndexType
+from superdml.search.reference_files import CONFIG_YAML, FILE_STATS_NPY, check_replaceable
 
 __all__ = ["IndexResult", "build_index", "reference_from_folder"]
 

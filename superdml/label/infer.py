@@ -1,9 +1,12 @@
 """Label a few images by kNN against a reference: ``superdml infer``.
 
 :func:`infer` embeds each image with a checkpoint's model (the same decoding, resizing
-and normalization as the reference crops) and votes among its k nearest references,
-taken from a saved reference folder (``superdml index``) or embedded on the fly from a
-labeled crop folder. :func:`plot_neighbours` draws each image next to its neighbours.
+and normalization as the reference crops) and labels it by the labeling rule of
+``superdml label`` (a :class:`~superdml.config.schema.VoteConfig`: the k nearest
+references vote, with label's weighting, temperature and unknown threshold), taken from
+a saved reference folder (``superdml index``) or embedded on the fly from a labeled crop
+folder. The same label config gives an image the label ``label`` gives its superpixel.
+:func:`plot_neighbours` draws each image next to its neighbours.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor
 
-from superdml.config.schema import IndexConfig, Precision
+from superdml.config.schema import IndexConfig, VoteConfig
 from superdml.core.atomic import atomic_write
 from superdml.core.devices import resolve_device
 from superdml.core.errors import ConfigError, InputError, input_error, require_file
@@ -39,7 +42,6 @@ __all__ = ["InferResult", "Neighbour", "infer", "plot_neighbours"]
 
 logger = logging.getLogger(__name__)
 
-BATCH_SIZE = 256
 CELL_INCHES = 1.7
 DPI = 120
 
@@ -75,11 +77,12 @@ class InferResult:
     image : Path
         The image.
     label : str
-        Predicted class (``unknown`` when no neighbour carried weight).
+        Predicted class (``unknown`` when no neighbour carried weight, or the nearest
+        reference is less similar than the unknown threshold).
     label_id : int
         Index of `label` in the reference's class names, -1 for unknown.
     score : float
-        Share of the predicted class in the similarity-weighted vote, 0..1.
+        Share of the predicted class in the vote, 0..1.
     margin : float
         Its share minus the runner-up's.
     neighbours : tuple of Neighbour
@@ -124,11 +127,10 @@ def infer(
     checkpoint: str | os.PathLike[str],
     reference: str | os.PathLike[str] | None = None,
     reference_dir: str | os.PathLike[str] | None = None,
-    k: int = 5,
+    config: VoteConfig | None = None,
     device: str = "auto",
-    precision: str = "auto",
 ) -> list[InferResult]:
-    """Label images by the similarity-weighted vote of their k nearest references.
+    """Label images by the labeling rule: the vote of their k nearest references.
 
     Parameters
     ----------
@@ -142,12 +144,13 @@ def infer(
     reference_dir : path, optional
         A labeled crop folder (``<class>/<image>``) to embed in memory instead.
         Exactly one of `reference` and `reference_dir` is needed.
-    k : int
-        Neighbours that vote (at most the reference size).
+    config : VoteConfig, optional
+        The labeling rule (``k``, at most the reference size, ``weighting``,
+        ``temperature``, ``unknown_threshold``), batch size and model arithmetic, as
+        ``label`` applies them (a :class:`~superdml.config.schema.LabelConfig` is one);
+        the defaults when None.
     device : {"auto", "cpu", "cuda"}
         Where the model and the search run.
-    precision : {"auto", "fp32", "bf16"}
-        Arithmetic of the model (:func:`~superdml.learn.embed.resolve_precision`).
 
     Returns
     -------
@@ -169,8 +172,9 @@ def infer(
             "reference: give a reference folder (--reference) or a labeled crop folder "
             "(--reference-dir), exactly one of them"
         )
+    rule = VoteConfig() if config is None else config
     dev = resolve_device(device)
-    resolve_precision(precision, dev)  # fails before any work
+    resolve_precision(rule.precision, dev)  # fails before any work
     ckpt = load_checkpoint(checkpoint)
     ckpt_sha = checkpoint_sha256(checkpoint)
     ref = None if reference is None else ReferenceIndex.load(reference)
@@ -178,15 +182,15 @@ def infer(
         ref.check_checkpoint(ckpt_sha, checkpoint)
     paths = [Path(p) for p in images]
     pixels = _read_images(paths, ckpt.bands, ckpt.input_size)
-    embedder = Embedder.from_checkpoint(ckpt, dev, precision)
+    embedder = Embedder.from_checkpoint(ckpt, dev, rule.precision)
     if ref is None:
         # exactly one of reference and reference_dir is given (checked above)
         folder = cast("str | os.PathLike[str]", reference_dir)
-        config = IndexConfig(precision=cast("Precision", precision))
-        ref = reference_from_folder(ckpt, ckpt_sha, folder, dev, config, embedder)
-    embeddings = embedder(pixels, BATCH_SIZE)
-    sims, ids = ref.search(embeddings, k, dev)
-    vote = ref.vote(sims, ids)
+        embedding = IndexConfig(batch_size=rule.batch_size, precision=rule.precision)
+        ref = reference_from_folder(ckpt, ckpt_sha, folder, dev, embedding, embedder)
+    embeddings = embedder(pixels, rule.batch_size)
+    sims, ids = ref.search(embeddings, rule.k, dev)
+    vote = ref.vote(sims, ids, rule.weighting, rule.temperature, rule.unknown_threshold)
     names, files, labels = ref.class_names, ref.files, ref.labels
     root = ref.root
     results = []

@@ -22,11 +22,8 @@ from superdml.learn.checkpoint import (
 )
 from superdml.learn.data import ImageFolderDataset
 from superdml.learn.embed import Embedder
-from superdml.search.reference import (
-    FILE_STATS_NPY,
-    REFERENCE_JSON,
-    ReferenceIndex,
-)
+from superdml.search.reference import ReferenceIndex
+from superdml.search.reference_files import FILE_STATS_NPY, REFERENCE_JSON
 
 logger = logging.getLogger(__name__)
 

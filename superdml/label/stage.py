@@ -320,7 +320,8 @@ def label(
     from superdml.core.devices import resolve_device
     from superdml.learn.checkpoint import checkpoint_sha256, load_checkpoint
     from superdml.learn.embed import resolve_precision
-    from superdml.search.reference import ReferenceIndex, reference_scheme
+    from superdml.search.reference import ReferenceIndex
+    from superdml.search.reference_files import reference_scheme
 
     start = time.perf_counter()
     config = config or LabelConfig()

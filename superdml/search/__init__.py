@@ -24,9 +24,20 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "reference": [
             "IndexType",
             "ReferenceIndex",
-            "check_replaceable",
             "content_sha256",
+            "load_reference",
+        ],
+        "reference_files": [
+            "CONFIG_YAML",
+            "FILE_STATS_NPY",
+            "REFERENCE_FILES",
+            "REFERENCE_JSON",
+            "StoredReference",
+            "check_replaceable",
+            "damaged",
+            "read_reference",
             "reference_scheme",
+            "write_reference",
         ],
         "faiss_index": [
             "NORM_TOLERANCE",

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from superdml.config.checks import is_count
-from superdml.config.schema import check
+from superdml.config.schema import Weighting, check
 from superdml.core.errors import InputError
 
 __all__ = [
@@ -51,7 +51,6 @@ __all__ = [
 ]
 
 Backend = Literal["auto", "faiss", "torch"]
-Weighting = Literal["similarity", "softmax"]
 
 #: Cosine similarity of a crop to itself, up to float16/bf16 rounding: a query this close
 #: to a labeled reference is that crop, and keeps the class people gave it.

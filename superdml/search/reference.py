@@ -1,28 +1,10 @@
-"""The reference folder: labeled reference embeddings, their FAISS index, search and vote.
+"""The in-memory reference index: labeled reference embeddings, their FAISS index, search, vote.
 
 :class:`ReferenceIndex` holds the labeled reference embeddings and their FAISS index; it
 searches them (:func:`superdml.search.knn.search`) and votes (:func:`superdml.search.knn.knn_vote`).
 ``superdml index`` (:func:`superdml.label.index.build_index`) makes one from a labeled crop
-folder and saves it as a reference folder (written to a temporary name, renamed when
-complete):
-
-==================  ================================================================
-file                holds
-==================  ================================================================
-``embeddings.npy``  (N, D) float32, L2-normalized, one row per reference crop
-``labels.npy``      (N,) int64, index into ``classes.json``
-``classes.json``    class names: the sorted class folder names of the reference
-``files.json``      path of every crop relative to the reference folder (``root``)
-``index.faiss``     ``faiss.IndexFlatIP`` (exact), or ``faiss.IndexIVFFlat`` above
-                    ``IndexConfig.ivf_threshold`` references
-``reference.json``  format, ``checkpoint_sha256``, ``sha256`` (the reference's hash over
-                    content, ``index.faiss`` and file names), ``index_sha256``, counts
-                    per class, index type, ``root`` and (from ``build_index``) the
-                    effective config, class scheme and what was embedded or reused
-``file_stats.npy``  (N, 2) int64 size and mtime_ns of each crop (incremental rebuilds;
-                    written by ``build_index``)
-``config.yaml``     the effective :class:`~superdml.config.schema.IndexConfig` (``build_index``)
-==================  ================================================================
+folder and saves it as a reference folder (:mod:`superdml.search.reference_files`, the
+on-disk format). :func:`load_reference` keeps one per process.
 
 The reference's own class folders define the labels, so classes the model was not
 trained on can be added without retraining (metric learning generalizes to them);
@@ -34,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,15 +27,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from superdml import __version__
 from superdml.config.checks import is_count
 from superdml.config.schema import check
 from superdml.core.atomic import atomic_write
 from superdml.core.cache import ProcessCache
-from superdml.core.errors import InputError, input_error, require_dir
-from superdml.core.ownership import claim_output, foreign_files, mark_output
+from superdml.core.errors import InputError
+from superdml.core.ownership import claim_output
 from superdml.core.provenance import combine
-from superdml.raster.classes import ClassScheme, default_scheme
 from superdml.search import knn
 from superdml.search.faiss_index import (
     gpu_faiss_index,
@@ -61,31 +42,25 @@ from superdml.search.faiss_index import (
     search_device,
 )
 from superdml.search.knn import UNKNOWN_LABEL, KnnVote, Weighting
+from superdml.search.reference_files import (
+    REFERENCE_JSON,
+    check_replaceable,
+    damaged,
+    read_reference,
+    write_reference,
+)
 
 __all__ = [
     "IndexType",
     "ReferenceIndex",
-    "check_replaceable",
     "content_sha256",
-    "reference_scheme",
+    "load_reference",
 ]
 
 IndexType = Literal["flat", "ivf"]
 
-REFERENCE_FORMAT = "superdml-reference"
-REFERENCE_FORMAT_VERSION = 1
-EMBEDDINGS_NPY = "embeddings.npy"
-LABELS_NPY = "labels.npy"
-CLASSES_JSON = "classes.json"
-FILES_JSON = "files.json"
-INDEX_FAISS = "index.faiss"
-REFERENCE_JSON = "reference.json"
-FILE_STATS_NPY = "file_stats.npy"
-CONFIG_YAML = "config.yaml"
-REFERENCE_FILES = (
-    EMBEDDINGS_NPY, LABELS_NPY, CLASSES_JSON, FILES_JSON, INDEX_FAISS, REFERENCE_JSON,
-    FILE_STATS_NPY, CONFIG_YAML,
-)  # fmt: skip
+#: A reference on a device: FAISS GPU resources and index, or the embeddings as a tensor.
+_DeviceCopy = tuple[Any, faiss.Index] | Tensor
 
 
 def content_sha256(embeddings: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> str:
@@ -102,6 +77,8 @@ def content_sha256(embeddings: np.ndarray, labels: np.ndarray, class_names: Sequ
     return digest.hexdigest()
 
 
+# long: one class, ReferenceIndex (making, searching, voting, and its documented read-only
+# properties); its on-disk format already lives apart, in reference_files.py.
 class ReferenceIndex:
     """Labeled reference embeddings and their FAISS index: search and kNN classification.
 
@@ -144,8 +121,8 @@ class ReferenceIndex:
         self._index = index
         self._root = root
         self._path = path
-        self._on_device: dict[str, Tensor] = {}
-        self._gpu: dict[str, tuple[Any, faiss.Index] | None] = {}
+        self._copies: dict[str, _DeviceCopy] = {}
+        self._copies_lock = threading.Lock()  # threads share a cached reference
 
     # ------------------------------------------------------------------ making one
 
@@ -238,58 +215,13 @@ class ReferenceIndex:
             format version, or a part is missing, unreadable or inconsistent (its
             content hash is checked).
         """
-        require_dir(directory, "reference folder")
         check(nprobe is None or is_count(nprobe), "nprobe", nprobe, "an integer >= 1")
+        stored = read_reference(directory)
         folder = Path(directory)
-        meta_path = folder / REFERENCE_JSON
-        if not meta_path.is_file():
-            raise input_error(
-                folder,
-                f"not a reference folder (no {REFERENCE_JSON}): make one with superdml index",
-            )
-        try:
-            meta = json.loads(meta_path.read_text())
-            version = meta["format_version"] if meta.get("format") == REFERENCE_FORMAT else None
-            if version != REFERENCE_FORMAT_VERSION:
-                raise input_error(
-                    folder,
-                    f"reference format {meta.get('format')!r} version {version!r}, this "
-                    f"superdml ({__version__}) reads {REFERENCE_FORMAT!r} version "
-                    f"{REFERENCE_FORMAT_VERSION}: rebuild it with superdml index",
-                )
-            embeddings = np.load(folder / EMBEDDINGS_NPY, allow_pickle=False)
-            labels = np.load(folder / LABELS_NPY, allow_pickle=False)
-            class_names = json.loads((folder / CLASSES_JSON).read_text())
-            files = json.loads((folder / FILES_JSON).read_text())
-            index_bytes = (folder / INDEX_FAISS).read_bytes()
-            index_sha = hashlib.sha256(index_bytes).hexdigest()
-            if index_sha != meta["index_sha256"]:  # never parse an unverified index
-                raise _damaged(folder, f"{INDEX_FAISS} does not match its hash in {REFERENCE_JSON}")
-            index = faiss.deserialize_index(np.frombuffer(index_bytes, dtype=np.uint8))
-            stored_sha, ckpt_sha = str(meta["sha256"]), str(meta["checkpoint_sha256"])
-            root = None if meta.get("root") is None else Path(meta["root"])
-        except InputError:
-            raise
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
-            reason = (str(err).strip().splitlines() or [""])[-1][:200]
-            raise _damaged(folder, f"{type(err).__name__}: {reason}") from None
-        if not isinstance(class_names, list) or not isinstance(files, list):
-            raise _damaged(folder, f"{CLASSES_JSON} and {FILES_JSON} must hold JSON lists")
-        problem = reference_problem(embeddings, labels, class_names, files)
-        if problem is None and (index.ntotal, index.d) != embeddings.shape:
-            problem = (
-                f"{INDEX_FAISS} holds {index.ntotal} vectors of size {index.d}, "
-                f"{EMBEDDINGS_NPY} has shape {embeddings.shape}"
-            )
-        if problem is not None:
-            raise _damaged(folder, problem)
-        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-        labels = labels.astype(np.int64, copy=False)
-        loaded = cls(
-            embeddings, labels, class_names, files, ckpt_sha, index, index_sha, root, folder
-        )
-        if loaded.sha256 != stored_sha:
-            raise _damaged(folder, f"content does not match its sha256 in {REFERENCE_JSON}")
+        loaded = cls(*stored[:-1], folder)
+        if loaded.sha256 != stored.sha256:
+            raise damaged(folder, f"content does not match its sha256 in {REFERENCE_JSON}")
+        index = stored.index
         if nprobe is not None and isinstance(index, faiss.IndexIVF):
             index.nprobe = min(int(nprobe), index.nlist)
         return loaded
@@ -333,17 +265,7 @@ class ReferenceIndex:
         metadata : mapping, optional
             JSON-serializable provenance stored as ``build`` in ``reference.json``.
         """
-        folder.mkdir()
-        mark_output(folder, "index")
-        np.save(folder / EMBEDDINGS_NPY, self._embeddings)
-        np.save(folder / LABELS_NPY, self._labels)
-        (folder / CLASSES_JSON).write_text(json.dumps(self._class_names, indent=1) + "\n")
-        (folder / FILES_JSON).write_text(json.dumps(self._files, indent=1) + "\n")
-        faiss.write_index(self._index, os.fspath(folder / INDEX_FAISS))
         meta = {
-            "format": REFERENCE_FORMAT,
-            "format_version": REFERENCE_FORMAT_VERSION,
-            "superdml_version": __version__,
             "checkpoint_sha256": self._checkpoint_sha256,
             "sha256": self._sha256,
             "index_sha256": self._index_sha256,
@@ -355,7 +277,10 @@ class ReferenceIndex:
             "root": None if self._root is None else os.fspath(self._root),
             "build": dict(metadata or {}),
         }
-        (folder / REFERENCE_JSON).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        write_reference(
+            folder, self._embeddings, self._labels, self._class_names, self._files, self._index,
+            meta,
+        )  # fmt: skip
 
     # ---------------------------------------------------------------------- using it
 
@@ -417,17 +342,30 @@ class ReferenceIndex:
         dev = search_device(device)
         if dev.type == "cpu" and self.index_type != "flat":
             return knn.search(embeddings, self._index, k, backend="faiss")
+        copy = self._on(dev)
+        if isinstance(copy, Tensor):
+            return knn.search(embeddings, copy, k, backend="torch")
+        return knn.search(embeddings, copy[1], k, backend="faiss")
+
+    def _on(self, dev: torch.device) -> _DeviceCopy:
+        """Return the reference's copy on `dev`, made once per device.
+
+        On CUDA a FAISS GPU index (with its resources) where FAISS GPU works there,
+        else the embeddings as a tensor on the device (on the CPU the embeddings
+        themselves, no copy). A lock makes two threads that search at once make one.
+        """
         key = str(dev)
-        if dev.type == "cuda" and key not in self._gpu:
-            self._gpu[key] = gpu_faiss_index(self._index, dev, self._embeddings[:1])
-        gpu = self._gpu.get(key)
-        if gpu is not None:
-            return knn.search(embeddings, gpu[1], k, backend="faiss")
-        if key not in self._on_device:  # on the CPU the embeddings themselves, no copy
-            with warnings.catch_warnings():  # read-only: torch is never asked to write
-                warnings.simplefilter("ignore", UserWarning)
-                self._on_device[key] = torch.as_tensor(self._embeddings, device=dev)
-        return knn.search(embeddings, self._on_device[key], k, backend="torch")
+        with self._copies_lock:
+            copy = self._copies.get(key)
+            if copy is None:
+                if dev.type == "cuda":
+                    copy = gpu_faiss_index(self._index, dev, self._embeddings[:1])
+                if copy is None:
+                    with warnings.catch_warnings():  # read-only: torch is never asked to write
+                        warnings.simplefilter("ignore", UserWarning)
+                        copy = torch.as_tensor(self._embeddings, device=dev)
+                self._copies[key] = copy
+        return copy
 
     def classify(
         self,
@@ -579,45 +517,6 @@ class ReferenceIndex:
             f"ReferenceIndex(size={self.size}, dim={self.dim}, classes={len(self._class_names)}, "
             f"index={self.index_type!r}, sha256={self._sha256[:12]!r})"
         )
-
-
-def _damaged(folder: Path, problem: str) -> InputError:
-    return input_error(
-        folder, f"damaged reference folder ({problem}): rebuild it with superdml index"
-    )
-
-
-def check_replaceable(folder: Path) -> None:
-    """Refuse to replace a reference folder that holds files the index stage did not write."""
-    foreign = foreign_files(folder, REFERENCE_FILES)
-    if foreign:
-        raise input_error(
-            folder,
-            f"holds {foreign[0]}, which superdml index did not write: move it away, or choose "
-            "another output folder (the reference folder is replaced as a whole)",
-        )
-
-
-def reference_scheme(directory: str | os.PathLike[str], class_names: list[str]) -> ClassScheme:
-    """Return the class scheme recorded in a reference folder (codes 1..N by name if none).
-
-    Parameters
-    ----------
-    directory : path
-        A reference folder (its ``reference.json`` was read by :meth:`ReferenceIndex.load`).
-    class_names : list of str
-        The reference's classes; the scheme names them all.
-
-    Raises
-    ------
-    InputError
-        When the recorded scheme is malformed or lacks a class.
-    """
-    meta_path = Path(directory) / REFERENCE_JSON
-    stored = json.loads(meta_path.read_text()).get("build", {}).get("class_scheme")
-    if stored is None:
-        return default_scheme(class_names)
-    return ClassScheme.from_dict(stored, meta_path).covering(class_names, meta_path)
 
 
 _REFERENCES: ProcessCache[ReferenceIndex] = ProcessCache(size=2)
