@@ -16,6 +16,7 @@ one row per superpixel.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,9 @@ from superdml.segment.run import SegmentRun
 MANIFEST = "label.json"
 PARTS = "predictions"
 EMBEDDINGS = "embeddings"
-PART_FILES = ("*/*.parquet",)
-"""Where ``superdml label`` writes parts under ``OUT/predictions``."""
+PART_FILES = ("*/t*_*.parquet",)
+"""Where ``superdml label`` writes parts: ``OUT/predictions/<raster>/<tile key>.parquet``."""
+_PART_NAME = re.compile(r"t\d{4,}_\d{4,}\.parquet")
 _META_KEY = b"superdml"
 
 
@@ -116,9 +118,10 @@ def remove_stale_parts(out_dir: str | Path, current: dict[Path, dict[str, str]])
     """Remove the parts ``label`` wrote under ``OUT/predictions`` that are not current.
 
     A part stays when its path is a key of `current` and its provenance is that key's
-    value. Only files ``label`` wrote (parts carrying a provenance) are removed, never
-    another file; a raster folder left empty goes too. Each removal is one unlink: an
-    interruption leaves fewer stale parts, never a half-written one.
+    value. Only files ``label`` wrote (named as parts, ``<raster>/<tile key>.parquet``,
+    and carrying a provenance) are removed, never another file; a raster folder left
+    empty goes too. Each removal is one unlink: an interruption leaves fewer stale
+    parts, never a half-written one.
 
     Parameters
     ----------
@@ -136,6 +139,8 @@ def remove_stale_parts(out_dir: str | Path, current: dict[Path, dict[str, str]])
     removed = 0
     for pattern in PART_FILES:
         for path in sorted(root.glob(pattern)):
+            if not _PART_NAME.fullmatch(path.name):
+                continue
             stored = _stored_provenance(path)
             if stored is None or stored == current.get(path):
                 continue
