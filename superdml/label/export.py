@@ -361,6 +361,26 @@ def export(
     return ExportResult(outputs, time.perf_counter() - start)
 
 
+def export_files(
+    out: str | Path, raster: str, n_rasters: int, vector: VectorFormat
+) -> dict[str, Path]:
+    """Return the files :func:`export` writes for one raster of `n_rasters`, by kind.
+
+    ``labels``, ``scores``, ``style``, ``summary`` and (unless `vector` is ``none``)
+    ``polygons``: in `out` for one raster, in ``out/<raster>/`` for several.
+    """
+    folder = Path(out) if n_rasters == 1 else Path(out) / raster
+    files = {
+        "labels": folder / "labels.tif",
+        "scores": folder / "scores.tif",
+        "style": folder / "labels.qml",
+        "summary": folder / "summary.json",
+    }
+    if vector != "none":
+        files["polygons"] = folder / f"superpixels.{vector}"
+    return files
+
+
 def _export_run(
     label_run: LabelRun, run: SegmentRun, parts: RasterParts, n_runs: int,
     raster_format: RasterFormat, vector: VectorFormat, incomplete: dict[str, int] | None,
@@ -370,22 +390,16 @@ def _export_run(
     `incomplete` (missing tiles of a run exported with ``allow_incomplete``) goes into
     ``summary.json``.
     """
-    out = label_run.out_dir
-    folder = Path(out) if n_runs == 1 else Path(out) / run.name
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {"labels": folder / "labels.tif", "scores": folder / "scores.tif"}
+    files = export_files(label_run.out_dir, run.name, n_runs, vector)
+    files["labels"].parent.mkdir(parents=True, exist_ok=True)
     preds = read_predictions(parts)
     write_label_rasters(
         label_run, run, preds, files["labels"], files["scores"], raster_format == "cog"
     )
-    files["style"] = folder / "labels.qml"
     with atomic_write(files["style"]) as tmp:
         tmp.write_text(qgis_style(label_run.scheme))
-    if vector != "none":
-        suffix = "gpkg" if vector == "gpkg" else "parquet"
-        files["polygons"] = folder / f"superpixels.{suffix}"
+    if "polygons" in files:
         write_polygons(label_run, run, files["polygons"], vector, parts)
-    files["summary"] = folder / "summary.json"
     summary = summarize(label_run, run, preds)
     if incomplete is not None:
         summary["incomplete"] = incomplete
