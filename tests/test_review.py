@@ -290,9 +290,9 @@ def test_reviews_only_current_parts_and_refuses_a_run_without_any(world, tmp_pat
     config = ReviewConfig(max_score=1.0, unknown=True, limit=10_000)
     with caplog.at_level(logging.WARNING):
         result = review(out, world["seg"].out_dir, tmp_path / "review", config)
-    assert "3 of 4 tiles have no current predictions" in caplog.text
     reviewed = pq.read_table(tmp_path / "review" / "crops.parquet").column("segment_id")
     assert sorted(reviewed.to_numpy()) == sorted(current) and result.n_crops == len(current)
+    assert "3 of 4 tiles have no current predictions" in caplog.text
     make_stale(parts[0])
     with pytest.raises(InputError, match="none of the 4 tiles has current predictions"):
         review(out, world["seg"].out_dir, tmp_path / "review2", config)
