@@ -32,9 +32,24 @@ CLASSES = ["brick", "grass", "gravel", "coffee"]
 SCHEME = make_scheme({i: {"name": n} for i, n in enumerate(CLASSES, 1)}, "test")
 
 
+def fake_provenance(segments):
+    """A part provenance as `superdml label` records it (made-up hashes of its other inputs)."""
+    return {
+        "segments": segments, "crop_rule": "c" * 16, "checkpoint_sha256": "0" * 64,
+        "reference_sha256": "1" * 64, "label_config": "2" * 16, "label_codes": "3" * 16,
+    }  # fmt: skip
+
+
+def write_part(table, path, provenance):
+    """Write a predictions part carrying `provenance`, as `superdml label` does."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table.replace_schema_metadata({"superdml": json.dumps(provenance)}), path)
+
+
 def fake_label_run(seg_dir, truth, out, tile_size=128):
     """Predictions as `superdml label` writes them, from the truth's majority class."""
     run = load_segment_runs(seg_dir)[0]
+    provenance = fake_provenance(run.fingerprint)
     with rasterio.open(run.segments_path) as src:
         segments = src.read(1)
     out.mkdir(parents=True)
@@ -60,9 +75,7 @@ def fake_label_run(seg_dir, truth, out, tile_size=128):
             },
             schema=predictions_schema(),
         )
-        path = out / "predictions" / run.name / f"{tile.key}.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(part, path)
+        write_part(part, out / "predictions" / run.name / f"{tile.key}.parquet", provenance)
     (out / MANIFEST).write_text(
         json.dumps(
             {
@@ -71,6 +84,7 @@ def fake_label_run(seg_dir, truth, out, tile_size=128):
                 "tile_size": tile_size,
                 "rasters": [run.name],
                 "segment_fingerprints": {run.name: run.fingerprint},
+                "part_meta": {run.name: provenance},
             }
         )
     )
@@ -319,6 +333,56 @@ def test_allow_incomplete_exports_and_says_so(labeled, interrupted):
         labels = src.read(1)
     unlabeled = np.isin(labeled["segments"], lost)
     assert (labels[unlabeled] == 0).all() and (labels[~unlabeled] > 0).all()
+
+
+def test_allow_incomplete_leaves_tiles_of_stale_parts_as_nodata(labeled, tmp_path):
+    # a part made before a re-segmentation (its provenance names other segments) is as
+    # good as missing: its tile is nodata in labels.tif and out of summary.json
+    out = tmp_path / "out"
+    shutil.copytree(labeled["out"] / "predictions", out / "predictions")
+    shutil.copy(labeled["out"] / MANIFEST, out)
+    mark_output(out, "label")
+    part = sorted((out / "predictions" / "mosaic").glob("*.parquet"))[0]
+    stale = pq.read_table(part)
+    write_part(stale, part, fake_provenance("older segments"))
+    lost = stale.column("segment_id").to_numpy()
+    result = export(out, labeled["seg"].out_dir, "gtiff", "parquet", allow_incomplete=True)
+    files = result.outputs["mosaic"]
+    summary = json.loads(files["summary"].read_text())
+    assert summary["incomplete"] == {"missing_tiles": 1, "tiles": 4}
+    assert summary["superpixels"] == labeled["seg"].n_superpixels - len(lost)
+    assert sum(c["superpixels"] for c in summary["classes"].values()) == summary["superpixels"]
+    with rasterio.open(files["labels"]) as src:
+        labels = src.read(1)
+    with rasterio.open(files["scores"]) as src:
+        scores = src.read(1)
+    unlabeled = np.isin(labeled["segments"], lost)
+    assert (labels[unlabeled] == 0).all() and (labels[~unlabeled] > 0).all()
+    assert np.isnan(scores[unlabeled]).all() and not np.isnan(scores[~unlabeled]).any()
+    polygons = pq.read_table(files["polygons"]).column("segment_id").to_numpy()
+    assert not np.isin(polygons, lost).any()
+    assert len(polygons) == summary["superpixels"]
+
+
+def test_a_label_run_without_part_provenance_is_refused(labeled, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(labeled["out"] / "predictions", out / "predictions")
+    manifest = json.loads((labeled["out"] / MANIFEST).read_text())
+    del manifest["part_meta"]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="label.json: made by an older superdml"):
+        export(out, labeled["seg"].out_dir)
+
+
+def test_export_uses_the_core_count_of_the_cluster_module(labeled, tmp_path, monkeypatch):
+    # os.sched_getaffinity does not exist on macOS: export asks core.cluster
+    out = tmp_path / "out"
+    shutil.copytree(labeled["out"] / "predictions", out / "predictions")
+    shutil.copy(labeled["out"] / MANIFEST, out)
+    mark_output(out, "label")
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    result = export(out, labeled["seg"].out_dir, "gtiff", "none")
+    assert result.outputs["mosaic"]["labels"].exists()
 
 
 def test_complete_export_has_no_incomplete_entry(exported):

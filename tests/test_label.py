@@ -260,10 +260,10 @@ def test_dask_cluster_with_a_killed_worker_gives_identical_predictions(world, la
 def test_keep_embeddings_lets_a_new_reference_only_revote(world, labeled, tmp_path, monkeypatch):
     config = LabelConfig(k=5, tile_size=128, batch_size=64, keep_embeddings=True)
     out = tmp_path / "out"
-    label(
-        world["seg"].out_dir, world["checkpoint"], world["root"] / "ref", out, config, device="cpu"
-    )
+    args = (world["seg"].out_dir, world["checkpoint"])
+    label(*args, world["root"] / "ref", out, config, device="cpu")
     assert len(list((out / "embeddings").rglob("*.npz"))) == 4
+    first = read_predictions(out)
     smaller = tmp_path / "crops"
     shutil.copytree(world["root"] / "crops", smaller)
     for png in sorted((smaller / "class_1").glob("*.png"))[::2]:
@@ -274,27 +274,73 @@ def test_keep_embeddings_lets_a_new_reference_only_revote(world, labeled, tmp_pa
         raise AssertionError("the model must not be loaded: embeddings are kept")
 
     monkeypatch.setattr(label_module, "load_embedder", no_model)
-    again = label(
-        world["seg"].out_dir, world["checkpoint"], tmp_path / "ref2", out, config, device="cpu"
-    )
+    again = label(*args, tmp_path / "ref2", out, config, device="cpu")
     assert again.n_skipped == 0 and again.n_superpixels == world["seg"].n_superpixels
+    revoted = read_predictions(out)
+    # the first reference again, voted on the kept embeddings: the first run's labels
+    label(*args, world["root"] / "ref", out, config, device="cpu")
+    assert read_predictions(out).equals(first)
     monkeypatch.undo()
     fresh = tmp_path / "fresh"
-    label(
-        world["seg"].out_dir,
-        world["checkpoint"],
-        tmp_path / "ref2",
-        fresh,
-        labeled["config"],
-        device="cpu",
+    label(*args, tmp_path / "ref2", fresh, labeled["config"], device="cpu")
+    # kept embeddings are the float32 the first run voted on: the same votes, bit for bit
+    assert revoted.equals(read_predictions(fresh))
+
+
+def test_rerun_with_another_tile_size_reads_as_one_row_per_superpixel(world, labeled, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(labeled["out"], out)
+    config = dataclasses.replace(labeled["config"], tile_size=256)  # 1 tile, not 4
+    result = label(
+        world["seg"].out_dir, world["checkpoint"], world["root"] / "ref", out, config, device="cpu"
     )
-    revoted, computed = read_predictions(out), read_predictions(fresh)
-    # kept embeddings are float16: the same votes up to rounding
-    np.testing.assert_allclose(
-        revoted.column("similarity").to_numpy(), computed.column("similarity").to_numpy(), atol=5e-3
-    )
-    agree = revoted.column("label_code").to_numpy() == computed.column("label_code").to_numpy()
-    assert agree.mean() > 0.97
+    assert result.n_tiles == 1
+    table = read_predictions(out)  # the README's pyarrow.parquet.read_table(OUT/predictions)
+    ids = table.column("segment_id").to_numpy()
+    assert len(ids) == world["seg"].n_superpixels == len(np.unique(ids))
+    assert len(list((out / "predictions").rglob("*.parquet"))) == 1
+
+
+def test_interrupted_relabel_leaves_only_current_parts_and_the_user_s_files(
+    world, labeled, tmp_path, monkeypatch
+):
+    import pyarrow.dataset as ds
+
+    from superdml.label.predictions import load_label_run
+    from superdml.segment.run import load_segment_runs
+
+    out = tmp_path / "out"
+    shutil.copytree(labeled["out"], out)
+    notes = out / "predictions" / "notes.txt"
+    notes.write_text("the user's notes")
+    mine = out / "predictions" / "mosaic" / "mine.parquet"  # a Parquet file label did not write
+    pq.write_table(pq.read_table(labeled["out"] / "predictions").slice(0, 3), mine)
+    real, calls = label_module._label_tile, {"n": 0}
+
+    def interrupted(job, tile):
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(job, tile)
+
+    monkeypatch.setattr(label_module, "_label_tile", interrupted)
+    config = dataclasses.replace(labeled["config"], k=3)  # a relabel with other options
+    args = (world["seg"].out_dir, world["checkpoint"], world["root"] / "ref", out, config)
+    with pytest.raises(KeyboardInterrupt):
+        label(*args, device="cpu")
+    assert notes.read_text() == "the user's notes" and mine.exists()
+    ours = sorted(p for p in (out / "predictions").rglob("t*.parquet"))
+    assert len(ours) == 1  # the k=5 parts are gone: no mix of two runs
+    parts = load_label_run(out).parts(load_segment_runs(world["seg"].out_dir)[0])
+    assert [p for p in parts.paths if p is not None] == ours and len(parts.missing) == 3
+    with pytest.raises(InputError, match="3 of 4 tiles of 'mosaic' have no predictions"):
+        export(out, world["seg"].out_dir)
+    monkeypatch.setattr(label_module, "_label_tile", real)
+    assert label(*args, device="cpu").n_skipped == 1
+    table = ds.dataset(out / "predictions", exclude_invalid_files=True)
+    ids = table.to_table(filter=ds.field("segment_id").is_valid()).column("segment_id")
+    assert notes.exists() and mine.exists()
+    assert len(ids) == world["seg"].n_superpixels + 3  # the user's 3 rows stay theirs
 
 
 @pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bf16 instructions")
@@ -392,6 +438,11 @@ def test_other_checkpoint_in_out_needs_overwrite(world, labeled, tmp_path):
     manifest = json.loads((out / "label.json").read_text())
     manifest["checkpoint_sha256"] = "0" * 64
     (out / "label.json").write_text(json.dumps(manifest))
+    for part in (out / "predictions").rglob("*.parquet"):  # as another checkpoint made them
+        table = pq.read_table(part)
+        provenance = json.loads(table.schema.metadata[b"superdml"])
+        provenance["checkpoint_sha256"] = "0" * 64
+        pq.write_table(table.replace_schema_metadata({"superdml": json.dumps(provenance)}), part)
     args = (
         world["seg"].out_dir,
         world["checkpoint"],
@@ -401,8 +452,10 @@ def test_other_checkpoint_in_out_needs_overwrite(world, labeled, tmp_path):
     )
     with pytest.raises(InputError, match="holds predictions of another checkpoint.*--overwrite"):
         label(*args, device="cpu")
+    notes = out / "predictions" / "notes.txt"
+    notes.write_text("the user's notes")
     result = label(*args, device="cpu", overwrite=True)
-    assert result.n_skipped == 0
+    assert result.n_skipped == 0 and notes.read_text() == "the user's notes"
 
 
 def test_cli_label_and_export(world, labeled, tmp_path):

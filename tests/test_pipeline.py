@@ -3,6 +3,7 @@ import json
 import pytest
 from click.testing import CliRunner
 from rasters import texture_mosaic, write_raster
+from worlds import untrained_world
 
 from superdml.cli.commands import cli
 from superdml.cli.compare import write_comparison
@@ -183,3 +184,43 @@ def test_pipeline_options_are_the_registry_s(workdir):
     ]  # fmt: skip
     assert "resume" not in REGISTRY["train"].options()
     assert {"augment", "loss_params", "config", "train_dir"} <= set(REGISTRY["train"].options())
+
+
+def test_every_stage_declares_its_outputs():
+    from superdml.cli.stages import REGISTRY
+
+    assert [name for name, spec in REGISTRY.items() if spec.outputs is None] == []
+
+
+LABEL_EXPORT = """\
+stages:
+  - stage: label
+    segments: seg
+    checkpoint: model.pt
+    reference: ref
+    out: labels
+    k: 5
+    tile_size: 128
+  - stage: export
+    out: labels
+    segments: seg
+    vector: none
+"""
+
+
+def test_a_deleted_output_reruns_its_stage(tmp_path):
+    root = untrained_world(tmp_path)
+    (root / "p.yaml").write_text(LABEL_EXPORT)
+    assert statuses(run_pipeline(root / "p.yaml", device="cpu")) == {
+        "label": "ran",
+        "export": "ran",
+    }
+    (root / "labels" / "labels.tif").unlink()
+    again = run_pipeline(root / "p.yaml", device="cpu")
+    assert statuses(again) == {"label": "skipped", "export": "ran"}
+    assert (root / "labels" / "labels.tif").exists()
+    (root / "labels" / "label.json").unlink()
+    assert statuses(run_pipeline(root / "p.yaml", device="cpu")) == {
+        "label": "ran",
+        "export": "ran",
+    }

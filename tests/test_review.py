@@ -272,6 +272,33 @@ def test_no_candidates_writes_nothing(world, tmp_path, caplog):
     assert "nothing to review" in caplog.text
 
 
+def make_stale(part):
+    """Give a predictions part the provenance of other segments (as before a re-segmentation)."""
+    table = pq.read_table(part)
+    provenance = json.loads(table.schema.metadata[b"superdml"])
+    provenance["segments"] = "the segments before"
+    pq.write_table(table.replace_schema_metadata({"superdml": json.dumps(provenance)}), part)
+
+
+def test_reviews_only_current_parts_and_refuses_a_run_without_any(world, tmp_path, caplog):
+    out = tmp_path / "out"
+    shutil.copytree(world["out"], out)
+    parts = sorted((out / "predictions").rglob("*.parquet"))
+    current = pq.read_table(parts[0]).column("segment_id").to_numpy()
+    for part in parts[1:]:
+        make_stale(part)
+    config = ReviewConfig(max_score=1.0, unknown=True, limit=10_000)
+    with caplog.at_level(logging.WARNING):
+        result = review(out, world["seg"].out_dir, tmp_path / "review", config)
+    reviewed = pq.read_table(tmp_path / "review" / "crops.parquet").column("segment_id")
+    assert sorted(reviewed.to_numpy()) == sorted(current) and result.n_crops == len(current)
+    assert "3 of 4 tiles have no current predictions" in caplog.text
+    make_stale(parts[0])
+    with pytest.raises(InputError, match="none of the 4 tiles has current predictions"):
+        review(out, world["seg"].out_dir, tmp_path / "review2", config)
+    assert not (tmp_path / "review2").exists()
+
+
 def test_out_without_label_json(world, tmp_path):
     with pytest.raises(InputError, match=f"{tmp_path}: not a label output"):
         review(tmp_path, world["seg"].out_dir, tmp_path / "r")

@@ -15,8 +15,9 @@ missing required options, bad config values, ``${var}`` without a value, and inp
 paths that neither exist nor come from an earlier stage are errors naming the file and
 line. Each stage records a manifest (its options and the fingerprints of its inputs,
 including the manifests of the stages that produced them) in
-``<workdir>/.superdml/<name>.json``. A stage whose manifest matches and whose run
-finished is skipped; any change reruns it and, through the fingerprints, everything
+``<workdir>/.superdml/<name>.json``. A stage whose manifest matches, whose run
+finished and whose declared outputs (:attr:`StageSpec.outputs`) all exist is skipped;
+any change (or a deleted output) reruns it and, through the fingerprints, everything
 downstream. ``force`` reruns the named stages and what follows them.
 """
 
@@ -40,7 +41,7 @@ from superdml.config.schema import parse_override
 from superdml.config.shipped import configs_dir, resolve_pipeline
 from superdml.core.atomic import write_json
 from superdml.core.cluster import Stage as ClusterShape
-from superdml.core.errors import ConfigError, InputError
+from superdml.core.errors import ConfigError, InputError, SuperDMLError
 from superdml.core.ownership import check_apart, claim_output
 from superdml.core.provenance import fingerprint
 
@@ -273,6 +274,17 @@ def _stage_hash(stage: Stage, spec: StageSpec, state: Path) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _outputs_exist(spec: StageSpec, options: Mapping[str, Any]) -> bool:
+    """Whether every output the stage declares exists (False when they cannot be read)."""
+    if spec.outputs is None:
+        raise TypeError(f"stage {spec.name!r} declares no outputs")  # a registry bug
+    try:
+        paths = spec.outputs(options)
+    except SuperDMLError:
+        return False
+    return all(Path(p).exists() for p in paths)
+
+
 @dataclass(frozen=True)
 class StageOutcome:
     """What happened to one stage: ``ran`` or ``skipped``, and how long it took."""
@@ -354,6 +366,7 @@ def _run_stages(
             and previous.get("hash") == digest
             and previous.get("finished") is not None
             and all(Path(p).exists() for p in outputs)
+            and _outputs_exist(spec, stage.options)
         )
         if done:
             logger.info("%s: up to date, skipped", stage.name)

@@ -146,6 +146,11 @@ class StageSpec:
     options_from : type or None
         A base class of `config` whose fields alone are options (``evaluate`` reads a
         label config but takes only its labeling rule); all of `config`'s when None.
+    outputs : callable
+        ``outputs(options) -> list of paths``: the files and folders a finished run
+        leaves; a pipeline reruns the stage when one is gone (or when the call raises
+        a :class:`~superdml.core.errors.SuperDMLError`: what it wrote cannot be read).
+        Evaluated after the earlier stages ran. Every stage declares it.
     """
 
     name: str
@@ -161,6 +166,7 @@ class StageSpec:
     exclusive: tuple[tuple[str, str], ...] = ()
     command: bool = True
     options_from: type | None = None
+    outputs: Callable[[Mapping[str, Any]], list[Path]] | None = None
 
     def check_options(self, options: Mapping[str, Any]) -> None:
         """Raise ConfigError when two :attr:`exclusive` options are both given."""
@@ -253,6 +259,73 @@ def _review(entry: Callable[..., Any], kwargs: dict[str, Any], ctx: RunContext) 
     return entry(**kwargs)
 
 
+# ------------------------------------------------------------------------ outputs
+
+
+def _files(option: str, *names: str) -> Callable[[Mapping[str, Any]], list[Path]]:
+    """Return the ``outputs`` of a stage writing the files `names` into its folder `option`."""
+    return lambda options: [Path(options[option]) / name for name in names]
+
+
+def _segment_outputs(options: Mapping[str, Any]) -> list[Path]:
+    """Each raster's ``segments.tif`` and superpixel table."""
+    from superdml.core.errors import InputError
+    from superdml.segment.run import load_segment_runs
+
+    rasters = options["rasters"]
+    runs = load_segment_runs(options["out"])
+    if len(runs) != len(rasters if isinstance(rasters, list) else [rasters]):
+        raise InputError(f"{options['out']}: holds {len(runs)} segment runs")
+    return [path for run in runs for path in (run.segments_path, run.table_path)]
+
+
+def _train_outputs(options: Mapping[str, Any]) -> list[Path]:
+    from superdml.learn.train import BEST, LAST, METRICS_CSV
+
+    return _files("out", BEST, LAST, METRICS_CSV)(options)
+
+
+def _index_outputs(options: Mapping[str, Any]) -> list[Path]:
+    from superdml.search.reference import EMBEDDINGS_NPY, INDEX_FAISS, REFERENCE_JSON
+
+    return _files("out", REFERENCE_JSON, INDEX_FAISS, EMBEDDINGS_NPY)(options)
+
+
+def _label_outputs(options: Mapping[str, Any]) -> list[Path]:
+    from superdml.label.predictions import MANIFEST, PARTS
+
+    return _files("out", MANIFEST, PARTS)(options)
+
+
+def _export_outputs(options: Mapping[str, Any]) -> list[Path]:
+    """Each raster's label and score rasters, style, summary and (unless none) polygons."""
+    from superdml.label.export import export_files
+    from superdml.segment.run import load_segment_runs
+
+    runs = load_segment_runs(options["segments"])
+    vector = options.get("vector", "gpkg")
+    return [
+        path
+        for run in runs
+        for path in export_files(options["out"], run.name, len(runs), vector).values()
+    ]
+
+
+def _evaluate_outputs(options: Mapping[str, Any]) -> list[Path]:
+    from superdml.learn.evaluate import METRICS_JSON, PREDICTIONS_PARQUET
+
+    return _files("out", METRICS_JSON, PREDICTIONS_PARQUET)(options)
+
+
+def _crops_table(option: str) -> Callable[[Mapping[str, Any]], list[Path]]:
+    def outputs(options: Mapping[str, Any]) -> list[Path]:
+        from superdml.crops.folder import CROPS_TABLE
+
+        return _files(option, CROPS_TABLE)(options)
+
+    return outputs
+
+
 # ---------------------------------------------------------------------- summaries
 
 
@@ -321,6 +394,7 @@ REGISTRY: dict[str, StageSpec] = {
             SegmentConfig,
             ("client",),
             glue=_segment_each,
+            outputs=_segment_outputs,
         ),
         StageSpec(
             "crops",
@@ -344,6 +418,7 @@ REGISTRY: dict[str, StageSpec] = {
             ),  # fmt: skip
             CropsConfig,
             ("client",),
+            outputs=_crops_table("out"),
         ),
         StageSpec(
             "train",
@@ -388,6 +463,7 @@ REGISTRY: dict[str, StageSpec] = {
             ("device",),
             config_file=_train_config,
             glue=_train,
+            outputs=_train_outputs,
         ),
         StageSpec(
             "index",
@@ -407,6 +483,7 @@ REGISTRY: dict[str, StageSpec] = {
             ),  # fmt: skip
             IndexConfig,
             ("device",),
+            outputs=_index_outputs,
         ),
         StageSpec(
             "label",
@@ -429,6 +506,7 @@ REGISTRY: dict[str, StageSpec] = {
             LabelConfig,
             ("device", "client", "overwrite"),
             cluster="label",
+            outputs=_label_outputs,
         ),
         StageSpec(
             "export",
@@ -449,6 +527,7 @@ REGISTRY: dict[str, StageSpec] = {
                     help="Export a label run with tiles that have no predictions (left unlabeled).",
                 ),
             ),  # fmt: skip
+            outputs=_export_outputs,
         ),
         StageSpec(
             "evaluate",
@@ -478,6 +557,7 @@ REGISTRY: dict[str, StageSpec] = {
             LabelConfig,
             ("device",),
             options_from=VoteConfig,
+            outputs=_evaluate_outputs,
         ),
         StageSpec(
             "review",
@@ -500,6 +580,7 @@ REGISTRY: dict[str, StageSpec] = {
             ("device",),
             glue=_review,
             exclusive=(("per_class", "limit"),),
+            outputs=_crops_table("folder"),
         ),
         StageSpec(
             "compare",
@@ -512,6 +593,7 @@ REGISTRY: dict[str, StageSpec] = {
                 dataclasses.replace(_OUT, arg=""),
             ),  # fmt: skip
             command=False,
+            outputs=_files("out", "comparison.json", "comparison.md"),
         ),
     )
 }

@@ -14,9 +14,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "ExportResult",
             "GDAL_CONFIG",
             "GTIFF_OPTIONS",
-            "POLYGON_SCHEMA",
             "RasterFormat",
-            "VectorFormat",
             "WINDOW",
             "check_complete",
             "color_table",
@@ -25,7 +23,6 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "read_predictions",
             "summarize",
             "write_label_rasters",
-            "write_polygons",
         ],
         "index": [
             "IndexResult",
@@ -37,6 +34,11 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "Neighbour",
             "plot_neighbours",
         ],
+        "polygons": [
+            "POLYGON_SCHEMA",
+            "VectorFormat",
+            "write_polygons",
+        ],
         "predictions": [
             "EMBEDDINGS",
             "IdTable",
@@ -44,11 +46,15 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "MANIFEST",
             "PARTS",
             "PART_FILES",
+            "RasterParts",
             "embeddings_path",
             "load_label_run",
             "lookup",
             "part_is_current",
+            "part_path",
+            "part_provenance",
             "predictions_schema",
+            "remove_stale_parts",
         ],
         "review": [
             "POOL_FACTOR",
@@ -61,7 +67,6 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "stage": [
             "LabelResult",
             "label",
-            "part_meta",
             "predict",
             "task_threads",
         ],

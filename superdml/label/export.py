@@ -6,21 +6,19 @@ the raster's predictions, with their overview levels (mode for labels, mean for 
 raster once from them, a COG with those overviews or a tiled GeoTIFF
 (:class:`~superdml.raster.staged.StagedRaster`). Windows run on a thread per
 core; GDAL compresses on all cores.
-Polygons are traced per tile over the superpixels that tile owns, so each superpixel
-is traced once, whole.
+Polygons: :mod:`superdml.label.polygons`. Only current predictions parts are read
+(:meth:`LabelRun.parts`): a tile without one is nodata in every file.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
 from xml.sax.saxutils import escape
@@ -29,17 +27,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import rasterio
-import rasterio.features
 from rasterio.windows import Window
-from rasterio.windows import transform as window_transform
 
 from superdml.core.atomic import atomic_write, write_json
+from superdml.core.cluster import default_workers
 from superdml.core.errors import InputError, input_error
 from superdml.core.ownership import claim_output
 from superdml.core.progress import progress
-from superdml.label.predictions import IdTable, LabelRun, load_label_run, lookup
+from superdml.label.polygons import VectorFormat, write_polygons
+from superdml.label.predictions import IdTable, LabelRun, RasterParts, load_label_run, lookup
 from superdml.raster.classes import UNKNOWN, UNKNOWN_COLOR, ClassScheme
-from superdml.raster.io import BLOCK_SIZE, Tile, iter_blocks, open_raster, read_window
+from superdml.raster.io import BLOCK_SIZE, iter_blocks, open_raster
 from superdml.raster.overviews import downsample_mean, downsample_mode, overview_factors
 from superdml.raster.staged import StagedRaster
 from superdml.segment.run import SegmentRun, load_segment_runs
@@ -47,7 +45,6 @@ from superdml.segment.run import SegmentRun, load_segment_runs
 logger = logging.getLogger(__name__)
 
 RasterFormat = Literal["cog", "gtiff"]
-VectorFormat = Literal["gpkg", "parquet", "none"]
 
 #: Creation options of the COG rasters. zstd at level 1 without a predictor: these rasters
 #: are runs of one value per superpixel, which a predictor breaks up; on the benchmark's
@@ -64,17 +61,6 @@ GTIFF_OPTIONS: dict[str, Any] = {
 }  # fmt: skip
 #: GDAL settings of the raster writes: decode ``segments.tif`` on all cores.
 GDAL_CONFIG: dict[str, str] = {"GDAL_NUM_THREADS": "ALL_CPUS"}
-#: Columns of ``superpixels.gpkg`` / ``.parquet`` (geometry as WKB).
-POLYGON_SCHEMA = pa.schema(
-    [
-        ("segment_id", pa.uint32()),
-        ("label", pa.string()),
-        ("label_code", pa.uint16()),
-        ("score", pa.float32()),
-        ("margin", pa.float32()),
-        ("geometry", pa.binary()),
-    ]
-)
 #: Side of the windows the rasters are written in, in pixels: whole output blocks.
 WINDOW = 2 * BLOCK_SIZE
 
@@ -171,7 +157,7 @@ def write_label_rasters(
     code_of = IdTable(ids, codes, scheme.nodata, pixels)
     score_of = IdTable(ids, scores, np.float32(np.nan), pixels)
     folder = labels_path.parent
-    cores = len(os.sched_getaffinity(0))
+    cores = default_workers()
     with (
         rasterio.Env(**GDAL_CONFIG),
         StagedRaster(folder, info, scheme.dtype, scheme.nodata, factors) as labels,
@@ -212,121 +198,9 @@ def write_label_rasters(
         )  # fmt: skip
 
 
-def _owned_polygons(label_run: LabelRun, run: SegmentRun, tile: Tile) -> pa.Table:
-    """Polygons of the superpixels owned by one tile, with their predictions.
-
-    Returns
-    -------
-    pyarrow.Table
-        :data:`POLYGON_SCHEMA`, geometry as WKB; no rows for a tile without predictions.
-    """
-    import shapely
-
-    path = label_run.part_path(run.name, tile)
-    if not path.exists():
-        return POLYGON_SCHEMA.empty_table()
-    preds = pq.ParquetFile(path).read(columns=POLYGON_SCHEMA.names[:-1])
-    if preds.num_rows == 0:
-        return POLYGON_SCHEMA.empty_table()
-    ids = preds.column("segment_id").to_numpy()
-    boxes = run.superpixels_in(
-        tile.row, tile.col, tile.height, tile.width,
-        ["segment_id", "row_start", "row_stop", "col_start", "col_stop"],
-    )  # fmt: skip
-    r0, c0 = (int(boxes.column(c).to_numpy().min()) for c in ("row_start", "col_start"))
-    r1, c1 = (int(boxes.column(c).to_numpy().max()) for c in ("row_stop", "col_stop"))
-    with open_raster(run.segments_path) as seg:
-        segments, _ = read_window(seg, [1], r0, c0, r1 - r0, c1 - c0)
-    # shapes() takes int32 at most: trace each owned pixel's row in `ids` (-1: not owned)
-    index = lookup(segments[0], ids, np.arange(ids.size, dtype=np.int32), -1)
-    affine = window_transform(Window(c0, r0, c1 - c0, r1 - r0), run.source.affine)
-    shapes = rasterio.features.shapes(index, mask=index >= 0, transform=affine, connectivity=4)
-    # GeoJSON rings -> one coordinate array; shapely assembles every polygon in one call
-    rings: list[list[tuple[float, float]]] = []
-    polygon_of: list[int] = []
-    values: list[float] = []
-    for n, (geom, value) in enumerate(shapes):
-        rings.extend(geom["coordinates"])
-        polygon_of.extend([n] * len(geom["coordinates"]))
-        values.append(value)
-    lengths = np.fromiter(map(len, rings), np.intp, len(rings))
-    flat = chain.from_iterable(chain.from_iterable(rings))
-    coords = np.fromiter(flat, np.float64, 2 * int(lengths.sum())).reshape(-1, 2)
-    ring_index = np.repeat(np.arange(len(rings)), lengths)
-    polygons = shapely.polygons(shapely.linearrings(coords, indices=ring_index), indices=polygon_of)
-    rows = np.asarray(values).astype(np.intp)
-    # a superpixel traced in several parts (touching only at corners) becomes a MultiPolygon
-    order = np.argsort(rows, kind="stable")
-    traced, starts = np.unique(rows[order], return_index=True)
-    if traced.size != ids.size:
-        raise RuntimeError(f"{path}: superpixels without pixels in {run.segments_path}")
-    parts = np.split(polygons[order], starts[1:])
-    merged = [p[0] if len(p) == 1 else shapely.union_all(p) for p in parts]
-    geometry = pa.array(shapely.to_wkb(np.array(merged, object)), pa.binary())
-    return preds.append_column("geometry", geometry).cast(POLYGON_SCHEMA)
-
-
-def write_polygons(label_run: LabelRun, run: SegmentRun, path: Path, fmt: VectorFormat) -> None:
-    """Write superpixel polygons with label, score and margin as GeoPackage or GeoParquet."""
-    tiles = label_run.tiles(run.source.height, run.source.width)
-    crs = rasterio.crs.CRS.from_wkt(run.source.crs) if run.source.crs else None
-    geo = {
-        "version": "1.1.0",
-        "primary_column": "geometry",
-        "columns": {
-            "geometry": {
-                "encoding": "WKB",
-                "geometry_types": ["Polygon", "MultiPolygon"],
-                "crs": crs.to_dict(projjson=True) if crs else None,
-            }
-        },
-    }
-    with atomic_write(path, keep_suffix=True) as tmp:
-        writer = (
-            pq.ParquetWriter(
-                tmp, POLYGON_SCHEMA.with_metadata({"geo": json.dumps(geo)}), compression="zstd"
-            )
-            if fmt == "parquet"
-            else None
-        )
-        first = True
-        for tile in progress(tiles, total=len(tiles), desc=f"{run.name}: polygons", unit="tile"):
-            table = _owned_polygons(label_run, run, tile)
-            if table.num_rows == 0:
-                continue
-            if writer is not None:
-                writer.write_table(table)
-            else:
-                _append_gpkg(tmp, table, crs, append=not first)
-            first = False
-        if writer is not None:
-            writer.close()
-        elif first:
-            _append_gpkg(tmp, POLYGON_SCHEMA.empty_table(), crs, append=False)
-
-
-def _append_gpkg(path: Path, table: pa.Table, crs: Any, append: bool) -> None:
-    from pyogrio.raw import write
-
-    columns = [c for c in table.column_names if c != "geometry"]
-    write(
-        str(path),
-        geometry=np.asarray(table.column("geometry").to_pylist(), dtype=object),
-        field_data=[table.column(c).to_numpy(zero_copy_only=False) for c in columns],
-        fields=columns,
-        crs=crs.to_wkt() if crs else None,
-        geometry_type="MultiPolygon",
-        driver="GPKG",
-        layer="superpixels",
-        append=append,
-        promote_to_multi=True,
-    )
-
-
-def read_predictions(label_run: LabelRun, run: SegmentRun) -> pa.Table:
-    """``segment_id``, ``label_code`` and ``score`` of every labeled superpixel of a raster."""
-    tiles = label_run.tiles(run.source.height, run.source.width)
-    return label_run.read_parts(run.name, tiles, ["segment_id", "label_code", "score"])
+def read_predictions(parts: RasterParts) -> pa.Table:
+    """``segment_id``, ``label_code`` and ``score`` of a raster's current predictions."""
+    return parts.read(["segment_id", "label_code", "score"])
 
 
 def summarize(label_run: LabelRun, run: SegmentRun, preds: pa.Table) -> dict[str, Any]:
@@ -381,17 +255,17 @@ def summarize(label_run: LabelRun, run: SegmentRun, preds: pa.Table) -> dict[str
 
 
 def check_complete(
-    label_run: LabelRun, runs: list[SegmentRun], allow_incomplete: bool
+    label_run: LabelRun, parts: list[RasterParts], allow_incomplete: bool
 ) -> dict[str, dict[str, int]]:
-    """Refuse a label run with tiles that have no predictions part, unless allowed.
+    """Refuse a label run with tiles that have no current predictions part, unless allowed.
 
     Parameters
     ----------
     label_run : LabelRun
-    runs : list of SegmentRun
-        The rasters to export.
+    parts : list of RasterParts
+        ``label_run.parts(run)`` of each raster to export.
     allow_incomplete : bool
-        Log a warning instead of refusing.
+        Log a warning instead of refusing (those tiles are then exported as nodata).
 
     Returns
     -------
@@ -403,15 +277,11 @@ def check_complete(
     InputError
         When a raster has missing parts and `allow_incomplete` is false.
     """
-    incomplete = {}
-    for run in runs:
-        height, width = run.source.height, run.source.width
-        missing = len(label_run.missing_tiles(run.name, height, width))
-        if missing:
-            incomplete[run.name] = {
-                "missing_tiles": missing,
-                "tiles": len(label_run.tiles(height, width)),
-            }
+    incomplete = {
+        p.raster: {"missing_tiles": len(p.missing), "tiles": len(p.tiles)}
+        for p in parts
+        if p.missing
+    }
     for name, counts in incomplete.items():
         problem = (
             f"{counts['missing_tiles']} of {counts['tiles']} tiles of {name!r} have no "
@@ -443,9 +313,11 @@ def export(
     ``summary.json``. With one raster the files go to `out`, with several to
     ``out/<raster>/``.
 
-    A label run with tiles that have no predictions part (an interrupted ``superdml
-    label``) is refused, before anything is written, unless `allow_incomplete`: then
-    those tiles are unlabeled and ``summary.json`` says
+    A label run with tiles that have no current predictions part (an interrupted
+    ``superdml label``, or parts made from other segments or inputs: see
+    :meth:`LabelRun.parts`) is refused, before anything is written, unless
+    `allow_incomplete`: then those tiles are nodata in every file, their superpixels are
+    not counted in ``summary.json``, and it says
     ``"incomplete": {"missing_tiles": m, "tiles": n}``.
 
     Parameters
@@ -477,42 +349,57 @@ def export(
     label_run = load_label_run(out)
     runs = load_segment_runs(segment_dir)
     label_run.check_segments(runs, segment_dir)
-    incomplete = check_complete(label_run, runs, allow_incomplete)
+    parts = [label_run.parts(run) for run in runs]
+    incomplete = check_complete(label_run, parts, allow_incomplete)
     with claim_output(out, "export", accept=("label",)):
         outputs = {
             run.name: _export_run(
-                label_run, run, len(runs), raster_format, vector, incomplete.get(run.name)
+                label_run, run, p, len(runs), raster_format, vector, incomplete.get(run.name)
             )
-            for run in runs
+            for run, p in zip(runs, parts, strict=True)
         }
     return ExportResult(outputs, time.perf_counter() - start)
 
 
+def export_files(
+    out: str | Path, raster: str, n_rasters: int, vector: VectorFormat
+) -> dict[str, Path]:
+    """Return the files :func:`export` writes for one raster of `n_rasters`, by kind.
+
+    ``labels``, ``scores``, ``style``, ``summary`` and (unless `vector` is ``none``)
+    ``polygons``: in `out` for one raster, in ``out/<raster>/`` for several.
+    """
+    folder = Path(out) if n_rasters == 1 else Path(out) / raster
+    files = {
+        "labels": folder / "labels.tif",
+        "scores": folder / "scores.tif",
+        "style": folder / "labels.qml",
+        "summary": folder / "summary.json",
+    }
+    if vector != "none":
+        files["polygons"] = folder / f"superpixels.{vector}"
+    return files
+
+
 def _export_run(
-    label_run: LabelRun, run: SegmentRun, n_runs: int, raster_format: RasterFormat,
-    vector: VectorFormat, incomplete: dict[str, int] | None,
+    label_run: LabelRun, run: SegmentRun, parts: RasterParts, n_runs: int,
+    raster_format: RasterFormat, vector: VectorFormat, incomplete: dict[str, int] | None,
 ) -> dict[str, Path]:  # fmt: skip
-    """Write one raster's export files; return them by kind.
+    """Write one raster's export files from its current `parts`; return them by kind.
 
     `incomplete` (missing tiles of a run exported with ``allow_incomplete``) goes into
     ``summary.json``.
     """
-    out = label_run.out_dir
-    folder = Path(out) if n_runs == 1 else Path(out) / run.name
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {"labels": folder / "labels.tif", "scores": folder / "scores.tif"}
-    preds = read_predictions(label_run, run)
+    files = export_files(label_run.out_dir, run.name, n_runs, vector)
+    files["labels"].parent.mkdir(parents=True, exist_ok=True)
+    preds = read_predictions(parts)
     write_label_rasters(
         label_run, run, preds, files["labels"], files["scores"], raster_format == "cog"
     )
-    files["style"] = folder / "labels.qml"
     with atomic_write(files["style"]) as tmp:
         tmp.write_text(qgis_style(label_run.scheme))
-    if vector != "none":
-        suffix = "gpkg" if vector == "gpkg" else "parquet"
-        files["polygons"] = folder / f"superpixels.{suffix}"
-        write_polygons(label_run, run, files["polygons"], vector)
-    files["summary"] = folder / "summary.json"
+    if "polygons" in files:
+        write_polygons(label_run, run, files["polygons"], vector, parts)
     summary = summarize(label_run, run, preds)
     if incomplete is not None:
         summary["incomplete"] = incomplete

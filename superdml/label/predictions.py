@@ -2,13 +2,21 @@
 
 ``superdml label`` writes ``OUT/predictions/<raster>/<tile>.parquet``, one part per
 raster tile, each holding the superpixels whose centroid lies in that tile, plus
-``OUT/label.json`` (classes, tile size, the checkpoint's and reference's hashes).
-``superdml export`` and ``superdml review`` read them back tile by tile.
+``OUT/label.json`` (classes, tile size, the checkpoint's and reference's hashes, and
+each raster's part provenance, :func:`part_provenance`).
+
+A part is *current* when the provenance in its metadata equals the one ``label.json``
+records for its raster, and that record names the segment run in front of the reader
+(:meth:`LabelRun.parts`). Only current parts are read (:class:`RasterParts`): ``label``
+reuses them, ``export`` and ``review`` read them, and ``label`` removes the other parts
+it wrote (:func:`remove_stale_parts`), so ``OUT/predictions`` reads as one table with
+one row per superpixel.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +25,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from superdml.config.schema import LabelConfig, config_hash
 from superdml.core.errors import InputError, input_error, require_dir
 from superdml.core.provenance import combine
+from superdml.crops.rule import CropRule
 from superdml.raster.classes import ClassScheme
 from superdml.raster.io import Tile, tile_grid
 from superdml.segment.run import SegmentRun
@@ -26,8 +36,10 @@ from superdml.segment.run import SegmentRun
 MANIFEST = "label.json"
 PARTS = "predictions"
 EMBEDDINGS = "embeddings"
-PART_FILES = ("*/*.parquet",)
-"""What ``superdml label`` writes under ``OUT/predictions`` (it replaces nothing else)."""
+PART_FILES = ("*/t*_*.parquet",)
+"""Where ``superdml label`` writes parts: ``OUT/predictions/<raster>/<tile key>.parquet``."""
+_PART_NAME = re.compile(r"t\d{4,}_\d{4,}\.parquet")
+_META_KEY = b"superdml"
 
 
 def predictions_schema() -> pa.Schema:
@@ -53,6 +65,126 @@ def predictions_schema() -> pa.Schema:
             pa.field("topk_similarities", pa.list_(pa.float32())),
         ]
     )
+
+
+def part_provenance(
+    segments: str, rule: CropRule, checkpoint_sha256: str, reference_sha256: str,
+    config: LabelConfig, codes: tuple[int, ...],
+) -> dict[str, str]:  # fmt: skip
+    """Return the provenance of a predictions part (it is current only when all of it matches).
+
+    Parameters
+    ----------
+    segments : str
+        The segment run's fingerprint (:attr:`SegmentRun.fingerprint`).
+    rule : CropRule
+    checkpoint_sha256, reference_sha256 : str
+    config : LabelConfig
+    codes : tuple of int
+        The class scheme's code of each class, then of unknown (a part holds codes: an
+        edited ``classes.yaml`` relabels, though the reference's content is the same).
+    """
+    return {
+        "segments": segments,
+        "crop_rule": combine(rule.to_dict()),
+        "checkpoint_sha256": checkpoint_sha256,
+        "reference_sha256": reference_sha256,
+        "label_config": config_hash(config),
+        "label_codes": combine(*codes),
+    }
+
+
+def part_path(out_dir: str | Path, raster: str, tile: Tile) -> Path:
+    """Path of the predictions part of one tile of a label run."""
+    return Path(out_dir) / PARTS / raster / f"{tile.key}.parquet"
+
+
+def _stored_provenance(path: Path) -> dict[str, str] | None:
+    """Return the provenance a part carries; None for a file ``label`` did not write."""
+    try:
+        stored = pq.read_schema(path).metadata or {}
+        meta = json.loads(stored[_META_KEY])
+    except (OSError, KeyError, ValueError, pa.ArrowException):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def part_is_current(path: Path, provenance: dict[str, str]) -> bool:
+    """Whether the part at `path` exists and was made as `provenance` says."""
+    return path.exists() and _stored_provenance(path) == provenance
+
+
+def remove_stale_parts(out_dir: str | Path, current: dict[Path, dict[str, str]]) -> int:
+    """Remove the parts ``label`` wrote under ``OUT/predictions`` that are not current.
+
+    A part stays when its path is a key of `current` and its provenance is that key's
+    value. Only files ``label`` wrote (named as parts, ``<raster>/<tile key>.parquet``,
+    and carrying a provenance) are removed, never another file; a raster folder left
+    empty goes too. Each removal is one unlink: an interruption leaves fewer stale
+    parts, never a half-written one.
+
+    Parameters
+    ----------
+    out_dir : path
+        The label run.
+    current : dict of Path to dict
+        Every part the run in front keeps, and its provenance (:func:`part_provenance`).
+
+    Returns
+    -------
+    int
+        How many parts were removed.
+    """
+    root = Path(out_dir) / PARTS
+    removed = 0
+    for pattern in PART_FILES:
+        for path in sorted(root.glob(pattern)):
+            if not _PART_NAME.fullmatch(path.name):
+                continue
+            stored = _stored_provenance(path)
+            if stored is None or stored == current.get(path):
+                continue
+            path.unlink()
+            removed += 1
+            if not any(path.parent.iterdir()):
+                path.parent.rmdir()
+    return removed
+
+
+@dataclass(frozen=True)
+class RasterParts:
+    """The predictions parts of one raster: which tiles have a current part.
+
+    Attributes
+    ----------
+    raster : str
+    tiles : list of Tile
+        The raster's tiles, as labeling cut them.
+    paths : list of Path or None
+        The current part of each tile; None where it has none (missing, or made from
+        other segments, checkpoint, reference, crop rule or options).
+    """
+
+    raster: str
+    tiles: list[Tile]
+    paths: list[Path | None]
+
+    @property
+    def missing(self) -> list[Tile]:
+        """The tiles without a current part."""
+        return [t for t, p in zip(self.tiles, self.paths, strict=True) if p is None]
+
+    def read(self, columns: list[str] | None = None, index: list[int] | None = None) -> pa.Table:
+        """Concatenate the current parts (of the tiles at `index`, default all)."""
+        chosen = range(len(self.tiles)) if index is None else index
+        tables = [
+            pq.ParquetFile(path).read(columns=columns)  # read_table would import pyarrow.dataset
+            for i in chosen
+            if (path := self.paths[i]) is not None
+        ]
+        if not tables:
+            return predictions_schema().empty_table().select(columns or predictions_schema().names)
+        return pa.concat_tables(tables)
 
 
 @dataclass(frozen=True)
@@ -89,10 +221,6 @@ class LabelRun:
             self.class_names, source
         )
 
-    def part_path(self, raster: str, tile: Tile) -> Path:
-        """Path of the predictions part of one tile."""
-        return self.out_dir / PARTS / raster / f"{tile.key}.parquet"
-
     def tiles(self, height: int, width: int) -> list[Tile]:
         """Return the tiles of a raster of this size, as labeling cut them."""
         return tile_grid(height, width, self.tile_size)
@@ -128,42 +256,23 @@ class LabelRun:
                     "differ): run superdml label again before exporting or reviewing",
                 )
 
-    def missing_tiles(self, raster: str, height: int, width: int) -> list[Tile]:
-        """Return the tiles of a raster of this size without a current predictions part.
+    def parts(self, run: SegmentRun) -> RasterParts:
+        """Return the current predictions parts of the segment run `run`.
 
-        Labeling writes a part for every tile (an empty one where a tile owns no
-        superpixel) and records the parts' provenance in ``label.json``; a missing part,
-        or one left by an earlier run with other inputs, means the run did not finish.
+        A part is current when its provenance equals the one ``label.json`` records for
+        `run`'s raster and that record was made for `run`'s segments (the same
+        fingerprint). Labeling writes a part for every tile (an empty one where a tile
+        owns no superpixel): a tile without a current part was not labeled for these
+        inputs (an interrupted run, or one of other inputs).
         """
-        expected = self.meta.get("part_meta", {}).get(raster)
-        return [
-            t
-            for t in self.tiles(height, width)
-            if not part_is_current(self.part_path(raster, t), expected)
-        ]
-
-    def read_parts(
-        self, raster: str, tiles: list[Tile], columns: list[str] | None = None
-    ) -> pa.Table:
-        """Concatenate the existing parts of `tiles` (missing parts are skipped)."""
-        tables = [
-            pq.ParquetFile(path).read(columns=columns)  # read_table would import pyarrow.dataset
-            for tile in tiles
-            if (path := self.part_path(raster, tile)).exists()
-        ]
-        if not tables:
-            return predictions_schema().empty_table().select(columns or predictions_schema().names)
-        return pa.concat_tables(tables)
-
-
-def part_is_current(path: Path, meta: dict[str, str] | None) -> bool:
-    """Whether the part at `path` exists and (unless `meta` is None) was made as `meta` says."""
-    if not path.exists():
-        return False
-    if meta is None:
-        return True
-    stored = pq.read_schema(path).metadata or {}
-    return bool(json.loads(stored.get(b"superdml", b"{}")) == meta)
+        tiles = self.tiles(run.source.height, run.source.width)
+        expected = self.meta["part_meta"].get(run.name)
+        if expected is None or expected.get("segments") != run.fingerprint:
+            return RasterParts(run.name, tiles, [None] * len(tiles))
+        paths = [part_path(self.out_dir, run.name, t) for t in tiles]
+        return RasterParts(
+            run.name, tiles, [p if part_is_current(p, expected) else None for p in paths]
+        )
 
 
 def embeddings_path(
@@ -202,6 +311,11 @@ def load_label_run(out_dir: str | Path) -> LabelRun:
         raise InputError(
             f"{manifest}: made by an older superdml (no class scheme, predictions without "
             "label_code): run `superdml label` again"
+        )
+    if "part_meta" not in meta:
+        raise InputError(
+            f"{manifest}: made by an older superdml (no provenance of its predictions parts): "
+            "run `superdml label` again"
         )
     return LabelRun(out_dir, list(meta["class_names"]), int(meta["tile_size"]), meta)
 

@@ -1,6 +1,7 @@
 """Crops of the superpixels the model is least sure of, sorted by predicted class.
 
-``superdml review`` reads the predictions of a label run tile by tile and keeps the
+``superdml review`` reads the current predictions parts of a label run
+(:meth:`LabelRun.parts`: made for the segments in front of it) tile by tile and keeps the
 candidates: superpixels whose vote share (``score``) is at most ``max_score``, plus
 those labeled ``unknown`` when asked. It orders them by score, then margin, lowest
 first, and keeps at most ``per_class`` per predicted class, or ``limit`` in all. Only
@@ -45,9 +46,8 @@ from superdml.crops.folder import (
     write_crops_table,
 )
 from superdml.crops.rule import CropRule
-from superdml.label.predictions import MANIFEST, LabelRun, load_label_run, lookup
+from superdml.label.predictions import MANIFEST, LabelRun, RasterParts, load_label_run, lookup
 from superdml.raster.classes import UNKNOWN, check_class_names
-from superdml.raster.io import Tile
 from superdml.segment.run import SegmentRun, load_segment_runs
 
 logger = logging.getLogger(__name__)
@@ -198,29 +198,28 @@ def _empty_candidates() -> _Candidates:
 
 @dataclass(frozen=True)
 class _Inputs:
-    """The checked inputs of a review: label run, segment runs, their tiles, crop rule."""
+    """The checked inputs of a review: label run, segment runs, their parts, crop rule."""
 
     label_run: LabelRun
     runs: list[SegmentRun]
-    grids: list[list[Tile]]
+    parts: list[RasterParts]
     rule: CropRule
 
 
 def _select(
     inputs: _Inputs, config: ReviewConfig, limit: int | None, per_class: int | None
 ) -> _Candidates:
-    """Stream every predictions part; keep the lowest candidates (within the caps)."""
+    """Stream every current predictions part; keep the lowest candidates (within the caps)."""
     label_run = inputs.label_run
     # label_id: 0 for unknown, i + 1 for class_names[i] (the order of `names` in review)
     codes = label_run.scheme.codes_of([UNKNOWN, *label_run.class_names])
     selected = _empty_candidates()
-    missing = 0
-    for r, (run, tiles) in enumerate(zip(inputs.runs, inputs.grids, strict=True)):
-        for t, tile in enumerate(progress(tiles, len(tiles), f"{run.name}: candidates", "tile")):
-            if not label_run.part_path(run.name, tile).exists():
-                missing += 1
+    for r, (run, parts) in enumerate(zip(inputs.runs, inputs.parts, strict=True)):
+        n_tiles = len(parts.tiles)
+        for t in progress(range(n_tiles), n_tiles, f"{run.name}: candidates", "tile"):
+            if parts.paths[t] is None:
                 continue
-            part = label_run.read_parts(run.name, [tile], _PART_COLUMNS)
+            part = parts.read(_PART_COLUMNS, [t])
             score = part.column("score").to_numpy()
             label_code = part.column("label_code").to_numpy()
             label_id = lookup(label_code, codes, np.arange(len(codes)), 0)
@@ -237,12 +236,6 @@ def _select(
             selected = selected.take(
                 pick_lowest(selected.score, selected.margin, selected.label_id, limit, per_class)
             )
-    if missing:
-        logger.warning(
-            "%s: %d tile(s) have no predictions part (an unfinished label run)",
-            label_run.out_dir,
-            missing,
-        )
     return selected
 
 
@@ -286,7 +279,7 @@ def _pool_embeddings(inputs: _Inputs, pool: _Candidates, device: str) -> np.ndar
     tiles = list(_by_tile(pool))
     kept = [
         _kept_embeddings(
-            inputs.label_run.embeddings_path(inputs.runs[r], inputs.grids[r][t]),
+            inputs.label_run.embeddings_path(inputs.runs[r], inputs.parts[r].tiles[t]),
             pool.segment_id[index],
         )
         for r, t, index in tiles
@@ -326,7 +319,7 @@ def _tile_crops(inputs: _Inputs, r: int, t: int, ids: np.ndarray) -> tuple[np.nd
     table : pyarrow.Table
         Their superpixel table rows, in the same order.
     """
-    run, tile = inputs.runs[r], inputs.grids[r][t]
+    run, tile = inputs.runs[r], inputs.parts[r].tiles[t]
     table = run.superpixels_in(tile.row, tile.col, tile.height, tile.width)
     table = table.filter(pc.is_in(table.column("segment_id"), pa.array(ids, pa.uint32())))
     position = lookup(ids, table.column("segment_id").to_numpy(), np.arange(table.num_rows), -1)
@@ -376,12 +369,37 @@ def _check_class_names(label_run: LabelRun) -> None:
     )
 
 
-def _check_inputs(out: Path, segment_dir: Path, inputs: _Inputs) -> None:
+def _check_inputs(inputs: _Inputs) -> None:
     """Fail before any work: segments that were not labeled, a source that does not fit."""
-    inputs.label_run.check_segments(inputs.runs, segment_dir)
     for run in inputs.runs:
         run.check_source()
         color_band_indexes(run, inputs.rule)
+
+
+def _check_parts(label_run: LabelRun, parts: list[RasterParts]) -> None:
+    """Refuse a label run without current parts; warn about tiles without one.
+
+    Raises
+    ------
+    InputError
+        When no tile has a current part (an interrupted run of other inputs).
+    """
+    missing = sum(len(p.missing) for p in parts)
+    tiles = sum(len(p.tiles) for p in parts)
+    if missing == tiles:
+        raise input_error(
+            label_run.out_dir,
+            f"none of the {tiles} tiles has current predictions (an interrupted label run, "
+            "or one of other segments or inputs): run superdml label again",
+        )
+    if missing:
+        logger.warning(
+            "%s: %d of %d tiles have no current predictions (an unfinished label run): "
+            "their superpixels are not reviewed",
+            label_run.out_dir,
+            missing,
+            tiles,
+        )
 
 
 def review(
@@ -421,7 +439,8 @@ def review(
     InputError, MissingInputError
         Before any work: `out` is not a label output, a class name of the label run is
         not a folder name (see :mod:`superdml.raster.classes`), `segment_dir` holds a raster that
-        was not labeled there, or the source raster is missing or does not fit.
+        was not labeled there (or was segmented again since), no tile has a current
+        predictions part, or the source raster is missing or does not fit.
     """
     start = time.perf_counter()
     config = config or ReviewConfig()
@@ -436,9 +455,10 @@ def review(
             raise input_error(segment_dir, "--raster needs one raster's segment subfolder")
         runs = [runs[0].with_source(raster)]
     rule = CropRule.from_dict(label_run.meta["crop_rule"])
-    grids = [label_run.tiles(run.source.height, run.source.width) for run in runs]
-    inputs = _Inputs(label_run, runs, grids, rule)
-    _check_inputs(out, segment_dir, inputs)
+    label_run.check_segments(runs, segment_dir)
+    inputs = _Inputs(label_run, runs, [label_run.parts(run) for run in runs], rule)
+    _check_inputs(inputs)
+    _check_parts(label_run, inputs.parts)
     if config.diverse:
         from superdml.core.devices import resolve_device
 

@@ -23,27 +23,27 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from superdml.config.schema import LabelConfig, config_hash, config_to_dict, dump_config
+from superdml.config.schema import LabelConfig, config_to_dict, dump_config
 from superdml.core.atomic import atomic_write, write_json
 from superdml.core.cluster import default_workers, map_tasks
 from superdml.core.errors import InputError
-from superdml.core.ownership import check_apart, claim_output, remove_files
-from superdml.core.provenance import combine
+from superdml.core.ownership import check_apart, claim_output
 from superdml.crops.cut import color_band_indexes, crop_tile
 from superdml.crops.rule import CropRule
 from superdml.label.predictions import (
     MANIFEST,
-    PART_FILES,
-    PARTS,
     embeddings_path,
     part_is_current,
+    part_path,
+    part_provenance,
     predictions_schema,
+    remove_stale_parts,
 )
 from superdml.learn.embed import load_embedder
 from superdml.raster.classes import UNKNOWN
@@ -51,15 +51,9 @@ from superdml.raster.io import Tile, tile_grid
 from superdml.search.reference import load_reference
 from superdml.segment.run import SegmentRun, load_segment_runs
 
-if TYPE_CHECKING:  # torch is imported where a worker needs it
-    pass
-
 logger = logging.getLogger(__name__)
 
 _ID_COLUMNS = ("segment_id", "raster", "x", "y")
-
-
-# ------------------------------------------------------------------ worker side
 
 
 # ---------------------------------------------------------------------- the task
@@ -84,46 +78,19 @@ class _LabelJob:
 
     @property
     def part_meta(self) -> dict[str, str]:
-        return part_meta(
+        return part_provenance(
             self.run.fingerprint, self.rule, self.checkpoint_sha256, self.reference_sha256,
             self.config, self.codes,
         )  # fmt: skip
 
     def part_path(self, tile: Tile) -> Path:
-        return Path(self.out) / PARTS / self.run.name / f"{tile.key}.parquet"
+        return part_path(self.out, self.run.name, tile)
 
     def embeddings_path(self, tile: Tile) -> Path:
         return embeddings_path(
             self.out, self.checkpoint_sha256, self.rule.to_dict(), self.run.fingerprint,
             self.run.name, tile,
         )  # fmt: skip
-
-
-def part_meta(
-    segments: str, rule: CropRule, checkpoint_sha256: str, reference_sha256: str,
-    config: LabelConfig, codes: tuple[int, ...],
-) -> dict[str, str]:  # fmt: skip
-    """Return the provenance of a predictions part (reused only when all of it matches).
-
-    Parameters
-    ----------
-    segments : str
-        The segment run's fingerprint (:attr:`SegmentRun.fingerprint`).
-    rule : CropRule
-    checkpoint_sha256, reference_sha256 : str
-    config : LabelConfig
-    codes : tuple of int
-        The class scheme's code of each class, then of unknown (a part holds codes: an
-        edited ``classes.yaml`` relabels, though the reference's content is the same).
-    """
-    return {
-        "segments": segments,
-        "crop_rule": combine(rule.to_dict()),
-        "checkpoint_sha256": checkpoint_sha256,
-        "reference_sha256": reference_sha256,
-        "label_config": config_hash(config),
-        "label_codes": combine(*codes),
-    }
 
 
 def _label_tile(job: _LabelJob, tile: Tile) -> int:
@@ -153,12 +120,17 @@ def _label_tile(job: _LabelJob, tile: Tile) -> int:
 
 
 def _tile_embeddings(job: _LabelJob, tile: Tile, table: pa.Table, ids: np.ndarray) -> np.ndarray:
-    """Embed a tile's crops, or reuse the embeddings kept by an earlier run."""
+    """Embed a tile's crops, or reuse the embeddings kept by an earlier run.
+
+    Embeddings are kept as the float32 the vote used, so a revote on them gives the
+    labels of the run that kept them, bit for bit (float16 copies changed up to 3%).
+    """
     kept = job.embeddings_path(tile)
     if kept.exists():
         with np.load(kept) as stored:
-            if np.array_equal(stored["segment_id"], ids):
-                return stored["embeddings"].astype(np.float32)
+            embeddings = stored["embeddings"]
+            if embeddings.dtype == np.float32 and np.array_equal(stored["segment_id"], ids):
+                return embeddings
     embedder = load_embedder(
         job.checkpoint, job.checkpoint_sha256, job.device, job.threads, job.config.precision
     )
@@ -169,7 +141,7 @@ def _tile_embeddings(job: _LabelJob, tile: Tile, table: pa.Table, ids: np.ndarra
     if job.config.keep_embeddings:
         kept.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(kept) as tmp, open(tmp, "wb") as f:
-            np.savez(f, segment_id=ids, embeddings=embeddings.astype(np.float16))
+            np.savez(f, segment_id=ids, embeddings=embeddings.astype(np.float32, copy=False))
     return embeddings
 
 
@@ -260,18 +232,86 @@ class LabelResult:
     superpixels_per_second: float
 
 
-def _check_inputs(
-    runs: list[SegmentRun], rule: CropRule, bands: int, checkpoint: str | Path
-) -> None:
-    """Fail before any work: crops the model cannot take, segments of another raster."""
-    if rule.channels != bands:
+@dataclass(frozen=True)
+class _Inputs:
+    """The checked inputs of a label run, loaded once before any tile."""
+
+    runs: list[SegmentRun]
+    checkpoint: str
+    checkpoint_sha256: str
+    reference: str
+    reference_sha256: str
+    class_names: tuple[str, ...]
+    scheme: Any  # ClassScheme
+    rule: CropRule
+
+    @property
+    def codes(self) -> tuple[int, ...]:
+        """The scheme's code of each class, then of unknown."""
+        return tuple(self.scheme.codes_of([*self.class_names, UNKNOWN]).tolist())
+
+
+def _load_inputs(
+    segment_dir: str | Path, checkpoint: str | Path, reference: str | Path,
+    config: LabelConfig, raster: str | Path | None,
+) -> _Inputs:  # fmt: skip
+    """Load and check everything `label` takes; fail before any work (see :func:`label`)."""
+    from superdml.learn.checkpoint import checkpoint_sha256, load_checkpoint
+    from superdml.search.reference import ReferenceIndex
+    from superdml.search.reference_files import reference_scheme
+
+    runs = load_segment_runs(segment_dir)
+    if raster is not None:
+        if len(runs) != 1:
+            raise InputError(f"{segment_dir}: --raster needs one raster's segment subfolder")
+        runs = [runs[0].with_source(raster)]
+    ckpt = load_checkpoint(checkpoint)
+    ckpt_sha = checkpoint_sha256(checkpoint)
+    ref = ReferenceIndex.load(reference)
+    scheme = reference_scheme(reference, ref.class_names)
+    if ref.checkpoint_sha256 != ckpt_sha:
         raise InputError(
-            f"{checkpoint}: the model takes {bands} bands, the crop rule gives {rule.channels} "
-            f"(mask {rule.mask!r}): retrain, or label with the checkpoint's crop rule"
+            f"{reference}: reference built with another checkpoint "
+            f"({ref.checkpoint_sha256[:12]}, not {ckpt_sha[:12]} of {checkpoint}): "
+            "run `superdml index` with this checkpoint"
+        )
+    if config.k > ref.size:
+        raise InputError(f"{reference}: k={config.k} but the reference holds {ref.size} crops")
+    rule = CropRule.from_dict(ckpt.crop_rule) if ckpt.crop_rule else CropRule()
+    if config.crop_size is not None:
+        rule = dataclasses.replace(rule, crop_size=config.crop_size)
+    if rule.channels != ckpt.bands:
+        raise InputError(
+            f"{checkpoint}: the model takes {ckpt.bands} bands, the crop rule gives "
+            f"{rule.channels} (mask {rule.mask!r}): retrain, or label with the checkpoint's "
+            "crop rule"
         )
     for run in runs:
         run.check_source()
         color_band_indexes(run, rule)
+    return _Inputs(
+        runs, str(Path(checkpoint).resolve()), ckpt_sha, str(Path(reference).resolve()),
+        ref.sha256, tuple(ref.class_names), scheme, rule,
+    )  # fmt: skip
+
+
+def _manifest(inputs: _Inputs, config: LabelConfig, jobs: list[_LabelJob]) -> dict[str, Any]:
+    """Return ``label.json``: classes, inputs, options and each raster's part provenance."""
+    return {
+        "class_names": list(inputs.class_names),
+        "class_scheme": inputs.scheme.to_dict(),
+        "tile_size": config.tile_size,
+        "rasters": [run.name for run in inputs.runs],
+        "segments": [str(run.folder.resolve()) for run in inputs.runs],
+        "segment_fingerprints": {run.name: run.fingerprint for run in inputs.runs},
+        "checkpoint": inputs.checkpoint,
+        "checkpoint_sha256": inputs.checkpoint_sha256,
+        "reference": inputs.reference,
+        "reference_sha256": inputs.reference_sha256,
+        "crop_rule": inputs.rule.to_dict(),
+        "config": config_to_dict(config),
+        "part_meta": {job.run.name: job.part_meta for job in jobs},
+    }
 
 
 def label(
@@ -286,6 +326,12 @@ def label(
     overwrite: bool = False,
 ) -> LabelResult:
     """Label every superpixel of a segment run by kNN against a reference index.
+
+    Before labeling, the parts of `out` that are not current for these inputs (other
+    segments, tile size, rasters, reference, crop rule or options: an earlier or
+    interrupted run) are removed, so ``predictions/`` always reads as one table with
+    at most one row per superpixel (one each once the run finishes). Only parts that
+    ``label`` wrote are removed, never other files.
 
     Parameters
     ----------
@@ -318,70 +364,45 @@ def label(
         of another size, or predictions of another checkpoint in `out`.
     """
     from superdml.core.devices import resolve_device
-    from superdml.learn.checkpoint import checkpoint_sha256, load_checkpoint
     from superdml.learn.embed import resolve_precision
-    from superdml.search.reference import ReferenceIndex
-    from superdml.search.reference_files import reference_scheme
 
     start = time.perf_counter()
     config = config or LabelConfig()
-    runs = load_segment_runs(segment_dir)
-    if raster is not None:
-        if len(runs) != 1:
-            raise InputError(f"{segment_dir}: --raster needs one raster's segment subfolder")
-        runs = [runs[0].with_source(raster)]
-    ckpt = load_checkpoint(checkpoint)
-    ckpt_sha = checkpoint_sha256(checkpoint)
-    ref = ReferenceIndex.load(reference)
-    scheme = reference_scheme(reference, ref.class_names)
-    if ref.checkpoint_sha256 != ckpt_sha:
-        raise InputError(
-            f"{reference}: reference built with another checkpoint "
-            f"({ref.checkpoint_sha256[:12]}, not {ckpt_sha[:12]} of {checkpoint}): "
-            "run `superdml index` with this checkpoint"
-        )
-    if config.k > ref.size:
-        raise InputError(f"{reference}: k={config.k} but the reference holds {ref.size} crops")
-    rule = CropRule.from_dict(ckpt.crop_rule) if ckpt.crop_rule else CropRule()
-    if config.crop_size is not None:
-        rule = dataclasses.replace(rule, crop_size=config.crop_size)
-    _check_inputs(runs, rule, ckpt.bands, checkpoint)
+    inputs = _load_inputs(segment_dir, checkpoint, reference, config, raster)
     torch_device = resolve_device(device)
     resolve_precision(config.precision, torch_device)  # fails here, not in a worker
     dev = torch_device.type
     out = Path(out)
-    check_apart(out, [*(run.folder for run in runs), checkpoint, reference])
+    check_apart(out, [*(run.folder for run in inputs.runs), checkpoint, reference])
     with claim_output(out, "label"):
-        _claim_predictions(out, ckpt_sha, overwrite)
-        part_meta: dict[str, dict[str, str]] = {}  # each raster's, filled below
-        manifest = {
-            "class_names": list(ref.class_names),
-            "class_scheme": scheme.to_dict(),
-            "tile_size": config.tile_size,
-            "rasters": [run.name for run in runs],
-            "segments": [str(run.folder.resolve()) for run in runs],
-            "segment_fingerprints": {run.name: run.fingerprint for run in runs},
-            "checkpoint": str(Path(checkpoint).resolve()),
-            "checkpoint_sha256": ckpt_sha,
-            "reference": str(Path(reference).resolve()),
-            "reference_sha256": ref.sha256,
-            "crop_rule": rule.to_dict(),
-            "config": config_to_dict(config),
-            "part_meta": part_meta,
-        }
+        _check_checkpoint(out, inputs.checkpoint_sha256, overwrite)
         threads = _threads_per_worker(client)
-        calls = []
-        for run in runs:
-            job = _LabelJob(
-                run, rule, config, str(Path(checkpoint).resolve()), ckpt_sha,
-                str(Path(reference).resolve()), ref.sha256, tuple(ref.class_names),
-                tuple(scheme.codes_of([*ref.class_names, UNKNOWN]).tolist()), str(out),
-                dev, threads,
+        jobs = [
+            _LabelJob(
+                run,
+                inputs.rule,
+                config,
+                inputs.checkpoint,
+                inputs.checkpoint_sha256,
+                inputs.reference,
+                inputs.reference_sha256,
+                inputs.class_names,
+                inputs.codes,
+                str(out),
+                dev,
+                threads,
             )  # fmt: skip
-            part_meta[run.name] = job.part_meta
-            grid = tile_grid(run.source.height, run.source.width, config.tile_size)
-            calls += [(job, tile) for tile in grid]
-        write_json(out / MANIFEST, manifest)
+            for run in inputs.runs
+        ]
+        calls = [
+            (job, tile)
+            for job in jobs
+            for tile in tile_grid(job.run.source.height, job.run.source.width, config.tile_size)
+        ]
+        removed = remove_stale_parts(out, {job.part_path(t): job.part_meta for job, t in calls})
+        if removed:
+            logger.info("%s: removed %d predictions parts of other inputs", out, removed)
+        write_json(out / MANIFEST, _manifest(inputs, config, jobs))
         dump_config(config, out / "label.yaml")
         done_before = sum(part_is_current(job.part_path(t), job.part_meta) for job, t in calls)
         counts = map_tasks(
@@ -406,22 +427,20 @@ def task_threads(device_type: str) -> int:
     return 2 if device_type == "cuda" else 1
 
 
-def _claim_predictions(out: Path, checkpoint_sha: str, overwrite: bool) -> None:
-    """Refuse (or with `overwrite` remove) predictions of another checkpoint in `out`.
+def _check_checkpoint(out: Path, checkpoint_sha: str, overwrite: bool) -> None:
+    """Refuse predictions of another checkpoint in `out`, unless `overwrite`.
 
-    Parts of the same checkpoint stay: each is reused only when its provenance matches
-    (:func:`part_meta`), else relabeled.
+    Parts of another checkpoint cannot be rebuilt without it; with `overwrite` they go
+    with the other stale parts (:func:`remove_stale_parts`).
     """
     manifest = out / MANIFEST
-    if manifest.exists():
+    if manifest.exists() and not overwrite:
         previous = json.loads(manifest.read_text()).get("checkpoint_sha256")
         if previous != checkpoint_sha:
-            if not overwrite:
-                raise InputError(
-                    f"{out}: holds predictions of another checkpoint ({str(previous)[:12]}): "
-                    "pass --overwrite to replace them, or choose another --out"
-                )
-            remove_files(out / PARTS, PART_FILES, "superdml label")
+            raise InputError(
+                f"{out}: holds predictions of another checkpoint ({str(previous)[:12]}): "
+                "pass --overwrite to replace them, or choose another --out"
+            )
 
 
 def _threads_per_worker(client: Any) -> int | None:
