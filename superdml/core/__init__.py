@@ -15,7 +15,6 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "errors": [
             "CheckpointError",
             "ConfigError",
-            "DependencyError",
             "InputError",
             "MissingInputError",
             "OutputLockedError",

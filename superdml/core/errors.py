@@ -34,10 +34,6 @@ class OutputLockedError(SuperDMLError, BlockingIOError):
     """Another superdml run holds the lock of the output folder."""
 
 
-class DependencyError(SuperDMLError, ImportError):
-    """An optional dependency needed by the requested feature is not installed."""
-
-
 def input_error(path: str | os.PathLike[str], problem: str) -> InputError:
     """Return an :class:`InputError` whose message is ``<path>: <problem>``."""
     return InputError(f"{os.fspath(path)}: {problem}")

@@ -22,8 +22,8 @@ key                       value
 ``crop_rule``             ``{"crop_size", "mask", "scaling", ...}`` or None
 ``class_scheme``          :meth:`ClassScheme.to_dict <superdml.raster.classes.ClassScheme.to_dict>`
                           (codes, names, colors) or None (not recorded)
-``resume``                None, or :func:`resume_state`: ``epoch``, ``optimizer``,
-                          ``scheduler``, ``scaler`` state_dicts and ``rng`` states
+``resume``                None, or :func:`resume_state`: ``epoch``, ``optimizer`` and
+                          ``scheduler`` state_dicts and ``rng`` states
 ========================  ==============================================================
 """
 
@@ -137,7 +137,6 @@ def resume_state(
     epoch: int,
     optimizer: torch.optim.Optimizer,
     scheduler: Any | None = None,
-    scaler: Any | None = None,
 ) -> dict[str, Any]:
     """Return what resuming after `epoch` needs, including the current RNG states.
 
@@ -147,13 +146,11 @@ def resume_state(
         The last finished epoch.
     optimizer : torch.optim.Optimizer
     scheduler : LRScheduler, optional
-    scaler : torch.amp.GradScaler, optional
     """
     return {
         "epoch": int(epoch),
         "optimizer": optimizer.state_dict(),
         "scheduler": None if scheduler is None else scheduler.state_dict(),
-        "scaler": None if scaler is None else scaler.state_dict(),
         "rng": capture_rng_state(),
     }
 
@@ -276,11 +273,6 @@ class Checkpoint:
 
     path: Path
     data: dict[str, Any]
-
-    @property
-    def format_version(self) -> int:
-        """Format version of the file."""
-        return int(self.data["format_version"])
 
     @property
     def model_spec(self) -> dict[str, Any]:
