@@ -1,5 +1,4 @@
 import hashlib
-import os
 import random
 
 import numpy as np
@@ -257,8 +256,8 @@ def test_damaged_checkpoint(tmp_path, trained):
         build_model_from_checkpoint(load_checkpoint(path))
 
 
-def test_sha256_is_streamed_and_matches_hashlib(trained):
+def test_sha256_matches_hashlib_and_names_a_missing_checkpoint(tmp_path, trained):
     expected = hashlib.sha256(trained["path"].read_bytes()).hexdigest()
     assert checkpoint_sha256(trained["path"]) == expected
-    assert checkpoint_sha256(trained["path"], chunk_size=1000) == expected
-    assert os.path.getsize(trained["path"]) > 1000
+    with pytest.raises(MissingInputError, match=r"nope\.pt: no such file \(checkpoint\)"):
+        checkpoint_sha256(tmp_path / "nope.pt")

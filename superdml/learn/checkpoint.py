@@ -30,7 +30,6 @@ key                       value
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import pickle
 import random
@@ -49,6 +48,7 @@ from superdml import __version__
 from superdml.config.schema import config_to_dict
 from superdml.core.atomic import atomic_write
 from superdml.core.errors import CheckpointError, require_file
+from superdml.core.provenance import sha256_file
 from superdml.learn.models import EmbeddingNet, model_spec
 from superdml.raster.classes import ClassScheme
 
@@ -483,11 +483,13 @@ def build_model_from_checkpoint(
     return model.eval()
 
 
-def checkpoint_sha256(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
-    """Return the hex SHA-256 of a file, read in `chunk_size` chunks."""
+def checkpoint_sha256(path: str | os.PathLike[str]) -> str:
+    """Return the hex SHA-256 of a checkpoint file (:func:`~superdml.core.provenance.sha256_file`).
+
+    Raises
+    ------
+    MissingInputError
+        Naming `path` as the checkpoint when it is not a file.
+    """
     require_file(path, "checkpoint")
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(path)
