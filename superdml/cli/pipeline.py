@@ -22,7 +22,6 @@ downstream. ``force`` reruns the named stages and what follows them.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import logging
@@ -40,7 +39,7 @@ from superdml.config.schema import parse_override
 from superdml.config.shipped import configs_dir, resolve_pipeline
 from superdml.core.atomic import write_json
 from superdml.core.cluster import Stage as ClusterShape
-from superdml.core.errors import ConfigError, InputError
+from superdml.core.errors import ConfigError, InputError, did_you_mean
 from superdml.core.ownership import check_apart, claim_output
 from superdml.core.provenance import fingerprint
 
@@ -149,9 +148,11 @@ def load_pipeline(
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("stages"), list):
         raise ConfigError(f"{path}: expected a mapping with a list of 'stages'")
-    unknown = set(doc) - {"vars", "stages", "__line__", "description"}
+    top_level = ("vars", "stages", "description")
+    unknown = sorted(set(doc) - {*top_level, "__line__"})
     if unknown:
-        raise ConfigError(f"{path}:{doc['__line__']}: unknown top-level key {sorted(unknown)[0]!r}")
+        hint = did_you_mean(unknown[0], top_level)
+        raise ConfigError(f"{path}:{doc['__line__']}: unknown top-level key {unknown[0]!r}{hint}")
     variables = {k: v for k, v in _strip_lines(doc.get("vars") or {}).items()}
     stage_sets: dict[str, dict[str, Any]] = {}
     for text in sets or []:
@@ -175,8 +176,7 @@ def load_pipeline(
             raise ConfigError(f"{where}: each stage needs 'stage: <kind>'")
         kind = entry["stage"]
         if kind not in REGISTRY:
-            close = difflib.get_close_matches(str(kind), REGISTRY, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(kind, REGISTRY)
             raise ConfigError(
                 f"{where}: unknown stage {kind!r}{hint}; known: {', '.join(REGISTRY)}"
             )
@@ -191,8 +191,7 @@ def load_pipeline(
         accepted = spec.options()
         for key in options:
             if key not in accepted:
-                close = difflib.get_close_matches(key, accepted, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                hint = did_you_mean(key, accepted)
                 raise ConfigError(f"{where}: stage {name!r}: unknown option {key!r}{hint}")
         for key in [p.name for p in spec.params if p.required and not p.cli_only]:
             if key not in options:

@@ -19,6 +19,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "MissingInputError",
             "OutputLockedError",
             "SuperDMLError",
+            "did_you_mean",
             "input_error",
             "require_dir",
             "require_file",
