@@ -51,7 +51,8 @@ from superdml.crops.folder import (
 from superdml.crops.rule import (
     CropRule,
 )
-from superdml.raster.classes import SCHEME_FILE, UNLABELED, ClassScheme, write_scheme
+from superdml.raster.class_names import UNLABELED
+from superdml.raster.classes import SCHEME_FILE, ClassScheme, write_scheme
 from superdml.raster.io import (
     check_label_overlap,
     open_raster,
