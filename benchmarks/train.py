@@ -27,10 +27,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     from superdml.config.schema import TrainConfig
     from superdml.core.devices import resolve_device
-    from superdml.learn.data import PKSampler
     from superdml.learn.embed import autocast, prepare_model, to_device
     from superdml.learn.losses import get_loss
     from superdml.learn.models import build_model
+    from superdml.learn.sampling import PKSampler
     from superdml.learn.train import (
         _load_data,
         _seed_worker,

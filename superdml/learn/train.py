@@ -77,24 +77,20 @@ from superdml.core.ownership import check_apart, claim_output
 from superdml.core.progress import progress
 from superdml.core.provenance import combine, fingerprint
 from superdml.crops.rule import read_crop_rule
+from superdml.learn.augment import TrainTransform
 from superdml.learn.checkpoint import (
     load_checkpoint,
     resume_state,
     save_checkpoint,
 )
-from superdml.learn.data import (
-    ImageFolderDataset,
-    PKSampler,
-    TrainTransform,
-    band_statistics,
-    imagenet_statistics,
-    stratified_split,
-)
+from superdml.learn.data import ImageFolderDataset
 from superdml.learn.embed import Embedder, autocast, prepare_model, resolve_precision, to_device
 from superdml.learn.losses import MetricLoss, get_loss
 from superdml.learn.metrics import retrieval_metrics
 from superdml.learn.models import build_model
+from superdml.learn.normalization import band_statistics, imagenet_statistics
 from superdml.learn.resume import open_resume, restore, warm_start
+from superdml.learn.sampling import PKSampler, stratified_split
 from superdml.raster.classes import folder_scheme
 
 logger = logging.getLogger(__name__)
