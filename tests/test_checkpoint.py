@@ -10,14 +10,13 @@ from superdml.core.errors import CheckpointError, MissingInputError
 from superdml.learn.checkpoint import (
     FORMAT,
     build_model_from_checkpoint,
-    capture_rng_state,
     checkpoint_sha256,
     load_checkpoint,
-    restore_rng_state,
-    resume_state,
     save_checkpoint,
 )
 from superdml.learn.models import EmbeddingNet
+from superdml.learn.resume import resume_state
+from superdml.learn.rng import capture_rng_state, restore_rng_state
 
 CLASSES = ["brick", "grass", "gravel"]
 MEAN, STD = [0.5, 0.4, 0.3, 0.5], [0.2, 0.2, 0.2, 0.5]
@@ -58,7 +57,7 @@ def trained(tmp_path_factory):
         train_config=config,
         metrics={"map_at_r": 0.5, "precision_at_1": np.float32(0.75)},
         crop_rule=CROP_RULE,
-        resume=resume_state(1, optimizer, scheduler),
+        resume=resume_state(1, optimizer, scheduler, torch.Generator(), 0.5, "crops"),
     )
     return {
         "path": saved,

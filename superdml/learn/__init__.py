@@ -16,11 +16,8 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "FORMAT",
             "FORMAT_VERSION",
             "build_model_from_checkpoint",
-            "capture_rng_state",
             "checkpoint_sha256",
             "load_checkpoint",
-            "restore_rng_state",
-            "resume_state",
             "save_checkpoint",
         ],
         "augment": [
@@ -76,6 +73,18 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "EmbeddingNet",
             "build_model",
             "model_spec",
+        ],
+        "resume": [
+            "open_resume",
+            "restore",
+            "resume_state",
+            "warm_start",
+        ],
+        "rng": [
+            "capture_rng_state",
+            "restore_rng_state",
+            "seed_everything",
+            "seed_worker",
         ],
         "sampling": [
             "PKSampler",

@@ -22,8 +22,8 @@ key                       value
 ``crop_rule``             ``{"crop_size", "mask", "scaling", ...}`` or None
 ``class_scheme``          :meth:`ClassScheme.to_dict <superdml.raster.classes.ClassScheme.to_dict>`
                           (codes, names, colors) or None (not recorded)
-``resume``                None, or :func:`resume_state`: ``epoch``, ``optimizer`` and
-                          ``scheduler`` state_dicts and ``rng`` states
+``resume``                None, or :func:`~superdml.learn.resume.resume_state`: epoch,
+                          optimizer and scheduler state_dicts, RNG states, best score
 ========================  ==============================================================
 """
 
@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
-import random
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -40,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -81,78 +79,6 @@ def _plain(value: Any, key: str) -> Any:
         f"checkpoint {key}: {type(value).__name__} cannot be loaded with weights_only; "
         "convert it to tensors, lists, dicts or numbers"
     )
-
-
-# ----------------------------------------------------------------------- resume state
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Return the torch, CUDA, numpy (global) and Python ``random`` RNG states.
-
-    Returns
-    -------
-    dict
-        ``torch``: uint8 tensor; ``cuda``: list of uint8 tensors (empty without CUDA);
-        ``numpy``: ``{"name", "keys" (624,) int64 tensor, "pos", "has_gauss",
-        "cached_gaussian"}``; ``python``: ``{"version", "state" (list of int),
-        "gauss_next"}``. All of it passes ``weights_only`` loading.
-    """
-    # the legacy global state is what third-party code (and DataLoader workers) draw from
-    name, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
-    version, state, gauss_next = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {
-            "name": str(name),
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "python": {"version": version, "state": list(state), "gauss_next": gauss_next},
-    }
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore RNG states captured by :func:`capture_rng_state`."""
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    np_state = state["numpy"]
-    np.random.set_state(  # noqa: NPY002  # restores the legacy global state saved above
-        (
-            np_state["name"],
-            np_state["keys"].numpy().astype(np.uint32),
-            np_state["pos"],
-            np_state["has_gauss"],
-            np_state["cached_gaussian"],
-        )
-    )
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
-
-
-def resume_state(
-    epoch: int,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any | None = None,
-) -> dict[str, Any]:
-    """Return what resuming after `epoch` needs, including the current RNG states.
-
-    Parameters
-    ----------
-    epoch : int
-        The last finished epoch.
-    optimizer : torch.optim.Optimizer
-    scheduler : LRScheduler, optional
-    """
-    return {
-        "epoch": int(epoch),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": None if scheduler is None else scheduler.state_dict(),
-        "rng": capture_rng_state(),
-    }
 
 
 # --------------------------------------------------------------------------- saving
@@ -207,7 +133,7 @@ def save_checkpoint(
     class_scheme : ClassScheme, optional
         Codes, names and colors of the classes (it names every class of `class_names`).
     resume : mapping, optional
-        :func:`resume_state`, for ``train --resume``.
+        :func:`~superdml.learn.resume.resume_state`, for ``train --resume``.
 
     Raises
     ------
@@ -372,7 +298,7 @@ class Checkpoint:
 
     @property
     def resume(self) -> dict[str, Any] | None:
-        """Resume state (:func:`resume_state`), or None."""
+        """Resume state (:func:`~superdml.learn.resume.resume_state`), or None."""
         state = self.data["resume"]
         return None if state is None else dict(state)
 
