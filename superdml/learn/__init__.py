@@ -105,5 +105,12 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "training_config_path",
             "training_precision",
         ],
+        "train_log": [
+            "EpochLog",
+        ],
+        "training_data": [
+            "TrainingData",
+            "load_training_data",
+        ],
     },
 )
