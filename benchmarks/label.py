@@ -44,8 +44,8 @@ def save_checkpoint(path: Path, backbone: str, class_names: list[str]) -> Path:
 
     from superdml.crops.rule import CropRule
     from superdml.learn.checkpoint import save_checkpoint as save
-    from superdml.learn.data import imagenet_statistics
     from superdml.learn.models import EmbeddingNet
+    from superdml.learn.normalization import imagenet_statistics
 
     with torch.random.fork_rng():
         torch.manual_seed(0)

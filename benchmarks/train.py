@@ -6,7 +6,7 @@ A part of ``benchmarks/run.py``, run in a fresh process (``harness.run_case``).
 ``superdml train`` runs: the PK batch sampler, the DataLoader gathering the preloaded
 crops, the batched training augmentation, forward, loss, backward, the AdamW step and
 the per-step schedule, on the labeled crops of the demo mosaic (``label.prepare``),
-loaded as training loads them (:func:`superdml.learn.train._load_data`).
+loaded as training loads them (:func:`superdml.learn.training_data.load_training_data`).
 
 ``bare``: the same network, loss and optimizer stepped on one random batch of the same
 shape made before the loop (the model alone). Both at the precision training uses by
@@ -27,23 +27,23 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     from superdml.config.schema import TrainConfig
     from superdml.core.devices import resolve_device
-    from superdml.learn.data import PKSampler
     from superdml.learn.embed import autocast, prepare_model, to_device
     from superdml.learn.losses import get_loss
     from superdml.learn.models import build_model
+    from superdml.learn.rng import seed_worker
+    from superdml.learn.sampling import PKSampler
     from superdml.learn.train import (
-        _load_data,
-        _seed_worker,
         _train_epoch,
         build_optimizer,
         build_scheduler,
         training_precision,
     )
+    from superdml.learn.training_data import load_training_data
 
     device = resolve_device(spec["device"])
     dtype = training_precision(spec.get("precision", "auto"), device)
     config = TrainConfig(backbone=spec["backbone"], val_fraction=0.0, warmup_epochs=0, epochs=1)
-    data = _load_data(spec["crops"], None, config)
+    data = load_training_data(spec["crops"], None, config)
     torch.manual_seed(0)
     model = prepare_model(build_model(config, data.bands), device)
     loss_fn = get_loss(config.loss, len(data.class_names), config.embedding_size).to(device)
@@ -52,7 +52,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     k = config.samples_per_class
     sampler = PKSampler(data.train_labels, p, k, config.seed)
     loader = torch.utils.data.DataLoader(
-        data.train, batch_sampler=sampler, worker_init_fn=_seed_worker,
+        data.train, batch_sampler=sampler, worker_init_fn=seed_worker,
         generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
     scheduler = build_scheduler(optimizer, config, len(sampler))

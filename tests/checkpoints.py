@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from superdml.learn.checkpoint import save_checkpoint
-from superdml.learn.data import imagenet_statistics
 from superdml.learn.models import EmbeddingNet
+from superdml.learn.normalization import imagenet_statistics
 from superdml.raster.classes import ClassScheme
 
 

@@ -1,5 +1,4 @@
 import hashlib
-import os
 import random
 
 import numpy as np
@@ -11,14 +10,13 @@ from superdml.core.errors import CheckpointError, MissingInputError
 from superdml.learn.checkpoint import (
     FORMAT,
     build_model_from_checkpoint,
-    capture_rng_state,
     checkpoint_sha256,
     load_checkpoint,
-    restore_rng_state,
-    resume_state,
     save_checkpoint,
 )
 from superdml.learn.models import EmbeddingNet
+from superdml.learn.resume import resume_state
+from superdml.learn.rng import capture_rng_state, restore_rng_state
 
 CLASSES = ["brick", "grass", "gravel"]
 MEAN, STD = [0.5, 0.4, 0.3, 0.5], [0.2, 0.2, 0.2, 0.5]
@@ -59,7 +57,7 @@ def trained(tmp_path_factory):
         train_config=config,
         metrics={"map_at_r": 0.5, "precision_at_1": np.float32(0.75)},
         crop_rule=CROP_RULE,
-        resume=resume_state(1, optimizer, scheduler),
+        resume=resume_state(1, optimizer, scheduler, torch.Generator(), 0.5, "crops"),
     )
     return {
         "path": saved,
@@ -257,8 +255,8 @@ def test_damaged_checkpoint(tmp_path, trained):
         build_model_from_checkpoint(load_checkpoint(path))
 
 
-def test_sha256_is_streamed_and_matches_hashlib(trained):
+def test_sha256_matches_hashlib_and_names_a_missing_checkpoint(tmp_path, trained):
     expected = hashlib.sha256(trained["path"].read_bytes()).hexdigest()
     assert checkpoint_sha256(trained["path"]) == expected
-    assert checkpoint_sha256(trained["path"], chunk_size=1000) == expected
-    assert os.path.getsize(trained["path"]) > 1000
+    with pytest.raises(MissingInputError, match=r"nope\.pt: no such file \(checkpoint\)"):
+        checkpoint_sha256(tmp_path / "nope.pt")

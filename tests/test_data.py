@@ -12,16 +12,15 @@ from torch.utils.data import DataLoader, Subset
 
 from superdml.config.schema import AugmentConfig
 from superdml.core.errors import InputError, MissingInputError
-from superdml.learn.data import (
+from superdml.learn.augment import TrainTransform
+from superdml.learn.data import ImageFolderDataset
+from superdml.learn.normalization import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    ImageFolderDataset,
-    PKSampler,
-    TrainTransform,
     band_statistics,
     imagenet_statistics,
-    stratified_split,
 )
+from superdml.learn.sampling import PKSampler, stratified_split
 
 NO_AUGMENT = AugmentConfig(
     hflip=False, vflip=False, rot90=False, color_jitter=0.0, random_resized_crop=None

@@ -37,8 +37,9 @@ from superdml.label.index import build_index
 from superdml.label.infer import infer
 from superdml.label.review import review
 from superdml.label.stage import label
-from superdml.learn.data import ImageFolderDataset, stratified_split
+from superdml.learn.data import ImageFolderDataset
 from superdml.learn.evaluate import evaluate
+from superdml.learn.sampling import stratified_split
 from superdml.learn.train import train
 from superdml.search.reference import ReferenceIndex
 from superdml.segment.stage import segment_raster

@@ -1,7 +1,8 @@
-"""The package's layers hold: import contracts, and what training imports at run time."""
+"""The package's layers hold (import contracts) and its modules and functions stay small."""
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,6 +11,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "superdml"
+MODULE_LINES = 500
+FUNCTION_LINES = 80
+REASON = "# long:"  # a module or function over the limit says why, in a comment holding this
+# Being split on other branches right now; the lead removes this set when they merge.
+_IN_PROGRESS = {
+    "superdml/label/export.py",
+    "superdml/label/stage.py",
+    "superdml/learn/evaluate.py",
+    "superdml/search/reference.py",
+    "superdml/segment/stage.py",
+}
 
 
 def test_import_contracts_hold():
@@ -25,6 +37,42 @@ def test_no_drawer_sorted_by_visibility():
     assert packages == [
         "cli", "config", "core", "crops", "label", "learn", "raster", "search", "segment",
     ]  # fmt: skip
+
+
+def _code_lines(node: ast.AST, lines: list[str]) -> int:
+    """Lines of a function or module, its docstring left out."""
+    body = node.body  # type: ignore[attr-defined]
+    first = body[0]
+    skip = 0
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+        skip = first.end_lineno - first.lineno + 1
+    start = getattr(node, "lineno", 1)
+    end = getattr(node, "end_lineno", len(lines))
+    return end - start + 1 - skip
+
+
+def _oversized() -> list[str]:
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = path.relative_to(ROOT).as_posix()
+        if name in _IN_PROGRESS:
+            continue
+        source = path.read_text()
+        lines = source.splitlines()
+        tree = ast.parse(source)
+        if _code_lines(tree, lines) > MODULE_LINES and REASON not in source:
+            found.append(f"{name}: {_code_lines(tree, lines)} lines")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = _code_lines(node, lines)
+                text = "\n".join(lines[node.lineno - 1 : node.end_lineno])
+                if n > FUNCTION_LINES and REASON not in text:
+                    found.append(f"{name}: {node.name}() {n} lines")
+    return found
+
+
+def test_modules_and_functions_stay_small_or_say_why():
+    assert _oversized() == []
 
 
 @pytest.mark.parametrize("package", ["superdml.learn.train", "superdml.learn.checkpoint"])

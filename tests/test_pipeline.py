@@ -93,6 +93,8 @@ SEG = "stages:\n  - stage: segment\n"
     [
         ("stages:\n  - stage: sgement\n    out: x\n",
          "p.yaml:2: unknown stage 'sgement' (did you mean 'segment'?)"),
+        ("var:\n  a: 1\nstages: []\n",
+         "p.yaml:1: unknown top-level key 'var' (did you mean 'vars'?)"),
         (SEG + "    rasters: [mosaic.tif]\n    out: s\n    regoin_size: 3\n",
          "p.yaml:2: stage 'segment': unknown option 'regoin_size' (did you mean 'region_size'?)"),
         (SEG + "    out: s\n", "missing option 'rasters'"),

@@ -36,6 +36,10 @@ def test_a_file_wins_over_a_shipped_name(tmp_path, monkeypatch):
         resolve_pipeline("nope")
     with pytest.raises(MissingInputError, match="shipped: demo, export_gis"):
         resolve_pipeline("sub/demo.yaml")
+    with pytest.raises(MissingInputError, match=r"pipeline \(did you mean 'label_mosaic'\?\)"):
+        resolve_pipeline("label_mosiac")
+    with pytest.raises(MissingInputError, match=r"pipeline \(did you mean 'retrain'\?\)"):
+        pipeline_path("retrian")
 
 
 def test_a_shipped_pipeline_by_name_runs_in_the_current_folder(tmp_path, monkeypatch):

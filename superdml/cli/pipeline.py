@@ -23,7 +23,6 @@ downstream. ``force`` reruns the named stages and what follows them.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import logging
@@ -41,7 +40,7 @@ from superdml.config.schema import parse_override
 from superdml.config.shipped import configs_dir, resolve_pipeline
 from superdml.core.atomic import write_json
 from superdml.core.cluster import Stage as ClusterShape
-from superdml.core.errors import ConfigError, InputError, SuperDMLError
+from superdml.core.errors import ConfigError, InputError, SuperDMLError, did_you_mean
 from superdml.core.ownership import check_apart, claim_output
 from superdml.core.provenance import fingerprint
 
@@ -120,6 +119,47 @@ def _strip_lines(value: Any) -> Any:
     return value
 
 
+def _read_document(path: Path) -> dict[str, Any]:
+    """Parse a pipeline file (lines kept as ``__line__``) and check its top-level keys."""
+    try:
+        doc = yaml.load(path.read_text(), Loader=_LineLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("stages"), list):
+        raise ConfigError(f"{path}: expected a mapping with a list of 'stages'")
+    top_level = ("vars", "stages", "description")
+    unknown = sorted(set(doc) - {*top_level, "__line__"})
+    if unknown:
+        hint = did_you_mean(unknown[0], top_level)
+        raise ConfigError(f"{path}:{doc['__line__']}: unknown top-level key {unknown[0]!r}{hint}")
+    return doc
+
+
+def _apply_sets(sets: list[str], variables: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Put ``--set var=value`` into `variables`; return ``--set stage.option=value`` by stage."""
+    stage_sets: dict[str, dict[str, Any]] = {}
+    for text in sets:
+        key, value = parse_override(text)
+        if "." in key:
+            stage, option = key.split(".", 1)
+            stage_sets.setdefault(stage, {})[option] = value
+        else:
+            variables[key] = value
+    return stage_sets
+
+
+def _check_options(spec: StageSpec, options: Mapping[str, Any], where: str) -> None:
+    """Refuse an option the stage does not take, or a required one that is missing."""
+    accepted = spec.options()
+    for key in options:
+        if key not in accepted:
+            hint = did_you_mean(key, accepted)
+            raise ConfigError(f"{where}: unknown option {key!r}{hint}")
+    for key in [p.name for p in spec.params if p.required and not p.cli_only]:
+        if key not in options:
+            raise ConfigError(f"{where}: missing option {key!r}")
+
+
 def load_pipeline(
     path: str | Path, sets: list[str] | None = None, workdir: str | Path | None = None
 ) -> Pipeline:
@@ -144,24 +184,9 @@ def load_pipeline(
     """
     shipped = not Path(path).is_file()
     path = resolve_pipeline(path)
-    try:
-        doc = yaml.load(path.read_text(), Loader=_LineLoader)  # noqa: S506 (a SafeLoader subclass)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("stages"), list):
-        raise ConfigError(f"{path}: expected a mapping with a list of 'stages'")
-    unknown = set(doc) - {"vars", "stages", "__line__", "description"}
-    if unknown:
-        raise ConfigError(f"{path}:{doc['__line__']}: unknown top-level key {sorted(unknown)[0]!r}")
+    doc = _read_document(path)
     variables = {k: v for k, v in _strip_lines(doc.get("vars") or {}).items()}
-    stage_sets: dict[str, dict[str, Any]] = {}
-    for text in sets or []:
-        key, value = parse_override(text)
-        if "." in key:
-            stage, option = key.split(".", 1)
-            stage_sets.setdefault(stage, {})[option] = value
-        else:
-            variables[key] = value
+    stage_sets = _apply_sets(sets or [], variables)
     root = Path(workdir or (Path.cwd() if shipped else path.parent)).resolve()
     variables.setdefault("workdir", str(root))
     variables.setdefault("configs", str(configs_dir()))
@@ -176,8 +201,7 @@ def load_pipeline(
             raise ConfigError(f"{where}: each stage needs 'stage: <kind>'")
         kind = entry["stage"]
         if kind not in REGISTRY:
-            close = difflib.get_close_matches(str(kind), REGISTRY, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(kind, REGISTRY)
             raise ConfigError(
                 f"{where}: unknown stage {kind!r}{hint}; known: {', '.join(REGISTRY)}"
             )
@@ -189,15 +213,7 @@ def load_pipeline(
         options = _strip_lines({k: v for k, v in entry.items() if k not in ("stage", "name")})
         options.update(stage_sets.pop(name, {}))
         options = _substitute(options, variables, where)
-        accepted = spec.options()
-        for key in options:
-            if key not in accepted:
-                close = difflib.get_close_matches(key, accepted, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(f"{where}: stage {name!r}: unknown option {key!r}{hint}")
-        for key in [p.name for p in spec.params if p.required and not p.cli_only]:
-            if key not in options:
-                raise ConfigError(f"{where}: stage {name!r}: missing option {key!r}")
+        _check_options(spec, options, f"{where}: stage {name!r}")
         for key in spec.paths("input") + spec.paths("output"):
             if key in options and options[key] is not None:
                 value = options[key]

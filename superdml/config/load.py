@@ -9,7 +9,6 @@ was expected. :mod:`superdml.config.schema` holds the dataclasses and re-exports
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import os
@@ -21,7 +20,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
-from superdml.core.errors import ConfigError
+from superdml.core.errors import ConfigError, did_you_mean
 
 C = TypeVar("C")
 
@@ -124,8 +123,7 @@ def from_dict(cls: type[C], data: Mapping[str, Any], prefix: str = "") -> C:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+            hint = did_you_mean(key, names, prefix)
             raise ConfigError(f"unknown key {prefix + str(key)!r}{hint}")
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
     try:

@@ -14,7 +14,7 @@ import shutil
 from importlib.resources import files
 from pathlib import Path
 
-from superdml.core.errors import InputError, MissingInputError
+from superdml.core.errors import InputError, MissingInputError, did_you_mean
 from superdml.core.ownership import claim_output
 
 __all__ = [
@@ -57,8 +57,10 @@ def pipeline_path(name: str) -> Path:
     """
     path = _pipelines_dir() / f"{name}.yaml"
     if not path.is_file():
+        names = pipeline_names()
         raise MissingInputError(
-            f"{name}: no such shipped pipeline (shipped: {', '.join(pipeline_names())})"
+            f"{name}: no such shipped pipeline{did_you_mean(name, names)} "
+            f"(shipped: {', '.join(names)})"
         )
     return path
 
@@ -77,8 +79,10 @@ def resolve_pipeline(pipeline: str | os.PathLike[str]) -> Path:
     name = path.name.removesuffix(".yaml")
     if path.parent == Path(".") and (_pipelines_dir() / f"{name}.yaml").is_file():
         return _pipelines_dir() / f"{name}.yaml"
+    names = pipeline_names()
     raise MissingInputError(
-        f"{pipeline}: no such file, nor a shipped pipeline (shipped: {', '.join(pipeline_names())})"
+        f"{pipeline}: no such file, nor a shipped pipeline{did_you_mean(name, names)} "
+        f"(shipped: {', '.join(names)})"
     )
 
 

@@ -15,11 +15,11 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "errors": [
             "CheckpointError",
             "ConfigError",
-            "DependencyError",
             "InputError",
             "MissingInputError",
             "OutputLockedError",
             "SuperDMLError",
+            "did_you_mean",
             "input_error",
             "require_dir",
             "require_file",

@@ -7,7 +7,9 @@ Anything that is not a :class:`SuperDMLError` is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Iterable
 
 
 class SuperDMLError(Exception):
@@ -34,8 +36,23 @@ class OutputLockedError(SuperDMLError, BlockingIOError):
     """Another superdml run holds the lock of the output folder."""
 
 
-class DependencyError(SuperDMLError, ImportError):
-    """An optional dependency needed by the requested feature is not installed."""
+def did_you_mean(word: object, choices: Iterable[str], prefix: str = "") -> str:
+    """Return `` (did you mean 'x'?)`` naming the choice closest to `word`, or ``""``.
+
+    Every message about an unknown name (config key, loss, stage, option, pipeline)
+    suggests its fix through this one helper.
+
+    Parameters
+    ----------
+    word : object
+        What was given (compared as ``str``).
+    choices : iterable of str
+        The accepted names.
+    prefix : str
+        Written before the suggested name (the dotted path of a nested config key).
+    """
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean {prefix + close[0]!r}?)" if close else ""
 
 
 def input_error(path: str | os.PathLike[str], problem: str) -> InputError:

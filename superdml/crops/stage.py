@@ -51,7 +51,8 @@ from superdml.crops.folder import (
 from superdml.crops.rule import (
     CropRule,
 )
-from superdml.raster.classes import SCHEME_FILE, UNLABELED, ClassScheme, write_scheme
+from superdml.raster.class_names import UNLABELED
+from superdml.raster.classes import SCHEME_FILE, ClassScheme, write_scheme
 from superdml.raster.io import (
     check_label_overlap,
     open_raster,
@@ -202,15 +203,11 @@ def _crop_task(
     return write_crops(Path(job.out_dir), job.run.name, table, crops, labels, purity=purity)
 
 
-def _choose(
-    tile: np.ndarray, value: np.ndarray, purity: np.ndarray, config: CropsConfig
-) -> np.ndarray:
+def _choose(value: np.ndarray, purity: np.ndarray, config: CropsConfig) -> np.ndarray:
     """Indexes of the superpixels to crop: pure enough, then `per_class` or `sample`.
 
     Parameters
     ----------
-    tile : (N,) int64 ndarray
-        Global tile number of each candidate (for a stable order).
     value : (N,) int64 ndarray
         Majority class value, -1 for none (all -1 without a label raster).
     purity : (N,) float ndarray
@@ -310,22 +307,7 @@ def export_crops(
         ]
         chosen: list[_Chosen | None] = [None] * len(calls)
         if label_raster is not None or config.sample is not None:
-            task = _label_task if label_raster is not None else _ids_task
-            parts = map_tasks(task, calls, client, desc="classes")
-            tile = np.repeat(np.arange(len(parts)), [p.num_rows for p in parts])
-            cand = pa.concat_tables(parts)
-            value = cand.column("value").to_numpy()
-            purity = cand.column("purity").to_numpy()
-            picked = _choose(tile, value, purity, config)
-            ids = cand.column("segment_id").to_numpy()
-            if scheme is not None:
-                scheme = _name_unnamed(scheme, value[picked], classes or str(label_raster))
-            names = {} if scheme is None else {e.code: e.name for e in scheme.entries}
-            for t in range(len(calls)):
-                sel = picked[tile[picked] == t]
-                names_t = [names.get(int(v), UNLABELED) for v in value[sel]]
-                kept = purity[sel].astype(np.float32) if label_raster else np.full(sel.size, np.nan)
-                chosen[t] = _Chosen(ids[sel], names_t, kept)
+            chosen, scheme = _select(calls, client, config, label_raster, scheme, classes)
         crop_calls = [(*call, ch) for call, ch in zip(calls, chosen, strict=True)]
         tables = map_tasks(_crop_task, crop_calls, client, desc="crops")
         table = pa.concat_tables(tables) if tables else CROPS_SCHEMA.empty_table()
@@ -340,6 +322,56 @@ def export_crops(
         }
         write_crops_table(out_dir, table, meta)
     return _result(out_dir, table_path, table, start)
+
+
+def _select(
+    calls: list[tuple[Any, ...]],
+    client: Any,
+    config: CropsConfig,
+    label_raster: str | None,
+    scheme: ClassScheme | None,
+    classes: str | Path | None,
+) -> tuple[list[_Chosen | None], ClassScheme | None]:
+    """Choose the superpixels of every tile to crop (:func:`_choose`), with their classes.
+
+    Parameters
+    ----------
+    calls : list of tuple
+        ``(job, row, col, height, width)`` of every tile.
+    client : distributed.Client or None
+    config : CropsConfig
+    label_raster : str or None
+        The label raster; without it every superpixel is a candidate, unlabeled.
+    scheme : ClassScheme or None
+        Scheme of the label raster.
+    classes : path or None
+        The scheme's file (else the label raster is named for classes it lacks).
+
+    Returns
+    -------
+    chosen : list of _Chosen
+        One per call, in order.
+    scheme : ClassScheme or None
+        `scheme` plus ``class_<v>`` for chosen class values it did not name.
+    """
+    task = _label_task if label_raster is not None else _ids_task
+    parts = map_tasks(task, calls, client, desc="classes")
+    tile = np.repeat(np.arange(len(parts)), [p.num_rows for p in parts])
+    cand = pa.concat_tables(parts)
+    value = cand.column("value").to_numpy()
+    purity = cand.column("purity").to_numpy()
+    picked = _choose(value, purity, config)
+    ids = cand.column("segment_id").to_numpy()
+    if scheme is not None:
+        scheme = _name_unnamed(scheme, value[picked], classes or str(label_raster))
+    names = {} if scheme is None else {e.code: e.name for e in scheme.entries}
+    chosen: list[_Chosen | None] = []
+    for t in range(len(calls)):
+        sel = picked[tile[picked] == t]
+        names_t = [names.get(int(v), UNLABELED) for v in value[sel]]
+        kept = purity[sel].astype(np.float32) if label_raster else np.full(sel.size, np.nan)
+        chosen.append(_Chosen(ids[sel], names_t, kept))
+    return chosen, scheme
 
 
 def _name_unnamed(scheme: ClassScheme, values: np.ndarray, source: str | Path) -> ClassScheme:

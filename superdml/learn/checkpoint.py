@@ -22,18 +22,16 @@ key                       value
 ``crop_rule``             ``{"crop_size", "mask", "scaling", ...}`` or None
 ``class_scheme``          :meth:`ClassScheme.to_dict <superdml.raster.classes.ClassScheme.to_dict>`
                           (codes, names, colors) or None (not recorded)
-``resume``                None, or :func:`resume_state`: ``epoch``, ``optimizer``,
-                          ``scheduler``, ``scaler`` state_dicts and ``rng`` states
+``resume``                None, or :func:`~superdml.learn.resume.resume_state`: epoch,
+                          optimizer and scheduler state_dicts, RNG states, best score
 ========================  ==============================================================
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import pickle
-import random
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -41,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -49,6 +46,7 @@ from superdml import __version__
 from superdml.config.schema import config_to_dict
 from superdml.core.atomic import atomic_write
 from superdml.core.errors import CheckpointError, require_file
+from superdml.core.provenance import sha256_file
 from superdml.learn.models import EmbeddingNet, model_spec
 from superdml.raster.classes import ClassScheme
 
@@ -81,81 +79,6 @@ def _plain(value: Any, key: str) -> Any:
         f"checkpoint {key}: {type(value).__name__} cannot be loaded with weights_only; "
         "convert it to tensors, lists, dicts or numbers"
     )
-
-
-# ----------------------------------------------------------------------- resume state
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Return the torch, CUDA, numpy (global) and Python ``random`` RNG states.
-
-    Returns
-    -------
-    dict
-        ``torch``: uint8 tensor; ``cuda``: list of uint8 tensors (empty without CUDA);
-        ``numpy``: ``{"name", "keys" (624,) int64 tensor, "pos", "has_gauss",
-        "cached_gaussian"}``; ``python``: ``{"version", "state" (list of int),
-        "gauss_next"}``. All of it passes ``weights_only`` loading.
-    """
-    # the legacy global state is what third-party code (and DataLoader workers) draw from
-    name, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
-    version, state, gauss_next = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {
-            "name": str(name),
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "python": {"version": version, "state": list(state), "gauss_next": gauss_next},
-    }
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore RNG states captured by :func:`capture_rng_state`."""
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    np_state = state["numpy"]
-    np.random.set_state(  # noqa: NPY002  # restores the legacy global state saved above
-        (
-            np_state["name"],
-            np_state["keys"].numpy().astype(np.uint32),
-            np_state["pos"],
-            np_state["has_gauss"],
-            np_state["cached_gaussian"],
-        )
-    )
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
-
-
-def resume_state(
-    epoch: int,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any | None = None,
-    scaler: Any | None = None,
-) -> dict[str, Any]:
-    """Return what resuming after `epoch` needs, including the current RNG states.
-
-    Parameters
-    ----------
-    epoch : int
-        The last finished epoch.
-    optimizer : torch.optim.Optimizer
-    scheduler : LRScheduler, optional
-    scaler : torch.amp.GradScaler, optional
-    """
-    return {
-        "epoch": int(epoch),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": None if scheduler is None else scheduler.state_dict(),
-        "scaler": None if scaler is None else scaler.state_dict(),
-        "rng": capture_rng_state(),
-    }
 
 
 # --------------------------------------------------------------------------- saving
@@ -210,7 +133,7 @@ def save_checkpoint(
     class_scheme : ClassScheme, optional
         Codes, names and colors of the classes (it names every class of `class_names`).
     resume : mapping, optional
-        :func:`resume_state`, for ``train --resume``.
+        :func:`~superdml.learn.resume.resume_state`, for ``train --resume``.
 
     Raises
     ------
@@ -276,11 +199,6 @@ class Checkpoint:
 
     path: Path
     data: dict[str, Any]
-
-    @property
-    def format_version(self) -> int:
-        """Format version of the file."""
-        return int(self.data["format_version"])
 
     @property
     def model_spec(self) -> dict[str, Any]:
@@ -380,7 +298,7 @@ class Checkpoint:
 
     @property
     def resume(self) -> dict[str, Any] | None:
-        """Resume state (:func:`resume_state`), or None."""
+        """Resume state (:func:`~superdml.learn.resume.resume_state`), or None."""
         state = self.data["resume"]
         return None if state is None else dict(state)
 
@@ -491,11 +409,13 @@ def build_model_from_checkpoint(
     return model.eval()
 
 
-def checkpoint_sha256(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
-    """Return the hex SHA-256 of a file, read in `chunk_size` chunks."""
+def checkpoint_sha256(path: str | os.PathLike[str]) -> str:
+    """Return the hex SHA-256 of a checkpoint file (:func:`~superdml.core.provenance.sha256_file`).
+
+    Raises
+    ------
+    MissingInputError
+        Naming `path` as the checkpoint when it is not a file.
+    """
     require_file(path, "checkpoint")
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(path)

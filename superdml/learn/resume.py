@@ -1,5 +1,6 @@
 """Continuing a training run: ``--resume`` from its ``last.pt``, ``--init`` from another one.
 
+:func:`resume_state` is what every ``last.pt`` records to continue from;
 :func:`open_resume` checks that a resumed run is the same run (config, crops) before any
 work; :func:`restore` puts model, loss, optimizer, schedule and RNGs back into the saved
 state; :func:`warm_start` copies another checkpoint's weights (and the proxies of the
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -18,10 +20,52 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from superdml.config.schema import TrainConfig, config_to_dict
 from superdml.core.errors import CheckpointError, ConfigError, input_error
-from superdml.learn.checkpoint import Checkpoint, load_checkpoint, restore_rng_state
+from superdml.learn.checkpoint import Checkpoint, load_checkpoint
 from superdml.learn.losses import MetricLoss, transfer_proxies
+from superdml.learn.rng import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger("superdml.learn.train")
+
+
+def resume_state(
+    epoch: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LambdaLR,
+    loader_rng: torch.Generator,
+    best_score: float,
+    crops: str,
+) -> dict[str, Any]:
+    """Return what resuming after `epoch` needs (:func:`restore` puts it back).
+
+    Parameters
+    ----------
+    epoch : int
+        The last finished epoch.
+    optimizer : torch.optim.Optimizer
+    scheduler : LambdaLR
+    loader_rng : torch.Generator
+        The DataLoader's generator.
+    best_score : float
+        The best validation score so far (that of ``best.pt``).
+    crops : str
+        Fingerprint of the crop folders, which :func:`open_resume` compares.
+
+    Returns
+    -------
+    dict
+        ``epoch``, ``optimizer``, ``scheduler``, ``rng``
+        (:func:`~superdml.learn.rng.capture_rng_state`), ``loader_rng``, ``best_score``,
+        ``crops``: plain values a checkpoint stores.
+    """
+    return {
+        "epoch": int(epoch),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": capture_rng_state(),
+        "loader_rng": loader_rng.get_state(),
+        "best_score": float(best_score),
+        "crops": crops,
+    }
 
 
 def open_resume(last_path: Path, config: TrainConfig, crops: str, train_dir: Path) -> Checkpoint:

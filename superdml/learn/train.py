@@ -48,53 +48,37 @@ Choices:
 
 from __future__ import annotations
 
-import copy
-import csv
 import functools
-import io
 import logging
 import math
 import os
-import random
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader
 
 from superdml.config.schema import Precision, TrainConfig, dump_config
 from superdml.config.shipped import loss_config_path
-from superdml.core.atomic import atomic_write
 from superdml.core.devices import resolve_device
 from superdml.core.errors import CheckpointError, ConfigError, input_error
 from superdml.core.ownership import check_apart, claim_output
 from superdml.core.progress import progress
 from superdml.core.provenance import combine, fingerprint
-from superdml.crops.rule import read_crop_rule
-from superdml.learn.checkpoint import (
-    load_checkpoint,
-    resume_state,
-    save_checkpoint,
-)
-from superdml.learn.data import (
-    ImageFolderDataset,
-    PKSampler,
-    TrainTransform,
-    band_statistics,
-    imagenet_statistics,
-    stratified_split,
-)
+from superdml.learn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from superdml.learn.embed import Embedder, autocast, prepare_model, resolve_precision, to_device
 from superdml.learn.losses import MetricLoss, get_loss
 from superdml.learn.metrics import retrieval_metrics
 from superdml.learn.models import build_model
-from superdml.learn.resume import open_resume, restore, warm_start
+from superdml.learn.resume import open_resume, restore, resume_state, warm_start
+from superdml.learn.rng import seed_everything, seed_worker
+from superdml.learn.sampling import PKSampler
+from superdml.learn.train_log import EpochLog
+from superdml.learn.training_data import TrainingData, load_training_data
 from superdml.raster.classes import folder_scheme
 
 logger = logging.getLogger(__name__)
@@ -195,98 +179,6 @@ def build_scheduler(
     return LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))
 
 
-# -------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class _Data:
-    """The datasets of a run, all sharing one preloaded copy of the training crops."""
-
-    class_names: list[str]
-    bands: int
-    mean: list[float]
-    std: list[float]
-    crop_rule: dict[str, Any] | None
-    train: Dataset  # training split, augmented
-    train_labels: np.ndarray  # (N,) labels of `train`
-    references: Dataset  # training split, uint8 (the Embedder normalizes)
-    val: Dataset | None  # validation crops, uint8
-    val_classes: np.ndarray | None  # (C_val,) training class id of each val class id
-
-
-def _view(
-    dataset: ImageFolderDataset, indices: Sequence[int], transform: Callable | None
-) -> Subset:
-    """Return samples `indices` of `dataset` under `transform`, sharing its preloaded crops."""
-    view = copy.copy(dataset)
-    view.transform = transform
-    return Subset(view, list(indices))
-
-
-def _load_data(
-    train_dir: Path,
-    val_dir: Path | None,
-    config: TrainConfig,
-    statistics: tuple[list[float], list[float]] | None = None,
-) -> _Data:
-    """Scan the folders, split, measure the band statistics and build the augmentation."""
-    rule = read_crop_rule(train_dir)
-    base = ImageFolderDataset(
-        train_dir, bands=rule.channels if rule is not None else None, size=config.input_size
-    )
-    if val_dir is None:
-        train_idx, val_idx = stratified_split(base, config.val_fraction, config.seed)
-    else:
-        train_idx, val_idx = list(range(len(base))), []
-    if statistics is not None:
-        mean, std = statistics
-    elif config.normalization == "dataset":
-        mean, std = band_statistics(base, indices=train_idx)
-    else:
-        mean, std = imagenet_statistics(base.bands)
-    train_tf = TrainTransform(config.augment, config.input_size, mean, std)
-    val: Dataset | None = None
-    val_classes = None
-    if val_dir is not None:
-        val = ImageFolderDataset(val_dir, bands=base.bands, size=config.input_size)
-        unknown = [c for c in val.class_names if c not in base.class_names]
-        if unknown:
-            raise input_error(
-                Path(val_dir) / unknown[0],
-                f"validation class {unknown[0]!r} is not a class of the training folder "
-                f"{train_dir}: remove it or add it to the training folder",
-            )
-        val_classes = np.array([base.class_names.index(c) for c in val.class_names])
-    elif val_idx:
-        val = _view(base, val_idx, None)
-        val_classes = np.arange(len(base.class_names))
-    return _Data(
-        class_names=list(base.class_names),
-        bands=base.bands,
-        mean=list(mean),
-        std=list(std),
-        crop_rule=rule.to_dict() if rule is not None else None,
-        train=_view(base, train_idx, train_tf),
-        train_labels=np.asarray(base.labels)[train_idx],
-        references=_view(base, train_idx, None),
-        val=val,
-        val_classes=val_classes,
-    )
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)  # noqa: NPY002  # the legacy global state third-party code draws from
-    torch.manual_seed(seed)
-
-
-def _seed_worker(worker_id: int) -> None:
-    """Seed numpy and random in a DataLoader worker from its torch seed."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)  # noqa: NPY002  # see _seed_everything
-    random.seed(seed)
-
-
 # --------------------------------------------------------------------- the loop
 
 
@@ -331,7 +223,7 @@ def _train_epoch(
     return float(total) / max(steps, 1)
 
 
-def _validate(embedder: Embedder, data: _Data) -> dict[str, float]:
+def _validate(embedder: Embedder, data: TrainingData) -> dict[str, float]:
     """Return retrieval metrics of the validation crops against the training crops.
 
     `embedder` wraps the model being trained, so validation embeds crops exactly as
@@ -343,45 +235,6 @@ def _validate(embedder: Embedder, data: _Data) -> dict[str, float]:
     val_emb, val_labels = embedder.embed_dataset(data.val, EMBED_BATCH_SIZE, "val")
     metrics = retrieval_metrics(val_emb, data.val_classes[val_labels], ref_emb, ref_labels)
     return {k: float(v) for k, v in metrics.items()}
-
-
-def _read_history(path: Path, epochs: int) -> list[dict[str, Any]]:
-    """Rows of an existing ``metrics.csv`` up to epoch `epochs` (for resume)."""
-    if not path.is_file():
-        return []
-    with path.open(newline="") as stream:
-        return [row for row in csv.DictReader(stream) if int(row["epoch"]) <= epochs]
-
-
-def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
-    fields: list[str] = []
-    for row in rows:
-        fields += [k for k in row if k not in fields]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    with atomic_write(path) as tmp:
-        tmp.write_text(buffer.getvalue())
-
-
-def _log_scalars(writer: Any, row: dict[str, Any], metrics: dict[str, float]) -> None:
-    """Write an epoch's row to TensorBoard: ``val/<metric>`` and ``train/<value>``."""
-    for key, value in row.items():
-        if key != "epoch":
-            tag = f"val/{key}" if key in metrics else f"train/{key}"
-            writer.add_scalar(tag, value, row["epoch"])
-    writer.flush()
-
-
-def _summary_writer(out_dir: Path, purge_step: int) -> Any:
-    """Return a TensorBoard SummaryWriter on ``out_dir/tb`` (None without tensorboard)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        logger.info("tensorboard is not installed: metrics go to %s only", METRICS_CSV)
-        return None
-    return SummaryWriter(out_dir / TENSORBOARD_DIR, purge_step=purge_step)
 
 
 # ---------------------------------------------------------------------- the stage
@@ -467,9 +320,8 @@ def _train(
             last_path, "a training run is already here: pass --resume, or choose another --out"
         )
     init_ckpt = load_checkpoint(init) if init is not None else None
-
     stats = (ckpt.mean, ckpt.std) if ckpt is not None else None
-    data = _load_data(train_dir, val_dir, config, stats)
+    data = load_training_data(train_dir, val_dir, config, stats)
     if ckpt is not None and ckpt.class_names != data.class_names:
         raise CheckpointError(
             f"{last_path}: trained on classes {ckpt.class_names}, {train_dir} has "
@@ -480,40 +332,14 @@ def _train(
     scheme = folder_scheme(
         train_dir, data.class_names, None if previous is None else previous.class_scheme
     )
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-    _seed_everything(config.seed)
-    model = build_model(config, data.bands)
-    loss_fn = get_loss(
-        config.loss, len(data.class_names), config.embedding_size, **config.loss_params
-    )
-    if init_ckpt is not None:
-        warm_start(init_ckpt, model, loss_fn, config, data.bands, data.class_names)
-    prepare_model(model, dev)
-    loss_fn.to(dev)
-    embedder = Embedder(model, config.input_size, data.mean, data.std, dev, dtype)
-    sampler = PKSampler(
-        data.train_labels, config.classes_per_batch, config.samples_per_class, config.seed
-    )
-    loader_rng = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(
-        data.train,
-        batch_sampler=sampler,
-        num_workers=config.num_workers,
-        worker_init_fn=_seed_worker,
-        generator=loader_rng,
-        pin_memory=dev.type == "cuda",
-    )
-    optimizer = build_optimizer(model, loss_fn, config)
-    scheduler = build_scheduler(optimizer, config, len(sampler))  # epoch 0's batch count
-
+    run = _Run.start(config, data, dev, dtype, init_ckpt)
     start_epoch, best_score = 0, -math.inf
     if ckpt is not None:
-        start_epoch, best_score = restore(ckpt, model, loss_fn, optimizer, scheduler, loader_rng)
-    history = _read_history(out_dir / METRICS_CSV, start_epoch)
+        start_epoch, best_score = restore(
+            ckpt, run.model, run.loss_fn, run.optimizer, run.scheduler, run.loader_rng
+        )
     dump_config(config, out_dir / CONFIG_YAML)
-    writer = _summary_writer(out_dir, start_epoch + 1)
+    log = EpochLog(out_dir / METRICS_CSV, out_dir / TENSORBOARD_DIR, start_epoch)
     save = functools.partial(
         save_checkpoint,
         input_size=config.input_size,
@@ -522,7 +348,7 @@ def _train(
         mean=data.mean,
         std=data.std,
         loss_name=config.loss,
-        loss_params=loss_fn.hyperparameters,
+        loss_params=run.loss_fn.hyperparameters,
         train_config=config,
         crop_rule=data.crop_rule,
         class_scheme=scheme,
@@ -530,56 +356,20 @@ def _train(
     row: dict[str, Any] = {}
     try:
         for epoch in range(start_epoch, config.epochs):
-            epoch_start = time.perf_counter()
-            sampler.set_epoch(epoch)
-            desc = f"epoch {epoch + 1}/{config.epochs}"
-            train_loss = _train_epoch(
-                model, loss_fn, loader, optimizer, scheduler, dev, dtype, desc
-            )
-            if not math.isfinite(train_loss):
-                raise ConfigError(
-                    f"lr: training diverged in epoch {epoch + 1} (loss {train_loss}): "
-                    "lower lr or proxy_lr"
-                )
-            metrics = _validate(embedder, data)
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": train_loss,
-                "lr": optimizer.param_groups[0]["lr"],
-                **metrics,
-                "seconds": time.perf_counter() - epoch_start,
-            }
-            history.append(row)
-            _write_history(out_dir / METRICS_CSV, history)
-            if writer is not None:
-                _log_scalars(writer, row, metrics)
-            logger.info(
-                "%s: loss %.4f, %s %.4f (%.1f s)",
-                desc,
-                train_loss,
-                SELECTION_METRIC,
-                metrics.get(SELECTION_METRIC, math.nan),
-                row["seconds"],
-            )
-            ckpt_metrics = {"epoch": epoch + 1, "train_loss": train_loss, **metrics}
+            row, metrics = run.epoch(epoch, config.epochs, data)
+            log.append(row, metrics)
+            ckpt_metrics = {"epoch": epoch + 1, "train_loss": row["train_loss"], **metrics}
             score = metrics.get(SELECTION_METRIC, math.inf)
+            state = {"model": run.model, "metrics": ckpt_metrics}
             if score > best_score or not metrics:
                 best_score = score
-                save(
-                    best_path, model=model, metrics=ckpt_metrics,
-                    loss_state=loss_fn.state_dict(),
-                )  # fmt: skip
-            resume_info = resume_state(epoch + 1, optimizer, scheduler)
-            resume_info["loader_rng"] = loader_rng.get_state()
-            resume_info["best_score"] = best_score
-            resume_info["crops"] = crops
-            save(
-                last_path, model=model, metrics=ckpt_metrics, resume=resume_info,
-                loss_state=loss_fn.state_dict(),
-            )  # fmt: skip
+                save(best_path, **state, loss_state=run.loss_fn.state_dict())
+            resume_info = resume_state(
+                epoch + 1, run.optimizer, run.scheduler, run.loader_rng, best_score, crops
+            )
+            save(last_path, **state, loss_state=run.loss_fn.state_dict(), resume=resume_info)
     finally:
-        if writer is not None:
-            writer.close()
+        log.close()
     return TrainResult(
         out_dir=out_dir,
         best_path=best_path,
@@ -589,3 +379,98 @@ def _train(
         metrics={k: float(v) for k, v in row.items()},
         seconds=time.perf_counter() - start_time,
     )
+
+
+@dataclass
+class _Run:
+    """The moving parts of a training run: network, loss, data loader, optimizer."""
+
+    model: nn.Module
+    loss_fn: MetricLoss
+    embedder: Embedder
+    sampler: PKSampler
+    loader: DataLoader
+    loader_rng: torch.Generator
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def start(
+        cls,
+        config: TrainConfig,
+        data: TrainingData,
+        dev: torch.device,
+        dtype: torch.dtype,
+        init: Checkpoint | None,
+    ) -> _Run:
+        """Build everything from `config`'s seed, warm-started from `init` when given."""
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+        seed_everything(config.seed)
+        model = build_model(config, data.bands)
+        loss_fn = get_loss(
+            config.loss, len(data.class_names), config.embedding_size, **config.loss_params
+        )
+        if init is not None:
+            warm_start(init, model, loss_fn, config, data.bands, data.class_names)
+        prepare_model(model, dev)
+        loss_fn.to(dev)
+        embedder = Embedder(model, config.input_size, data.mean, data.std, dev, dtype)
+        sampler = PKSampler(
+            data.train_labels, config.classes_per_batch, config.samples_per_class, config.seed
+        )
+        loader_rng = torch.Generator().manual_seed(config.seed)
+        loader = DataLoader(
+            data.train,
+            batch_sampler=sampler,
+            num_workers=config.num_workers,
+            worker_init_fn=seed_worker,
+            generator=loader_rng,
+            pin_memory=dev.type == "cuda",
+        )
+        optimizer = build_optimizer(model, loss_fn, config)
+        scheduler = build_scheduler(optimizer, config, len(sampler))  # epoch 0's batch count
+        return cls(
+            model, loss_fn, embedder, sampler, loader, loader_rng, optimizer, scheduler, dev, dtype
+        )
+
+    def epoch(
+        self, epoch: int, epochs: int, data: TrainingData
+    ) -> tuple[dict[str, Any], dict[str, float]]:
+        """Train epoch `epoch` (0-based) and validate; return its log row and the metrics.
+
+        Raises
+        ------
+        ConfigError
+            When the loss is no longer finite (the learning rates are too high).
+        """
+        epoch_start = time.perf_counter()
+        self.sampler.set_epoch(epoch)
+        desc = f"epoch {epoch + 1}/{epochs}"
+        parts = (self.model, self.loss_fn, self.loader, self.optimizer, self.scheduler)
+        train_loss = _train_epoch(*parts, self.device, self.dtype, desc)
+        if not math.isfinite(train_loss):
+            raise ConfigError(
+                f"lr: training diverged in epoch {epoch + 1} (loss {train_loss}): "
+                "lower lr or proxy_lr"
+            )
+        metrics = _validate(self.embedder, data)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            **metrics,
+            "seconds": time.perf_counter() - epoch_start,
+        }
+        logger.info(
+            "%s: loss %.4f, %s %.4f (%.1f s)",
+            desc,
+            train_loss,
+            SELECTION_METRIC,
+            metrics.get(SELECTION_METRIC, math.nan),
+            row["seconds"],
+        )
+        return row, metrics

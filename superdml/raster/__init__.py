@@ -9,19 +9,21 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
-        "classes": [
-            "ClassEntry",
-            "ClassScheme",
+        "class_names": [
             "MAX_BYTES",
-            "MAX_CODE",
             "RESERVED",
-            "SCHEME_FILE",
-            "TAB20",
             "UNKNOWN",
-            "UNKNOWN_COLOR",
             "UNLABELED",
             "check_class_name",
             "check_class_names",
+        ],
+        "classes": [
+            "ClassEntry",
+            "ClassScheme",
+            "MAX_CODE",
+            "SCHEME_FILE",
+            "TAB20",
+            "UNKNOWN_COLOR",
             "default_scheme",
             "folder_scheme",
             "make_scheme",

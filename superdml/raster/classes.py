@@ -1,17 +1,4 @@
-r"""Class schemes (codes, names, colors) and the class-name check every entry point applies.
-
-Class names come from data (a ``--classes`` YAML, a label raster's ``class_names`` tag,
-a label run's ``label.json``) and become folders (``OUT/<class>/...``). A name is used
-as it is, never rewritten, so it must be one ordinary path component:
-
-- a string, not empty, without leading or trailing whitespace;
-- no ``/`` or ``\`` and no control character;
-- not starting with ``.`` (``.`` and ``..`` walk the tree; training skips hidden folders);
-- at most 255 bytes in UTF-8 (the usual file name limit);
-- not ``unknown`` (what labeling calls a superpixel too far from every reference) or
-  ``unlabeled`` (the folder of crops without a class), in any letter case;
-- distinct from the other names of the same source, ignoring letter case (folders that
-  differ only in case are one folder on macOS and Windows).
+"""Class schemes: codes, names and colors of the classes, read and written in one place.
 
 A class scheme (:class:`ClassScheme`) gives every class a code (its value in label
 rasters), a color and an optional description, plus the codes of ``unknown`` and of
@@ -19,6 +6,7 @@ nodata. This module is the one reader and writer of its two forms: the YAML sche
 people write (``--classes``, a crop folder's ``classes.yaml``; :func:`read_scheme`,
 :func:`write_scheme`) and the JSON form stored in checkpoints, references and
 ``label.json`` (:meth:`ClassScheme.to_dict`, :meth:`ClassScheme.from_dict`).
+Class names in a scheme pass :func:`~superdml.raster.class_names.check_class_name`.
 """
 
 from __future__ import annotations
@@ -27,7 +15,6 @@ import colorsys
 import json
 import os
 import re
-import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,107 +25,7 @@ import yaml
 
 from superdml.core.atomic import atomic_write
 from superdml.core.errors import InputError, input_error, require_file
-
-#: What labeling calls a superpixel too far from every reference.
-UNKNOWN = "unknown"
-#: The folder of crops without a class (``superdml crops`` without a label raster).
-UNLABELED = "unlabeled"
-RESERVED = frozenset({UNKNOWN, UNLABELED})
-MAX_BYTES = 255
-
-
-def _problem(name: str) -> str | None:
-    """Why `name` is not a folder name, or None when it is one."""
-    if not name:
-        return "it is empty"
-    if name != name.strip():
-        return "it has leading or trailing whitespace"
-    if "/" in name or "\\" in name:
-        return "it contains '/' or '\\'"
-    if any(unicodedata.category(c) == "Cc" for c in name):
-        return "it contains a control character"
-    if name.startswith("."):
-        return "it starts with '.'"
-    if len(name.encode("utf-8")) > MAX_BYTES:
-        return f"it is longer than {MAX_BYTES} bytes"
-    if name.casefold() in RESERVED:
-        return f"{UNKNOWN!r} and {UNLABELED!r} are reserved"
-    return None
-
-
-def check_class_name(name: object, source: str | os.PathLike[str], where: str) -> str:
-    r"""Return `name` when it can be a class folder name; else raise naming `source`.
-
-    Parameters
-    ----------
-    name : object
-        The class name as read (YAML values and JSON items may be of any type).
-    source : path
-        The file the name came from, named in the error.
-    where : str
-        Which entry of `source` it is, e.g. ``"for value 3"``.
-
-    Returns
-    -------
-    str
-        `name`, unchanged.
-
-    Raises
-    ------
-    InputError
-        ``<source>: class name '../x' for value 3 is not a folder name (it contains
-        '/' or '\')``.
-    """
-    if not isinstance(name, str):
-        raise input_error(
-            source, f"class name {name!r} {where} is not a string (got {type(name).__name__})"
-        )
-    problem = _problem(name)
-    if problem is not None:
-        raise input_error(source, f"class name {name!r} {where} is not a folder name ({problem})")
-    return name
-
-
-def check_class_names(
-    names: Mapping[int, object], source: str | os.PathLike[str], key: str = "value"
-) -> dict[int, str]:
-    """Check every name of a mapping id -> class name, and that no two names clash.
-
-    Parameters
-    ----------
-    names : mapping of int to object
-        Class value (or class id) -> name as read.
-    source : path
-        The file the names came from, named in the error.
-    key : str
-        What the ids are called in the error (``"value"`` of a label raster,
-        ``"class id"`` of a label run).
-
-    Returns
-    -------
-    dict of int to str
-        The same mapping, every name checked.
-
-    Raises
-    ------
-    InputError
-        At the first bad name, or the first two ids whose names are equal ignoring case.
-    """
-    checked: dict[int, str] = {}
-    seen: dict[str, int] = {}
-    for value, name in names.items():
-        checked[value] = check_class_name(name, source, f"for {key} {value}")
-        first = seen.setdefault(checked[value].casefold(), value)
-        if first != value:
-            raise input_error(
-                source,
-                f"{key}s {first} and {value} have the same class name "
-                f"({checked[first]!r}, {checked[value]!r}): class names must be distinct",
-            )
-    return checked
-
-
-# ------------------------------------------------------------------- class schemes
+from superdml.raster.class_names import UNKNOWN, check_class_names
 
 #: The scheme file at the root of a crop folder (``superdml crops`` writes it; people may).
 SCHEME_FILE = "classes.yaml"
@@ -156,7 +43,7 @@ class ClassEntry:
     code : int
         Its value in label rasters, in 0..65535.
     name : str
-        A folder name (see :func:`check_class_name`).
+        A folder name (see :func:`~superdml.raster.class_names.check_class_name`).
     color : tuple of 3 int
         RGB, 0..255.
     description : str or None

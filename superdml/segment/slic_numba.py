@@ -78,6 +78,8 @@ def _sweep_band(
     t: int,
 ) -> None:
     """Sweep band `t` of the ``partial.shape[0]`` bands of cell rows."""
+    # long: one numba kernel; its loops share a dozen scratch arrays that a split into
+    # jitted helpers would pass around or reallocate per cell row, in the hot loop
     c, h, w = features.shape
     ny, nx = h // step, w // step
     ext_cols = nx + 2

@@ -41,7 +41,7 @@ def check_integer(value: Any, key: str, minimum: int) -> None:
 class MetricLoss(nn.Module):
     """Base class of the metric losses: validates a batch, then applies the formula.
 
-    Subclasses implement :meth:`compute_loss` and set :attr:`last_stats` there. Learned
+    Subclasses implement :meth:`compute_loss`, the formula alone. Learned
     class representatives (proxies, centers) are ``nn.Parameter`` attributes named in
     :attr:`class_parameters`, stored class-major: rows ``c*K ... c*K+K-1`` belong to
     class ``c``, so :func:`transfer_proxies` can carry them over to a new class list.
@@ -52,11 +52,6 @@ class MetricLoss(nn.Module):
         Number of classes; labels must lie in ``[0, num_classes)``.
     embedding_size : int
         Embedding dimension D.
-
-    Attributes
-    ----------
-    last_stats : dict of str to float
-        Statistics of the latest forward pass, for logging (e.g. ``active_fraction``).
     """
 
     #: Names of the class-major learned parameters (proxies / centers) of the loss.
@@ -68,7 +63,6 @@ class MetricLoss(nn.Module):
         check_integer(embedding_size, "embedding_size", 1)
         self.num_classes = num_classes
         self.embedding_size = embedding_size
-        self.last_stats: dict[str, float] = {}
 
     @property
     def hyperparameters(self) -> dict[str, Any]:

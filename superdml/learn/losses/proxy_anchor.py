@@ -88,5 +88,4 @@ class ProxyAnchorLoss(MetricLoss):
         with_pos = is_pos.any(0)
         pos_loss = pos_term[with_pos].sum() / with_pos.sum()
         neg_loss = neg_term.sum() / self.num_classes
-        self.last_stats = {"pos_loss": pos_loss.item(), "neg_loss": neg_loss.item()}
         return pos_loss + neg_loss

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from superdml.core.errors import ConfigError
+from superdml.core.errors import ConfigError, did_you_mean
 from superdml.learn.losses.base import MetricLoss
 from superdml.learn.losses.proxy_anchor import ProxyAnchorLoss
 from superdml.learn.losses.proxy_nca import ProxyNCALoss
@@ -30,8 +29,7 @@ LOSSES: Mapping[str, type[MetricLoss]] = MappingProxyType(
 
 def _loss_class(name: str) -> type[MetricLoss]:
     if name not in LOSSES:
-        close = difflib.get_close_matches(str(name), list(LOSSES), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(name, LOSSES)
         raise ConfigError(f"loss: got {name!r}, expected one of {', '.join(LOSSES)}{hint}")
     return LOSSES[name]
 
@@ -94,8 +92,7 @@ def get_loss(name: str, num_classes: int, embedding_size: int, **params: Any) ->
     known = loss_parameters(name)
     for key in params:
         if key not in known:
-            close = difflib.get_close_matches(key, list(known), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(key, known)
             raise ConfigError(
                 f"{name}: unknown parameter {key!r}{hint}; expected some of {', '.join(known)}"
             )

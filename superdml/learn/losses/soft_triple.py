@@ -97,15 +97,29 @@ class SoftTripleLoss(MetricLoss):
         class_sim = (prob * sim).sum(2)  # (N, C)
         margin = self.delta * F.one_hot(labels, num_classes).to(class_sim.dtype)
         classify = F.cross_entropy(self.la * (class_sim - margin), labels)
-        if k > 1:
-            per_class = centers.view(num_classes, k, -1)
-            center_sim = per_class @ per_class.transpose(1, 2)  # (C, K, K)
-            upper = torch.triu_indices(k, k, offset=1, device=centers.device)
-            pair_sim = center_sim[:, upper[0], upper[1]]  # (C, K(K-1)/2), t < t'
-            reg = torch.sqrt(2.0 + REGULARIZER_EPS - 2.0 * pair_sim).sum() / (
-                num_classes * k * (k - 1)
-            )
-        else:
-            reg = classify.new_zeros(())
-        self.last_stats = {"classify_loss": classify.item(), "regularizer": reg.item()}
-        return classify + self.tau * reg
+        return classify + self.tau * self.regularizer(embeddings.dtype)
+
+    def regularizer(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Return the center regularizer, which the loss weighs by `tau` (0 when K = 1).
+
+        Parameters
+        ----------
+        dtype : torch.dtype
+            Precision of the computation (that of the embeddings in the loss).
+
+        Returns
+        -------
+        reg : () float tensor
+            Mean over classes and center pairs of ``sqrt(2 + eps - 2 w^t.w^t')``.
+        """
+        num_classes, k = self.num_classes, self.centers_per_class
+        centers = F.normalize(self.centers.to(dtype), dim=1)
+        if k == 1:
+            return centers.new_zeros(())
+        per_class = centers.view(num_classes, k, -1)
+        center_sim = per_class @ per_class.transpose(1, 2)  # (C, K, K)
+        upper = torch.triu_indices(k, k, offset=1, device=centers.device)
+        pair_sim = center_sim[:, upper[0], upper[1]]  # (C, K(K-1)/2), t < t'
+        return torch.sqrt(2.0 + REGULARIZER_EPS - 2.0 * pair_sim).sum() / (
+            num_classes * k * (k - 1)
+        )

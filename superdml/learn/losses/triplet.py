@@ -51,18 +51,16 @@ class TripletLoss(MetricLoss):
     ``batch_hard`` (Hermans et al. 2017)
         For each anchor that has a positive and a negative in the batch: its farthest
         positive and nearest negative; the loss is the mean over those anchors (anchors
-        with zero loss included). ``active_fraction``: anchors with a positive loss.
+        with zero loss included).
     ``batch_all``
         Every valid triplet; the loss is the mean over triplets with a positive loss
-        (0 if there are none). ``active_fraction``: positive-loss triplets / all triplets.
-        Memory grows as N**3.
+        (0 if there are none). Memory grows as N**3.
     ``semi_hard`` (Schroff et al. 2015, FaceNet)
         For each (anchor, positive) pair: the nearest negative that is still farther than
         the positive but inside the margin, ``d(a, p) < d(a, n) < d(a, p) + margin``; pairs
         without such a negative are skipped (FaceNet leaves the fallback open; TensorFlow's
         implementation falls back to the farthest negative, we do not). The loss is the
-        mean over the pairs that have one (0 if none). ``active_fraction``: those pairs /
-        all pairs that have a negative in the batch. Memory grows as N**3.
+        mean over the pairs that have one (0 if none). Memory grows as N**3.
 
     Parameters
     ----------
@@ -107,40 +105,32 @@ class TripletLoss(MetricLoss):
         is_pos = same & ~eye
         is_neg = ~same
         if self.mining == "batch_hard":
-            losses, num_candidates = self._batch_hard(dist, is_pos, is_neg)
-            loss = losses.mean() if len(losses) else self.zero_loss(embeddings)
-        elif self.mining == "batch_all":
+            losses = self._batch_hard(dist, is_pos, is_neg)
+            return losses.mean() if len(losses) else self.zero_loss(embeddings)
+        if self.mining == "batch_all":
             valid = is_pos[:, :, None] & is_neg[:, None, :]
             # violation[a, p, n] = d(a, p) - d(a, n) + margin
             violation = dist[:, :, None] - dist[:, None, :] + self.margin
             losses = F.relu(violation[valid])
-            num_candidates = len(losses)
             positive = losses[losses > 0]
-            loss = positive.mean() if len(positive) else self.zero_loss(embeddings)
-        else:
-            losses, num_candidates = self._semi_hard(dist, is_pos, is_neg)
-            loss = losses.mean() if len(losses) else self.zero_loss(embeddings)
-        num_active = int((losses > 0).sum())
-        self.last_stats = {
-            "active_fraction": num_active / num_candidates if num_candidates else 0.0,
-            "active_triplets": float(num_active),
-        }
-        return loss
+            return positive.mean() if len(positive) else self.zero_loss(embeddings)
+        losses = self._semi_hard(dist, is_pos, is_neg)
+        return losses.mean() if len(losses) else self.zero_loss(embeddings)
 
     def _batch_hard(
         self, dist: torch.Tensor, is_pos: torch.Tensor, is_neg: torch.Tensor
-    ) -> tuple[torch.Tensor, int]:
-        """Return the loss of each anchor with a positive and a negative, and their count."""
+    ) -> torch.Tensor:
+        """Return the loss of each anchor with a positive and a negative."""
         anchors = is_pos.any(1) & is_neg.any(1)
         dist, is_pos, is_neg = dist[anchors], is_pos[anchors], is_neg[anchors]
         hardest_pos = torch.where(is_pos, dist, float("-inf")).amax(1)
         hardest_neg = torch.where(is_neg, dist, float("inf")).amin(1)
-        return F.relu(hardest_pos - hardest_neg + self.margin), int(anchors.sum())
+        return F.relu(hardest_pos - hardest_neg + self.margin)
 
     def _semi_hard(
         self, dist: torch.Tensor, is_pos: torch.Tensor, is_neg: torch.Tensor
-    ) -> tuple[torch.Tensor, int]:
-        """Return the loss of each (a, p) pair with a semi-hard negative, and the pair count."""
+    ) -> torch.Tensor:
+        """Return the loss of each (a, p) pair with a semi-hard negative."""
         d_ap = dist[:, :, None]
         d_an = dist[:, None, :]
         semi_hard = (
@@ -148,5 +138,4 @@ class TripletLoss(MetricLoss):
         )
         nearest_neg = torch.where(semi_hard, d_an, float("inf")).amin(2)
         has_semi_hard = semi_hard.any(2)
-        num_pairs = int((is_pos & is_neg.any(1, keepdim=True)).sum())
-        return dist[has_semi_hard] - nearest_neg[has_semi_hard] + self.margin, num_pairs
+        return dist[has_semi_hard] - nearest_neg[has_semi_hard] + self.margin
