@@ -15,7 +15,8 @@ from skimage import data
 from superdml import __version__
 from superdml.cli.commands import cli
 from superdml.cli.options import field_help, given
-from superdml.cli.stages import REGISTRY, RunContext
+from superdml.cli.registry import RunContext
+from superdml.cli.stages import REGISTRY
 from superdml.config.schema import AugmentConfig, TrainConfig
 from superdml.core.errors import MissingInputError
 

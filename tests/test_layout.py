@@ -16,10 +16,6 @@ FUNCTION_LINES = 80
 REASON = "# long:"  # a module or function over the limit says why, in a comment holding this
 # Being split on other branches right now; the lead removes this set when they merge.
 _IN_PROGRESS = {
-    "superdml/label/export.py",
-    "superdml/label/stage.py",
-    "superdml/learn/evaluate.py",
-    "superdml/search/reference.py",
     "superdml/segment/stage.py",
 }
 

@@ -16,7 +16,8 @@ import click
 
 from superdml import __version__
 from superdml.cli.options import config_options, given, param_option
-from superdml.cli.stages import CONFIG, REGISTRY, RunContext, StageSpec
+from superdml.cli.registry import CONFIG, RunContext, StageSpec
+from superdml.cli.stages import REGISTRY
 from superdml.config.load import load_config
 from superdml.config.schema import LabelConfig, VoteConfig
 from superdml.core.errors import SuperDMLError

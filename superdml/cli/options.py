@@ -23,7 +23,7 @@ import click
 import yaml
 from click.core import ParameterSource
 
-from superdml.cli.stages import Param
+from superdml.cli.registry import Param
 
 _HEADER = re.compile(r"^([A-Za-z_][\w, ]*) : ")
 _ROLE = re.compile(r":\w+:`~?([^`]+)`")

@@ -35,7 +35,8 @@ from typing import Any
 
 import yaml
 
-from superdml.cli.stages import REGISTRY, RunContext, StageSpec
+from superdml.cli.registry import RunContext, StageSpec
+from superdml.cli.stages import REGISTRY
 from superdml.config.schema import parse_override
 from superdml.config.shipped import configs_dir, resolve_pipeline
 from superdml.core.atomic import write_json

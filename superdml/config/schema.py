@@ -8,6 +8,9 @@ each dataclass's ``__post_init__``. Loading and validation (:func:`load_config`,
 re-exported here.
 """
 
+# long: one dataclass per stage, each documenting its fields for --help; the file reads
+# as the reference of every config key, and splitting it would scatter that reference.
+
 from __future__ import annotations
 
 import dataclasses
