@@ -159,8 +159,9 @@ def _tile_embeddings(job: _LabelJob, tile: Tile, table: pa.Table, ids: np.ndarra
         with np.load(kept) as stored:
             if np.array_equal(stored["segment_id"], ids):
                 return stored["embeddings"].astype(np.float32)
+    config = job.config
     embedder = load_embedder(
-        job.checkpoint, job.checkpoint_sha256, job.device, job.threads, job.config.precision
+        job.checkpoint, job.checkpoint_sha256, job.device, job.threads, config.precision, config.tta
     )
     if len(ids) == 0:
         return np.zeros((0, 1), np.float32)
@@ -193,7 +194,7 @@ def predict(
     embeddings : (N, D) float32 ndarray
     reference : ReferenceIndex
     config : LabelConfig
-        ``k``, ``weighting``, ``temperature``, ``unknown_threshold``.
+        The labeling rule (:class:`~superdml.config.schema.VoteConfig`'s fields).
     class_names : sequence of str
         The reference's classes C, in the order of its labels.
     codes : sequence of int, length C + 1
@@ -213,9 +214,7 @@ def predict(
         return {f.name: pa.array([], f.type) for f in empty if f.name not in _ID_COLUMNS}
     sims, neighbours = reference.search(embeddings, k, device=device)
     neighbour_labels = np.where(neighbours >= 0, reference.labels[neighbours.clip(0)], -1)
-    vote = reference.vote(
-        sims, neighbours, config.weighting, config.temperature, config.unknown_threshold
-    )
+    vote = reference.vote(sims, neighbours, config, embeddings)
     label_ids, scores, margins = vote.label_ids, vote.scores, vote.margins
     names = np.asarray([*class_names, UNKNOWN], dtype=object)
     code_of = np.asarray(codes, dtype=np.int64)  # label -1 (unknown) takes the last

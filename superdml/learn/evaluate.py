@@ -248,7 +248,7 @@ def _classify(
         sims, ids = search(query_emb, reference.embeddings, k, exclude_self=True)
     else:
         sims, ids = reference.search(query_emb, k, device)
-    vote = reference.vote(sims, ids, rule.weighting, rule.temperature, rule.unknown_threshold)
+    vote = reference.vote(sims, ids, rule, query_emb)
     return vote, k
 
 
@@ -381,7 +381,7 @@ def evaluate(
     ckpt = load_checkpoint(checkpoint)
     ckpt_sha = checkpoint_sha256(checkpoint)
     folders = [query_dir] if reference_dir is None else [query_dir, reference_dir]
-    embedder = Embedder.from_checkpoint(ckpt, dev, rule.precision)
+    embedder = Embedder.from_checkpoint(ckpt, dev, rule.precision, rule.tta)
     data = _embed_folders(folders, embedder, ckpt.bands, ckpt.input_size, rule.batch_size)
     exclude_self = reference_dir is None
     reference = ReferenceIndex.build(
