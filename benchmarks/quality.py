@@ -28,7 +28,8 @@ its own folder ``OUT/<mask>-<crop>-<input>-s<seed>``. Everything runs on the CPU
 case after the other. Per-run scores go to ``OUT/results.json``.
 
 Run ``python benchmarks/quality.py --help`` for the options; results are in
-``benchmarks/README.md``.
+``benchmarks/README.md``. The labeling rule's settings on a mosaic with a rare class are
+measured by ``benchmarks/quality_rare.py``.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ import rasterio
 import torch
 import yaml
 
-from superdml import pipeline as pipeline_mod
+from superdml.cli import pipeline as pipeline_mod
 from superdml.cli.demo import CLASS_NAMES, unseen_half_scores, write_demo_data
 from superdml.cli.stages import REGISTRY
 from superdml.config.shipped import pipeline_path
@@ -92,11 +93,13 @@ class _TrainTimer:
 
 
 def _score(workdir: Path, truth: np.ndarray) -> dict[str, Any]:
-    names = load_label_run(workdir / "labels").class_names
+    scheme = load_label_run(workdir / "labels").scheme
     with rasterio.open(workdir / "labels" / "labels.tif") as src:
         predicted = src.read(1)
-    # predicted ids follow the reference's (sorted) class names; map them to truth ids
-    to_truth = np.array([0] + [CLASS_NAMES.index(n) + 1 if n in CLASS_NAMES else 0 for n in names])
+    # predicted values are the class scheme's codes; map them to truth ids (others: 0)
+    to_truth = np.zeros(1 << 16, dtype=np.int64)
+    for name, code in scheme.codes.items():
+        to_truth[code] = CLASS_NAMES.index(name) + 1 if name in CLASS_NAMES else 0
     return unseen_half_scores(to_truth[predicted], truth, CLASS_NAMES)
 
 

@@ -55,3 +55,24 @@ def test_bf16_embeddings_are_close_to_fp32(tmp_path, one_torch_thread):
     cosine = (fp32 * bf16).sum(axis=1)
     assert cosine.min() > 0.995, cosine.min()
     assert not np.array_equal(fp32, bf16)  # bf16 really ran
+
+
+def test_d4_tta_embeds_a_crop_and_its_flips_and_rotations_alike(tmp_path):
+    path = save_untrained_checkpoint(tmp_path / "ckpt.pt", ["a", "b"], input_size=16)
+    plain = Embedder.from_checkpoint(path, CPU, "fp32")
+    d4 = Embedder.from_checkpoint(path, CPU, "fp32", tta="d4")
+    crop = np.random.default_rng(0).integers(0, 256, (1, 3, 16, 16), dtype=np.uint8)
+    views = np.concatenate([np.rot90(crop, 1, axes=(2, 3)), crop[..., ::-1], crop[..., ::-1, :]])
+    crops = np.ascontiguousarray(np.concatenate([crop, views]))
+    without = plain(crops, 8)
+    assert np.abs(without[1:] @ without[0] - 1).max() > 1e-3  # the model itself is not invariant
+    with_tta = d4(crops, 8)
+    np.testing.assert_allclose(with_tta[1:], np.repeat(with_tta[:1], 3, axis=0), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(with_tta, axis=1), 1.0, atol=1e-6)
+    # the mean of the 8 views' normalized embeddings, normalized again
+    views8 = [np.rot90(crop, t, axes=(2, 3)) for t in range(4)]
+    views8 += [v[..., ::-1] for v in views8]
+    mean = sum(plain(np.ascontiguousarray(v), 8) for v in views8)
+    np.testing.assert_allclose(with_tta[:1], mean / np.linalg.norm(mean), atol=1e-5)
+    with pytest.raises(ConfigError, match="tta: got 'd8', expected one of none, d4"):
+        LabelConfig(tta="d8")

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from checkpoints import save_untrained_checkpoint
 from click.testing import CliRunner
@@ -10,6 +11,8 @@ from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 from sklearn.metrics import f1_score
 
 from superdml.cli.commands import cli
+from superdml.core.errors import InputError
+from superdml.learn.calibration import expected_calibration_error, reliability_bins
 from superdml.learn.evaluate import (
     _classification_report,
     confusion_matrix,
@@ -20,7 +23,7 @@ from superdml.learn.evaluate import (
 
 METRIC_KEYS = {
     "map_at_r", "r_precision", "precision_at_1", "precision_at_5", "recall_at_1",
-    "recall_at_5", "top1_accuracy", "top5_accuracy", "nmi", "accuracy", "macro_f1",
+    "recall_at_5", "top1_accuracy", "top5_accuracy", "nmi", "accuracy", "macro_f1", "ece",
 }  # fmt: skip
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -88,13 +91,18 @@ def test_tsne_is_seeded_and_subsamples():
 
 def test_evaluate_writes_metrics_and_figures(checkpoint, queries, tmp_path):
     result = evaluate(checkpoint, queries, tmp_path, device="cpu")
-    for path in (result.confusion_path, result.tsne_path, result.similarity_path):
+    paths = (result.confusion_path, result.tsne_path, result.similarity_path)
+    for path in (*paths, result.reliability_path):
         assert path.parent == tmp_path
         with Image.open(path) as image:
             assert image.format == "PNG" and min(image.size) > 200
     report = json.loads(result.metrics_path.read_text())
     assert set(report) == {"metrics", "per_class_accuracy", "per_class_f1", "counts", "inputs"}
     assert set(report["metrics"]) == METRIC_KEYS
+    predictions = pq.read_table(result.predictions_path).to_pydict()
+    correct = np.array(predictions["label"]) == np.array(predictions["true_label"])
+    expected = expected_calibration_error(np.array(predictions["score"]), correct)
+    assert report["metrics"]["ece"] == pytest.approx(expected, abs=1e-6)
     assert report["counts"]["query"] == report["counts"]["reference"] == 24
     assert report["inputs"]["exclude_self"] is True and len(report["inputs"]["checkpoint_sha256"])
     # the confusion matrix is the kNN classifier behind top1_accuracy: 8 queries per class
@@ -102,7 +110,8 @@ def test_evaluate_writes_metrics_and_figures(checkpoint, queries, tmp_path):
     assert per_class.mean() == pytest.approx(report["metrics"]["top1_accuracy"])
     assert report["metrics"]["accuracy"] == pytest.approx(report["metrics"]["top1_accuracy"])
     assert report["inputs"]["rule"] == {"batch_size": 256, "precision": "auto", "k": 10,
-        "weighting": "similarity", "temperature": 0.1, "unknown_threshold": None}  # fmt: skip
+        "weighting": "similarity", "temperature": 0.1, "unknown_threshold": None, "tta": "none",
+        "vote": "knn", "class_balance": 0.0, "unknown": "threshold"}  # fmt: skip
     assert result.n_query == 24 and result.metrics == report["metrics"]
 
 
@@ -142,3 +151,23 @@ def test_evaluate_bad_input(checkpoint, queries, tmp_path, case, message):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert not out.exists()
+
+
+def test_expected_calibration_error_by_hand():
+    scores = np.array([0.05, 0.15, 0.55, 0.58, 0.95, 0.97])
+    correct = np.array([False, True, True, False, True, True])
+    # bins of 0.1: [0, 0.1] holds 0.05 (right 0 of 1), (0.1, 0.2] 0.15 (1 of 1),
+    # (0.5, 0.6] 0.55 and 0.58 (1 of 2, mean 0.565), (0.9, 1] 0.95 and 0.97 (2 of 2, 0.96)
+    rel = reliability_bins(scores, correct)
+    assert rel.counts.tolist() == [1, 1, 0, 0, 0, 2, 0, 0, 0, 2]
+    np.testing.assert_allclose(rel.mean_score[[0, 1, 5, 9]], [0.05, 0.15, 0.565, 0.96])
+    np.testing.assert_allclose(rel.accuracy[[0, 1, 5, 9]], [0.0, 1.0, 0.5, 1.0])
+    ece = (1 * 0.05 + 1 * 0.85 + 2 * 0.065 + 2 * 0.04) / 6
+    assert expected_calibration_error(scores, correct) == pytest.approx(ece)
+    assert ece == pytest.approx(0.185)
+    # 0 goes to the first bin, 1 to the last; a perfectly calibrated set scores 0
+    edge = reliability_bins(np.array([0.0, 1.0]), np.array([False, True]))
+    assert (edge.counts[0], edge.counts[-1]) == (1, 1)
+    assert expected_calibration_error(np.array([0.0, 1.0]), np.array([False, True])) == 0.0
+    with pytest.raises(InputError, match="scores must lie in"):
+        reliability_bins(np.array([1.5]), np.array([True]))

@@ -94,7 +94,10 @@ def test_build_index_writes_a_reference_of_the_models_embeddings(crops, checkpoi
     content = content_sha256(ref.embeddings, ref.labels, ref.class_names)
     assert meta["sha256"] == combine(content, meta["index_sha256"], json.dumps(ref.files))
     assert meta["build"]["config"] == {"batch_size": 256, "ivf_threshold": 100000, "nlist": None,
-                                       "nprobe": 32, "precision": "fp32"}  # fmt: skip
+                                       "nprobe": 32, "precision": "fp32",
+                                       "calibration_recall": 0.95, "tta": "none"}  # fmt: skip
+    assert meta["tta"] == "none" and meta["calibration"]["recall"] == 0.95
+    assert len(meta["calibration"]["thresholds"]) == len(ref.class_names)
     assert not list(tmp_path.glob("*.sdml-tmp-*"))
 
 

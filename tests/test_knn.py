@@ -16,6 +16,8 @@ from superdml.search.knn import (
     UNKNOWN_LABEL,
     KnnVote,
     apply_unknown,
+    balance_weights,
+    calibrate_thresholds,
     knn_vote,
     search,
     search_chunks,
@@ -355,3 +357,77 @@ def test_a_query_that_is_a_labeled_crop_keeps_its_class():
     assert (vote.scores[0], vote.margins[0]) == (1.0, 1.0)
     np.testing.assert_allclose(vote.scores[1], 2.7 / 3.69, rtol=1e-6)  # 3 x 0.9 of 3.69
     assert knn_vote(sims, labels, 2, exact_match=None).label_ids.tolist() == [1, 1]
+
+
+# ------------------------------------------------------------- class-aware vote
+
+
+def three_vs_three_hundred() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A query whose 10 neighbours are all 3 references of a rare class and 7 of a common one.
+
+    Returns the (1, 10) similarities, labels and the reference counts (3 rare, 300 common).
+    """
+    sims = np.array([[0.9, 0.9, 0.9, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8]])
+    labels = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 1, 1]])
+    return sims, labels, np.array([3, 300])
+
+
+def test_balancing_flips_a_three_vs_three_hundred_vote():
+    sims, labels, counts = three_vs_three_hundred()
+    plain = knn_vote(sims, labels, 2, exact_match=None)
+    # today: rare 3 * 0.9 = 2.7 against common 7 * 0.8 = 5.6
+    assert plain.label_ids.tolist() == [1]
+    np.testing.assert_allclose(plain.class_scores, [[2.7 / 8.3, 5.6 / 8.3]], rtol=1e-6)
+    # class_balance 1: factors 1/3 and 1/300, scaled to 1 and 1/100
+    factors = balance_weights(counts, 1.0)
+    np.testing.assert_allclose(factors, [1.0, 0.01])
+    full = knn_vote(sims, labels, 2, exact_match=None, class_weights=factors)
+    assert full.label_ids.tolist() == [0]
+    np.testing.assert_allclose(full.class_scores, [[2.7 / 2.756, 0.056 / 2.756]], rtol=1e-6)
+    np.testing.assert_allclose(full.margins, [(2.7 - 0.056) / 2.756], rtol=1e-6)
+    # class_balance 0.5: the common class weighs (3 / 300) ** 0.5 = 0.1: 2.7 against 0.56
+    half = knn_vote(sims, labels, 2, exact_match=None, class_weights=balance_weights(counts, 0.5))
+    np.testing.assert_allclose(half.class_scores, [[2.7 / 3.26, 0.56 / 3.26]], rtol=1e-6)
+    # the similarity to the nearest reference does not change
+    assert full.similarity.tolist() == plain.similarity.tolist()
+
+
+@pytest.mark.parametrize("weighting", ["similarity", "softmax"])
+def test_class_balance_zero_is_todays_vote_bit_for_bit(weighting):
+    rng = np.random.default_rng(5)
+    sims = -np.sort(-rng.uniform(-0.2, 1.0, (200, 7)), axis=1).astype(np.float32)
+    labels = rng.integers(-1, 4, (200, 7))
+    today = knn_vote(sims, labels, 4, weighting)
+    assert balance_weights(np.array([3, 300, 40, 1]), 0.0) is None
+    ones = knn_vote(sims, labels, 4, weighting, class_weights=np.ones(4))
+    for field in ("label_ids", "scores", "margins", "similarity", "class_scores", "topk_classes"):
+        assert getattr(ones, field).tobytes() == getattr(today, field).tobytes(), field
+
+
+def test_balance_weights_counts_an_empty_class_as_one_and_checks_the_power():
+    np.testing.assert_allclose(balance_weights(np.array([0, 4, 16]), 0.5), [1.0, 0.5, 0.25])
+    with pytest.raises(ConfigError, match="class_balance: got 1.5"):
+        balance_weights(np.array([1, 2]), 1.5)
+    with pytest.raises(ConfigError, match="class_weights"):
+        knn_vote(np.ones((1, 2)), np.zeros((1, 2), int), 2, class_weights=np.array([1.0, 0.0]))
+
+
+def test_calibrated_thresholds_by_hand():
+    nearest = np.array([0.1, 0.5, 0.9, 0.7, 0.3, 0.6, 0.8])
+    labels = np.array([0, 0, 0, 1, 2, 2, 2])
+    # recall 2/3: class 0 keeps 0.5 and 0.9; class 1 (one reference) is never unknown;
+    # class 2 keeps 0.6 and 0.8
+    np.testing.assert_allclose(
+        calibrate_thresholds(nearest, labels, 4, 2 / 3), [0.5, -1.0, 0.6, -1.0]
+    )
+    # recall 1 keeps every reference: the least similarity of each class
+    np.testing.assert_allclose(calibrate_thresholds(nearest, labels, 3, 1.0), [0.1, -1.0, 0.3])
+    with pytest.raises(ConfigError, match="recall"):
+        calibrate_thresholds(nearest, labels, 3, 0.0)
+
+
+def test_apply_unknown_per_class_thresholds():
+    vote = knn_vote(np.array([[0.5], [0.5], [0.2]]), np.array([[0], [1], [1]]), 2)
+    unknown = apply_unknown(vote, np.array([0.6, 0.4]))
+    # class 0 needs 0.6 (0.5 is below), class 1 needs 0.4 (0.5 passes, 0.2 does not)
+    assert unknown.label_ids.tolist() == [UNKNOWN_LABEL, 1, UNKNOWN_LABEL]

@@ -41,8 +41,11 @@ __all__ = [
     "SegmentBackend",
     "SegmentConfig",
     "SegmentDevice",
+    "TTA",
     "TrainConfig",
+    "UnknownRule",
     "VoteConfig",
+    "VoteRule",
     "Weighting",
     "check",
     "config_hash",
@@ -58,6 +61,15 @@ SegmentBackend = Literal["auto", "numpy", "torch"]
 SegmentDevice = Literal["auto", "cpu", "cuda"]
 #: Vote weights of the labeling rule (:func:`superdml.search.knn.knn_vote`).
 Weighting = Literal["similarity", "softmax"]
+#: What votes (:meth:`superdml.search.reference.ReferenceIndex.vote`): the k nearest
+#: references, or the nearest class means.
+VoteRule = Literal["knn", "class_mean"]
+#: Where a label becomes ``unknown``: below ``unknown_threshold``, or below the
+#: reference's per-class thresholds set by ``superdml index``.
+UnknownRule = Literal["threshold", "calibrated"]
+#: Test-time augmentation of the embedder: none, or the mean over the 8 flips and
+#: rotations of the square (the dihedral group D4).
+TTA = Literal["none", "d4"]
 
 
 @dataclass(frozen=True)
@@ -356,10 +368,14 @@ class EmbedConfig:
     precision : {"auto", "fp32", "bf16"}
         Arithmetic of the model: ``auto`` is bf16 autocast where the device computes bf16
         in hardware (CUDA, a CPU with AVX-512 BF16 or AMX), float32 elsewhere.
+    tta : {"none", "d4"}
+        Test-time augmentation: ``d4`` embeds each crop as the normalized mean of its
+        8 flips and rotations (8 times the model's work); index and label alike.
     """
 
     batch_size: int = 256
     precision: Precision = "auto"
+    tta: TTA = "none"
 
     def __post_init__(self) -> None:
         check(
@@ -369,6 +385,7 @@ class EmbedConfig:
             "one of " + ", ".join(get_args(Precision)),
         )
         check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        check(self.tta in get_args(TTA), "tta", self.tta, "one of " + ", ".join(get_args(TTA)))
 
 
 @dataclass(frozen=True)
@@ -387,6 +404,17 @@ class VoteConfig(EmbedConfig):
         Vote weights: the similarities, or their softmax with `temperature`.
     temperature : float
         Softmax temperature of the ``softmax`` weighting.
+    vote : {"knn", "class_mean"}
+        Who votes: the k nearest references, or the mean embedding of every class
+        (nearest class mean); a crop that is a labeled reference keeps its class.
+    class_balance : float
+        Class-aware ``knn`` vote: each neighbour's weight is multiplied by its class's
+        reference count to the power ``-class_balance`` (0: every reference counts
+        alike; 1: every class weighs alike, however many references it has).
+    unknown : {"threshold", "calibrated"}
+        ``threshold``: unknown below `unknown_threshold` (when set); ``calibrated``:
+        below the per-class thresholds ``superdml index`` set on the reference
+        (``IndexConfig.calibration_recall``).
     unknown_threshold : float or None
         Similarity to the nearest reference below which the label is ``unknown``.
     """
@@ -394,6 +422,9 @@ class VoteConfig(EmbedConfig):
     k: int = 10
     weighting: Weighting = "similarity"
     temperature: float = 0.1
+    vote: VoteRule = "knn"
+    class_balance: float = 0.0
+    unknown: UnknownRule = "threshold"
     unknown_threshold: float | None = None
 
     def __post_init__(self) -> None:
@@ -406,6 +437,25 @@ class VoteConfig(EmbedConfig):
             "one of " + ", ".join(get_args(Weighting)),
         )
         check(self.temperature > 0, "temperature", self.temperature, "a number > 0")
+        check(self.vote in get_args(VoteRule), "vote", self.vote, "one of knn, class_mean")
+        check(
+            0.0 <= self.class_balance <= 1.0,
+            "class_balance",
+            self.class_balance,
+            "a number in [0, 1]",
+        )
+        check(
+            self.unknown in get_args(UnknownRule),
+            "unknown",
+            self.unknown,
+            "one of threshold, calibrated",
+        )
+        check(
+            self.unknown == "threshold" or self.unknown_threshold is None,
+            "unknown_threshold",
+            self.unknown_threshold,
+            "null with unknown: calibrated (the reference's thresholds apply)",
+        )
         check(
             self.unknown_threshold is None or -1.0 <= self.unknown_threshold <= 1.0,
             "unknown_threshold",
@@ -460,17 +510,28 @@ class IndexConfig(EmbedConfig):
         Inverted lists of the IVF index; ``round(4 * sqrt(N))`` for N references when None.
     nprobe : int
         Inverted lists visited per query by an IVF search (more: slower, closer to exact).
+    calibration_recall : float or None
+        Set per-class unknown thresholds (``unknown: calibrated``) that keep this share
+        of each class's reference crops, each left out of the reference in turn; None:
+        set none.
     """
 
     ivf_threshold: int = 100_000
     nlist: int | None = None
     nprobe: int = 32
+    calibration_recall: float | None = 0.95
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.ivf_threshold >= 1, "ivf_threshold", self.ivf_threshold, "an integer >= 1")
         check(self.nlist is None or self.nlist >= 1, "nlist", self.nlist, "an integer >= 1")
         check(self.nprobe >= 1, "nprobe", self.nprobe, "an integer >= 1")
+        check(
+            self.calibration_recall is None or 0.0 < self.calibration_recall <= 1.0,
+            "calibration_recall",
+            self.calibration_recall,
+            "a number in (0, 1] or null",
+        )
 
 
 # --------------------------------------------------------------------------------- review

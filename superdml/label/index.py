@@ -160,7 +160,7 @@ def build_index(
         ckpt_sha = checkpoint_sha256(checkpoint)
         scan = scan_folder(reference_dir, ckpt)
         scheme = _reference_scheme(reference_dir, scan.dataset.class_names, ckpt, checkpoint)
-        rows, previous, n_previous = previous_rows(out, ckpt_sha, scan)
+        rows, previous, n_previous = previous_rows(out, ckpt_sha, scan, config.tta)
         embeddings = embed_scan(ckpt, scan, dev, config, rows, previous)
         reference = index_scan(scan, embeddings, ckpt_sha, config)
         n_reused = int(np.count_nonzero(rows >= 0))

@@ -182,15 +182,15 @@ def infer(
         ref.check_checkpoint(ckpt_sha, checkpoint)
     paths = [Path(p) for p in images]
     pixels = _read_images(paths, ckpt.bands, ckpt.input_size)
-    embedder = Embedder.from_checkpoint(ckpt, dev, rule.precision)
+    embedder = Embedder.from_checkpoint(ckpt, dev, rule.precision, rule.tta)
     if ref is None:
         # exactly one of reference and reference_dir is given (checked above)
         folder = cast("str | os.PathLike[str]", reference_dir)
-        embedding = IndexConfig(batch_size=rule.batch_size, precision=rule.precision)
+        embedding = IndexConfig(batch_size=rule.batch_size, precision=rule.precision, tta=rule.tta)
         ref = reference_from_folder(ckpt, ckpt_sha, folder, dev, embedding, embedder)
     embeddings = embedder(pixels, rule.batch_size)
     sims, ids = ref.search(embeddings, rule.k, dev)
-    vote = ref.vote(sims, ids, rule.weighting, rule.temperature, rule.unknown_threshold)
+    vote = ref.vote(sims, ids, rule, embeddings)
     names, files, labels = ref.class_names, ref.files, ref.labels
     root = ref.root
     results = []

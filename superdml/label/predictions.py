@@ -230,6 +230,7 @@ class LabelRun:
         return embeddings_path(
             self.out_dir, self.meta["checkpoint_sha256"], self.meta["crop_rule"],
             self.meta["segment_fingerprints"][run.name], run.name, tile,
+            self.meta.get("config", {}).get("tta", "none"),
         )  # fmt: skip
 
     def check_segments(self, runs: list[SegmentRun], segment_dir: str | Path) -> None:
@@ -277,7 +278,7 @@ class LabelRun:
 
 def embeddings_path(
     out_dir: str | Path, checkpoint_sha256: str, crop_rule: dict[str, Any], segments: str,
-    raster: str, tile: Tile,
+    raster: str, tile: Tile, tta: str = "none",
 ) -> Path:  # fmt: skip
     """Return the kept-embeddings file of one tile, keyed by what made the embeddings.
 
@@ -292,8 +293,12 @@ def embeddings_path(
         The segment run's fingerprint.
     raster : str
     tile : Tile
+    tta : {"none", "d4"}
+        The test-time augmentation the embeddings were averaged over (keys made before
+        it existed stay valid for ``none``).
     """
-    key = combine(checkpoint_sha256, json.dumps(crop_rule, sort_keys=True), segments)[:16]
+    parts = [checkpoint_sha256, json.dumps(crop_rule, sort_keys=True), segments]
+    key = combine(*parts, *([tta] if tta != "none" else []))[:16]
     return Path(out_dir) / EMBEDDINGS / key / raster / f"{tile.key}.npz"
 
 

@@ -56,12 +56,12 @@ def scan_folder(reference_dir: str | os.PathLike[str], ckpt: Checkpoint) -> Fold
 
 
 def previous_rows(
-    out_dir: Path, ckpt_sha: str, scan: FolderScan
+    out_dir: Path, ckpt_sha: str, scan: FolderScan, tta: str = "none"
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Match the scanned crops with the previous reference folder at `out_dir`.
 
     A crop is reused when the previous reference was made with the same checkpoint and
-    holds a crop of the same relative path, size and mtime_ns.
+    test-time augmentation `tta` and holds a crop of the same relative path, size and mtime_ns.
 
     Returns
     -------
@@ -84,8 +84,8 @@ def previous_rows(
     if stats.shape != (previous.size, 2):
         logger.warning("%s: %s does not fit, embedding every crop", out_dir, FILE_STATS_NPY)
         return nothing
-    if previous.checkpoint_sha256 != ckpt_sha:
-        logger.info("%s: made with another checkpoint, embedding every crop", out_dir)
+    if previous.checkpoint_sha256 != ckpt_sha or previous.tta != tta:
+        logger.info("%s: made with another checkpoint or tta, embedding every crop", out_dir)
         return (*nothing[:2], previous.size)
     known = {
         (name, size, mtime): row
@@ -121,7 +121,7 @@ def embed_scan(
     fresh = np.flatnonzero(~kept)
     if fresh.size:
         if embedder is None:
-            embedder = Embedder.from_checkpoint(ckpt, device, config.precision)
+            embedder = Embedder.from_checkpoint(ckpt, device, config.precision, config.tta)
         subset = Subset(scan.dataset, fresh.tolist())
         embeddings[fresh] = embedder.embed_dataset(subset, config.batch_size, "index")[0]
     return embeddings
@@ -141,6 +141,8 @@ def index_scan(
         nprobe=config.nprobe,
         nlist=config.nlist,
         root=scan.dataset.root,
+        calibration_recall=config.calibration_recall,
+        tta=config.tta,
     )
 
 

@@ -294,7 +294,9 @@ def _pool_embeddings(inputs: _Inputs, pool: _Candidates, device: str) -> np.ndar
             )
         labeled = meta.get("config", {})  # embed as the label run did
         precision = str(labeled.get("precision", "auto"))
-        embedder = load_embedder(checkpoint, sha, resolve_device(device).type, None, precision)
+        tta = str(labeled.get("tta", "none"))
+        dev = resolve_device(device).type
+        embedder = load_embedder(checkpoint, sha, dev, None, precision, tta)
         batch_size = int(labeled.get("batch_size", 256))
         for i, (r, t, index) in enumerate(tiles):
             if kept[i] is None:

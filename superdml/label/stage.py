@@ -89,7 +89,7 @@ class _LabelJob:
     def embeddings_path(self, tile: Tile) -> Path:
         return embeddings_path(
             self.out, self.checkpoint_sha256, self.rule.to_dict(), self.run.fingerprint,
-            self.run.name, tile,
+            self.run.name, tile, self.config.tta,
         )  # fmt: skip
 
 
@@ -131,8 +131,9 @@ def _tile_embeddings(job: _LabelJob, tile: Tile, table: pa.Table, ids: np.ndarra
             embeddings = stored["embeddings"]
             if embeddings.dtype == np.float32 and np.array_equal(stored["segment_id"], ids):
                 return embeddings
+    config = job.config
     embedder = load_embedder(
-        job.checkpoint, job.checkpoint_sha256, job.device, job.threads, job.config.precision
+        job.checkpoint, job.checkpoint_sha256, job.device, job.threads, config.precision, config.tta
     )
     if len(ids) == 0:
         return np.zeros((0, 1), np.float32)
@@ -165,7 +166,7 @@ def predict(
     embeddings : (N, D) float32 ndarray
     reference : ReferenceIndex
     config : LabelConfig
-        ``k``, ``weighting``, ``temperature``, ``unknown_threshold``.
+        The labeling rule (:class:`~superdml.config.schema.VoteConfig`'s fields).
     class_names : sequence of str
         The reference's classes C, in the order of its labels.
     codes : sequence of int, length C + 1
@@ -185,9 +186,7 @@ def predict(
         return {f.name: pa.array([], f.type) for f in empty if f.name not in _ID_COLUMNS}
     sims, neighbours = reference.search(embeddings, k, device=device)
     neighbour_labels = np.where(neighbours >= 0, reference.labels[neighbours.clip(0)], -1)
-    vote = reference.vote(
-        sims, neighbours, config.weighting, config.temperature, config.unknown_threshold
-    )
+    vote = reference.vote(sims, neighbours, config, embeddings)
     label_ids, scores, margins = vote.label_ids, vote.scores, vote.margins
     names = np.asarray([*class_names, UNKNOWN], dtype=object)
     code_of = np.asarray(codes, dtype=np.int64)  # label -1 (unknown) takes the last
@@ -277,6 +276,11 @@ def _load_inputs(
         )
     if config.k > ref.size:
         raise InputError(f"{reference}: k={config.k} but the reference holds {ref.size} crops")
+    if ref.tta != config.tta:
+        raise InputError(
+            f"{reference}: reference embedded with tta {ref.tta!r}, label asks for "
+            f"{config.tta!r}: pass --tta {ref.tta}, or run `superdml index` with --tta {config.tta}"
+        )
     rule = CropRule.from_dict(ckpt.crop_rule) if ckpt.crop_rule else CropRule()
     if config.crop_size is not None:
         rule = dataclasses.replace(rule, crop_size=config.crop_size)

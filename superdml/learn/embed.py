@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from superdml.config.schema import Precision
+from superdml.config.schema import TTA, Precision
 from superdml.core.cache import ProcessCache
 from superdml.core.errors import ConfigError
 from superdml.core.progress import progress
@@ -119,6 +119,11 @@ class Embedder:
     device : torch.device or str
     dtype : torch.dtype
         Autocast dtype (:func:`resolve_precision`).
+    tta : {"none", "d4"}
+        Test-time augmentation: ``d4`` embeds each crop as the L2-normalized mean of the
+        normalized embeddings of its 8 flips and rotations (8 forwards per batch, one
+        after the other, so memory stays that of one batch). The embedding is then the
+        same for a crop and any of its flips or rotations (up to float rounding).
     """
 
     def __init__(
@@ -129,9 +134,13 @@ class Embedder:
         std: Sequence[float],
         device: torch.device | str,
         dtype: torch.dtype = torch.float32,
+        tta: TTA | str = "none",
     ) -> None:
+        if tta not in get_args(TTA):
+            raise ConfigError(f"tta: got {tta!r}, expected one of " + ", ".join(get_args(TTA)))
         self.device = torch.device(device)
         self.dtype = dtype
+        self.tta = tta
         self.model = prepare_model(model, self.device)
         self.input_size = input_size
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
@@ -144,6 +153,7 @@ class Embedder:
         checkpoint: str | os.PathLike[str] | Checkpoint,
         device: torch.device | str,
         precision: Precision | str = "auto",
+        tta: TTA | str = "none",
     ) -> Embedder:
         """Return the Embedder of a checkpoint: its model, input size and normalization.
 
@@ -155,6 +165,8 @@ class Embedder:
             ``cpu`` or ``cuda``.
         precision : {"auto", "fp32", "bf16"}
             See :func:`resolve_precision`.
+        tta : {"none", "d4"}
+            Test-time augmentation (see the class docstring).
         """
         from superdml.learn.checkpoint import (
             Checkpoint,
@@ -166,7 +178,7 @@ class Embedder:
         dev = torch.device(device)
         model = build_model_from_checkpoint(ckpt)
         dtype = resolve_precision(precision, dev)
-        return cls(model, ckpt.input_size, ckpt.mean, ckpt.std, dev, dtype)
+        return cls(model, ckpt.input_size, ckpt.mean, ckpt.std, dev, dtype, tta)
 
     def _forward(self, batch: Tensor, batch_size: int) -> Tensor:
         """Embed one ``(n, C, H, W)`` uint8 CPU batch, n <= `batch_size`: ``(n, D)`` on the CPU."""
@@ -183,7 +195,15 @@ class Embedder:
         x = ((x.float() / 255.0 - self.mean) / self.std).contiguous(
             memory_format=torch.channels_last
         )
-        return F.normalize(self.model(x)[:n].float(), dim=1).cpu()
+        if self.tta == "none":
+            return F.normalize(self.model(x)[:n].float(), dim=1).cpu()
+        total = torch.zeros((), device=self.device)
+        for turns in range(4):  # the 8 elements of D4: 4 rotations, each also mirrored
+            turned = torch.rot90(x, turns, dims=(-2, -1))
+            for view in (turned, turned.flip(-1)):
+                out = self.model(view.contiguous(memory_format=torch.channels_last))
+                total = total + F.normalize(out[:n].float(), dim=1)
+        return F.normalize(total, dim=1).cpu()
 
     @contextlib.contextmanager
     def _running(self) -> Iterator[None]:
@@ -255,7 +275,12 @@ _EMBEDDERS: ProcessCache[Embedder] = ProcessCache(size=2)
 
 
 def load_embedder(
-    checkpoint: str, sha256: str, device: str, threads: int | None = None, precision: str = "auto"
+    checkpoint: str,
+    sha256: str,
+    device: str,
+    threads: int | None = None,
+    precision: str = "auto",
+    tta: str = "none",
 ) -> Embedder:
     """Return the checkpoint's :class:`Embedder`, loaded once per process (keyed by its hash).
 
@@ -268,7 +293,7 @@ def load_embedder(
     device : {"cpu", "cuda"}
     threads : int, optional
         torch and FAISS threads of this process, set before the first load.
-    precision : str
+    precision, tta : str
         As :meth:`Embedder.from_checkpoint`.
     """
 
@@ -278,6 +303,6 @@ def load_embedder(
 
             torch.set_num_threads(threads)
             faiss.omp_set_num_threads(threads)
-        return Embedder.from_checkpoint(checkpoint, device, precision)
+        return Embedder.from_checkpoint(checkpoint, device, precision, tta)
 
-    return _EMBEDDERS.get((sha256, device, precision), load)
+    return _EMBEDDERS.get((sha256, device, precision, tta), load)

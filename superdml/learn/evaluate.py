@@ -9,10 +9,11 @@ crops, when given) with the checkpoint's model and writes into `out_dir`:
     query's own row left out; ``top1_accuracy`` and ``top5_accuracy`` are its
     similarity-weighted vote of the ``k`` nearest, as training's validation scores it),
     plus ``accuracy`` and ``macro_f1`` of the labeling rule's classes (scikit-learn's,
-    ``unknown`` counting as wrong); ``per_class_accuracy`` and ``per_class_f1`` by
-    class name (the accuracy is the diagonal of the confusion matrix); ``counts``;
-    ``inputs``: the checkpoint and its SHA-256, the folders, the labeling rule. Written
-    last, so its presence means the evaluation is complete.
+    ``unknown`` counting as wrong) and ``ece``, the expected calibration error of its
+    scores (:mod:`superdml.learn.calibration`, 10 bins); ``per_class_accuracy`` and
+    ``per_class_f1`` by class name (the accuracy is the diagonal of the confusion
+    matrix); ``counts``; ``inputs``: the checkpoint and its SHA-256, the folders, the
+    labeling rule. Written last, so its presence means the evaluation is complete.
 ``predictions.parquet``
     One row per query crop: ``file`` (relative to the query folder), ``true_label``,
     and the labeling rule's ``label``, ``score``, ``margin`` and ``similarity``: the
@@ -31,6 +32,9 @@ crops, when given) with the checkpoint's model and writes into `out_dir`:
 ``similarity.png``
     Cosine similarity between a few crops of a few classes, the crops drawn as row and
     column headers.
+``reliability.png``
+    Reliability diagram of the scores: share labeled right against mean score, per
+    score bin, with the ECE.
 
 Class ids of the queries and references are positions in the sorted union of their
 class folder names, so the two folders may hold different classes.
@@ -52,15 +56,21 @@ import pyarrow.parquet as pq
 import torch
 from sklearn import metrics as sk
 
-from superdml.config.schema import VoteConfig
+from superdml.config.schema import IndexConfig, VoteConfig
 from superdml.core.atomic import atomic_write, write_json
 from superdml.core.devices import resolve_device
 from superdml.core.ownership import check_apart, check_output, claim_output
+from superdml.learn.calibration import expected_calibration_error, reliability_bins
 from superdml.learn.checkpoint import checkpoint_sha256, load_checkpoint
 from superdml.learn.data import ImageFolderDataset
 from superdml.learn.embed import Embedder, resolve_precision
 from superdml.learn.metrics import retrieval_metrics
-from superdml.learn.plots import plot_confusion_matrix, plot_embedding_2d, plot_similarity
+from superdml.learn.plots import (
+    plot_confusion_matrix,
+    plot_embedding_2d,
+    plot_reliability,
+    plot_similarity,
+)
 from superdml.raster.classes import UNKNOWN
 from superdml.search.knn import UNKNOWN_LABEL, KnnVote, search
 from superdml.search.reference import ReferenceIndex
@@ -72,6 +82,7 @@ PREDICTIONS_PARQUET = "predictions.parquet"
 CONFUSION_PNG = "confusion_matrix.png"
 TSNE_PNG = "tsne.png"
 SIMILARITY_PNG = "similarity.png"
+RELIABILITY_PNG = "reliability.png"
 TSNE_MAX_POINTS = 5000
 SIMILARITY_CLASSES = 6
 SIMILARITY_PER_CLASS = 3
@@ -103,6 +114,7 @@ class EvaluateResult:
     confusion_path: Path
     tsne_path: Path
     similarity_path: Path
+    reliability_path: Path
     metrics: dict[str, float]
     n_query: int
     n_reference: int
@@ -248,7 +260,7 @@ def _classify(
         sims, ids = search(query_emb, reference.embeddings, k, exclude_self=True)
     else:
         sims, ids = reference.search(query_emb, k, device)
-    vote = reference.vote(sims, ids, rule.weighting, rule.temperature, rule.unknown_threshold)
+    vote = reference.vote(sims, ids, rule, query_emb)
     return vote, k
 
 
@@ -381,12 +393,14 @@ def evaluate(
     ckpt = load_checkpoint(checkpoint)
     ckpt_sha = checkpoint_sha256(checkpoint)
     folders = [query_dir] if reference_dir is None else [query_dir, reference_dir]
-    embedder = Embedder.from_checkpoint(ckpt, dev, rule.precision)
+    embedder = Embedder.from_checkpoint(ckpt, dev, rule.precision, rule.tta)
     data = _embed_folders(folders, embedder, ckpt.bands, ckpt.input_size, rule.batch_size)
     exclude_self = reference_dir is None
+    recall = IndexConfig().calibration_recall if rule.unknown == "calibrated" else None
     reference = ReferenceIndex.build(
-        data.reference, data.reference_labels, data.class_names, data.datasets[-1].files, ckpt_sha
-    )
+        data.reference, data.reference_labels, data.class_names, data.datasets[-1].files,
+        ckpt_sha, calibration_recall=recall,
+    )  # fmt: skip
     vote, k = _classify(data.query, reference, exclude_self, rule, dev)
     metrics = retrieval_metrics(
         data.query, data.query_labels, data.reference, data.reference_labels, exclude_self,
@@ -395,7 +409,9 @@ def evaluate(
     scores, accuracy, f1, matrix = _classification_report(
         data.query_labels, vote.label_ids, data.class_names
     )
-    metrics = {**{key: float(v) for key, v in metrics.items()}, **scores}
+    correct = vote.label_ids == data.query_labels
+    ece = expected_calibration_error(vote.scores, correct)
+    metrics = {**{key: float(v) for key, v in metrics.items()}, **scores, "ece": ece}
     with claim_output(out_dir, "evaluate"):
         predictions_path = _write_predictions(
             out_dir / PREDICTIONS_PARQUET,
@@ -405,6 +421,8 @@ def evaluate(
             data.class_names,
         )
         figures = _draw_figures(out_dir, data, matrix)
+        reliability = reliability_bins(vote.scores, correct)
+        reliability_path = plot_reliability(reliability, ece, out_dir / RELIABILITY_PNG)
         inputs = {
             "checkpoint": os.fspath(checkpoint),
             "checkpoint_sha256": ckpt_sha,
@@ -425,8 +443,8 @@ def evaluate(
         write_json(metrics_path, report)
     logger.info("%s: %s", metrics_path, metrics)
     return EvaluateResult(
-        out_dir, metrics_path, predictions_path, *figures, metrics, len(data.query),
-        len(data.reference), time.perf_counter() - start,
+        out_dir, metrics_path, predictions_path, *figures, reliability_path, metrics,
+        len(data.query), len(data.reference), time.perf_counter() - start,
     )  # fmt: skip
 
 

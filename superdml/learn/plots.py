@@ -20,6 +20,7 @@ from matplotlib.colors import Colormap, ListedColormap
 from matplotlib.figure import Figure
 
 from superdml.core.atomic import atomic_write
+from superdml.learn.calibration import Reliability
 
 ANNOTATE_MAX = 16  # matrices up to this side get their values written in the cells
 DPI = 120
@@ -215,4 +216,39 @@ def plot_similarity(
         spine.set_visible(False)
     ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    return _save(fig, path)
+
+
+def plot_reliability(reliability: Reliability, ece: float, path: str | os.PathLike[str]) -> Path:
+    """Draw a reliability diagram: accuracy against mean score per score bin.
+
+    Parameters
+    ----------
+    reliability : Reliability
+        :func:`superdml.learn.calibration.reliability_bins` of the scores.
+    ece : float
+        The expected calibration error, shown in the title.
+    path : path
+        PNG to write.
+
+    Returns
+    -------
+    Path
+        `path`.
+    """
+    edges = reliability.edges
+    centers, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+    filled = reliability.counts > 0
+    fig = Figure(figsize=(5.0, 5.0))
+    ax = fig.subplots()
+    ax.bar(centers[filled], reliability.accuracy[filled], width[filled] * 0.9,
+           color="tab:blue", label="accuracy")  # fmt: skip
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="calibrated")
+    ax.plot(reliability.mean_score[filled], reliability.accuracy[filled], "o", color="tab:orange",
+            label="mean score")  # fmt: skip
+    for x, n in zip(centers[filled], reliability.counts[filled], strict=True):
+        ax.annotate(str(int(n)), (x, 0.02), ha="center", fontsize=7)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="score (vote share)", ylabel="share labeled right",
+           title=f"reliability, ECE {ece:.3f}")  # fmt: skip
+    ax.legend(loc="upper left")
     return _save(fig, path)

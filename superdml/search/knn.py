@@ -45,6 +45,8 @@ __all__ = [
     "KnnVote",
     "Weighting",
     "apply_unknown",
+    "balance_weights",
+    "calibrate_thresholds",
     "knn_vote",
     "search",
     "search_chunks",
@@ -319,6 +321,7 @@ def knn_vote(
     temperature: float = 0.1,
     num_top: int = 5,
     exact_match: float | None = EXACT_MATCH,
+    class_weights: np.ndarray | None = None,
 ) -> KnnVote:
     """Label each query by a weighted vote of its k nearest references.
 
@@ -332,7 +335,10 @@ def knn_vote(
     ``softmax``
         ``softmax(sims / temperature)`` over the query's neighbours.
 
-    Neighbours labelled -1 (padding from :func:`search`) carry no weight. The winner
+    With `class_weights`, each neighbour's weight is multiplied by its class's entry
+    (:func:`balance_weights`: the class-aware vote, so a class with few references is
+    not outvoted by one with many). Neighbours labelled -1 (padding from
+    :func:`search`) carry no weight. The winner
     is the class with the highest score, the lowest class id among exact ties. A query
     whose nearest neighbour is itself (similarity >= `exact_match`: a crop people
     labeled) keeps that neighbour's class with score and margin 1, whatever the others.
@@ -353,6 +359,8 @@ def knn_vote(
         Number of classes t in ``topk_classes`` (at most C).
     exact_match : float or None
         Similarity from which the nearest neighbour decides alone; None: never.
+    class_weights : (C,) float ndarray, optional
+        Factor of each class's neighbours (> 0); None: every class counts alike.
 
     Returns
     -------
@@ -364,7 +372,8 @@ def knn_vote(
     InputError
         On arrays of mismatched or wrong shapes, or labels outside ``[-1, num_classes)``.
     ConfigError
-        On an unknown `weighting` or non-positive `temperature`, `num_classes`, `num_top`.
+        On an unknown `weighting` or non-positive `temperature`, `num_classes`, `num_top`,
+        or `class_weights` that are not C positive numbers.
     """
     check(weighting in get_args(Weighting), "weighting", weighting, "one of similarity, softmax")
     check(temperature > 0, "temperature", temperature, "a number > 0")
@@ -392,6 +401,15 @@ def knn_vote(
         logits = np.where(valid, sims / temperature, -np.inf)
         top = logits.max(axis=1, keepdims=True)
         weights = np.exp(logits - np.where(np.isfinite(top), top, 0.0))
+    if class_weights is not None:
+        factors = np.asarray(class_weights, dtype=np.float64)
+        check(
+            factors.shape == (num_classes,) and bool(np.all(factors > 0)),
+            "class_weights",
+            class_weights,
+            f"{num_classes} numbers > 0",
+        )
+        weights = weights * factors[np.where(valid, labels, 0)]
     total = weights.sum(axis=1)
     flat = np.arange(n)[:, None] * num_classes + np.where(valid, labels, 0)
     class_weights = np.bincount(
@@ -421,15 +439,16 @@ def knn_vote(
     )
 
 
-def apply_unknown(vote: KnnVote, threshold: float) -> KnnVote:
+def apply_unknown(vote: KnnVote, threshold: float | np.ndarray) -> KnnVote:
     """Mark queries whose nearest reference is less similar than `threshold` as unknown.
 
     Parameters
     ----------
     vote : KnnVote
         Result of :func:`knn_vote`.
-    threshold : float
-        Minimum similarity to the nearest reference (cosine, in [-1, 1]).
+    threshold : float or (C,) float ndarray
+        Minimum similarity to the nearest reference (cosine, in [-1, 1]); one per
+        class (:func:`calibrate_thresholds`): the threshold of the class voted for.
 
     Returns
     -------
@@ -438,5 +457,70 @@ def apply_unknown(vote: KnnVote, threshold: float) -> KnnVote:
         ``similarity < threshold``; scores, margins and class shares are kept, so the
         review stage can still see what the vote said.
     """
-    unknown = vote.similarity < threshold
+    limit = np.asarray(threshold, dtype=np.float64)
+    if limit.ndim == 1:
+        limit = np.where(vote.label_ids >= 0, limit[np.maximum(vote.label_ids, 0)], -np.inf)
+    unknown = vote.similarity < limit
     return dataclasses.replace(vote, label_ids=np.where(unknown, UNKNOWN_LABEL, vote.label_ids))
+
+
+def balance_weights(counts: np.ndarray, class_balance: float) -> np.ndarray | None:
+    """Return the class factors of the class-aware vote: ``count ** -class_balance``.
+
+    Parameters
+    ----------
+    counts : (C,) int ndarray
+        References per class (a class without any counts as 1: it is never a neighbour).
+    class_balance : float
+        0: every neighbour counts alike (None is returned: today's vote, bit for bit);
+        1: each class's references weigh 1 / their number in all (fully balanced).
+
+    Returns
+    -------
+    (C,) float64 ndarray or None
+        The `class_weights` of :func:`knn_vote`, scaled so the largest is 1.
+    """
+    check(0.0 <= class_balance <= 1.0, "class_balance", class_balance, "a number in [0, 1]")
+    if class_balance == 0:
+        return None
+    factors = np.maximum(np.asarray(counts, dtype=np.float64), 1.0) ** -float(class_balance)
+    return factors / factors.max()
+
+
+def calibrate_thresholds(
+    nearest: np.ndarray, labels: np.ndarray, num_classes: int, recall: float
+) -> np.ndarray:
+    """Per-class unknown thresholds that keep `recall` of each class's held-out crops.
+
+    The thresholds of ``unknown: calibrated``, set on the reference itself, leave one
+    out (Sun et al., ICML 2022: a kNN similarity threshold set on in-distribution
+    data): `nearest` is each reference's similarity to its nearest *other* reference.
+    Class c's threshold is the largest value that at least ``recall`` of class c's
+    references reach, so a new crop of c drawn like them keeps its label with
+    probability about `recall` (a class with one reference gets -1: never unknown).
+
+    Parameters
+    ----------
+    nearest : (N,) float ndarray
+        Leave-one-out nearest similarity of each reference.
+    labels : (N,) int ndarray
+        Class of each reference, in ``[0, num_classes)``.
+    num_classes : int
+    recall : float
+        Share of each class's references above its threshold, in (0, 1].
+
+    Returns
+    -------
+    (C,) float32 ndarray
+        Threshold of each class, -1 for a class with fewer than 2 references.
+    """
+    check(0.0 < recall <= 1.0, "recall", recall, "a number in (0, 1]")
+    thresholds = np.full(num_classes, -1.0, dtype=np.float32)
+    nearest = np.asarray(nearest, dtype=np.float64)
+    for c in range(num_classes):  # C classes: a short loop
+        own = np.sort(nearest[np.asarray(labels) == c])
+        if len(own) >= 2:
+            # the value of rank floor((1 - recall) * n): at least ceil(recall * n) reach it
+            keep = int(np.ceil(recall * len(own) - 1e-9))
+            thresholds[c] = own[len(own) - keep]
+    return thresholds

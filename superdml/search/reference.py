@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 import warnings
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 
 from superdml.config.checks import is_count
-from superdml.config.schema import check
+from superdml.config.schema import VoteConfig, check
 from superdml.core.atomic import atomic_write
 from superdml.core.cache import ProcessCache
 from superdml.core.errors import InputError
@@ -41,9 +42,10 @@ from superdml.search.faiss_index import (
     reference_problem,
     search_device,
 )
-from superdml.search.knn import UNKNOWN_LABEL, KnnVote, Weighting
+from superdml.search.knn import UNKNOWN_LABEL, KnnVote
 from superdml.search.reference_files import (
     REFERENCE_JSON,
+    Calibration,
     check_replaceable,
     damaged,
     read_reference,
@@ -58,6 +60,8 @@ __all__ = [
 ]
 
 IndexType = Literal["flat", "ivf"]
+
+logger = logging.getLogger(__name__)
 
 #: A reference on a device: FAISS GPU resources and index, or the embeddings as a tensor.
 _DeviceCopy = tuple[Any, faiss.Index] | Tensor
@@ -105,6 +109,8 @@ class ReferenceIndex:
         index_sha256: str,
         root: Path | None,
         path: Path | None,
+        calibration: Calibration | None = None,
+        tta: str = "none",
     ) -> None:
         # private: use ReferenceIndex.build or ReferenceIndex.load, which validate
         embeddings.flags.writeable = False
@@ -123,6 +129,10 @@ class ReferenceIndex:
         self._path = path
         self._copies: dict[str, _DeviceCopy] = {}
         self._copies_lock = threading.Lock()  # threads share a cached reference
+        self._calibration = calibration
+        self._tta = tta
+        self._warned_uncalibrated = False
+        self._class_means: np.ndarray | None = None  # made on first use
 
     # ------------------------------------------------------------------ making one
 
@@ -138,6 +148,8 @@ class ReferenceIndex:
         nprobe: int = 32,
         nlist: int | None = None,
         root: str | os.PathLike[str] | None = None,
+        calibration_recall: float | None = None,
+        tta: str = "none",
     ) -> ReferenceIndex:
         """Index labeled reference embeddings.
 
@@ -163,6 +175,12 @@ class ReferenceIndex:
             Inverted lists of the IVF index; ``round(4 * sqrt(N))`` when None (at most N).
         root : path, optional
             The folder `files` are relative to.
+        calibration_recall : float, optional
+            Set per-class unknown thresholds (``unknown: calibrated``) that keep this
+            share of each class's references, left out one at a time
+            (:func:`~superdml.search.knn.calibrate_thresholds`); None: none.
+        tta : {"none", "d4"}
+            The test-time augmentation the embeddings were made with (recorded).
 
         Raises
         ------
@@ -183,9 +201,13 @@ class ReferenceIndex:
             raise InputError(f"reference: {problem}")
         emb = np.array(emb, dtype=np.float32, order="C")
         index = make_faiss_index(emb, int(ivf_threshold), nlist, int(nprobe))
+        lab = np.array(lab, dtype=np.int64)
+        calibration = None
+        if calibration_recall is not None:
+            calibration = _calibrate(emb, lab, len(names), index, float(calibration_recall))
         return cls(
             emb,
-            np.array(lab, dtype=np.int64),
+            lab,
             names,
             file_list,
             str(checkpoint_sha256),
@@ -193,6 +215,8 @@ class ReferenceIndex:
             hashlib.sha256(faiss.serialize_index(index).tobytes()).hexdigest(),
             None if root is None else Path(root).absolute(),
             None,
+            calibration,
+            tta,
         )
 
     @classmethod
@@ -218,7 +242,7 @@ class ReferenceIndex:
         check(nprobe is None or is_count(nprobe), "nprobe", nprobe, "an integer >= 1")
         stored = read_reference(directory)
         folder = Path(directory)
-        loaded = cls(*stored[:-1], folder)
+        loaded = cls(*stored[:8], folder, stored.calibration, stored.tta)
         if loaded.sha256 != stored.sha256:
             raise damaged(folder, f"content does not match its sha256 in {REFERENCE_JSON}")
         index = stored.index
@@ -274,6 +298,8 @@ class ReferenceIndex:
             "class_names": self._class_names,
             "per_class": self.per_class,
             "index": {"type": self.index_type, "nlist": self.nlist, "nprobe": self.nprobe},
+            "tta": self._tta,
+            "calibration": None if self._calibration is None else self._calibration.to_json(),
             "root": None if self._root is None else os.fspath(self._root),
             "build": dict(metadata or {}),
         }
@@ -370,28 +396,18 @@ class ReferenceIndex:
     def classify(
         self,
         embeddings: np.ndarray,
-        k: int,
-        weighting: Weighting = "similarity",
-        temperature: float = 0.1,
-        unknown_threshold: float | None = None,
+        rule: VoteConfig | None = None,
         device: str | torch.device | None = None,
         num_top: int = 5,
     ) -> KnnVote:
-        """Label each query by the vote of its k nearest references.
+        """Label each query by the labeling rule: search its neighbours, then :meth:`vote`.
 
         Parameters
         ----------
         embeddings : (N, D) float ndarray
             L2-normalized query embeddings.
-        k : int
-            Neighbours that vote, at most :attr:`size`.
-        weighting : {"similarity", "softmax"}
-            Vote weights, see :func:`~superdml.search.knn.knn_vote`.
-        temperature : float
-            Softmax temperature.
-        unknown_threshold : float or None
-            Queries whose nearest reference is less similar get label -1
-            (:func:`~superdml.search.knn.apply_unknown`).
+        rule : VoteConfig, optional
+            The labeling rule (``k`` at most :attr:`size`); the defaults when None.
         device : {None, "cpu", "cuda", "auto"} or torch.device
             Where to search (see :meth:`search`).
         num_top : int
@@ -402,19 +418,29 @@ class ReferenceIndex:
         KnnVote
             ``label_ids`` index into :attr:`class_names` (-1: unknown).
         """
-        sims, ids = self.search(embeddings, k, device)
-        return self.vote(sims, ids, weighting, temperature, unknown_threshold, num_top)
+        rule = VoteConfig() if rule is None else rule
+        sims, ids = self.search(embeddings, rule.k, device)
+        return self.vote(sims, ids, rule, embeddings, num_top)
 
     def vote(
         self,
         sims: np.ndarray,
         ids: np.ndarray,
-        weighting: Weighting = "similarity",
-        temperature: float = 0.1,
-        unknown_threshold: float | None = None,
+        rule: VoteConfig | None = None,
+        queries: np.ndarray | None = None,
         num_top: int = 5,
     ) -> KnnVote:
-        """Vote among neighbours found by :meth:`search` (see :meth:`classify`).
+        """Apply the labeling rule to neighbours found by :meth:`search`.
+
+        The rule's ``vote``: ``knn`` is :func:`~superdml.search.knn.knn_vote` over the
+        neighbours, each weighted by its class's reference count to the power
+        ``-class_balance`` (:func:`~superdml.search.knn.balance_weights`);
+        ``class_mean`` votes over the similarities of the query to every class's mean
+        reference embedding (nearest class mean; the same weighting and temperature),
+        except that a query whose nearest reference is its own crop keeps that class.
+        Then ``unknown``: ``threshold`` applies ``unknown_threshold`` when set,
+        ``calibrated`` the reference's per-class thresholds (a reference without them
+        votes with no threshold and says so once, in the log).
 
         Parameters
         ----------
@@ -422,18 +448,89 @@ class ReferenceIndex:
             Similarities of the neighbours.
         ids : (N, k) int ndarray
             Their reference rows, -1 for padding.
+        rule : VoteConfig, optional
+            The labeling rule; the defaults when None.
+        queries : (N, D) float ndarray, optional
+            The query embeddings: needed by the ``class_mean`` vote.
+        num_top : int
+            Classes in ``topk_classes``.
 
         Returns
         -------
         KnnVote
             ``label_ids`` index into :attr:`class_names` (-1: unknown).
+
+        Raises
+        ------
+        InputError
+            On a ``class_mean`` vote without `queries`, or arrays of mismatched shapes.
         """
+        rule = VoteConfig() if rule is None else rule
         ids = np.asarray(ids)
         neighbour_labels = np.where(ids >= 0, self._labels[np.maximum(ids, 0)], UNKNOWN_LABEL)
-        vote = knn.knn_vote(
-            sims, neighbour_labels, len(self._class_names), weighting, temperature, num_top
+        num_classes = len(self._class_names)
+        if rule.vote == "class_mean":
+            vote = self._class_mean_vote(sims, neighbour_labels, rule, queries, num_top)
+        else:
+            factors = knn.balance_weights(self.class_counts, rule.class_balance)
+            vote = knn.knn_vote(
+                sims, neighbour_labels, num_classes, rule.weighting, rule.temperature, num_top,
+                class_weights=factors,
+            )  # fmt: skip
+        threshold = self._unknown_threshold(rule)
+        return vote if threshold is None else knn.apply_unknown(vote, threshold)
+
+    def _class_mean_vote(
+        self,
+        sims: np.ndarray,
+        neighbour_labels: np.ndarray,
+        rule: VoteConfig,
+        queries: np.ndarray | None,
+        num_top: int,
+    ) -> KnnVote:
+        """Vote over the class means (see :meth:`vote`), keeping exact matches' classes."""
+        if queries is None:
+            raise InputError("vote: the class_mean vote needs the query embeddings")
+        query = np.asarray(queries, dtype=np.float32)
+        if query.ndim != 2 or query.shape != (len(sims), self.dim):
+            raise InputError(
+                f"vote: got queries of shape {query.shape}, expected ({len(sims)}, {self.dim})"
+            )
+        means = self.class_means
+        mean_sims = query @ means.T
+        present = self.class_counts > 0
+        order = np.argsort(-np.where(present, mean_sims, -np.inf), axis=1, kind="stable")
+        classes = np.where(present[order], order, UNKNOWN_LABEL)
+        by_mean = knn.knn_vote(
+            np.take_along_axis(mean_sims, order, axis=1), classes, len(means),
+            rule.weighting, rule.temperature, num_top, exact_match=None,
+        )  # fmt: skip
+        by_ref = knn.knn_vote(sims[:, :1], neighbour_labels[:, :1], len(means), num_top=num_top)
+        exact = (by_ref.label_ids >= 0) & (by_ref.similarity >= knn.EXACT_MATCH)
+        rows = exact[:, None]
+        return KnnVote(
+            label_ids=np.where(exact, by_ref.label_ids, by_mean.label_ids),
+            scores=np.where(exact, by_ref.scores, by_mean.scores),
+            margins=np.where(exact, by_ref.margins, by_mean.margins),
+            similarity=by_ref.similarity,
+            class_scores=np.where(rows, by_ref.class_scores, by_mean.class_scores),
+            topk_classes=np.where(rows, by_ref.topk_classes, by_mean.topk_classes),
         )
-        return vote if unknown_threshold is None else knn.apply_unknown(vote, unknown_threshold)
+
+    def _unknown_threshold(self, rule: VoteConfig) -> float | np.ndarray | None:
+        """Return the rule's unknown threshold: one number, one per class, or None."""
+        if rule.unknown == "threshold":
+            return rule.unknown_threshold
+        if self._calibration is None:
+            if not self._warned_uncalibrated:
+                self._warned_uncalibrated = True
+                logger.warning(
+                    "%s: no calibrated unknown thresholds (an older reference): voting "
+                    "without unknowns; rebuild it with superdml index to calibrate",
+                    self._where(),
+                )
+            return None
+        return self._calibration.thresholds
 
     def _where(self) -> str:
         """Return the folder to name in messages, or "in-memory reference"."""
@@ -492,6 +589,33 @@ class ReferenceIndex:
         return int(self._embeddings.shape[1])
 
     @property
+    def class_counts(self) -> np.ndarray:
+        """(C,) int64 references per class (the class-aware vote's counts)."""
+        return np.bincount(self._labels, minlength=len(self._class_names))
+
+    @property
+    def class_means(self) -> np.ndarray:
+        """(C, D) float32 L2-normalized mean embedding of each class (0 without references)."""
+        if self._class_means is None:
+            sums = np.zeros((len(self._class_names), self.dim), dtype=np.float64)
+            for c in np.unique(self._labels):  # C classes: a short loop
+                sums[c] = self._embeddings[self._labels == c].sum(axis=0)
+            norms = np.linalg.norm(sums, axis=1, keepdims=True)
+            means = np.divide(sums, norms, out=np.zeros_like(sums), where=norms > 0)
+            self._class_means = means.astype(np.float32)
+        return self._class_means
+
+    @property
+    def calibration(self) -> Calibration | None:
+        """The per-class unknown thresholds and the recall they were set for, if any."""
+        return self._calibration
+
+    @property
+    def tta(self) -> str:
+        """Test-time augmentation of the embeddings (``none`` or ``d4``)."""
+        return self._tta
+
+    @property
     def per_class(self) -> dict[str, int]:
         """References per class name (0 for a class without references)."""
         counts = np.bincount(self._labels, minlength=len(self._class_names))
@@ -517,6 +641,18 @@ class ReferenceIndex:
             f"ReferenceIndex(size={self.size}, dim={self.dim}, classes={len(self._class_names)}, "
             f"index={self.index_type!r}, sha256={self._sha256[:12]!r})"
         )
+
+
+def _calibrate(
+    embeddings: np.ndarray, labels: np.ndarray, num_classes: int, index: faiss.Index, recall: float
+) -> Calibration:
+    """Per-class unknown thresholds from each reference's nearest other reference."""
+    if isinstance(index, faiss.IndexIVF):
+        sims, _ = knn.search(embeddings, index, 1, backend="faiss", exclude_self=True)
+    else:
+        sims, _ = knn.search(embeddings, torch.from_numpy(embeddings), 1, exclude_self=True)
+    thresholds = knn.calibrate_thresholds(sims[:, 0], labels, num_classes, recall)
+    return Calibration(recall, thresholds)
 
 
 _REFERENCES: ProcessCache[ReferenceIndex] = ProcessCache(size=2)

@@ -16,7 +16,10 @@ file                holds
                     ``IndexConfig.ivf_threshold`` references
 ``reference.json``  format, ``checkpoint_sha256``, ``sha256`` (the reference's hash over
                     content, ``index.faiss`` and file names), ``index_sha256``, counts
-                    per class, index type, ``root`` and (from ``build_index``) the
+                    per class, index type, ``root``, ``tta`` (the embeddings' test-time
+                    augmentation), ``calibration`` (per-class unknown thresholds and
+                    their recall, :class:`Calibration`; null in older references, which
+                    also lack ``tta``) and (from ``build_index``) the
                     effective config, class scheme and what was embedded or reused
 ``file_stats.npy``  (N, 2) int64 size and mtime_ns of each crop (incremental rebuilds;
                     written by ``build_index``)
@@ -31,6 +34,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -48,6 +52,7 @@ __all__ = [
     "FILE_STATS_NPY",
     "REFERENCE_FILES",
     "REFERENCE_JSON",
+    "Calibration",
     "StoredReference",
     "check_replaceable",
     "damaged",
@@ -72,6 +77,42 @@ REFERENCE_FILES = (
 )  # fmt: skip
 
 
+@dataclass(frozen=True, eq=False)
+class Calibration:
+    """Per-class unknown thresholds (``unknown: calibrated``), in ``reference.json``.
+
+    Attributes
+    ----------
+    recall : float
+        Share of each class's references (left out one at a time) the thresholds keep.
+    thresholds : (C,) float32 ndarray
+        Least similarity to the nearest reference of a query voted into each class.
+    """
+
+    recall: float
+    thresholds: np.ndarray
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the JSON form: ``{"recall": r, "thresholds": [t, ...]}``."""
+        return {"recall": self.recall, "thresholds": [float(t) for t in self.thresholds]}
+
+    @classmethod
+    def from_json(cls, value: Any, num_classes: int) -> Calibration | None:
+        """Read the JSON form (None: an older reference without thresholds).
+
+        Raises
+        ------
+        ValueError
+            When it is not C thresholds and a recall.
+        """
+        if value is None:
+            return None
+        thresholds = np.asarray(value["thresholds"], dtype=np.float32)
+        if thresholds.shape != (num_classes,):
+            raise ValueError(f"calibration: {thresholds.size} thresholds for {num_classes} classes")
+        return cls(float(value["recall"]), thresholds)
+
+
 class StoredReference(NamedTuple):
     """The parts of a reference folder, checked to fit together (:func:`read_reference`)."""
 
@@ -84,6 +125,8 @@ class StoredReference(NamedTuple):
     index_sha256: str
     root: Path | None
     sha256: str
+    calibration: Calibration | None
+    tta: str
 
 
 def read_reference(directory: str | os.PathLike[str]) -> StoredReference:
@@ -126,6 +169,8 @@ def read_reference(directory: str | os.PathLike[str]) -> StoredReference:
         index = faiss.deserialize_index(np.frombuffer(index_bytes, dtype=np.uint8))
         stored_sha, ckpt_sha = str(meta["sha256"]), str(meta["checkpoint_sha256"])
         root = None if meta.get("root") is None else Path(meta["root"])
+        calibration = Calibration.from_json(meta.get("calibration"), len(class_names))
+        tta = str(meta.get("tta", "none"))  # older references: no test-time augmentation
     except InputError:
         raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
@@ -151,6 +196,8 @@ def read_reference(directory: str | os.PathLike[str]) -> StoredReference:
         index_sha,
         root,
         stored_sha,
+        calibration,
+        tta,
     )
 
 

@@ -1,0 +1,229 @@
+"""Labeling quality of a rare class: the labeling rule's settings on a mosaic with one rare class.
+
+What it measures
+----------------
+The rare-class mosaic (:func:`rare_mosaic`): four of the demo's textures (brick, grass,
+gravel, cat) fill wavy Voronoi cells, and the fifth (coffee) only six small discs, three
+in each half: about 1.5% of the area and, at the demo's crop rule, under 40 training crops
+(the run prints how many). The demo pipeline (``pipelines/demo.yaml``: crops from the
+left half's truth -> train -> index -> label -> export) runs on it once per seed (each
+seed sets ``crops.seed`` and ``train.seed``); then, on the same model and reference,
+``label`` and ``export`` run again for each setting of the labeling rule
+(:data:`SETTINGS`; the pipeline reruns only the stages whose options changed). The
+label raster is scored on the unseen right half with
+:func:`superdml.cli.demo.unseen_half_scores`: pixel accuracy, macro F1 over the five
+classes, and the rare class's F1. The label rate is the label stage's superpixels per
+second, and its ratio to the first setting's (today's rule) in the same seed.
+
+Per-run scores go to ``OUT/results.json``; the table prints the mean over the seeds and
+each seed's value of the rare F1. Run ``python benchmarks/quality_rare.py --help``;
+results are in ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import torch
+import yaml
+from rasterio.transform import from_origin
+
+from superdml.cli import pipeline as pipeline_mod
+from superdml.cli.demo import (
+    CLASS_NAMES,
+    DEMO_CRS,
+    DEMO_ORIGIN,
+    PIXEL_SIZE,
+    unseen_half_scores,
+    voronoi_regions,
+)
+from superdml.cli.stages import REGISTRY
+from superdml.config.shipped import pipeline_path
+from superdml.label.predictions import load_label_run
+
+RARE = "coffee"
+
+#: name -> overrides of the label (and index) stages; the first is today's rule (knn vote,
+#: similarity weighting, k 10, class_balance 0, no unknowns, no TTA).
+SETTINGS: dict[str, list[str]] = {
+    "today": [],
+    "balance-0.5": ["label.class_balance=0.5"],
+    "balance-1": ["label.class_balance=1.0"],
+    "class-mean": ["label.vote=class_mean"],
+    "balance-1-softmax-0.05": [
+        "label.class_balance=1.0", "label.weighting=softmax", "label.temperature=0.05"
+    ],
+    "calibrated-0.95": ["label.unknown=calibrated"],
+    "tta-d4": ["index.tta=d4", "label.tta=d4"],
+    "tta-d4-balance-1": ["index.tta=d4", "label.tta=d4", "label.class_balance=1.0"],
+}  # fmt: skip
+
+
+def rare_mosaic(size: int, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    """Return the demo's textures with one rare class: ``(3, size, size)`` rgb, truth.
+
+    Four classes fill wavy Voronoi cells (both halves); the rare one (:data:`RARE`)
+    covers six discs of radius ``size * 0.028``, three per half, about 1.5% of the area.
+    Truth ids are 1.. in the order of :data:`~superdml.cli.demo.CLASS_NAMES`.
+    """
+    common = [k for k in range(1, 6) if CLASS_NAMES[k - 1] != RARE]
+    rare = CLASS_NAMES.index(RARE) + 1
+    cells = voronoi_regions(size, len(common), seed + 1, per_half=1 + size // 1024)
+    truth = np.asarray(common, dtype=np.uint8)[cells - 1]
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[0:size, 0:size]
+    radius = size * 0.028
+    for half in (0, 1):
+        for _ in range(3):
+            r = rng.uniform(0.1, 0.9) * size
+            c = (half + rng.uniform(0.15, 0.85)) * size / 2
+            truth[(rows - r) ** 2 + (cols - c) ** 2 <= radius**2] = rare
+    full = _full_textures(size)
+    out = np.zeros((size, size, 3), dtype=np.uint8)
+    for k in range(1, 6):
+        out[truth == k] = full[k - 1][truth == k]
+    return out.transpose(2, 0, 1), truth
+
+
+def _full_textures(size: int) -> list[np.ndarray]:
+    """The demo's five textures, each over the whole ``(size, size, 3)`` square."""
+    from skimage import data
+
+    from superdml.cli.demo import _photo, _tiled
+
+    return [_tiled(data.brick(), size), _tiled(data.grass(), size),
+            _tiled(data.gravel(), size), _photo(data.coffee(), size),
+            _photo(data.chelsea(), size)]  # fmt: skip
+
+
+def write_rare_data(folder: Path, size: int) -> tuple[Path, Path, np.ndarray]:
+    """Write the rare mosaic and its left-half truth; return their paths and the truth."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb, truth = rare_mosaic(size)
+    common = {"driver": "GTiff", "height": size, "width": size, "crs": DEMO_CRS,
+              "transform": from_origin(*DEMO_ORIGIN, PIXEL_SIZE, PIXEL_SIZE),
+              "tiled": True, "blockxsize": 256, "blockysize": 256}  # fmt: skip
+    mosaic, truth_left = folder / "mosaic.tif", folder / "truth_left.tif"
+    with rasterio.open(mosaic, "w", count=3, dtype="uint8", **common) as dst:
+        dst.write(rgb)
+    left = truth.copy()
+    left[:, size // 2 :] = 0
+    with rasterio.open(truth_left, "w", count=1, dtype="uint8", nodata=0, **common) as dst:
+        dst.write(left, 1)
+        dst.update_tags(1, class_names=json.dumps(list(CLASS_NAMES)))
+    return mosaic, truth_left, truth
+
+
+class _StageTimer:
+    """Wrap a pipeline stage to record the wall seconds and result of its last run."""
+
+    def __init__(self, stage: str) -> None:
+        self.seconds = 0.0
+        self.result: Any = None
+        spec = REGISTRY[stage]
+        self._glue = spec.glue
+        REGISTRY[stage] = dataclasses.replace(spec, glue=self)
+
+    def __call__(self, entry: Any, kwargs: dict[str, Any], ctx: Any) -> Any:
+        start = time.perf_counter()
+        self.result = self._glue(entry, kwargs, ctx) if self._glue else entry(**kwargs)
+        self.seconds = time.perf_counter() - start
+        return self.result
+
+
+def _pipeline(out: Path) -> Path:
+    """Write the demo pipeline without its review stage."""
+    doc = yaml.safe_load(pipeline_path("demo").read_text())
+    doc["stages"] = [s for s in doc["stages"] if s["stage"] != "review"]
+    path = out / "rare.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def _score(workdir: Path, truth: np.ndarray) -> dict[str, Any]:
+    scheme = load_label_run(workdir / "labels").scheme
+    with rasterio.open(workdir / "labels" / "labels.tif") as src:
+        predicted = src.read(1)
+    # predicted values are the class scheme's codes; map them to truth ids (others: 0)
+    to_truth = np.zeros(1 << 16, dtype=np.int64)
+    for name, code in scheme.codes.items():
+        to_truth[code] = CLASS_NAMES.index(name) + 1 if name in CLASS_NAMES else 0
+    scores = unseen_half_scores(to_truth[predicted], truth, CLASS_NAMES)
+    f1 = {name: c["f1"] for name, c in scores["per_class"].items()}
+    return {"accuracy": scores["pixel_accuracy"], "macro_f1": float(np.mean(list(f1.values()))),
+            "rare_f1": f1[RARE], "f1": f1}  # fmt: skip
+
+
+def _count_crops(workdir: Path) -> int:
+    return sum(1 for p in (workdir / "crops" / RARE).iterdir() if p.suffix in (".png", ".tif"))
+
+
+def _table(rows: dict[str, list[dict[str, Any]]], seeds: list[int]) -> list[str]:
+    mean = lambda runs, key: statistics.fmean(r[key] for r in runs)  # noqa: E731
+    head = f"{'setting':<26}{'acc':>7}{'macroF1':>8}{'rareF1':>8}{'d rareF1':>9}{'sp/s':>7}"
+    head += f"{'rate x':>7}   rare F1 per seed {seeds}"
+    base = rows[next(iter(rows))]
+    lines = [head]
+    for name, runs in rows.items():
+        line = f"{name:<26}{mean(runs, 'accuracy'):>7.3f}{mean(runs, 'macro_f1'):>8.3f}"
+        gain = mean(runs, "rare_f1") - mean(base, "rare_f1")
+        line += f"{mean(runs, 'rare_f1'):>8.3f}{gain:>+9.3f}"
+        line += f"{mean(runs, 'rate'):>7.0f}{mean(runs, 'rate') / mean(base, 'rate'):>7.2f}   "
+        line += " ".join(f"{r['rare_f1']:.3f}" for r in runs)
+        lines.append(line)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=768, help="mosaic side in px")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds: 0..N-1")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--settings", default=None, help="comma-separated names (default all)")
+    parser.add_argument("--out", type=Path, default=Path("runs/quality_rare"))
+    args = parser.parse_args(argv)
+    seeds = list(range(args.seeds))
+    names = list(SETTINGS) if args.settings is None else args.settings.split(",")
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    mosaic, truth_left, truth = write_rare_data(out / "data", args.size)
+    area = float(np.mean(truth == CLASS_NAMES.index(RARE) + 1))
+    pipeline = _pipeline(out)
+    timer = _StageTimer("label")
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    crops = []
+    for seed in seeds:
+        workdir = out / f"s{seed}"
+        common = [f"mosaic={mosaic}", f"truth_left={truth_left}", f"epochs={args.epochs}",
+                  f"crops.seed={seed}", f"train.seed={seed}"]  # fmt: skip
+        for name in names:
+            pipeline_mod.run_pipeline(pipeline, [*common, *SETTINGS[name]], workdir, device="cpu")
+            rate = timer.result.n_superpixels / timer.seconds
+            result = {"seed": seed, **_score(workdir, truth), "rate": rate}
+            rows[name].append(result)
+            print(f"# s{seed} {name}: {json.dumps(result)}", file=sys.stderr, flush=True)
+        crops.append(_count_crops(workdir))
+    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(
+        f"# {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"cpu; rare mosaic {args.size} px, {RARE} {100 * area:.2f}% of the area, "
+        f"{crops} {RARE} training crops per seed; epochs {args.epochs}; seeds {seeds}"
+    )
+    print("# acc, macroF1, rareF1: unseen right half, mean over seeds; d rareF1: minus today's;")
+    print("# sp/s: label stage superpixels per second; rate x: that over today's")
+    print("\n".join(_table(rows, seeds)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
