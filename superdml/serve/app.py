@@ -151,8 +151,8 @@ def make_app(session: Session) -> Starlette:
         )
 
     def crop_file(request: Request) -> Response:
-        root = served.folder if request.path_params["root"] == "crops" else served.train_dir
-        path = confined(root, request.path_params["path"])
+        root = {"crops": served.folder, "train": served.train_dir}.get(request.path_params["root"])
+        path = None if root is None else confined(root, request.path_params["path"])
         if path is None or path.suffix.lower() not in (".png", ".tif", ".tiff", ".jpg"):
             return Response("not found\n", status_code=404, media_type="text/plain")
         return FileResponse(path)

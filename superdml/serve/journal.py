@@ -156,13 +156,15 @@ class Journal:
         self._repair_torn_tail()
 
     def _repair_torn_tail(self) -> None:
-        """End a torn last line with a newline so the next record starts on its own line."""
-        if self.path.exists() and self.path.stat().st_size:
-            with open(self.path, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                torn = f.read(1) != b"\n"
-            if torn:
-                self._write(b"\n")
+        """Cut a torn last line (a crash mid-append, never acknowledged) off the journal."""
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        keep = data.rfind(b"\n") + 1
+        if keep < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(keep)
+                os.fsync(f.fileno())
 
     @property
     def next_seq(self) -> int:
