@@ -22,7 +22,7 @@ import numpy as np
 
 from superdml.core.errors import InputError, input_error
 from superdml.raster.classes import check_class_name
-from superdml.serve.journal import JOURNAL, Decision, Journal, fsync_dir, live_batches, now
+from superdml.serve.journal import JOURNAL, Decision, Journal, Op, fsync_dir, live_batches, now
 from superdml.serve.queue import PENDING, SKIPPED, SORTED, CropQueue
 
 logger = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ class Sorter:
             self._fsync_dirs(batch)
             return indexes[::-1]
 
-    def _records(self, indexes: list[int], op: str, classes: list[str | None]) -> list[Decision]:
+    def _records(self, indexes: list[int], op: Op, classes: Sequence[str | None]) -> list[Decision]:
         seq, batch, time = self.journal.next_seq, self.journal.next_batch, now()
         records = []
         for k, (i, cls) in enumerate(zip(indexes, classes, strict=True)):
@@ -250,7 +250,7 @@ class Sorter:
                     str(self.queue.file[i]),
                     str(source),
                     str(target),
-                    cls,  # type: ignore[arg-type]
+                    cls,
                     self.queue.predicted[i],
                     None if np.isnan(score) else round(score, 6),
                     time,

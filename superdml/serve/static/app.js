@@ -107,6 +107,7 @@ function acknowledge(text, counts) {
 }
 
 async function decide(op, extra) {
+  const t0 = performance.now();
   const targets = selection();
   if (!targets.length) return;
   const ids = targets.map((it) => it.id);
@@ -119,6 +120,7 @@ async function decide(op, extra) {
   const what = op === "skip" ? "skipped" : `sorted into ${extra.accept ? "predicted classes" : extra.class}`;
   acknowledge(`${ids.length} ${what}`, done.counts);
   await load();
+  document.body.dataset.roundTripMs = (performance.now() - t0).toFixed(1);
 }
 
 async function undo() {
@@ -322,6 +324,7 @@ async function main() {
   $("next").addEventListener("click", () => { S.start += S.pageSize; run(load); });
   initMap();
   await load();
+  document.body.dataset.readyMs = performance.now().toFixed(1);  // since navigation
   document.body.dataset.ready = "1";
   followRetrain();
 }
