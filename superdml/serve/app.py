@@ -143,12 +143,20 @@ def make_app(session: Session) -> Starlette:
                 records = await asyncio.to_thread(sorter.skip, ids)
             else:
                 undone = await asyncio.to_thread(sorter.undo)
-                return JSONResponse({"undone": undone, "counts": served.queue.counts()})
+                return JSONResponse({"undone": undone, **_next_page(body)})
         except SuperDMLError as err:
             return _error(err)
-        return JSONResponse(
-            {"records": [r.to_json() for r in records], "counts": served.queue.counts()}
+        return JSONResponse({"records": [r.to_json() for r in records], **_next_page(body)})
+
+    def _next_page(body: dict[str, Any]) -> dict[str, Any]:
+        """Return the counts, and the page of the queue the request names (one round trip)."""
+        wanted = body.get("page")
+        if not isinstance(wanted, dict) or "n" not in wanted:
+            return {"counts": served.queue.counts()}
+        page = session.page(
+            max(0, int(wanted.get("start", 0))), min(max(1, int(wanted["n"])), 1000)
         )
+        return {"counts": page["counts"], "page": page}
 
     def crop_file(request: Request) -> Response:
         root = {"crops": served.folder, "train": served.train_dir}.get(request.path_params["root"])

@@ -50,32 +50,48 @@ function selection() {
 
 function fmt(v) { return v === null || v === undefined ? "–" : v.toFixed(2); }
 
+const cells = new Map();  // crop id -> its grid cell, kept so images are not loaded again
+
+function cell(it) {
+  let el = cells.get(it.id);
+  if (el && el.dataset.src === it.src) return el;
+  el = document.createElement("div");
+  el.dataset.id = it.id;
+  el.dataset.file = it.file;
+  el.dataset.src = it.src;
+  el.title = `${it.file}\npredicted ${it.predicted}, score ${fmt(it.score)}, margin ${fmt(it.margin)}`;
+  const img = document.createElement("img");
+  img.src = url(it.src);
+  img.alt = it.file;
+  const badge = document.createElement("div");
+  badge.className = "badge";
+  badge.style.background = it.color;
+  badge.textContent = `${it.predicted ?? "?"} ${fmt(it.score)} / ${fmt(it.margin)}`;
+  el.append(img, badge);
+  el.addEventListener("click", (ev) => {
+    const k = S.items.findIndex((x) => x.id === it.id);
+    if (ev.shiftKey) { if (S.anchor === null) S.anchor = S.focus; } else S.anchor = null;
+    S.focus = k;
+    render();
+  });
+  cells.set(it.id, el);
+  return el;
+}
+
 function render() {
   const grid = $("grid");
-  grid.replaceChildren();
   const selected = new Set(selection().map((it) => it.id));
-  S.items.forEach((it, k) => {
-    const cell = document.createElement("div");
-    cell.className = "crop" + (k === S.focus ? " focus" : "") +
+  const shown = S.items.map((it, k) => {
+    const el = cell(it);
+    el.className = "crop" + (k === S.focus ? " focus" : "") +
       (S.anchor !== null && selected.has(it.id) ? " selected" : "");
-    cell.dataset.id = it.id;
-    cell.dataset.file = it.file;
-    cell.title = `${it.file}\npredicted ${it.predicted}, score ${fmt(it.score)}, margin ${fmt(it.margin)}`;
-    const img = document.createElement("img");
-    img.src = url(it.src);
-    img.alt = it.file;
-    const badge = document.createElement("div");
-    badge.className = "badge";
-    badge.style.background = it.color;
-    badge.textContent = `${it.predicted ?? "?"} ${fmt(it.score)} / ${fmt(it.margin)}`;
-    cell.append(img, badge);
-    cell.addEventListener("click", (ev) => {
-      if (ev.shiftKey) { if (S.anchor === null) S.anchor = S.focus; } else S.anchor = null;
-      S.focus = k;
-      render();
-    });
-    grid.append(cell);
+    return el;
   });
+  grid.replaceChildren(...shown);
+  if (cells.size > 4 * S.pageSize) {
+    const keep = new Set(S.items.map((it) => it.id));
+    for (const id of cells.keys()) if (!keep.has(id)) cells.delete(id);
+  }
   const c = S.info ? S.info.counts : {};
   $("counts").textContent = `${c.pending} to sort · ${c.sorted} sorted · ${c.skipped} skipped`;
   $("page").textContent = S.mode === "queue"
@@ -89,14 +105,26 @@ function render() {
   showOnMap();
 }
 
-async function load() {
-  if (S.mode === "similar") return similar(S.similarOf, true);
-  const page = await api(`/api/queue?start=${S.start}&n=${S.pageSize}`);
+function show(page) {
   S.items = page.items;
   S.info.counts = page.counts;
   S.focus = Math.min(S.focus, Math.max(0, S.items.length - 1));
   S.anchor = null;
   render();
+}
+
+async function load() {
+  if (S.mode === "similar") return similar(S.similarOf, true);
+  show(await api(`/api/queue?start=${S.start}&n=${S.pageSize}`));
+}
+
+function pageRequest() {
+  return S.mode === "queue" ? { start: S.start, n: S.pageSize } : {};
+}
+
+async function refresh(done) {
+  if (done.page) show(done.page);
+  else await load();
 }
 
 function acknowledge(text, counts) {
@@ -111,7 +139,7 @@ async function decide(op, extra) {
   const targets = selection();
   if (!targets.length) return;
   const ids = targets.map((it) => it.id);
-  const done = await api(`/api/${op}`, { ids, ...extra });
+  const done = await api(`/api/${op}`, { ids, ...extra, page: pageRequest() });
   const gone = new Set(ids);
   const at = Math.min(S.anchor ?? S.focus, S.focus);
   S.items = S.items.filter((it) => !gone.has(it.id));
@@ -119,14 +147,14 @@ async function decide(op, extra) {
   S.anchor = null;
   const what = op === "skip" ? "skipped" : `sorted into ${extra.accept ? "predicted classes" : extra.class}`;
   acknowledge(`${ids.length} ${what}`, done.counts);
-  await load();
+  await refresh(done);
   document.body.dataset.roundTripMs = (performance.now() - t0).toFixed(1);
 }
 
 async function undo() {
-  const done = await api("/api/undo", {});
+  const done = await api("/api/undo", { page: pageRequest() });
   acknowledge(done.undone.length ? `undid ${done.undone.length}` : "nothing to undo", done.counts);
-  await load();
+  await refresh(done);
   const k = S.items.findIndex((it) => it.id === done.undone[0]);
   if (k >= 0) { S.focus = k; render(); }
 }
