@@ -31,7 +31,7 @@ def test_no_drawer_sorted_by_visibility():
     assert not (PACKAGE / "_private").exists()
     packages = sorted(p.parent.name for p in PACKAGE.glob("*/__init__.py"))
     assert packages == [
-        "cli", "config", "core", "crops", "label", "learn", "raster", "search", "segment",
+        "cli", "config", "core", "crops", "label", "learn", "raster", "search", "segment", "serve",
     ]  # fmt: skip
 
 

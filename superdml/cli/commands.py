@@ -303,3 +303,44 @@ def demo_command(
         f"{result.pixel_accuracy:.3f}\n  report:   {result.report}\n  overview: {result.overview}\n"
         f"  labels:   {result.out_dir / 'labels' / 'labels.tif'} (open in QGIS with labels.qml)"
     )
+
+
+@cli.command("serve")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option(
+    "--train-dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Training folder: each decision moves the crop into TRAIN_DIR/<class>/.",
+)
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
+@click.option(
+    "--retrain-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where Retrain writes its rounds (default: FOLDER-retrain beside FOLDER).",
+)
+@click.option(
+    "--epochs", type=click.IntRange(min=1), help="Retrain epochs (default: the pipeline's)."
+)
+@click.option("--workers", type=click.IntRange(min=0), help="Retrain dask workers (0: no cluster).")
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Model of 'more like this' (default: the label run's).",
+)
+@device_option
+def serve_command(
+    folder: Path,
+    train_dir: Path,
+    port: int,
+    retrain_dir: Path | None,
+    epochs: int | None,
+    workers: int | None,
+    checkpoint: Path | None,
+    device: str,
+) -> None:
+    """Sort the crops of FOLDER (review or crops output) in the browser, on 127.0.0.1."""
+    from superdml.serve.server import ServeOptions, serve
+
+    options = ServeOptions(port, retrain_dir, epochs, workers, device, checkpoint)
+    serve(folder, train_dir, options, announce=lambda line: click.echo(line, err=False))
