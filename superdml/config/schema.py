@@ -163,7 +163,7 @@ class CropsConfig:
         check(self.mask in get_args(MaskMode), "mask", self.mask, "one of none, outside, alpha")
         for key, value, most in (("bands", self.bands, None), ("preview", self.preview, 3)):
             if value is not None:
-                named = all((isinstance(b, str) and b) or (b > 0) for b in value)
+                named = all(b if isinstance(b, str) else b > 0 for b in value)
                 check(
                     1 <= len(value) <= (most or len(value)) and named,
                     key,
