@@ -178,11 +178,12 @@ class Embedder:
                 batch = torch.cat([batch, batch.new_zeros((batch_size - n, *batch.shape[1:]))])
             batch = batch.pin_memory()
         x = batch.to(self.device, non_blocking=True)
+        if x.dtype != torch.uint8:  # lossless crops, already in [0, 1] units (CropRule.to_unit)
+            x = x.float()
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = TF.resize(x, [self.input_size] * 2, antialias=True)
-        x = ((x.float() / 255.0 - self.mean) / self.std).contiguous(
-            memory_format=torch.channels_last
-        )
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x
+        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         return F.normalize(self.model(x)[:n].float(), dim=1).cpu()
 
     @contextlib.contextmanager
@@ -203,6 +204,8 @@ class Embedder:
         Parameters
         ----------
         crops : (N, C, H, W) uint8 ndarray or Tensor
+            Or float32 in the model's units: lossless crops through
+            :meth:`CropRule.to_unit <superdml.crops.rule.CropRule.to_unit>`.
         batch_size : int
 
         Returns
