@@ -79,7 +79,7 @@ def test_the_nir_band_reaches_the_model(tmp_path):
 def _segmented(root: Path, pixels: np.ndarray, name: str = "mosaic", **extra: object) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     source = write_raster(root / f"{name}.tif", pixels, **extra)
-    return segment_raster(source, root / "seg" / name, SegmentConfig(16, tile_size=64)).out_dir
+    return segment_raster(source, root / "seg", SegmentConfig(16, tile_size=64)).out_dir
 
 
 def _cli_crops(seg: Path, out: Path, *options: str) -> tuple[int, str]:
