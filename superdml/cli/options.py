@@ -74,6 +74,17 @@ def parse_ints(ctx: click.Context, param: click.Parameter, value: str | None) ->
     return bands
 
 
+def parse_bands(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """Parse ``1,2,B08`` into band numbers and band descriptions (a click callback)."""
+    if value is None:
+        return None
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    bands = tuple(int(v) if v.isdigit() else v for v in items)
+    if not bands or any(b == 0 for b in bands):
+        raise click.BadParameter(f"{value!r}: expected band numbers or descriptions like 1,2,B08")
+    return bands
+
+
 def _parse_mapping(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
     """Parse a YAML mapping (``{margin: 0.2}``) (a click callback)."""
     if value is None:
@@ -129,7 +140,10 @@ def config_options(cls: type, prefix: str = "") -> list[click.Option]:
             kwargs["metavar"] = "|".join(str(a) for a in get_args(tp))
         elif get_origin(tp) is tuple:
             decls = [flag]
-            kwargs.update(callback=parse_ints, metavar="N,N,...", default=None)
+            if str in get_args(get_args(tp)[0]):  # band numbers or descriptions
+                kwargs.update(callback=parse_bands, metavar="BAND,BAND,...", default=None)
+            else:
+                kwargs.update(callback=parse_ints, metavar="N,N,...", default=None)
         elif get_origin(tp) is dict:
             decls = [flag]
             kwargs.update(callback=_parse_mapping, metavar="YAML", default=None)

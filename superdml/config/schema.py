@@ -142,8 +142,15 @@ class CropsConfig:
     mask : {"none", "outside", "alpha"}
         What happens to pixels outside the superpixel: kept, zeroed, or kept with the
         superpixel mask as a fourth (alpha) band.
-    bands : tuple of int or None
-        1-based bands written to the crop (at most 3); the first three when None.
+    bands : tuple of int or str, or None
+        Bands of the crop, by 1-based number or by the raster's band description
+        (``B08``, ``nir``); every band but alpha when None. 8-bit rasters of at most
+        three bands give 8-bit color PNG crops; others keep the bands at their dtype
+        (TIFF chips with a PNG preview beside).
+    preview : tuple of int or str, or None
+        The three bands (red, green, blue) of the preview PNG beside lossless crops;
+        true color (bands described B04/B03/B02 or red/green/blue) or the first three
+        when None.
     sample : int or None
         Draw this many superpixels at random.
     per_class : int or None
@@ -156,7 +163,8 @@ class CropsConfig:
 
     crop_size: int = 64
     mask: MaskMode = "none"  # benchmarks/quality.py: the best of the three on the demo
-    bands: tuple[int, ...] | None = None
+    bands: tuple[int | str, ...] | None = None
+    preview: tuple[int | str, ...] | None = None
     sample: int | None = None
     per_class: int | None = None
     seed: int = 0
@@ -165,13 +173,15 @@ class CropsConfig:
     def __post_init__(self) -> None:
         check(self.crop_size >= 4, "crop_size", self.crop_size, "an integer >= 4")
         check(self.mask in get_args(MaskMode), "mask", self.mask, "one of none, outside, alpha")
-        if self.bands is not None:
-            check(
-                1 <= len(self.bands) <= 3 and all(b >= 1 for b in self.bands),
-                "bands",
-                self.bands,
-                "1 to 3 band numbers (1-based)",
-            )
+        for key, value, most in (("bands", self.bands, None), ("preview", self.preview, 3)):
+            if value is not None:
+                named = all(b if isinstance(b, str) else b > 0 for b in value)
+                check(
+                    1 <= len(value) <= (most or len(value)) and named,
+                    key,
+                    value,
+                    f"{'1 to 3' if most else 'a list of'} band numbers (1-based) or descriptions",
+                )
         check(self.sample is None or self.sample >= 1, "sample", self.sample, "an integer >= 1")
         check(
             self.per_class is None or self.per_class >= 1,

@@ -16,23 +16,41 @@ from superdml.crops.folder import (
 )
 
 SCALING_RULE = "uint8 as is; else linear 1st..99th percentile -> 0..255, clipped"
+#: The scaling of lossless crops (:attr:`CropRule.lossless`) into the model's [0, 1] units.
+UNIT_RULE = "(value - lo) / (hi - lo) per band, lo..hi its 1st..99th percentile; alpha / 255"
 
 
 @dataclass(frozen=True)
 class CropRule:
     """How crops are cut; travels in ``crops.parquet`` metadata and in checkpoints.
 
+    Two kinds of rule. The 8-bit color rule (``dtype`` None: 8-bit rasters of one to
+    three bands, and every rule written before bands were kept) makes 3 color bands
+    scaled to 8 bit, stored as PNG. The lossless rule (``dtype`` set: more than three
+    bands, or not 8-bit) keeps the chosen bands at the raster's dtype, stored as TIFF
+    chips, and scales them into the model's units with per-band statistics measured on
+    the raster(s) (:meth:`to_unit`).
+
     Attributes
     ----------
     crop_size : int
     mask : {"none", "outside", "alpha"}
     bands : tuple of int or None
-        1-based source bands that become the color bands (None: the first three).
+        1-based source bands of the crop (8-bit rule: None is the first three).
     scaling : str
-        The 8-bit scaling rule (see the module docstring).
+        The scaling rule (:data:`SCALING_RULE` or :data:`UNIT_RULE`).
     source_bands : int or None
-        How many source bands the color bands were made from (1 to 3), so labeling can
-        refuse a raster that would give other crops; None when unknown.
+        How many source bands the crops were made from, so labeling can refuse a
+        raster that would give other crops; None when unknown.
+    dtype : str or None
+        The rasters' dtype (lossless rule); None for the 8-bit color rule.
+    band_names : tuple of str or None
+        The rasters' descriptions of `bands` ("" where a band has none).
+    lo, hi : tuple of float or None
+        Per band of `bands`: the values mapped to 0 and 1 (1st and 99th percentiles of
+        the valid pixels, nodata left out, over every raster of the crops).
+    preview : tuple of int or None
+        Positions (0-based, into `bands`) of the preview's red, green and blue.
     """
 
     crop_size: int = 64
@@ -40,29 +58,119 @@ class CropRule:
     bands: tuple[int, ...] | None = None
     scaling: str = SCALING_RULE
     source_bands: int | None = None
+    dtype: str | None = None
+    band_names: tuple[str, ...] | None = None
+    lo: tuple[float, ...] | None = None
+    hi: tuple[float, ...] | None = None
+    preview: tuple[int, ...] | None = None
+
+    @property
+    def lossless(self) -> bool:
+        """Whether crops keep their bands at the raster's dtype (TIFF chips)."""
+        return self.dtype is not None
 
     @property
     def channels(self) -> int:
-        """Bands of a crop: 3, or 4 with the alpha mask."""
-        return 4 if self.mask == "alpha" else 3
+        """Bands of a crop: 3 (8-bit rule) or ``len(bands)``, plus one for the alpha mask."""
+        alpha = 1 if self.mask == "alpha" else 0
+        if self.lossless and self.bands is not None:
+            return len(self.bands) + alpha
+        return 3 + alpha
 
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-serializable dict (the form stored in metadata and checkpoints)."""
+        """Return a JSON-serializable dict (the form stored in metadata and checkpoints).
+
+        An 8-bit color rule gives the same dict as before bands were kept (so the
+        keys of earlier predictions stay valid).
+        """
         d = dataclasses.asdict(self)
         d["bands"] = list(self.bands) if self.bands else None
+        if not self.lossless:
+            for key in ("dtype", "band_names", "lo", "hi", "preview"):
+                del d[key]
+            return d
+        for key in ("band_names", "lo", "hi", "preview"):
+            d[key] = None if d[key] is None else list(d[key])
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CropRule:
         """Inverse of :meth:`to_dict`."""
         bands = d.get("bands")
+
+        def tup(key: str) -> tuple[Any, ...] | None:
+            return None if d.get(key) is None else tuple(d[key])
+
         return cls(
             crop_size=int(d["crop_size"]),
             mask=d["mask"],
             bands=tuple(bands) if bands else None,
             scaling=d.get("scaling", SCALING_RULE),
             source_bands=d.get("source_bands"),
+            dtype=d.get("dtype"),
+            band_names=tup("band_names"),
+            lo=tup("lo"),
+            hi=tup("hi"),
+            preview=tup("preview"),
         )
+
+    def band_label(self, position: int) -> str:
+        """Name band `position` (0-based, into `bands`) for messages: ``band 4 (B08)``."""
+        number = self.bands[position] if self.bands else position + 1
+        name = self.band_names[position] if self.band_names else ""
+        return f"band {number}" + (f" ({name})" if name else "")
+
+    def to_unit(self, crops: np.ndarray) -> np.ndarray:
+        """Scale crops into the model's units (what :class:`Embedder` takes).
+
+        Parameters
+        ----------
+        crops : (..., C, H, W) ndarray
+            Crops of this rule, as cut (or read from their files).
+
+        Returns
+        -------
+        ndarray
+            8-bit rule: `crops` unchanged (uint8; the model divides by 255). Lossless
+            rule: float32, each band ``(value - lo) / (hi - lo)``, the alpha band / 255.
+        """
+        if not self.lossless:
+            return crops
+        lo, scale = self._unit_affine()
+        shape = (-1, 1, 1)
+        return (crops.astype(np.float32) - lo.reshape(shape)) * scale.reshape(shape)
+
+    def _unit_affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per channel offset and factor of :meth:`to_unit` (alpha: 0 and 1/255)."""
+        lo = np.asarray(self.lo, np.float32)
+        scale = 1.0 / (np.asarray(self.hi, np.float32) - lo)
+        if self.mask == "alpha":
+            lo = np.append(lo, np.float32(0))
+            scale = np.append(scale, np.float32(1 / 255))
+        return lo, scale.astype(np.float32)
+
+    def preview_image(self, crops: np.ndarray) -> np.ndarray:
+        """Return the 8-bit color preview of lossless crops, for people (not the model).
+
+        Parameters
+        ----------
+        crops : (N, C, H, W) ndarray
+
+        Returns
+        -------
+        (N, 3 or 4, H, W) uint8 ndarray
+            The `preview` bands (the first three when unset) scaled from lo..hi to
+            0..255; the alpha mask kept as a fourth band.
+        """
+        n_bands = len(self.bands or ())
+        picks = list(self.preview or range(min(3, n_bands)))
+        lo = [self.lo[i] for i in picks] if self.lo else [0.0] * len(picks)
+        hi = [self.hi[i] for i in picks] if self.hi else [255.0] * len(picks)
+        color = to_uint8(crops[:, picks], lo, hi)  # (C, 1, 1) limits broadcast over N
+        out = np.ascontiguousarray(color_bands(color.swapaxes(0, 1)).swapaxes(0, 1))
+        if self.mask == "alpha":
+            out = np.concatenate([out, crops[:, -1:].astype(np.uint8)], axis=1)
+        return out
 
 
 def to_uint8(

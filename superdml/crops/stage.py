@@ -13,13 +13,17 @@ The crop rule, shared by ``superdml crops``, training and labeling:
   over the whole raster at segment time; nodata pixels become 0;
 - three color bands: the first three of the segmented bands (or ``bands``), a single
   band repeated as gray, two bands padded with a zero band;
+- except for rasters of more than three bands (alpha aside) or not 8-bit, and for
+  ``bands`` choosing more than three: those keep every chosen band at the raster's
+  dtype (TIFF chips, a color preview PNG beside) and the crop rule records per-band
+  1st..99th percentiles that scale them for the model (the lossless rule of
+  :class:`~superdml.crops.rule.CropRule`);
 - mask mode ``none`` (context kept), ``outside`` (pixels of other superpixels zeroed) or
   ``alpha`` (context kept, the superpixel mask as a fourth band: RGBA PNGs).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -38,7 +42,7 @@ from superdml.core.cluster import map_tasks
 from superdml.core.errors import InputError, input_error
 from superdml.core.ownership import check_apart, claim_output
 from superdml.core.provenance import fingerprint
-from superdml.crops.cut import color_band_indexes, crop_tile
+from superdml.crops.cut import crop_tile, make_rule
 from superdml.crops.folder import (
     CROPS_SCHEMA,
     CROPS_TABLE,
@@ -200,7 +204,10 @@ def _crop_task(
     if table.num_rows == 0:
         return CROPS_SCHEMA.empty_table()
     crops, _ = crop_tile(job.run, job.rule, table)
-    return write_crops(Path(job.out_dir), job.run.name, table, crops, labels, purity=purity)
+    previews = job.rule.preview_image(crops) if job.rule.lossless else None
+    return write_crops(
+        Path(job.out_dir), job.run.name, table, crops, labels, purity=purity, previews=previews
+    )
 
 
 def _choose(value: np.ndarray, purity: np.ndarray, config: CropsConfig) -> np.ndarray:
@@ -241,7 +248,7 @@ def export_crops(
     classes: str | Path | None = None,
     client: Any = None,
 ) -> CropsResult:
-    """Write PNG crops of superpixels into class folders, plus ``crops.parquet``.
+    """Write crops of superpixels into class folders, plus ``crops.parquet``.
 
     Parameters
     ----------
@@ -269,7 +276,7 @@ def export_crops(
     if config.per_class is not None and label_raster is None:
         raise InputError("--per-class needs --label-raster (classes come from it)")
     runs = load_segment_runs(segment_dir)
-    rule = CropRule(config.crop_size, config.mask, config.bands)
+    rule = make_rule(runs, config)
     scheme: ClassScheme | None = None
     class_nodata = None
     if label_raster is not None:
@@ -278,13 +285,6 @@ def export_crops(
         scheme = read_label_scheme(label_raster, classes)
         for run in runs:
             check_label_overlap(label_raster, run.source)
-    counts = {len(color_band_indexes(run, rule)) for run in runs}
-    if len(counts) > 1:
-        raise InputError(
-            f"{segment_dir}: rasters give crops from different band counts {sorted(counts)}: "
-            "crop them separately or pass --bands"
-        )
-    rule = dataclasses.replace(rule, source_bands=counts.pop())
     out_dir = Path(out_dir)
     inputs = [run.folder for run in runs] + [p for p in (label_raster, classes) if p is not None]
     check_apart(out_dir, inputs)
@@ -384,7 +384,9 @@ def _name_unnamed(scheme: ClassScheme, values: np.ndarray, source: str | Path) -
 def _check_pending(out_dir: Path, provenance: dict[str, Any]) -> None:
     """Record what this run crops; refuse to mix with an interrupted run of other inputs."""
     pending = out_dir / PENDING
-    crops = (p for p in out_dir.rglob("*.png") if not p.name.startswith("."))
+    crops = (
+        p for p in out_dir.rglob("*") if p.suffix in (".png", ".tif") and not p.name.startswith(".")
+    )
     if pending.exists() and json.loads(pending.read_text()) != provenance and any(crops):
         raise input_error(
             out_dir,

@@ -30,6 +30,7 @@ from superdml.config.schema import IndexConfig, VoteConfig
 from superdml.core.atomic import atomic_write
 from superdml.core.devices import resolve_device
 from superdml.core.errors import ConfigError, InputError, input_error, require_file
+from superdml.crops.rule import CropRule
 from superdml.label.reference_folder import reference_from_folder
 from superdml.learn.checkpoint import checkpoint_sha256, load_checkpoint
 from superdml.learn.data import IMAGE_SUFFIXES, IMAGE_SUFFIXES_TEXT, _decode
@@ -97,8 +98,12 @@ class InferResult:
     neighbours: tuple[Neighbour, ...]
 
 
-def _read_images(paths: Sequence[Path], bands: int, size: int) -> Tensor:
-    """Decode images as the reference crops are: an ``(N, bands, size, size)`` uint8 tensor.
+def _read_images(
+    paths: Sequence[Path], bands: int, size: int, rule: CropRule | None = None
+) -> Tensor:
+    """Decode images as the reference crops are: an ``(N, bands, size, size)`` tensor.
+
+    uint8, or float32 for the TIFF chips of a lossless crop `rule` (the checkpoint's).
 
     Raises
     ------
@@ -114,7 +119,7 @@ def _read_images(paths: Sequence[Path], bands: int, size: int) -> Tensor:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             raise input_error(path, f"not an image file (expected {IMAGE_SUFFIXES_TEXT})")
         try:
-            images.append(_decode(path, bands, size))
+            images.append(_decode(path, bands, size, rule))
         except InputError:
             raise
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
@@ -181,7 +186,7 @@ def infer(
     if ref is not None:
         ref.check_checkpoint(ckpt_sha, checkpoint)
     paths = [Path(p) for p in images]
-    pixels = _read_images(paths, ckpt.bands, ckpt.input_size)
+    pixels = _read_images(paths, ckpt.bands, ckpt.input_size, ckpt.rule)
     embedder = Embedder.from_checkpoint(ckpt, dev, rule.precision, rule.tta)
     if ref is None:
         # exactly one of reference and reference_dir is given (checked above)

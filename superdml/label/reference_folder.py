@@ -44,7 +44,7 @@ def scan_folder(reference_dir: str | os.PathLike[str], ckpt: Checkpoint) -> Fold
     nothing is kept in memory.
     """
     dataset = ImageFolderDataset(
-        reference_dir, bands=ckpt.bands, size=ckpt.input_size, preload=False
+        reference_dir, bands=ckpt.bands, size=ckpt.input_size, preload=False, rule=ckpt.rule
     )
     paths = [path for path, _ in dataset.samples]
     stats = [os.stat(path) for path in paths]

@@ -301,7 +301,7 @@ def _pool_embeddings(inputs: _Inputs, pool: _Candidates, device: str) -> np.ndar
         for i, (r, t, index) in enumerate(tiles):
             if kept[i] is None:
                 crops, _ = _tile_crops(inputs, r, t, pool.segment_id[index])
-                kept[i] = embedder(crops, batch_size)
+                kept[i] = embedder(inputs.rule.to_unit(crops), batch_size)
     dim = cast(np.ndarray, kept[0]).shape[1]  # every None was filled in above
     out = np.empty((len(pool), dim), np.float32)
     for (_, _, index), emb in zip(tiles, kept, strict=True):
@@ -339,12 +339,14 @@ def _tile_crops(inputs: _Inputs, r: int, t: int, ids: np.ndarray) -> tuple[np.nd
 def _write_tile(
     folder: Path, inputs: _Inputs, r: int, t: int, picks: _Candidates, names: np.ndarray
 ) -> pa.Table:
-    """Write the PNG crops of one tile's picks; return their ``crops.parquet`` rows."""
+    """Write the crops of one tile's picks; return their ``crops.parquet`` rows."""
     crops, table = _tile_crops(inputs, r, t, picks.segment_id)
     labels = list(names[picks.label_id])
+    previews = inputs.rule.preview_image(crops) if inputs.rule.lossless else None
     return write_crops(
-        folder, inputs.runs[r].name, table, crops, labels, score=picks.score, margin=picks.margin
-    )
+        folder, inputs.runs[r].name, table, crops, labels, score=picks.score,
+        margin=picks.margin, previews=previews,
+    )  # fmt: skip
 
 
 def _spread(inputs: _Inputs, pool: _Candidates, config: ReviewConfig, device: str) -> _Candidates:

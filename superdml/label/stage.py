@@ -138,7 +138,7 @@ def _tile_embeddings(job: _LabelJob, tile: Tile, table: pa.Table, ids: np.ndarra
     if len(ids) == 0:
         return np.zeros((0, 1), np.float32)
     crops, _ = crop_tile(job.run, job.rule, table)
-    embeddings = embedder(crops, job.config.batch_size)
+    embeddings = embedder(job.rule.to_unit(crops), job.config.batch_size)
     if job.config.keep_embeddings:
         kept.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(kept) as tmp, open(tmp, "wb") as f:

@@ -47,6 +47,7 @@ from superdml.config.schema import config_to_dict
 from superdml.core.atomic import atomic_write
 from superdml.core.errors import CheckpointError, require_file
 from superdml.core.provenance import sha256_file
+from superdml.crops.rule import CropRule
 from superdml.learn.models import EmbeddingNet, model_spec
 from superdml.raster.classes import ClassScheme
 
@@ -280,6 +281,12 @@ class Checkpoint:
         """``crop_size``, ``mask``, ``scaling`` of the training crops, or None."""
         rule = self.data["crop_rule"]
         return None if rule is None else dict(rule)
+
+    @property
+    def rule(self) -> CropRule | None:
+        """The crop rule of the training crops (:class:`CropRule`), or None."""
+        rule = self.data["crop_rule"]
+        return None if rule is None else CropRule.from_dict(rule)
 
     @property
     def class_scheme(self) -> ClassScheme | None:

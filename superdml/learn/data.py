@@ -2,7 +2,11 @@
 
 A labeled folder is ``ROOT/<class>/<image>`` (PNG, JPEG or TIFF, any size). Class ids
 follow the sorted folder names. Images load as RGB (3 bands) or RGBA (4 bands: the
-``alpha`` crop mask mode, the superpixel mask is the fourth band).
+``alpha`` crop mask mode, the superpixel mask is the fourth band). Under a lossless crop
+rule (:attr:`CropRule.lossless <superdml.crops.rule.CropRule.lossless>`, the folder's own
+``crops.parquet`` or the checkpoint's) the items are the TIFF chips (every band at its
+dtype), read with tifffile and scaled by the rule (:meth:`CropRule.to_unit`) into float32;
+the preview PNGs beside them are ignored.
 
 Speed: every image is decoded once when the folder is scanned (that is also how corrupt
 files are found), resized to the model's input size and, with ``preload=True`` (the
@@ -35,6 +39,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import tifffile
 import torch
 from PIL import Image
 from torch import Tensor
@@ -42,6 +47,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from superdml.core.errors import InputError, input_error, require_dir
+from superdml.crops.rule import CropRule, read_crop_rule
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +66,41 @@ def _has_alpha(image: Image.Image) -> bool:
     )
 
 
-def _decode(path: Path, bands: int | None, size: int | None) -> Tensor:
-    """Decode `path` to a ``(bands, H, W)`` uint8 tensor, resized to `size` when given.
+def _decode_chip(path: Path, rule: CropRule, size: int | None) -> Tensor:
+    """Decode a TIFF chip to a ``(C, H, W)`` float32 tensor in the model's units.
+
+    Raises
+    ------
+    OSError, ValueError
+        When the file is not a readable TIFF (the caller skips it).
+    InputError
+        When the chip's bands or dtype are not the crop rule's.
+    """
+    try:
+        array = tifffile.imread(path)
+    except tifffile.TiffFileError as err:
+        raise ValueError(str(err)) from None
+    if array.ndim == 2:
+        array = array[None]
+    if array.shape[0] != rule.channels or array.dtype != np.dtype(str(rule.dtype)):
+        raise input_error(
+            path,
+            f"holds {array.shape[0]} {array.dtype} band(s), the crop rule takes "
+            f"{rule.channels} {rule.dtype} band(s): crop it again with this crop rule",
+        )
+    pixels = torch.from_numpy(rule.to_unit(array))
+    if size is not None and pixels.shape[-2:] != (size, size):
+        pixels = TF.resize(pixels, [size, size], antialias=True)
+    return pixels.contiguous()
+
+
+def _decode(
+    path: Path, bands: int | None, size: int | None, rule: CropRule | None = None
+) -> Tensor:
+    """Decode `path` to a ``(bands, H, W)`` tensor, resized to `size` when given.
+
+    uint8 for images; float32 in the model's units for the TIFF chips of a lossless
+    `rule` (:func:`_decode_chip`).
 
     Raises
     ------
@@ -70,6 +109,8 @@ def _decode(path: Path, bands: int | None, size: int | None) -> Tensor:
     InputError
         When the image cannot provide `bands` bands.
     """
+    if rule is not None and rule.lossless:
+        return _decode_chip(path, rule, size)
     with Image.open(path) as image:
         image.load()
         alpha = _has_alpha(image)
@@ -110,7 +151,8 @@ class ImageFolderDataset(Dataset):
     bands : {3, 4} or None
         Bands per item: 3 (RGB; grayscale and palette images are converted) or 4 (RGB +
         alpha mask). None takes the band count of the first image. An image that has an
-        alpha band when 3 are expected, or none when 4 are, is an error.
+        alpha band when 3 are expected, or none when 4 are, is an error. Under a
+        lossless `rule` the rule's channels (any count).
     size : int or None
         Side in pixels every image is resized to (antialiased) when it is decoded: the
         model's input size. None keeps each image's own size (and transforms run image by
@@ -123,6 +165,11 @@ class ImageFolderDataset(Dataset):
         Keep the decoded images in memory, one ``(N, bands, size, size)`` uint8 tensor
         when `size` is set (``N * bands * size**2`` bytes: 16 MB per 1000 RGBA crops of
         64 px), so epochs never decode again; False decodes on every access.
+    rule : CropRule, optional
+        The crop rule of the crops (a checkpoint's); read from the folder's
+        ``crops.parquet`` (or one level up) when None. A lossless rule makes the items
+        its TIFF chips (``.tif``), as float32 in the model's units; the preview PNGs
+        beside them are ignored.
 
     Attributes
     ----------
@@ -151,11 +198,17 @@ class ImageFolderDataset(Dataset):
         size: int | None = None,
         transform: Transform | None = None,
         preload: bool = True,
+        rule: CropRule | None = None,
     ) -> None:
         self.root = Path(root)
         require_dir(self.root, "labeled crop folder")
-        if bands not in (None, 3, 4):
+        self.rule = rule if rule is not None else read_crop_rule(self.root)
+        chips = self.rule is not None and self.rule.lossless
+        if chips:
+            bands = self.rule.channels  # type: ignore[union-attr]  # chips: a rule
+        elif bands not in (None, 3, 4):
             raise ValueError(f"bands: got {bands!r}, expected 3 or 4")
+        suffixes = (".tif", ".tiff") if chips else IMAGE_SUFFIXES
         self.size = size
         self.transform = transform
         self.preload = preload
@@ -171,10 +224,10 @@ class ImageFolderDataset(Dataset):
         for label, folder in enumerate(folders):
             found = 0
             for path in sorted(folder.iterdir()):
-                if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+                if path.name.startswith(".") or path.suffix.lower() not in suffixes:
                     continue
                 try:
-                    pixels = _decode(path, bands, size)
+                    pixels = _decode(path, bands, size, self.rule)
                 except InputError:
                     raise
                 except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
@@ -218,10 +271,13 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def read(self, index: int) -> Tensor:
-        """Return sample `index` as a ``(C, H, W)`` uint8 tensor, untransformed."""
+        """Return sample `index` as a ``(C, H, W)`` tensor, untransformed.
+
+        uint8, or float32 in the model's units for the chips of a lossless rule.
+        """
         if self._cache is not None:
             return self._cache[index]
-        return _decode(self.samples[index][0], self.bands, self.size)
+        return _decode(self.samples[index][0], self.bands, self.size, self.rule)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         pixels = self.read(index)

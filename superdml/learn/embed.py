@@ -181,7 +181,7 @@ class Embedder:
         return cls(model, ckpt.input_size, ckpt.mean, ckpt.std, dev, dtype, tta)
 
     def _forward(self, batch: Tensor, batch_size: int) -> Tensor:
-        """Embed one ``(n, C, H, W)`` uint8 CPU batch, n <= `batch_size`: ``(n, D)`` on the CPU."""
+        """Embed one ``(n, C, H, W)`` CPU batch (uint8, or float in rule units), n <= `batch_size`."""
         from torchvision.transforms.v2 import functional as TF
 
         n = batch.shape[0]
@@ -190,11 +190,12 @@ class Embedder:
                 batch = torch.cat([batch, batch.new_zeros((batch_size - n, *batch.shape[1:]))])
             batch = batch.pin_memory()
         x = batch.to(self.device, non_blocking=True)
+        if x.dtype != torch.uint8:  # lossless crops, already in [0, 1] units (CropRule.to_unit)
+            x = x.float()
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = TF.resize(x, [self.input_size] * 2, antialias=True)
-        x = ((x.float() / 255.0 - self.mean) / self.std).contiguous(
-            memory_format=torch.channels_last
-        )
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x
+        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         if self.tta == "none":
             return F.normalize(self.model(x)[:n].float(), dim=1).cpu()
         total = torch.zeros((), device=self.device)
@@ -223,6 +224,8 @@ class Embedder:
         Parameters
         ----------
         crops : (N, C, H, W) uint8 ndarray or Tensor
+            Or float32 in the model's units: lossless crops through
+            :meth:`CropRule.to_unit <superdml.crops.rule.CropRule.to_unit>`.
         batch_size : int
 
         Returns

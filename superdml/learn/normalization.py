@@ -22,16 +22,30 @@ ALPHA_STD = 0.5
 MIN_STD = 1.0 / 255.0
 
 
-def imagenet_statistics(bands: int) -> tuple[list[float], list[float]]:
-    """Return ImageNet's per-band mean and std; a fourth (alpha) band gets 0.5 / 0.5.
+def imagenet_statistics(bands: int, alpha: bool | None = None) -> tuple[list[float], list[float]]:
+    """Return ImageNet's per-band mean and std; an alpha band gets 0.5 / 0.5.
 
     The alpha band holds the superpixel mask (0 or 1 after scaling), so 0.5 / 0.5 maps
-    it to [-1, 1], the range of the normalized RGB bands.
+    it to [-1, 1], the range of the normalized RGB bands. Bands beyond the first three
+    (the extra bands of lossless crops, in [0, 1] between their 1st and 99th
+    percentiles) get the mean of ImageNet's three values.
+
+    Parameters
+    ----------
+    bands : int
+        Bands of a crop, the alpha band included.
+    alpha : bool, optional
+        Whether the last band is the alpha mask; None: when there are 4 bands (the
+        8-bit color rule's RGBA crops).
     """
-    if bands not in (3, 4):
-        raise ValueError(f"bands: got {bands!r}, expected 3 or 4")
-    mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
-    if bands == 4:
+    if bands < 1:
+        raise ValueError(f"bands: got {bands!r}, expected >= 1")
+    alpha = bands == 4 if alpha is None else alpha
+    data = bands - int(alpha)
+    extra_mean, extra_std = float(np.mean(IMAGENET_MEAN)), float(np.mean(IMAGENET_STD))
+    mean = [*IMAGENET_MEAN, *[extra_mean] * max(0, data - 3)][:data]
+    std = [*IMAGENET_STD, *[extra_std] * max(0, data - 3)][:data]
+    if alpha:
         mean.append(ALPHA_MEAN)
         std.append(ALPHA_STD)
     return mean, std
@@ -42,7 +56,9 @@ def band_statistics(
     max_images: int | None = 2000,
     indices: Sequence[int] | None = None,
 ) -> tuple[list[float], list[float]]:
-    """Return the per-band mean and std of a dataset's pixels, scaled to [0, 1].
+    """Return the per-band mean and std of a dataset's pixels in the model's units.
+
+    uint8 images count scaled to [0, 1]; float ones (lossless chips) as they are.
 
     Statistics are over pixels (every pixel of every image counts once), accumulated
     in float64. With more than `max_images` images, evenly spaced ones are used (samples
@@ -72,7 +88,10 @@ def band_statistics(
     squares = torch.zeros(dataset.bands, dtype=torch.float64)
     count = 0
     for i in chosen.tolist():
-        pixels = dataset.read(i).to(torch.float64).flatten(1) / 255.0
+        image = dataset.read(i)
+        pixels = image.to(torch.float64).flatten(1)
+        if image.dtype == torch.uint8:
+            pixels = pixels / 255.0
         total += pixels.sum(1)
         squares += (pixels * pixels).sum(1)
         count += pixels.shape[1]

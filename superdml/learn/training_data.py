@@ -75,7 +75,10 @@ def load_training_data(
     """
     rule = read_crop_rule(train_dir)
     base = ImageFolderDataset(
-        train_dir, bands=rule.channels if rule is not None else None, size=config.input_size
+        train_dir,
+        bands=rule.channels if rule is not None else None,
+        size=config.input_size,
+        rule=rule,
     )
     if val_dir is None:
         train_idx, val_idx = stratified_split(base, config.val_fraction, config.seed)
@@ -86,12 +89,13 @@ def load_training_data(
     elif config.normalization == "dataset":
         mean, std = band_statistics(base, indices=train_idx)
     else:
-        mean, std = imagenet_statistics(base.bands)
+        alpha = rule.mask == "alpha" if rule is not None and rule.lossless else None
+        mean, std = imagenet_statistics(base.bands, alpha)
     train_tf = TrainTransform(config.augment, config.input_size, mean, std)
     val: Dataset | None = None
     val_classes = None
     if val_dir is not None:
-        val = ImageFolderDataset(val_dir, bands=base.bands, size=config.input_size)
+        val = ImageFolderDataset(val_dir, bands=base.bands, size=config.input_size, rule=rule)
         unknown = [c for c in val.class_names if c not in base.class_names]
         if unknown:
             raise input_error(
