@@ -36,7 +36,8 @@ from superdml.core.ownership import claim_output
 from superdml.core.progress import progress
 from superdml.label.polygons import VectorFormat, write_polygons
 from superdml.label.predictions import IdTable, LabelRun, RasterParts, load_label_run, lookup
-from superdml.raster.classes import UNKNOWN, UNKNOWN_COLOR, ClassScheme
+from superdml.raster.class_names import UNKNOWN
+from superdml.raster.classes import UNKNOWN_COLOR, ClassScheme
 from superdml.raster.io import BLOCK_SIZE, iter_blocks, open_raster
 from superdml.raster.overviews import downsample_mean, downsample_mode, overview_factors
 from superdml.raster.staged import StagedRaster

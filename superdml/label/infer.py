@@ -35,7 +35,7 @@ from superdml.label.reference_folder import reference_from_folder
 from superdml.learn.checkpoint import checkpoint_sha256, load_checkpoint
 from superdml.learn.data import IMAGE_SUFFIXES, IMAGE_SUFFIXES_TEXT, _decode
 from superdml.learn.embed import Embedder, resolve_precision
-from superdml.raster.classes import UNKNOWN
+from superdml.raster.class_names import UNKNOWN
 from superdml.search.knn import UNKNOWN_LABEL
 from superdml.search.reference import ReferenceIndex
 

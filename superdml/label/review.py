@@ -47,7 +47,7 @@ from superdml.crops.folder import (
 )
 from superdml.crops.rule import CropRule
 from superdml.label.predictions import MANIFEST, LabelRun, RasterParts, load_label_run, lookup
-from superdml.raster.classes import UNKNOWN, check_class_names
+from superdml.raster.class_names import UNKNOWN, check_class_names
 from superdml.segment.run import SegmentRun, load_segment_runs
 
 logger = logging.getLogger(__name__)

@@ -46,7 +46,7 @@ from superdml.label.predictions import (
     remove_stale_parts,
 )
 from superdml.learn.embed import load_embedder
-from superdml.raster.classes import UNKNOWN
+from superdml.raster.class_names import UNKNOWN
 from superdml.raster.io import Tile, tile_grid
 from superdml.search.reference import load_reference
 from superdml.segment.run import SegmentRun, load_segment_runs

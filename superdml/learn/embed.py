@@ -181,7 +181,7 @@ class Embedder:
         return cls(model, ckpt.input_size, ckpt.mean, ckpt.std, dev, dtype, tta)
 
     def _forward(self, batch: Tensor, batch_size: int) -> Tensor:
-        """Embed one ``(n, C, H, W)`` CPU batch (uint8, or float in rule units), n <= `batch_size`."""
+        """Embed one ``(n, C, H, W)`` CPU batch (uint8 or rule-scaled float), n <= `batch_size`."""
         from torchvision.transforms.v2 import functional as TF
 
         n = batch.shape[0]

@@ -71,7 +71,7 @@ from superdml.learn.plots import (
     plot_reliability,
     plot_similarity,
 )
-from superdml.raster.classes import UNKNOWN
+from superdml.raster.class_names import UNKNOWN
 from superdml.search.knn import UNKNOWN_LABEL, KnnVote, search
 from superdml.search.reference import ReferenceIndex
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from superdml.core.errors import InputError, input_error
-from superdml.raster.classes import check_class_name
+from superdml.raster.class_names import check_class_name
 from superdml.serve.journal import JOURNAL, Decision, Journal, Op, fsync_dir, live_batches, now
 from superdml.serve.queue import PENDING, SKIPPED, SORTED, CropQueue
 

@@ -17,7 +17,8 @@ from superdml.core.errors import InputError, input_error, require_dir
 from superdml.crops.folder import CROPS_TABLE, read_crops_meta
 from superdml.crops.rule import CropRule
 from superdml.label.predictions import LabelRun, load_label_run
-from superdml.raster.classes import RESERVED, ClassScheme, folder_scheme
+from superdml.raster.class_names import RESERVED
+from superdml.raster.classes import ClassScheme, folder_scheme
 from superdml.segment.run import SegmentRun, load_segment_runs
 from superdml.serve.queue import CropQueue, read_queue
 
