@@ -12,15 +12,14 @@ from vectors import circle, cos, unit_rows
 
 import superdml.search.knn
 from superdml.core.errors import ConfigError, InputError
-from superdml.search.knn import (
+from superdml.search.knn import search, search_chunks
+from superdml.search.vote import (
     UNKNOWN_LABEL,
     KnnVote,
     apply_unknown,
     balance_weights,
     calibrate_thresholds,
     knn_vote,
-    search,
-    search_chunks,
 )
 
 BACKENDS = ["faiss", "torch"]

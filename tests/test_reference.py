@@ -16,9 +16,9 @@ from vectors import circle, cos, unit_rows
 
 from superdml.config.schema import VoteConfig
 from superdml.core.errors import InputError, MissingInputError
-from superdml.search.knn import UNKNOWN_LABEL
 from superdml.search.reference import ReferenceIndex
 from superdml.search.reference_files import check_replaceable, reference_scheme
+from superdml.search.vote import UNKNOWN_LABEL
 
 
 def hand_made() -> ReferenceIndex:

@@ -59,7 +59,7 @@ __all__ = [
 MaskMode = Literal["none", "outside", "alpha"]
 SegmentBackend = Literal["auto", "numpy", "torch"]
 SegmentDevice = Literal["auto", "cpu", "cuda"]
-#: Vote weights of the labeling rule (:func:`superdml.search.knn.knn_vote`).
+#: Vote weights of the labeling rule (:func:`superdml.search.vote.knn_vote`).
 Weighting = Literal["similarity", "softmax"]
 #: What votes (:meth:`superdml.search.reference.ReferenceIndex.vote`): the k nearest
 #: references, or the nearest class means.

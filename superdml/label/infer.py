@@ -36,8 +36,8 @@ from superdml.learn.checkpoint import checkpoint_sha256, load_checkpoint
 from superdml.learn.data import IMAGE_SUFFIXES, IMAGE_SUFFIXES_TEXT, _decode
 from superdml.learn.embed import Embedder, resolve_precision
 from superdml.raster.class_names import UNKNOWN
-from superdml.search.knn import UNKNOWN_LABEL
 from superdml.search.reference import ReferenceIndex
+from superdml.search.vote import UNKNOWN_LABEL
 
 __all__ = ["InferResult", "Neighbour", "infer", "plot_neighbours"]
 

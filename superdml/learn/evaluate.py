@@ -72,8 +72,9 @@ from superdml.learn.plots import (
     plot_similarity,
 )
 from superdml.raster.class_names import UNKNOWN
-from superdml.search.knn import UNKNOWN_LABEL, KnnVote, search
+from superdml.search.knn import search
 from superdml.search.reference import ReferenceIndex
+from superdml.search.vote import UNKNOWN_LABEL, KnnVote
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from superdml.config.schema import check
 from superdml.core.errors import InputError
-from superdml.search.knn import knn_vote, search_chunks
+from superdml.search.knn import search_chunks
+from superdml.search.vote import knn_vote
 
 __all__ = ["NEIGHBOR_BUDGET", "retrieval_metrics"]
 
@@ -92,7 +93,7 @@ def retrieval_metrics(
       class among the first 1, 5;
     - ``top1_accuracy``, ``top5_accuracy``: fraction of queries whose class is the
       winner, or among the 5 best classes with a non-zero share, of the kNN vote the
-      labeling uses (:func:`superdml.search.knn.knn_vote`, similarity weighting, `knn_k`
+      labeling uses (:func:`superdml.search.vote.knn_vote`, similarity weighting, `knn_k`
       neighbours);
     - ``nmi``: normalized mutual information between the query labels and a k-means
       clustering of the query embeddings (FAISS, seed ``KMEANS_SEED``) with as many

@@ -11,15 +11,18 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
     submod_attrs={
         "knn": [
             "Backend",
-            "EXACT_MATCH",
-            "KnnVote",
             "TORCH_BLOCK_ELEMENTS",
-            "UNKNOWN_LABEL",
-            "Weighting",
-            "apply_unknown",
-            "knn_vote",
             "search",
             "search_chunks",
+        ],
+        "vote": [
+            "EXACT_MATCH",
+            "KnnVote",
+            "UNKNOWN_LABEL",
+            "apply_unknown",
+            "balance_weights",
+            "calibrate_thresholds",
+            "knn_vote",
         ],
         "reference": [
             "IndexType",

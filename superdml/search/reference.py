@@ -1,7 +1,8 @@
 """The in-memory reference index: labeled reference embeddings, their FAISS index, search, vote.
 
 :class:`ReferenceIndex` holds the labeled reference embeddings and their FAISS index; it
-searches them (:func:`superdml.search.knn.search`) and votes (:func:`superdml.search.knn.knn_vote`).
+searches them (:func:`~superdml.search.knn.search`) and votes
+(:func:`~superdml.search.vote.knn_vote`).
 ``superdml index`` (:func:`superdml.label.index.build_index`) makes one from a labeled crop
 folder and saves it as a reference folder (:mod:`superdml.search.reference_files`, the
 on-disk format). :func:`load_reference` keeps one per process.
@@ -42,7 +43,6 @@ from superdml.search.faiss_index import (
     reference_problem,
     search_device,
 )
-from superdml.search.knn import UNKNOWN_LABEL, KnnVote
 from superdml.search.reference_files import (
     REFERENCE_JSON,
     Calibration,
@@ -50,6 +50,15 @@ from superdml.search.reference_files import (
     damaged,
     read_reference,
     write_reference,
+)
+from superdml.search.vote import (
+    EXACT_MATCH,
+    UNKNOWN_LABEL,
+    KnnVote,
+    apply_unknown,
+    balance_weights,
+    calibrate_thresholds,
+    knn_vote,
 )
 
 __all__ = [
@@ -178,7 +187,7 @@ class ReferenceIndex:
         calibration_recall : float, optional
             Set per-class unknown thresholds (``unknown: calibrated``) that keep this
             share of each class's references, left out one at a time
-            (:func:`~superdml.search.knn.calibrate_thresholds`); None: none.
+            (:func:`~superdml.search.calibrate_thresholds`); None: none.
         tta : {"none", "d4"}
             The test-time augmentation the embeddings were made with (recorded).
 
@@ -432,9 +441,9 @@ class ReferenceIndex:
     ) -> KnnVote:
         """Apply the labeling rule to neighbours found by :meth:`search`.
 
-        The rule's ``vote``: ``knn`` is :func:`~superdml.search.knn.knn_vote` over the
+        The rule's ``vote``: ``knn`` is :func:`~superdml.search.knn_vote` over the
         neighbours, each weighted by its class's reference count to the power
-        ``-class_balance`` (:func:`~superdml.search.knn.balance_weights`);
+        ``-class_balance`` (:func:`~superdml.search.balance_weights`);
         ``class_mean`` votes over the similarities of the query to every class's mean
         reference embedding (nearest class mean; the same weighting and temperature),
         except that a query whose nearest reference is its own crop keeps that class.
@@ -472,13 +481,13 @@ class ReferenceIndex:
         if rule.vote == "class_mean":
             vote = self._class_mean_vote(sims, neighbour_labels, rule, queries, num_top)
         else:
-            factors = knn.balance_weights(self.class_counts, rule.class_balance)
-            vote = knn.knn_vote(
+            factors = balance_weights(self.class_counts, rule.class_balance)
+            vote = knn_vote(
                 sims, neighbour_labels, num_classes, rule.weighting, rule.temperature, num_top,
                 class_weights=factors,
             )  # fmt: skip
         threshold = self._unknown_threshold(rule)
-        return vote if threshold is None else knn.apply_unknown(vote, threshold)
+        return vote if threshold is None else apply_unknown(vote, threshold)
 
     def _class_mean_vote(
         self,
@@ -501,12 +510,12 @@ class ReferenceIndex:
         present = self.class_counts > 0
         order = np.argsort(-np.where(present, mean_sims, -np.inf), axis=1, kind="stable")
         classes = np.where(present[order], order, UNKNOWN_LABEL)
-        by_mean = knn.knn_vote(
+        by_mean = knn_vote(
             np.take_along_axis(mean_sims, order, axis=1), classes, len(means),
             rule.weighting, rule.temperature, num_top, exact_match=None,
         )  # fmt: skip
-        by_ref = knn.knn_vote(sims[:, :1], neighbour_labels[:, :1], len(means), num_top=num_top)
-        exact = (by_ref.label_ids >= 0) & (by_ref.similarity >= knn.EXACT_MATCH)
+        by_ref = knn_vote(sims[:, :1], neighbour_labels[:, :1], len(means), num_top=num_top)
+        exact = (by_ref.label_ids >= 0) & (by_ref.similarity >= EXACT_MATCH)
         rows = exact[:, None]
         return KnnVote(
             label_ids=np.where(exact, by_ref.label_ids, by_mean.label_ids),
@@ -651,7 +660,7 @@ def _calibrate(
         sims, _ = knn.search(embeddings, index, 1, backend="faiss", exclude_self=True)
     else:
         sims, _ = knn.search(embeddings, torch.from_numpy(embeddings), 1, exclude_self=True)
-    thresholds = knn.calibrate_thresholds(sims[:, 0], labels, num_classes, recall)
+    thresholds = calibrate_thresholds(sims[:, 0], labels, num_classes, recall)
     return Calibration(recall, thresholds)
 
 

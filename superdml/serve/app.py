@@ -113,6 +113,8 @@ def _error(err: Exception, status: int = 409) -> JSONResponse:
 
 def make_app(session: Session) -> Starlette:
     """Return the ASGI application of one review session (behind :class:`TokenGuard`)."""
+    # long: the routes are closures over one review session, each a few lines that parse
+    # a request and call the library functions of superdml.serve; one table reads best.
     served, sorter = session.served, session.sorter
 
     def index(request: Request) -> Response:
