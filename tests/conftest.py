@@ -1,14 +1,22 @@
-"""Shared fixtures: labeled crop folders cut from scikit-image's bundled images."""
+"""Shared fixtures: the session's test worlds, and crop folders of scikit-image's images.
+
+Every session fixture is read-only: a test that changes files copies them into its
+``tmp_path`` first (:meth:`worlds.World.copy_to`, ``shutil.copytree``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 from PIL import Image
 from skimage import data
+
+if TYPE_CHECKING:  # the worlds import the stages (torch): only the tests that use one pay
+    from worlds import LabelRun, World
 
 
 def _gray(image: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
@@ -104,3 +112,37 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def shared_world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    """The untrained world (:func:`worlds.make_world`): a 256 px mosaic in 4 tiles,
+    8 crops per class, an untrained model and its reference. For mechanics, not accuracy."""
+    from worlds import make_world
+
+    return make_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture(scope="session")
+def shared_label_run(shared_world: World, tmp_path_factory: pytest.TempPathFactory) -> LabelRun:
+    """The untrained world labeled with :data:`worlds.LABEL` (outside the world's root)."""
+    from worlds import label_world
+
+    return label_world(shared_world, tmp_path_factory.mktemp("label_run") / "out")
+
+
+@pytest.fixture(scope="session")
+def shared_trained_world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    """A 384 px mosaic whose left half's crops (40 per class) trained a model 6 epochs
+    and make its reference: for tests of how well the unseen right half is labeled."""
+    from rasters import texture_mosaic
+    from worlds import make_world
+
+    from superdml.config.schema import CropsConfig
+
+    left = texture_mosaic(384)[1].copy()
+    left[:, 192:] = 0  # only the left half is labeled
+    crops = CropsConfig(crop_size=32, mask="none", per_class=40)
+    return make_world(
+        tmp_path_factory.mktemp("trained"), 384, model="trained", crops=crops, label_raster=left
+    )
