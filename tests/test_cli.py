@@ -75,6 +75,7 @@ def test_every_command_help_exits_0_and_lists_its_options(runner, name):
         assert registry_flags(spec) <= shown, registry_flags(spec) - shown
 
 
+@pytest.mark.slow
 def test_segment_and_crops_on_a_local_dask_cluster(runner, small_tif, tmp_path):
     out = tmp_path / "seg"
     result = runner.invoke(

@@ -118,6 +118,7 @@ def test_rerun_is_skipped_and_identical(mosaic_tif, mosaic_runs):
     assert again.skipped and again.n_superpixels == first.n_superpixels
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_gives_identical_output(
     mosaic_tif, mosaic_runs, tmp_path, monkeypatch
 ):

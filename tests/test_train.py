@@ -45,6 +45,13 @@ def folders(tmp_path_factory):
     )
 
 
+@pytest.fixture(scope="module")
+def few(tmp_path_factory):
+    """A training folder of 8 crops per class: two batches an epoch, for the mechanics."""
+    root = tmp_path_factory.mktemp("few")
+    return make_crop_folders(root, classes=CLASSES, per_class=8, size=(32, 48))
+
+
 def tiny(**changes):
     """ResNet-18 at 32 px with a 32-D embedding, 4 classes x 4 samples per batch."""
     params = {
@@ -161,10 +168,11 @@ def test_checkpoint_records_crop_rule_bands_and_normalization(crop_folders_rgba,
     assert ckpt.train_config["normalization"] == "imagenet" and ckpt.input_size == 32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1])
-def test_resume_continues_exactly(folders, tmp_path, monkeypatch, workers):
+def test_resume_continues_exactly(few, tmp_path, monkeypatch, workers):
     config = tiny(epochs=3, warmup_epochs=1, num_workers=workers)
-    straight = train(folders[0], tmp_path / "straight", config, device="cpu")
+    straight = train(few, tmp_path / "straight", config, device="cpu")
 
     class Crash(Exception):
         pass
@@ -180,10 +188,10 @@ def test_resume_continues_exactly(folders, tmp_path, monkeypatch, workers):
     real_epoch = train_module._train_epoch
     monkeypatch.setattr(train_module, "_train_epoch", crash_in_third_epoch)
     with pytest.raises(Crash):
-        train(folders[0], tmp_path / "resumed", config, device="cpu")
+        train(few, tmp_path / "resumed", config, device="cpu")
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "resumed" / "last.pt").resume["epoch"] == 2
-    resumed = train(folders[0], tmp_path / "resumed", config, resume=True, device="cpu")
+    resumed = train(few, tmp_path / "resumed", config, resume=True, device="cpu")
 
     assert resumed.epochs_run == 1 and straight.epochs_run == 3
     a, b = load_checkpoint(straight.last_path), load_checkpoint(resumed.last_path)
