@@ -146,3 +146,17 @@ def shared_trained_world(tmp_path_factory: pytest.TempPathFactory) -> World:
     return make_world(
         tmp_path_factory.mktemp("trained"), 384, model="trained", crops=crops, label_raster=left
     )
+
+
+@pytest.fixture(scope="session")
+def untrained_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two untrained 32 px checkpoints with different weights (seeds 0 and 1), classes
+    brick, grass, coffee: for stages whose results need a model, not a good one."""
+    from checkpoints import save_untrained_checkpoint
+
+    root = tmp_path_factory.mktemp("untrained")
+    classes = ("brick", "grass", "coffee")
+    return (
+        save_untrained_checkpoint(root / "a.pt", classes, seed=0),
+        save_untrained_checkpoint(root / "b.pt", classes, seed=1),
+    )

@@ -122,7 +122,8 @@ def test_bad_input_is_one_line_and_exit_code_2(runner, tmp_path, small_tif, args
 
 def test_debug_shows_the_traceback(runner, tmp_path):
     result = runner.invoke(
-        cli, ["--debug", "segment", str(tmp_path / "x.tif"), "--out", str(tmp_path)]
+        cli,
+        ["--debug", "segment", str(tmp_path / "x.tif"), "--out", str(tmp_path), "--workers", "0"],
     )
     assert result.exit_code != 0 and isinstance(result.exception, FileNotFoundError)
 
@@ -144,7 +145,15 @@ def test_all_nodata_raster_exits_2(runner, tmp_path):
 
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_quiet_and_debug_go_before_or_after_the_command(tmp_path, where):
-    args = ["segment", str(tmp_path / "missing.tif"), "--out", str(tmp_path / "o")]
+    # --workers 0: no local cluster to start (segment starts it before reading its input)
+    args = [
+        "segment",
+        str(tmp_path / "missing.tif"),
+        "--out",
+        str(tmp_path / "o"),
+        "--workers",
+        "0",
+    ]
 
     def run(flag):
         return CliRunner().invoke(cli, [flag, *args] if where == "before" else [*args, flag])
