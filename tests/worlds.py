@@ -11,6 +11,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from checkpoints import save_untrained_checkpoint
@@ -103,7 +104,7 @@ def make_world(
     root: Path,
     size: int = 256,
     per_class: int = 8,
-    model: str = "untrained",
+    model: Literal["untrained", "trained"] = "untrained",
     crops: CropsConfig | None = None,
     label_raster: np.ndarray | None = None,
 ) -> World:
@@ -118,8 +119,8 @@ def make_world(
     per_class : int
         Crops per class of the labeled raster (32 px, default mask) unless `crops` says.
     model : {"untrained", "trained"}
-        An untrained resnet18 (mechanics), or one trained 6 epochs on the crops
-        (accuracy: about 0.9 of the pixels right on this mosaic).
+        An untrained resnet18 (for mechanics), or one trained 6 epochs on the crops
+        (proxy NCA, 32 px: for tests of how well superpixels are labeled).
     crops : CropsConfig, optional
     label_raster : (H, W) uint8 ndarray, optional
         What the crops are labeled from (0: unlabeled; ``labeled.tif``), the truth when
@@ -132,9 +133,8 @@ def make_world(
     write_raster(root / "truth.tif", truth[None], tags={"class_names": names})
     label_tif = root / "truth.tif"
     if label_raster is not None:
-        label_tif = write_raster(
-            root / "labeled.tif", label_raster[None], nodata=0, class_names=names
-        )
+        label_tif = root / "labeled.tif"
+        write_raster(label_tif, label_raster[None], nodata=0, tags={"class_names": names})
     seg = segment_raster(root / "mosaic.tif", root / "seg", SEGMENT)
     crops = crops or CropsConfig(crop_size=32, per_class=per_class)
     export_crops(seg.out_dir, root / "crops", crops, label_tif)
