@@ -6,7 +6,8 @@ Every session fixture is read-only: a test that changes files copies them into i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -114,25 +115,42 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """Fail the session when a test changed, added or removed a file under `folder`."""
+    from superdml.core.provenance import tree_fingerprint
+
+    before = tree_fingerprint(folder)
+    yield
+    if tree_fingerprint(folder) != before:
+        raise AssertionError(f"a test changed the shared {folder}: copy it into tmp_path first")
+
+
 @pytest.fixture(scope="session")
-def shared_world(tmp_path_factory: pytest.TempPathFactory) -> World:
+def shared_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     """The untrained world (:func:`worlds.make_world`): a 256 px mosaic in 4 tiles,
     8 crops per class, an untrained model and its reference. For mechanics, not accuracy."""
     from worlds import make_world
 
-    return make_world(tmp_path_factory.mktemp("world"))
+    world = make_world(tmp_path_factory.mktemp("world"))
+    with read_only(world.root):
+        yield world
 
 
 @pytest.fixture(scope="session")
-def shared_label_run(shared_world: World, tmp_path_factory: pytest.TempPathFactory) -> LabelRun:
+def shared_label_run(
+    shared_world: World, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LabelRun]:
     """The untrained world labeled with :data:`worlds.LABEL` (outside the world's root)."""
     from worlds import label_world
 
-    return label_world(shared_world, tmp_path_factory.mktemp("label_run") / "out")
+    run = label_world(shared_world, tmp_path_factory.mktemp("label_run") / "out")
+    with read_only(run.out):
+        yield run
 
 
 @pytest.fixture(scope="session")
-def shared_trained_world(tmp_path_factory: pytest.TempPathFactory) -> World:
+def shared_trained_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     """A 384 px mosaic whose left half's crops (40 per class) trained a model 6 epochs
     and make its reference: for tests of how well the unseen right half is labeled."""
     from rasters import texture_mosaic
@@ -143,9 +161,11 @@ def shared_trained_world(tmp_path_factory: pytest.TempPathFactory) -> World:
     left = texture_mosaic(384)[1].copy()
     left[:, 192:] = 0  # only the left half is labeled
     crops = CropsConfig(crop_size=32, mask="none", per_class=40)
-    return make_world(
+    world = make_world(
         tmp_path_factory.mktemp("trained"), 384, model="trained", crops=crops, label_raster=left
     )
+    with read_only(world.root):
+        yield world
 
 
 @pytest.fixture(scope="session")
