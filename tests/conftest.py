@@ -1,14 +1,23 @@
-"""Shared fixtures: labeled crop folders cut from scikit-image's bundled images."""
+"""Shared fixtures: the session's test worlds, and crop folders of scikit-image's images.
+
+Every session fixture is read-only: a test that changes files copies them into its
+``tmp_path`` first (:meth:`worlds.World.copy_to`, ``shutil.copytree``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 from PIL import Image
 from skimage import data
+
+if TYPE_CHECKING:  # the worlds import the stages (torch): only the tests that use one pay
+    from worlds import LabelRun, World
 
 
 def _gray(image: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
@@ -104,3 +113,70 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """Fail the session when a test changed, added or removed a file under `folder`."""
+    from superdml.core.provenance import tree_fingerprint
+
+    before = tree_fingerprint(folder)
+    yield
+    if tree_fingerprint(folder) != before:
+        raise AssertionError(f"a test changed the shared {folder}: copy it into tmp_path first")
+
+
+@pytest.fixture(scope="session")
+def shared_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """The untrained world (:func:`worlds.make_world`): a 256 px mosaic in 4 tiles,
+    8 crops per class, an untrained model and its reference. For mechanics, not accuracy."""
+    from worlds import make_world
+
+    world = make_world(tmp_path_factory.mktemp("world"))
+    with read_only(world.root):
+        yield world
+
+
+@pytest.fixture(scope="session")
+def shared_label_run(
+    shared_world: World, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LabelRun]:
+    """The untrained world labeled with :data:`worlds.LABEL` (outside the world's root)."""
+    from worlds import label_world
+
+    run = label_world(shared_world, tmp_path_factory.mktemp("label_run") / "out")
+    with read_only(run.out):
+        yield run
+
+
+@pytest.fixture(scope="session")
+def shared_trained_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """A 384 px mosaic whose left half's crops (40 per class) trained a model 6 epochs
+    and make its reference: for tests of how well the unseen right half is labeled."""
+    from rasters import texture_mosaic
+    from worlds import make_world
+
+    from superdml.config.schema import CropsConfig
+
+    left = texture_mosaic(384)[1].copy()
+    left[:, 192:] = 0  # only the left half is labeled
+    crops = CropsConfig(crop_size=32, mask="none", per_class=40)
+    world = make_world(
+        tmp_path_factory.mktemp("trained"), 384, model="trained", crops=crops, label_raster=left
+    )
+    with read_only(world.root):
+        yield world
+
+
+@pytest.fixture(scope="session")
+def untrained_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two untrained 32 px checkpoints with different weights (seeds 0 and 1), classes
+    brick, grass, coffee: for stages whose results need a model, not a good one."""
+    from checkpoints import save_untrained_checkpoint
+
+    root = tmp_path_factory.mktemp("untrained")
+    classes = ("brick", "grass", "coffee")
+    return (
+        save_untrained_checkpoint(root / "a.pt", classes, seed=0),
+        save_untrained_checkpoint(root / "b.pt", classes, seed=1),
+    )

@@ -22,9 +22,10 @@ def write_raster(
     nodata: float | None = None,
     transform_: rasterio.Affine | None = TRANSFORM,
     driver: str = "GTiff",
+    tags: dict[str, str] | None = None,
     **extra: object,
 ) -> Path:
-    """Write band-first `pixels` (C, H, W) to `path`."""
+    """Write band-first `pixels` (C, H, W) to `path`, with dataset `tags` if given."""
     count, height, width = pixels.shape
     profile: dict[str, object] = {
         "driver": driver,
@@ -40,6 +41,8 @@ def write_raster(
     profile.update(extra)
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(pixels)
+        if tags:
+            dst.update_tags(**tags)
     return path
 
 

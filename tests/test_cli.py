@@ -4,6 +4,7 @@ import inspect
 import logging
 import re
 
+import click
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -34,12 +35,48 @@ def small_tif(tmp_path):
 def test_version_and_help(runner):
     result = runner.invoke(cli, ["--version"])
     assert result.exit_code == 0 and __version__ in result.output
-    result = runner.invoke(cli, ["--help"])
+    result = runner.invoke(cli, ["--help"], terminal_width=400, max_content_width=400)
     assert result.exit_code == 0
-    for command in ("segment", "crops"):
-        assert command in result.output
+    listed = result.output.split("Commands:\n", 1)[1].splitlines()
+    assert sorted(line.split()[0] for line in listed if line.strip()) == sorted(cli.commands)
+    for name, command in cli.commands.items():
+        assert f"  {name} " in result.output and command.get_short_help_str(400) in result.output
+    stages = {name for name, spec in REGISTRY.items() if spec.command}
+    assert stages <= set(cli.commands)  # every command-line stage of the registry is a command
 
 
+def registry_flags(spec):
+    """The options and arguments the registry gives the command of `spec`."""
+    flags = {p.cli or "--" + p.name.replace("_", "-") for p in spec.params}
+    if spec.config:
+        flags |= {"--config"} | {
+            "--" + key.replace(".", "-").replace("_", "-") for key, *_ in flat_fields(spec.config)
+        }
+    flags |= {"--device"} if "device" in spec.context else set()
+    flags |= {"--workers", "--scheduler"} if "client" in spec.context else set()
+    return flags
+
+
+@pytest.mark.parametrize("name", sorted(cli.commands))
+def test_every_command_help_exits_0_and_lists_its_options(runner, name):
+    result = runner.invoke(cli, [name, "--help"], terminal_width=400, max_content_width=400)
+    assert result.exit_code == 0, result.output
+    usage, options = result.output.split("Options:\n", 1)
+    assert usage.startswith(f"Usage: cli {name} [OPTIONS]")
+    shown = {entry.split()[0].rstrip(",") for entry in re.split(r"\n(?=  -)", options)}
+    arguments = usage.splitlines()[0].removeprefix(f"Usage: cli {name} [OPTIONS]")
+    shown |= set(re.findall(r"[A-Z][A-Z_]+", arguments))
+    declared = {
+        p.opts[0] if isinstance(p, click.Option) else p.human_readable_name.rstrip(".")
+        for p in cli.commands[name].params
+    }
+    assert declared | {"--help"} == shown  # no option hidden, none shown twice
+    spec = REGISTRY.get(name)
+    if spec is not None and spec.command:  # a stage: its options come from the registry
+        assert registry_flags(spec) <= shown, registry_flags(spec) - shown
+
+
+@pytest.mark.slow
 def test_segment_and_crops_on_a_local_dask_cluster(runner, small_tif, tmp_path):
     out = tmp_path / "seg"
     result = runner.invoke(
@@ -86,7 +123,8 @@ def test_bad_input_is_one_line_and_exit_code_2(runner, tmp_path, small_tif, args
 
 def test_debug_shows_the_traceback(runner, tmp_path):
     result = runner.invoke(
-        cli, ["--debug", "segment", str(tmp_path / "x.tif"), "--out", str(tmp_path)]
+        cli,
+        ["--debug", "segment", str(tmp_path / "x.tif"), "--out", str(tmp_path), "--workers", "0"],
     )
     assert result.exit_code != 0 and isinstance(result.exception, FileNotFoundError)
 
@@ -108,7 +146,15 @@ def test_all_nodata_raster_exits_2(runner, tmp_path):
 
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_quiet_and_debug_go_before_or_after_the_command(tmp_path, where):
-    args = ["segment", str(tmp_path / "missing.tif"), "--out", str(tmp_path / "o")]
+    # --workers 0: no local cluster to start (segment starts it before reading its input)
+    args = [
+        "segment",
+        str(tmp_path / "missing.tif"),
+        "--out",
+        str(tmp_path / "o"),
+        "--workers",
+        "0",
+    ]
 
     def run(flag):
         return CliRunner().invoke(cli, [flag, *args] if where == "before" else [*args, flag])

@@ -53,6 +53,7 @@ def test_label_runs_in_this_process_unless_workers_are_asked_for():
             pass
 
 
+@pytest.mark.slow
 def test_stage_clients_make_one_client_per_shape_on_first_use():
     with stage_clients() as client_for:
         assert client_for("label") is None  # labeling runs in this process

@@ -3,7 +3,6 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from checkpoints import save_untrained_checkpoint
 from click.testing import CliRunner
 from conftest import make_crop_folders
 from PIL import Image
@@ -30,10 +29,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(untrained_checkpoints):
     """An untrained ResNet-18 checkpoint at 32 px (evaluation needs no good model)."""
-    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
-    return save_untrained_checkpoint(path, ["brick", "grass", "gravel"])
+    return untrained_checkpoints[0]
 
 
 @pytest.fixture(scope="module")

@@ -10,96 +10,73 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import rasterio
+import worlds
 from click.testing import CliRunner
-from rasters import texture_mosaic, write_raster
 
 import superdml.label.export
 from superdml.cli.commands import cli
-from superdml.config.schema import SegmentConfig
 from superdml.core.errors import InputError
 from superdml.core.ownership import mark_output
 from superdml.crops.stage import majority_labels
 from superdml.label.export import export, qgis_style
-from superdml.label.predictions import MANIFEST, IdTable, lookup, predictions_schema
+from superdml.label.predictions import MANIFEST, IdTable, load_label_run, lookup
+from superdml.label.stage import label
 from superdml.raster.classes import make_scheme, palette
-from superdml.raster.io import tile_grid
 from superdml.raster.overviews import downsample_mean, downsample_mode
 from superdml.segment.run import load_segment_runs
-from superdml.segment.stage import segment_raster
 
-CLASSES = ["brick", "grass", "gravel", "coffee"]
-#: The classes of the truth's values 1..4, in CLASSES order (not sorted by name).
-SCHEME = make_scheme({i: {"name": n} for i, n in enumerate(CLASSES, 1)}, "test")
+CLASSES = worlds.CLASSES
 
 
-def fake_provenance(segments):
-    """A part provenance as `superdml label` records it (made-up hashes of its other inputs)."""
-    return {
-        "segments": segments, "crop_rule": "c" * 16, "checkpoint_sha256": "0" * 64,
-        "reference_sha256": "1" * 64, "label_config": "2" * 16, "label_codes": "3" * 16,
-    }  # fmt: skip
+def fake_label_run(labeled, out, seg_dir=None):
+    """A label run whose predictions are each superpixel's majority class in the truth.
 
-
-def write_part(table, path, provenance):
-    """Write a predictions part carrying `provenance`, as `superdml label` does."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table.replace_schema_metadata({"superdml": json.dumps(provenance)}), path)
-
-
-def fake_label_run(seg_dir, truth, out, tile_size=128):
-    """Predictions as `superdml label` writes them, from the truth's majority class."""
-    run = load_segment_runs(seg_dir)[0]
-    provenance = fake_provenance(run.fingerprint)
+    The run is real (``superdml label`` with the world's untrained model; for the world's
+    own segments, a copy of the shared label run): ``label.json`` and each part's
+    metadata are the provenance label wrote. Then each part's prediction columns are
+    replaced by the truth's, its metadata kept. Returns the segment run and its segments.
+    """
+    if seg_dir is None:
+        shutil.copytree(labeled["label_run"].out, out)
+    else:
+        world = labeled["world"]
+        label(seg_dir, world.checkpoint, world.ref, out, worlds.LABEL, device="cpu")
+    run = load_segment_runs(seg_dir or labeled["seg"].out_dir)[0]
     with rasterio.open(run.segments_path) as src:
         segments = src.read(1)
-    out.mkdir(parents=True)
-    mark_output(out, "label")
-    for tile in tile_grid(run.source.height, run.source.width, tile_size):
-        table = run.superpixels_in(tile.row, tile.col, tile.height, tile.width)
+    label_run = load_label_run(out)
+    codes = label_run.scheme.codes
+    for part in sorted((out / "predictions" / run.name).glob("*.parquet")):
+        table = pq.read_table(part)
         ids = table.column("segment_id").to_numpy()
-        value, purity = majority_labels(segments, truth, ids, None)
+        value, purity = majority_labels(segments, labeled["truth"], ids, None)
+        names = [CLASSES[v - 1] for v in value]
         n = len(ids)
-        part = pa.table(
-            {
-                "segment_id": pa.array(ids, pa.uint32()),
-                "raster": [run.name] * n,
-                "x": table.column("x"),
-                "y": table.column("y"),
-                "label": [CLASSES[v - 1] for v in value],
-                "label_code": pa.array(value, pa.uint16()),
-                "score": pa.array(purity, pa.float32()),
-                "margin": pa.array(purity / 2, pa.float32()),
-                "similarity": pa.array(np.ones(n), pa.float32()),
-                "topk_labels": [[CLASSES[v - 1]] for v in value],
-                "topk_similarities": [[1.0]] * n,
-            },
-            schema=predictions_schema(),
-        )
-        write_part(part, out / "predictions" / run.name / f"{tile.key}.parquet", provenance)
-    (out / MANIFEST).write_text(
-        json.dumps(
-            {
-                "class_names": CLASSES,
-                "class_scheme": SCHEME.to_dict(),
-                "tile_size": tile_size,
-                "rasters": [run.name],
-                "segment_fingerprints": {run.name: run.fingerprint},
-                "part_meta": {run.name: provenance},
-            }
-        )
-    )
+        predicted = {
+            "label": pa.array(names, pa.string()),
+            "label_code": pa.array([codes[name] for name in names], pa.uint16()),
+            "score": pa.array(purity, pa.float32()),
+            "margin": pa.array(purity / 2, pa.float32()),
+            "similarity": pa.array(np.ones(n), pa.float32()),
+            "topk_labels": pa.array([[name] for name in names], pa.list_(pa.string())),
+            "topk_similarities": pa.array([[1.0]] * n, pa.list_(pa.float32())),
+        }
+        for name, column in predicted.items():
+            table = table.set_column(table.schema.get_field_index(name), name, column)
+        assert table.schema.metadata[b"superdml"]  # label's provenance of the part, kept
+        pq.write_table(table, part)
     return run, segments
 
 
 @pytest.fixture(scope="module")
-def labeled(tmp_path_factory):
+def labeled(shared_world, shared_label_run, tmp_path_factory):
+    """The shared world's label run, copied, with the truth's classes as predictions."""
     root = tmp_path_factory.mktemp("export")
-    rgb, truth = texture_mosaic(256)
-    source = write_raster(root / "mosaic.tif", rgb)
-    seg = segment_raster(source, root / "seg", SegmentConfig(region_size=16, tile_size=128))
+    world = shared_world
+    info = {"world": world, "label_run": shared_label_run, "seg": world.seg, "truth": world.truth}
     out = root / "out"
-    run, segments = fake_label_run(seg.out_dir, truth, out)
-    return {"root": root, "seg": seg, "out": out, "segments": segments, "truth": truth, "run": run}
+    run, segments = fake_label_run(info, out)
+    return {**info, "root": root, "out": out, "segments": segments, "run": run}
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +124,7 @@ def test_label_and_score_rasters_equal_a_direct_computation_across_windows(
     shutil.copytree(labeled["seg"].out_dir, seg_dir)
     renumber_segments(seg_dir, spread)
     out = tmp_path / "out"
-    _, segments = fake_label_run(seg_dir, labeled["truth"], out)
+    _, segments = fake_label_run(labeled, out, seg_dir)
     part = out / "predictions" / "mosaic" / "t0000_0001.parquet"
     kept = pq.read_table(part)
     pq.write_table(kept.slice(0, kept.num_rows // 2), part)  # half a tile's superpixels unlabeled
@@ -175,10 +152,10 @@ def test_cog_overviews_are_modes_and_means_of_the_level_below(labeled, tmp_path,
     monkeypatch.setattr(superdml.label.export, "BLOCK_SIZE", 64)
     monkeypatch.setattr(superdml.label.export, "WINDOW", 96)
     out = tmp_path / "out"
-    fake_label_run(labeled["seg"].out_dir, labeled["truth"], out)
+    fake_label_run(labeled, out)
     files = export(out, labeled["seg"].out_dir, "cog", "none").outputs["mosaic"]
     written = {p.name for p in out.iterdir()} - {".superdml-stage", ".superdml.lock"}
-    expected = {"label.json", "predictions", "labels.tif", "scores.tif", "labels.qml"}
+    expected = {"label.json", "label.yaml", "predictions", "labels.tif", "scores.tif", "labels.qml"}
     assert written == {*expected, "summary.json"}  # the staging files never had a name
     for name, downsample in (
         ("labels", lambda level: downsample_mode(level, 0)),
@@ -197,7 +174,7 @@ def test_cog_overviews_are_modes_and_means_of_the_level_below(labeled, tmp_path,
 
 def test_no_room_to_stage_is_one_line_and_keeps_the_old_rasters(labeled, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    fake_label_run(labeled["seg"].out_dir, labeled["truth"], out)
+    fake_label_run(labeled, out)
     export(out, labeled["seg"].out_dir, "gtiff", "none")
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     (out / "notes.txt").write_text("mine")
@@ -344,7 +321,9 @@ def test_allow_incomplete_leaves_tiles_of_stale_parts_as_nodata(labeled, tmp_pat
     mark_output(out, "label")
     part = sorted((out / "predictions" / "mosaic").glob("*.parquet"))[0]
     stale = pq.read_table(part)
-    write_part(stale, part, fake_provenance("older segments"))
+    provenance = json.loads(stale.schema.metadata[b"superdml"])
+    provenance["segments"] = "older segments"  # as made before a re-segmentation
+    pq.write_table(stale.replace_schema_metadata({"superdml": json.dumps(provenance)}), part)
     lost = stale.column("segment_id").to_numpy()
     result = export(out, labeled["seg"].out_dir, "gtiff", "parquet", allow_incomplete=True)
     files = result.outputs["mosaic"]

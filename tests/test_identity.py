@@ -17,7 +17,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-from rasters import texture_mosaic, write_raster
 
 import superdml.label.review as review_module
 import superdml.label.stage as label_module
@@ -29,7 +28,6 @@ from superdml.config.schema import (
     IndexConfig,
     LabelConfig,
     ReviewConfig,
-    SegmentConfig,
     TrainConfig,
 )
 from superdml.crops.stage import export_crops
@@ -42,7 +40,6 @@ from superdml.learn.evaluate import evaluate
 from superdml.learn.sampling import stratified_split
 from superdml.learn.train import train
 from superdml.search.reference import ReferenceIndex
-from superdml.segment.stage import segment_raster
 
 #: One tile and one batch per labeled raster: every superpixel is embedded together.
 LABEL = LabelConfig(k=10, tile_size=256, batch_size=512, precision="fp32")
@@ -72,20 +69,18 @@ def _spy(monkeypatch, module, name, seen):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """Segment a mosaic, cut 20 crops per class, train one epoch (fp32) and index them.
+def world(shared_world, tmp_path_factory):
+    """Cut 20 crops per class of the shared world's segments, train one epoch (fp32) and
+    index them.
 
     Returns a dict: ``root``, ``seg`` (the segment run), ``checkpoint`` (``best.pt``),
     ``validation`` (what training's validation embedded), ``vectors`` (file -> the
     reference's embedding) and ``segment_of`` (file -> segment id of its superpixel).
     """
     root = tmp_path_factory.mktemp("identity")
-    rgb, truth = texture_mosaic(256)
-    write_raster(root / "mosaic.tif", rgb)
-    write_raster(root / "truth.tif", truth[None])
-    seg = segment_raster(root / "mosaic.tif", root / "seg", SegmentConfig(16, tile_size=128))
+    seg = shared_world.seg
     crops = CropsConfig(crop_size=32, per_class=20)
-    export_crops(seg.out_dir, root / "crops", crops, root / "truth.tif")
+    export_crops(seg.out_dir, root / "crops", crops, shared_world.truth_tif)
     config = TrainConfig(
         input_size=32, embedding_size=16, epochs=1, loss="proxy_nca", classes_per_batch=4,
         samples_per_class=8, warmup_epochs=0, val_fraction=VAL_FRACTION,

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from checkpoints import save_untrained_checkpoint
 from click.testing import CliRunner
 from conftest import make_crop_folders
 from PIL import Image
@@ -41,13 +40,9 @@ def crops(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
-    """Two untrained checkpoints with different weights."""
-    root = tmp_path_factory.mktemp("ckpt")
-    return (
-        save_untrained_checkpoint(root / "a.pt", CLASSES, seed=0),
-        save_untrained_checkpoint(root / "b.pt", CLASSES, seed=1),
-    )
+def checkpoints(untrained_checkpoints) -> tuple[Path, Path]:
+    """Two untrained checkpoints with different weights (the session's)."""
+    return untrained_checkpoints
 
 
 @pytest.fixture

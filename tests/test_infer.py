@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from checkpoints import save_untrained_checkpoint
 from click.testing import CliRunner
 from conftest import make_crop_folders
 
@@ -21,12 +20,11 @@ CLASSES = ("brick", "grass", "coffee")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> tuple[Path, Path, Path, Path]:
+def setup(untrained_checkpoints, tmp_path_factory) -> tuple[Path, Path, Path, Path]:
     """(crop folder, checkpoint, reference folder of that checkpoint, other checkpoint)."""
     root = tmp_path_factory.mktemp("infer")
     crops = make_crop_folders(root / "crops", classes=CLASSES, per_class=5, size=32)
-    checkpoint = save_untrained_checkpoint(root / "a.pt", CLASSES, seed=0)
-    other = save_untrained_checkpoint(root / "b.pt", CLASSES, seed=1)
+    checkpoint, other = untrained_checkpoints
     build_index(checkpoint, crops, root / "ref", device="cpu")
     return crops, checkpoint, root / "ref", other
 

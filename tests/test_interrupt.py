@@ -20,7 +20,6 @@ import pytest
 import rasterio
 import torch
 import yaml
-from worlds import untrained_world
 
 pytestmark = pytest.mark.slow
 
@@ -38,8 +37,9 @@ val_fraction: 0.25
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    root = untrained_world(tmp_path_factory.mktemp("interrupt"))
+def inputs(shared_world, tmp_path_factory):
+    """A copy of the shared untrained world, with a training config."""
+    root = shared_world.copy_to(tmp_path_factory.mktemp("interrupt") / "world")
     (root / "train.yaml").write_text(TRAIN_YAML)
     return root
 

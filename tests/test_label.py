@@ -1,9 +1,10 @@
 """Labeling: its mechanics on an untrained model, end to end accuracy on a trained one.
 
-Mechanics (schema, resume, reruns, kept embeddings, bad input) run on
-:func:`worlds.untrained_world`; only the tests that assert how well superpixels are
-labeled train a model (segment -> crops from a truth raster -> train -> index -> label
--> export).
+Mechanics (schema, resume, reruns, kept embeddings, bad input) run on the shared
+untrained world and its label run (``shared_world``, ``shared_label_run``); only the
+tests that assert how well superpixels are labeled use the trained world
+(``shared_trained_world``: segment -> crops of a truth raster's left half -> train ->
+index), labeled here and exported.
 """
 
 import dataclasses
@@ -19,78 +20,54 @@ import rasterio
 from checkpoints import save_untrained_checkpoint
 from click.testing import CliRunner
 from rasters import texture_mosaic, write_raster
-from worlds import untrained_world
+from worlds import CLASSES, label_world
 
 import superdml.label.stage as label_module
 import superdml.learn.embed as embed_module
 from superdml.cli.commands import cli
-from superdml.config.schema import CropsConfig, IndexConfig, LabelConfig, SegmentConfig, TrainConfig
+from superdml.config.schema import IndexConfig, LabelConfig, SegmentConfig
 from superdml.core.errors import InputError
 from superdml.crops.rule import read_crop_rule
-from superdml.crops.stage import export_crops
 from superdml.label.export import export
 from superdml.label.index import build_index
 from superdml.label.predictions import predictions_schema
 from superdml.label.stage import label
 from superdml.learn.embed import cpu_has_bf16
-from superdml.learn.train import train
 from superdml.segment.stage import segment_raster
 
-CLASSES = ["class_1", "class_2", "class_3", "class_4"]
+
+@pytest.fixture(scope="module")
+def world(shared_world):
+    """The shared untrained world: a 256 px mosaic in 4 tiles of 128 px, its crops indexed."""
+    return {
+        "root": shared_world.root,
+        "seg": shared_world.seg,
+        "checkpoint": shared_world.checkpoint,
+    }
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A 256 px mosaic in 4 tiles of 128 px, its crops indexed with an untrained model."""
-    root = untrained_world(tmp_path_factory.mktemp("label"))
-    # segmenting again with the same config only reads back what untrained_world wrote
-    seg = segment_raster(root / "mosaic.tif", root / "seg", SegmentConfig(16, tile_size=128))
-    assert seg.skipped
-    return {"root": root, "seg": seg, "checkpoint": root / "model.pt"}
+def trained(shared_trained_world):
+    """The shared trained world: crops of the left half of a mosaic trained on and indexed."""
+    w = shared_trained_world
+    return {"root": w.root, "truth": w.truth, "seg": w.seg, "checkpoint": w.checkpoint}
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A mosaic of four textures; crops of its left half trained on and indexed."""
-    root = tmp_path_factory.mktemp("trained")
-    rgb, truth = texture_mosaic(384)
-    source = write_raster(root / "mosaic.tif", rgb)
-    write_raster(root / "truth.tif", truth[None])
-    left = truth.copy()
-    left[:, 192:] = 0  # only the left half is labeled
-    left_tif = write_raster(root / "left.tif", left[None], nodata=0)
-    seg = segment_raster(source, root / "seg", SegmentConfig(region_size=16, tile_size=128))
-    export_crops(
-        seg.out_dir, root / "crops", CropsConfig(crop_size=32, mask="none", per_class=40), left_tif
-    )
-    config = TrainConfig(
-        input_size=32, embedding_size=32, epochs=6, loss="proxy_nca", classes_per_batch=4,
-        samples_per_class=8, warmup_epochs=0, val_fraction=0.2,
-    )  # fmt: skip
-    checkpoint = train(root / "crops", root / "model", config, device="cpu").best_path
-    build_index(checkpoint, root / "crops", root / "ref", device="cpu")
-    return {"root": root, "truth": truth, "seg": seg, "checkpoint": checkpoint}
-
-
-def _label(world):
-    out = world["root"] / "out"
-    config = LabelConfig(k=5, tile_size=128, batch_size=64)
-    result = label(
-        world["seg"].out_dir, world["checkpoint"], world["root"] / "ref", out, config, device="cpu"
-    )
-    return {"out": out, "result": result, "config": config}
+def labeled(shared_label_run):
+    """The untrained world labeled (the shared label run)."""
+    return {
+        "out": shared_label_run.out,
+        "result": shared_label_run.result,
+        "config": shared_label_run.config,
+    }
 
 
 @pytest.fixture(scope="module")
-def labeled(world):
-    """The untrained world labeled."""
-    return _label(world)
-
-
-@pytest.fixture(scope="module")
-def trained_labeled(trained):
+def trained_labeled(shared_trained_world, tmp_path_factory):
     """The trained world labeled."""
-    return _label(trained)
+    run = label_world(shared_trained_world, tmp_path_factory.mktemp("trained_labeled") / "out")
+    return {"out": run.out, "result": run.result, "config": run.config}
 
 
 def read_predictions(out):
@@ -164,18 +141,19 @@ def test_export_aligns_with_the_truth_grid(trained, trained_labeled):
     assert pyogrio.read_info(files["polygons"])["features"] == trained["seg"].n_superpixels
 
 
-def test_rerun_skips_finished_tiles(world, labeled):
-    before = read_predictions(labeled["out"])
+def test_rerun_skips_finished_tiles(world, labeled, tmp_path):
+    out = shutil.copytree(labeled["out"], tmp_path / "out")  # the shared run stays as it is
+    before = read_predictions(out)
     again = label(
         world["seg"].out_dir,
         world["checkpoint"],
         world["root"] / "ref",
-        labeled["out"],
+        out,
         labeled["config"],
         device="cpu",
     )
     assert again.n_skipped == again.n_tiles
-    assert read_predictions(labeled["out"]).equals(before)
+    assert read_predictions(out).equals(before)
 
 
 def test_interrupted_run_resumes_to_identical_predictions(world, labeled, tmp_path, monkeypatch):
@@ -266,7 +244,7 @@ def test_keep_embeddings_lets_a_new_reference_only_revote(world, labeled, tmp_pa
     first = read_predictions(out)
     smaller = tmp_path / "crops"
     shutil.copytree(world["root"] / "crops", smaller)
-    for png in sorted((smaller / "class_1").glob("*.png"))[::2]:
+    for png in sorted((smaller / CLASSES[0]).glob("*.png"))[::2]:
         png.unlink()
     build_index(world["checkpoint"], smaller, tmp_path / "ref2", device="cpu")
 

@@ -9,7 +9,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from checkpoints import save_untrained_checkpoint
 from click.testing import CliRunner
 from PIL import Image
 from rasters import texture_mosaic, write_raster
@@ -17,7 +16,6 @@ from rasters import texture_mosaic, write_raster
 import superdml.learn.embed
 from superdml.cli.commands import cli
 from superdml.config.schema import (
-    CropsConfig,
     IndexConfig,
     LabelConfig,
     ReviewConfig,
@@ -27,7 +25,6 @@ from superdml.core.errors import ConfigError, InputError, MissingInputError
 from superdml.crops.cut import crop_tile
 from superdml.crops.folder import CROPS_SCHEMA
 from superdml.crops.rule import CropRule, read_crop_rule
-from superdml.crops.stage import export_crops
 from superdml.label.index import build_index
 from superdml.label.review import POOL_FACTOR, pick_diverse, pick_lowest, review
 from superdml.label.stage import label
@@ -38,22 +35,18 @@ CLASSES = ["class_1", "class_2", "class_3", "class_4"]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A labeled 256 px mosaic (untrained model: varied scores), embeddings kept.
+def world(shared_world, tmp_path_factory):
+    """The shared world labeled here (untrained model: varied scores), embeddings kept.
 
     The similarity threshold makes the least similar tenth ``unknown``.
     """
     root = tmp_path_factory.mktemp("review")
-    rgb, truth = texture_mosaic(256)
-    source = write_raster(root / "mosaic.tif", rgb)
-    truth_tif = write_raster(root / "truth.tif", truth[None])
-    seg = segment_raster(source, root / "seg", SegmentConfig(region_size=16, tile_size=128))
-    crops_config = CropsConfig(crop_size=32, mask="none", per_class=12)
-    export_crops(seg.out_dir, root / "crops", crops_config, truth_tif)
-    checkpoint = save_untrained_checkpoint(root / "model.pt", CLASSES)
+    shutil.copy2(shared_world.mosaic, root / "mosaic.tif")
+    checkpoint, seg = shared_world.checkpoint, shared_world.seg
     # float32: bf16 rounds this untrained model's near-equal embeddings to exact ties of
     # (score, margin), which the expected picks below would order arbitrarily
-    build_index(checkpoint, root / "crops", root / "ref", IndexConfig(precision="fp32"), "cpu")
+    fp32 = IndexConfig(precision="fp32")
+    build_index(checkpoint, shared_world.crops, root / "ref", fp32, "cpu")
     config = LabelConfig(
         k=5, tile_size=128, batch_size=64, crop_size=40, keep_embeddings=True, precision="fp32"
     )

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from rasters import texture_mosaic, write_raster
-from worlds import untrained_world
+from worlds import CLASSES
 
 from superdml.cli.commands import cli
 from superdml.core.ownership import LOCK, claim_output
@@ -21,18 +21,15 @@ from superdml.search.reference import ReferenceIndex
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return untrained_world(tmp_path_factory.mktemp("safety"))
+def world(shared_world):
+    """The shared untrained world's folder (read-only)."""
+    return shared_world.root
 
 
 @pytest.fixture
-def work(world, tmp_path):
+def work(shared_world, tmp_path):
     """A private copy of the world to change."""
-    for name in ("mosaic.tif", "truth.tif", "model.pt"):
-        shutil.copy2(world / name, tmp_path / name)
-    for name in ("seg", "crops", "ref"):
-        shutil.copytree(world / name, tmp_path / name)
-    return tmp_path
+    return shared_world.copy_to(tmp_path)
 
 
 def invoke(*args):
@@ -175,12 +172,13 @@ def test_pipeline_reruns_index_after_crops_are_sorted_into_a_stage_folder(work):
         "  - stage: index\n    checkpoint: model.pt\n    reference_dir: sorted\n    out: ref2\n"
     )
     assert invoke("run", work / "p.yaml", "--workers", "0", "--device", "cpu")[0] == 0
-    moved = next((work / "sorted" / "class_1").iterdir())
-    shutil.move(moved, work / "sorted" / "class_2" / moved.name)  # a person re-sorts a crop
+    first, second = CLASSES[:2]
+    moved = next((work / "sorted" / first).iterdir())
+    shutil.move(moved, work / "sorted" / second / moved.name)  # a person re-sorts a crop
     code, _, result = invoke("run", work / "p.yaml", "--workers", "0", "--device", "cpu")
     assert code == 0, result.output
     ref = ReferenceIndex.load(work / "ref2")
-    assert ref.labels[ref.files.index(f"class_2/{moved.name}")] == ref.class_names.index("class_2")
+    assert ref.labels[ref.files.index(f"{second}/{moved.name}")] == ref.class_names.index(second)
 
 
 def test_a_replaced_faiss_file_is_refused(work):
