@@ -80,10 +80,11 @@ def cluster_pays(n_tasks: int, cores: int | None = None) -> bool:
     the GIL), so it already keeps every core busy; a local cluster adds a fixed cost,
     paid before the first tile: worker processes that import the stage (numpy, numba,
     GDAL, pyarrow), load numba's cached kernels, and stop again at the end. Measured on
-    2 cores (``benchmarks/README.md``, "Default shape"): ``superdml segment`` on 14.6 MP
-    (6 tiles) took 2.3 to 3.3 times as long on the old default, a local cluster of 2
-    workers, as in process, and 4096^2 and 8192^2 (4 and 16 tiles) took 1.3 to 1.6 times
-    as long; the cluster never caught up, since two tile threads already use both cores.
+    2 cores (``benchmarks/README.md``, "Default shape"), the whole ``superdml segment``
+    command on real photos: with ``--workers 2`` (the old default, a local cluster of 2
+    workers) 14.6 MP (6 tiles) took 1.7 to 3.3 times as long as in process, and 67 MP
+    (8192^2, 16 tiles) 1.96 times: the cluster does not catch up with more tiles, since
+    two tile threads in process already keep both cores busy.
     So the rule: in process on up to :data:`IN_PROCESS_CORES` cores, whatever the size;
     on more cores (where the Python parts of many tile threads would contend for the
     GIL; unmeasured here) a cluster once the map has :data:`CLUSTER_TASKS_PER_CORE`
