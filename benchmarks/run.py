@@ -10,8 +10,9 @@ nor torch, since the kernel carries a parent's peak RSS over into its children.
 =======  ==========================================  ========================================
 stage    measured                                    baseline
 =======  ==========================================  ========================================
-segment  ``segment_raster`` on the default local     one ``skimage.segmentation.slic`` call on
-         cluster (``benchmarks/segment.py``)          the same image, same parameters
+segment  ``segment_raster`` in the default shape     one ``skimage.segmentation.slic`` call on
+         (``make_client()``: in process unless a     the same image, same parameters
+         cluster pays; ``benchmarks/segment.py``)
 train    the training loop (``benchmarks/train.py``)  bare forward+backward+step of the same
                                                      model and batch at the same precision
 label    ``superdml label`` with its defaults (in    the fastest bare forward of the same
@@ -92,14 +93,14 @@ def run(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
     data = run_case(HERE / "run.py", "write_data", {"root": str(root / "data"), "size": size})
     mp = size * size / 1e6
     segments = str(root / "seg")
-    seg_spec = {"mosaic": data["mosaic"], "out": segments, "workers": cores, "device": device}
+    seg_spec = {"mosaic": data["mosaic"], "out": segments, "workers": None, "device": device}
     ours = run_case(HERE / "run.py", "segment_case", {**seg_spec, "case": "superdml"})
     n_sp = ours["n_superpixels"]
     base = None
     if "segment" in stages:
         base = run_case(HERE / "run.py", "segment_case", {**seg_spec, "case": "skimage"})
     measured = {"throughput": mp / ours["seconds"], "peak_rss_mb": ours["peak_rss_mb"]}
-    workload = f"{size}^2 RGB, region 32, {n_sp} superpixels, {cores} workers"
+    workload = f"{size}^2 RGB, region 32, {n_sp} superpixels, default shape, {cores} cores"
     rows.append(_row("segment", workload, measured, "MP/s", base and mp / base["seconds"]))
     if not {"train", "label", "export"} & set(stages):
         return rows + _knn(args)

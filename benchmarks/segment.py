@@ -222,16 +222,25 @@ def write_texture_raster(path: Path, size: int, seed: int = 0) -> None:
 
 
 def child_superdml(
-    raster: str, out: str, workers: int, backend: str, device: str
+    raster: str, out: str, workers: int | None, backend: str, device: str
 ) -> dict[str, object]:
-    """Segment `raster` into `out` in process (`workers` 0) or on a local dask cluster."""
+    """Segment `raster` into `out` in process (`workers` 0) or on a local dask cluster.
+
+    `workers` None: the stage's default (:func:`superdml.core.cluster.make_client`, which
+    starts a cluster only where it pays), timed from the client's creation.
+    """
     from superdml.config.schema import SegmentConfig
     from superdml.core.cluster import make_client
     from superdml.segment.stage import segment_raster
 
     config = SegmentConfig(backend=backend, device=device if backend == "torch" else "auto")
     cpu = None
-    if workers == 0:
+    if workers is None:
+        start = time.perf_counter()
+        with make_client() as client:
+            result = segment_raster(raster, out, config, client=client)
+        seconds = time.perf_counter() - start
+    elif workers == 0:
         start, start_cpu = time.perf_counter(), time.process_time()
         result = segment_raster(raster, out, config, client=None)
         seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu

@@ -1,11 +1,22 @@
-"""map_tasks without a client: in order, or on threads (superdml.core.cluster)."""
+"""Where tasks run by default, and map_tasks without a client (superdml.core.cluster)."""
 
+import contextlib
 import threading
 import time
 
 import pytest
 
-from superdml.core.cluster import SHAPES, make_client, map_tasks, stage_clients
+from superdml.core import cluster
+from superdml.core.cluster import (
+    SHAPES,
+    OnDemandCluster,
+    Shape,
+    cluster_pays,
+    make_client,
+    map_tasks,
+    resolve_client,
+    stage_clients,
+)
 from superdml.core.errors import InputError
 
 
@@ -16,11 +27,8 @@ def square_slowly(x):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_results_in_call_order(threads):
-    seen = []
-    out = map_tasks(square_slowly, [(x,) for x in range(10)], threads=threads,
-                    on_result=lambda i, r: seen.append(i))  # fmt: skip
+    out = map_tasks(square_slowly, [(x,) for x in range(10)], threads=threads)
     assert [r[0] for r in out] == [x * x for x in range(10)]
-    assert sorted(seen) == list(range(10))
     names = {r[1] for r in out}
     assert len(names) == (1 if threads == 1 else threads)
 
@@ -53,10 +61,40 @@ def test_label_runs_in_this_process_unless_workers_are_asked_for():
             pass
 
 
+def test_cluster_pays_only_for_many_tiles_on_many_cores():
+    for cores in (1, 2):  # measured: in process wins at every size on 2 cores
+        assert not cluster_pays(10_000, cores)
+    assert not cluster_pays(31, cores=8) and cluster_pays(32, cores=8)
+    assert not cluster_pays(6, cores=16)  # a raster of a few tiles stays in process
+
+
+def test_default_cpu_stage_runs_few_tiles_in_this_process_without_dask():
+    with make_client() as where:
+        assert isinstance(where, OnDemandCluster)
+        assert resolve_client(where, 6) is None
+        assert map_tasks(square_slowly, [(3,)], where)[0][0] == 9
+    assert resolve_client(None, 10**6) is None
+
+
+@pytest.mark.slow
+def test_on_demand_cluster_starts_once_for_a_map_that_pays(monkeypatch):
+    monkeypatch.setattr(cluster, "default_workers", lambda: 8)  # as on 8 cores
+    with contextlib.ExitStack() as stack:
+        where = OnDemandCluster(Shape(1, 1), stack)
+        assert where.client_for(31) is None
+        client = where.client_for(32)
+        assert len(client.nthreads()) == 1
+        assert where.client_for(1) is client  # started: later maps use it
+        assert [r[0] for r in map_tasks(square_slowly, [(2,), (4,)], where)] == [4, 16]
+    assert client.status == "closed"
+
+
 @pytest.mark.slow
 def test_stage_clients_make_one_client_per_shape_on_first_use():
     with stage_clients() as client_for:
         assert client_for("label") is None  # labeling runs in this process
+        assert isinstance(client_for("cpu"), OnDemandCluster)
+        assert client_for("cpu") is client_for("cpu")
     with stage_clients(workers=1) as client_for:
         client = client_for("cpu")
         assert len(client.nthreads()) == 1

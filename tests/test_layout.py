@@ -14,10 +14,6 @@ PACKAGE = ROOT / "superdml"
 MODULE_LINES = 500
 FUNCTION_LINES = 80
 REASON = "# long:"  # a module or function over the limit says why, in a comment holding this
-# Being split on other branches right now; the lead removes this set when they merge.
-_IN_PROGRESS = {
-    "superdml/segment/stage.py",
-}
 
 
 def test_import_contracts_hold():
@@ -51,8 +47,6 @@ def _oversized() -> list[str]:
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
         name = path.relative_to(ROOT).as_posix()
-        if name in _IN_PROGRESS:
-            continue
         source = path.read_text()
         lines = source.splitlines()
         tree = ast.parse(source)

@@ -65,8 +65,9 @@ def cluster_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--workers",
         type=click.IntRange(min=0),
-        help="Worker processes of the local dask cluster (default: one per core; label: "
-        "none, it runs in this process, its model on every core; 0: no cluster).",
+        help="Worker processes of a local dask cluster (default: in this process, unless "
+        "a cluster of one worker per core pays for the raster's tiles; label: in this "
+        "process, its model on every core; 0: no cluster).",
     )(f)
 
 

@@ -10,12 +10,109 @@ adds the pixel to its thread's partial sums. Same arithmetic as
 the same order, strict ``<``; an inactive center is at an infinite row, so it never
 wins, as numpy skips it), so the labels are those of the numpy path for the same
 centers.
+
+:func:`slic_centers` and :func:`assign_pixels` run the torch backend's two phases on the
+CPU with these kernels, on numpy arrays: the CPU path imports no torch (about 1.5 s of a
+command's start-up).
 """
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
+
+from superdml.segment.slic_numpy import cell_means
+
+# numba's workqueue threading layer (where neither OpenMP nor TBB is found) aborts on
+# concurrent calls, as from a dask worker with several threads; each call uses all threads
+_POOL_LOCK = threading.Lock()
+
+
+def sweep(
+    features: np.ndarray,
+    valid: np.ndarray,
+    centers: np.ndarray,
+    active: np.ndarray,
+    step: int,
+    with_sums: bool,
+    threads: int = 1,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """One SLIC sweep: each pixel's nearest center and, `with_sums`, each center's sums.
+
+    Parameters
+    ----------
+    features, valid, centers, active, step
+        As :func:`slic_sweep`.
+    with_sums : bool
+        Also return the center sums (the update step).
+    threads : int
+        Threads of the sweep. With one, the sweep runs on the calling thread and several
+        threads (tile tasks) may sweep at once; with more, sweeps take turns on numba's
+        pool.
+
+    Returns
+    -------
+    labels : (H, W) int64 ndarray
+        As :func:`slic_sweep`.
+    sums : (Ny + 2, Nx + 2, 3 + C) float64 ndarray or None
+        Count, row, column and band sums per center, on the grid of `centers`.
+    """
+    pool = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # set at import
+    threads = max(1, min(threads, pool))
+    c, h, w = features.shape
+    labels = np.empty((h, w), dtype=np.int64)
+    n = active.size if with_sums else 0
+    partial = np.zeros((threads, n, 3 + c), dtype=np.float64)
+    if threads == 1:
+        slic_sweep_serial(features, valid, centers, active, step, labels, partial)
+    else:
+        with _POOL_LOCK:
+            numba.set_num_threads(threads)
+            slic_sweep(features, valid, centers, active, step, labels, partial)
+    sums = partial.sum(axis=0).reshape(*active.shape, -1) if with_sums else None
+    return labels, sums
+
+
+def slic_centers(
+    features: np.ndarray, valid: np.ndarray, step: int, max_iter: int, threads: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run SLIC on a window aligned to the global grid and return its cells' centers.
+
+    The CPU kernel of the torch backend's
+    :func:`~superdml.segment.slic_torch.slic_centers`: same arguments (numpy arrays),
+    same result; `threads` as :func:`sweep`.
+    """
+    centers, active = cell_means(features, valid, step)
+    ext_active = np.pad(active, 1)
+    ext = np.zeros((centers.shape[0] + 2, centers.shape[1] + 2, centers.shape[2]), np.float32)
+    for _ in range(max_iter):
+        ext[1:-1, 1:-1] = centers
+        _, sums = sweep(features, valid, ext, ext_active, step, True, threads)
+        assert sums is not None  # with_sums
+        sums = sums[1:-1, 1:-1]
+        count = sums[..., :1]
+        moved = (sums[..., 1:] / np.maximum(count, 1)).astype(np.float32)
+        centers = np.where(count > 0, moved, centers)
+    return centers, active
+
+
+def assign_pixels(
+    features: np.ndarray,
+    valid: np.ndarray,
+    centers: np.ndarray,
+    active: np.ndarray,
+    step: int,
+    threads: int = 1,
+) -> np.ndarray:
+    """Assign pixels to centers (:func:`~superdml.segment.slic_numpy.assign_pixels`).
+
+    Returns
+    -------
+    (H, W) int64 ndarray
+    """
+    return sweep(features, valid, centers, active, step, False, threads)[0]
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)

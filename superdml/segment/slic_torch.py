@@ -13,10 +13,11 @@ pixels assigned to it (the update step). Two kernels compute it:
   operations (nine masked distance passes and an ``index_add_``) that run eagerly on
   any device, and through ``torch.compile`` on CUDA, where it fuses the nine passes;
 - on the **CPU**, :func:`superdml.segment.slic_numba.slic_sweep`, the same arithmetic as one
-  numba kernel: measured 8 to 10 times faster than the numpy path per sweep on 2 cores,
-  while ``torch.compile``'s CPU code was as fast for the distances but its scatter an
-  atomic loop several times slower, after a cold compile of over a minute
-  (``benchmarks/README.md``).
+  numba kernel, run on numpy arrays by :mod:`superdml.segment.slic_numba`'s phases (the
+  tile tasks call those directly, so a CPU run never imports torch): measured 8 to 10
+  times faster than the numpy path per sweep on 2 cores, while ``torch.compile``'s CPU
+  code was as fast for the distances but its scatter an atomic loop several times
+  slower, after a cold compile of over a minute (``benchmarks/README.md``).
 
 The tests check the CPU kernel against the reference and the reference against numpy.
 """
@@ -24,57 +25,17 @@ The tests check the CPU kernel against the reference and the reference against n
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
 import torch
 
-from superdml.core.errors import ConfigError
+from superdml.segment import slic_numba
 
-Backend = Literal["numpy", "torch"]
 Kernel = Literal["fast", "reference"]
 
 OFFSETS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
-# numba's workqueue threading layer (where neither OpenMP nor TBB is found) aborts on
-# concurrent calls, as from a dask worker with several threads; each call uses all threads
-_CPU_KERNEL_LOCK = threading.Lock()
-
-
-def resolve_backend(backend: str, device: str) -> tuple[Backend, str]:
-    """Resolve ``auto`` settings to the backend and device a run uses.
-
-    ``auto`` backend is ``torch``, the fastest on the CPU and the only one on a GPU;
-    ``auto`` device is CUDA when torch sees one. The numpy backend runs on the CPU.
-
-    Parameters
-    ----------
-    backend : {"auto", "numpy", "torch"}
-    device : {"auto", "cpu", "cuda"}
-
-    Returns
-    -------
-    backend : {"numpy", "torch"}
-    device : {"cpu", "cuda"}
-
-    Raises
-    ------
-    ConfigError
-        For ``cuda`` on a machine where torch sees no CUDA device, or ``cuda`` with the
-        numpy backend.
-    """
-    resolved: Backend = "torch" if backend == "auto" else backend  # type: ignore[assignment]
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "device: got 'cuda', but torch sees no CUDA device on this machine "
-            f"(torch {torch.__version__}): pass --device cpu or auto"
-        )
-    if device == "cuda" and resolved == "numpy":
-        raise ConfigError("device: got 'cuda' with backend 'numpy': pass --backend torch")
-    if device == "auto":
-        device = "cuda" if resolved == "torch" and torch.cuda.is_available() else "cpu"
-    return resolved, device
 
 
 def nearest_centers(
@@ -235,53 +196,16 @@ def _reference_kernels(compiled: bool) -> tuple[Callable[..., torch.Tensor], ...
     return kernels
 
 
-def cpu_sweep(
-    features: torch.Tensor,
-    valid: torch.Tensor,
-    centers: torch.Tensor,
-    active: torch.Tensor,
-    step: int,
-    with_sums: bool,
-    threads: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One sweep with the numba CPU kernel; same arguments and results as :func:`reference_sweep`.
-
-    Parameters
-    ----------
-    threads : int, optional
-        Threads of the sweep; by default as many as torch uses (``torch.get_num_threads()``:
-        one per dask worker). With one, the sweep runs on the calling thread and several
-        threads (tile tasks) may sweep at once; with more, sweeps take turns on numba's pool.
-    """
-    import numba
-
-    from superdml.segment.slic_numba import slic_sweep, slic_sweep_serial
-
-    # the size of numba's pool (config attributes are set at import: mypy cannot see them)
-    pool = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
-    threads = max(1, min(threads or torch.get_num_threads(), pool))
-    c, h, w = features.shape
-    labels = np.empty((h, w), dtype=np.int64)
-    n = active.numel() if with_sums else 0
-    partial = np.zeros((threads, n, 3 + c), dtype=np.float64)
-    arrays = (features.numpy(), valid.numpy(), centers.numpy(), active.numpy())
-    if threads == 1:
-        slic_sweep_serial(*arrays, step, labels, partial)
-    else:
-        with _CPU_KERNEL_LOCK:
-            numba.set_num_threads(threads)
-            slic_sweep(*arrays, step, labels, partial)
-    sums = torch.from_numpy(partial.sum(axis=0)).view(*active.shape, -1) if with_sums else None
-    return torch.from_numpy(labels), sums
-
-
-def _sweep_for(device: torch.device, kernel: Kernel, threads: int | None = None) -> Sweep:
-    """Return the sweep of `kernel` on `device`: eager reference, numba or compiled."""
+def _sweep_for(kernel: Kernel) -> Sweep:
+    """Return the sweep of `kernel` off the numba CPU path: eager reference or compiled."""
     if kernel == "reference":
         return reference_sweep
-    if device.type == "cpu":
-        return functools.partial(cpu_sweep, threads=threads)
     return functools.partial(reference_sweep, compiled=True)
+
+
+def _numba_path(device: torch.device, kernel: Kernel) -> bool:
+    """Whether the fast kernel on the CPU runs: :mod:`superdml.segment.slic_numba`."""
+    return device.type == "cpu" and kernel == "fast"
 
 
 def slic_centers(
@@ -316,7 +240,11 @@ def slic_centers(
     active : (H // step, W // step) bool ndarray
     """
     device = torch.device(device)
-    sweep = _sweep_for(device, kernel, threads)
+    if _numba_path(device, kernel):
+        return slic_numba.slic_centers(
+            features, valid, step, max_iter, threads or torch.get_num_threads()
+        )
+    sweep = _sweep_for(kernel)
     f = torch.from_numpy(features).to(device)
     v = torch.from_numpy(valid).to(device)
     centers, active = cell_means(f, v, step)
@@ -348,7 +276,10 @@ def assign_pixels(
     (H, W) int64 ndarray
     """
     device = torch.device(device)
-    labels, _ = _sweep_for(device, kernel, threads)(
+    if _numba_path(device, kernel):
+        threads = threads or torch.get_num_threads()
+        return slic_numba.assign_pixels(features, valid, centers, active, step, threads)
+    labels, _ = _sweep_for(kernel)(
         torch.from_numpy(features).to(device),
         torch.from_numpy(valid).to(device),
         torch.from_numpy(centers).to(device),

@@ -55,7 +55,7 @@ from rasterio.windows import Window
 from superdml import __version__
 from superdml.config.schema import SegmentConfig, config_hash, config_to_dict, dump_config
 from superdml.core.atomic import atomic_write, write_json
-from superdml.core.cluster import map_tasks
+from superdml.core.cluster import map_tasks, resolve_client
 from superdml.core.errors import InputError
 from superdml.core.ownership import claim_output
 from superdml.core.provenance import combine, file_fingerprint, sha256_file
@@ -68,6 +68,7 @@ from superdml.raster.io import (
     raster_info,
     tile_grid,
 )
+from superdml.segment.backend import resolve_backend
 from superdml.segment.heap import map_large_allocations
 from superdml.segment.run import (
     MANIFEST_NAME,
@@ -131,8 +132,10 @@ def segment_raster(
     out_dir : path
         Run folder; the outputs go to ``out_dir/<stem>/``.
     config : SegmentConfig, optional
-    client : distributed.Client, optional
-        Runs the tile tasks on this cluster; in this process when None.
+    client : distributed.Client or OnDemandCluster, optional
+        Runs the tile tasks on this cluster; in this process when None, or when an
+        :class:`~superdml.core.cluster.OnDemandCluster` finds a cluster does not pay for
+        this raster's tiles (:func:`~superdml.core.cluster.cluster_pays`).
 
     Returns
     -------
@@ -146,8 +149,6 @@ def segment_raster(
     """
     start = time.perf_counter()
     config = config or SegmentConfig()
-    from superdml.segment.slic_torch import resolve_backend  # torch: imported only when segmenting
-
     backend, device = resolve_backend(config.backend, config.device)
     info = raster_info(path)
     bands = check_bands(path, info.count, config.bands)
@@ -157,26 +158,19 @@ def segment_raster(
     if n_cells >= 2**32 - 1:
         raise InputError(f"{path}: {n_cells} grid cells do not fit uint32 ids: raise region_size")
     source_fp = file_fingerprint(info.path)
+    digest = config_hash(config)
+    tiles = tile_grid(info.height, info.width, tile_size)
     with claim_output(out_dir, "segment"):
         folder = run_dir(out_dir, info.path)
         folder.mkdir(exist_ok=True)
-        segments_path, table_path = folder / SEGMENTS_NAME, folder / TABLE_NAME
-        manifest_path = folder / MANIFEST_NAME
-        digest = config_hash(config)
-        tiles = tile_grid(info.height, info.width, tile_size)
-        if manifest_path.exists() and segments_path.exists() and table_path.exists():
-            manifest = json.loads(manifest_path.read_text())
-            if (
-                manifest.get("config_hash") == digest
-                and manifest["source"]["path"] == info.path
-                and manifest.get("source_fingerprint") == source_fp
-            ):
-                logger.info("%s: up to date, skipped", folder)
-                return SegmentResult(
-                    folder.name, folder, segments_path, table_path,
-                    manifest["n_superpixels"], len(tiles), True, time.perf_counter() - start,
-                )  # fmt: skip
-        manifest_path.unlink(missing_ok=True)  # the run's commit mark: gone until redone
+        manifest = _up_to_date(folder, info.path, digest, source_fp)
+        if manifest is not None:
+            logger.info("%s: up to date, skipped", folder)
+            return SegmentResult(
+                folder.name, folder, folder / SEGMENTS_NAME, folder / TABLE_NAME,
+                manifest["n_superpixels"], len(tiles), True, time.perf_counter() - start,
+            )  # fmt: skip
+        (folder / MANIFEST_NAME).unlink(missing_ok=True)  # the commit mark: gone until redone
         write_json(folder / "source.json", {"source": info.path})
         lo, hi = band_ranges(path, bands, config.nodata)
         work = folder / f".work-{combine(digest, source_fp)[:16]}"
@@ -184,9 +178,8 @@ def segment_raster(
             if stale != work:
                 shutil.rmtree(stale)
         work.mkdir(exist_ok=True)
+        client = resolve_client(client, len(tiles))
         threads, sweep_threads = in_process_threads(device, len(tiles))
-        if client is None and threads > 1:
-            map_large_allocations()  # two threads of tile arrays: memory flat with raster size
         grid = Grid(
             source=info.path, name=folder.name, bands=tuple(bands), nodata=config.nodata,
             lo=tuple(lo), hi=tuple(hi), step=step, compactness=config.compactness,
@@ -195,14 +188,11 @@ def segment_raster(
             sweep_threads=None if client is not None else sweep_threads,
         )  # fmt: skip
         logger.info(
-            "%s: %d tiles of %d px, region size %d, %s backend on %s",
+            "%s: %d tiles of %d px, region size %d, %s backend on %s, %s",
             info.path, len(tiles), tile_size, step, backend, device,
+            "in this process" if client is None else "on a dask cluster",
         )  # fmt: skip
-        calls = [(grid, tile) for tile in tiles]
-        map_tasks(centers_task, calls, client, desc=f"{folder.name}: centers", threads=threads)
-        counts = map_tasks(
-            assign_task, calls, client, desc=f"{folder.name}: labels", threads=threads
-        )
+        n_superpixels = _run_tiles(grid, tiles, client, threads)
         meta = {
             "superdml_version": __version__,
             "source": info.to_dict(),
@@ -214,25 +204,72 @@ def segment_raster(
             "config_hash": digest,
             "tile_size": tile_size,
         }
-        _write_segments(grid, info, tiles, segments_path)
-        _write_table(grid, tiles, table_path, meta)
-        dump_config(config, folder / "segment.yaml")
-        table_sha = sha256_file(table_path)
-        write_json(
-            manifest_path,
-            {
-                **meta,
-                "table_sha256": table_sha,
-                "fingerprint": combine(source_fp, digest, table_sha),
-                "n_superpixels": int(sum(counts)),
-                "n_tiles": len(tiles),
-            },
-        )
+        _write_outputs(grid, info, tiles, config, meta, n_superpixels)
         shutil.rmtree(work)
     return SegmentResult(
-        folder.name, folder, segments_path, table_path, int(sum(counts)), len(tiles), False,
-        time.perf_counter() - start,
+        folder.name, folder, folder / SEGMENTS_NAME, folder / TABLE_NAME, n_superpixels,
+        len(tiles), False, time.perf_counter() - start,
     )  # fmt: skip
+
+
+def _up_to_date(folder: Path, source: str, digest: str, source_fp: str) -> dict | None:
+    """Return the manifest of a complete run of `folder` for this source and config, else None."""
+    manifest_path = folder / MANIFEST_NAME
+    outputs = (manifest_path, folder / SEGMENTS_NAME, folder / TABLE_NAME)
+    if not all(p.exists() for p in outputs):
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    if (
+        manifest.get("config_hash") == digest
+        and manifest["source"]["path"] == source
+        and manifest.get("source_fingerprint") == source_fp
+    ):
+        return manifest
+    return None
+
+
+def _run_tiles(grid: Grid, tiles: list[Tile], client: object | None, threads: int) -> int:
+    """Run both phases' tile tasks (in process on `threads` threads when no client).
+
+    Returns
+    -------
+    int
+        Superpixels of the raster.
+    """
+    if client is None and threads > 1:
+        map_large_allocations()  # two threads of tile arrays: memory flat with raster size
+    calls = [(grid, tile) for tile in tiles]
+    map_tasks(centers_task, calls, client, desc=f"{grid.name}: centers", threads=threads)
+    counts = map_tasks(assign_task, calls, client, desc=f"{grid.name}: labels", threads=threads)
+    return int(sum(counts))
+
+
+def _write_outputs(
+    grid: Grid,
+    info: RasterInfo,
+    tiles: list[Tile],
+    config: SegmentConfig,
+    meta: dict[str, object],
+    n_superpixels: int,
+) -> None:
+    """Assemble ``segments.tif`` and the table from the tiles' files; then the manifest."""
+    folder = Path(grid.work).parent
+    _write_segments(grid, info, tiles, folder / SEGMENTS_NAME)
+    _write_table(grid, tiles, folder / TABLE_NAME, meta)
+    dump_config(config, folder / "segment.yaml")
+    table_sha = sha256_file(folder / TABLE_NAME)
+    write_json(
+        folder / MANIFEST_NAME,
+        {
+            **meta,
+            "table_sha256": table_sha,
+            "fingerprint": combine(
+                str(meta["source_fingerprint"]), str(meta["config_hash"]), table_sha
+            ),  # fmt: skip
+            "n_superpixels": n_superpixels,
+            "n_tiles": len(tiles),
+        },
+    )
 
 
 def _write_segments(grid: Grid, info: RasterInfo, tiles: list[Tile], path: Path) -> None:

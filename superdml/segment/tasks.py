@@ -59,7 +59,7 @@ class Grid:
     work: str
     backend: str = "numpy"
     device: str = "cpu"
-    sweep_threads: int | None = None  # threads of one CPU SLIC sweep; None: torch's count
+    sweep_threads: int | None = None  # threads of one CPU SLIC sweep; None: one
 
     @property
     def cell_rows(self) -> int:
@@ -110,9 +110,21 @@ class Grid:
 def _kernels(
     grid: Grid,
 ) -> tuple[Callable[..., tuple[np.ndarray, np.ndarray]], Callable[..., np.ndarray]]:
-    """Return the grid's backend: its ``slic_centers`` and ``assign_pixels``."""
+    """Return the grid's backend: its ``slic_centers`` and ``assign_pixels``.
+
+    The torch backend on the CPU is :mod:`~superdml.segment.slic_numba`'s kernels on numpy
+    arrays (no torch import); on a GPU, :mod:`~superdml.segment.slic_torch`.
+    """
     if grid.backend == "numpy":
         return slic_centers, assign_pixels
+    if grid.device == "cpu":
+        from superdml.segment import slic_numba
+
+        threads = grid.sweep_threads or 1
+        return (
+            functools.partial(slic_numba.slic_centers, threads=threads),
+            functools.partial(slic_numba.assign_pixels, threads=threads),
+        )
     from superdml.segment import slic_torch as slic
 
     return (
