@@ -92,7 +92,8 @@ class _TrainTimer:
         return result
 
 
-def _score(workdir: Path, truth: np.ndarray) -> dict[str, Any]:
+def score_run(workdir: Path, truth: np.ndarray) -> dict[str, Any]:
+    """Scores of a pipeline run's labels.tif on the unseen half, by class name."""
     scheme = load_label_run(workdir / "labels").scheme
     with rasterio.open(workdir / "labels" / "labels.tif") as src:
         predicted = src.read(1)
@@ -111,7 +112,7 @@ def run_case(
         shutil.rmtree(workdir)
     start = time.perf_counter()
     pipeline_mod.run_pipeline(case_pipeline, sets, workdir, device="cpu")
-    scores = _score(workdir, truth)
+    scores = score_run(workdir, truth)
     f1 = {name: c["f1"] for name, c in scores["per_class"].items()}
     return {
         "pixel_accuracy": scores["pixel_accuracy"],

@@ -36,6 +36,7 @@ import numpy as np
 import rasterio
 import torch
 import yaml
+from quality import score_run
 from rasterio.transform import from_origin
 
 from superdml.cli import pipeline as pipeline_mod
@@ -44,12 +45,10 @@ from superdml.cli.demo import (
     DEMO_CRS,
     DEMO_ORIGIN,
     PIXEL_SIZE,
-    unseen_half_scores,
     voronoi_regions,
 )
 from superdml.cli.stages import REGISTRY
 from superdml.config.shipped import pipeline_path
-from superdml.label.predictions import load_label_run
 
 RARE = "coffee"
 
@@ -151,14 +150,7 @@ def _pipeline(out: Path) -> Path:
 
 
 def _score(workdir: Path, truth: np.ndarray) -> dict[str, Any]:
-    scheme = load_label_run(workdir / "labels").scheme
-    with rasterio.open(workdir / "labels" / "labels.tif") as src:
-        predicted = src.read(1)
-    # predicted values are the class scheme's codes; map them to truth ids (others: 0)
-    to_truth = np.zeros(1 << 16, dtype=np.int64)
-    for name, code in scheme.codes.items():
-        to_truth[code] = CLASS_NAMES.index(name) + 1 if name in CLASS_NAMES else 0
-    scores = unseen_half_scores(to_truth[predicted], truth, CLASS_NAMES)
+    scores = score_run(workdir, truth)
     f1 = {name: c["f1"] for name, c in scores["per_class"].items()}
     return {"accuracy": scores["pixel_accuracy"], "macro_f1": float(np.mean(list(f1.values()))),
             "rare_f1": f1[RARE], "f1": f1}  # fmt: skip
