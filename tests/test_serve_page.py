@@ -69,7 +69,9 @@ def world(tmp_path_factory):
         loss="proxy_nca",  # the untrained checkpoint has no proxy_anchor proxies to keep
     )  # fmt: skip
     dump_config(config, root / "model" / "train.yaml")
-    label_config = LabelConfig(k=5, tile_size=128, batch_size=64, precision="fp32")
+    label_config = LabelConfig(
+        k=5, tile_size=128, batch_size=64, precision="fp32", keep_embeddings=True
+    )
     label(
         root / "seg",
         root / "model" / "best.pt",
@@ -236,6 +238,62 @@ def test_a_killed_server_keeps_every_acknowledged_decision(browser, folders):
         page.close()
     records = read_journal(review_dir / JOURNAL)
     assert [r.op for r in records] == ["sort"] * 5 + ["undo"]
+
+
+def test_more_like_this_collects_superpixels_of_the_whole_mosaic(folders):
+    """Kept and on-demand embeddings agree; found superpixels become crops of the folder."""
+    import dataclasses
+
+    import numpy as np
+
+    from superdml.serve.app import _mosaic
+    from superdml.serve.queue import MORE, PENDING, SORTED, read_more
+    from superdml.serve.similar import MosaicEmbeddings, more_like
+
+    review_dir, train_dir = folders
+    session = open_session(review_dir, train_dir, ServeOptions(port=0, device="cpu"))
+    served, sorter = session.served, session.sorter
+    mosaic = _mosaic(session)
+    mosaic.build()
+    assert mosaic.done == mosaic.total and mosaic.kept == mosaic.total  # every tile was kept
+    fresh = MosaicEmbeddings(
+        list(served.runs.values()), dataclasses.replace(mosaic.model, kept_from=None),
+        served.label_run, train_dir,
+    )  # fmt: skip
+    fresh.build()
+    assert fresh.kept == 0 and np.allclose(fresh.embeddings, mosaic.embeddings, atol=1e-5)
+    n_crops, i = len(served.queue), int(served.queue.pending(0, 1)[0])
+    found = more_like(mosaic, sorter, served.runs, i, 40)
+    assert len(found) == 40 and i not in found
+    assert (served.queue.state[found] == PENDING).all()
+    rows = mosaic.rows_of(served.queue.raster[found], served.queue.segment_id[found])
+    focus = mosaic.rows_of(served.queue.raster[[i]], served.queue.segment_id[[i]])[0]
+    similarity = mosaic.embeddings[rows] @ mosaic.embeddings[focus]
+    assert (np.diff(similarity) <= 1e-6).all()  # most similar first
+    others = mosaic.similar(focus, len(mosaic.keys), np.zeros(0, np.int64))
+    assert similarity[-1] >= (mosaic.embeddings[others] @ mosaic.embeddings[focus])[39] - 1e-6
+    new = [j for j in found if j >= n_crops]
+    assert new, "the review folder's 60 crops are few of the mosaic's superpixels"
+    files = [served.queue.file[j] for j in new]
+    assert all(f.startswith("more/") and (review_dir / f).is_file() for f in files)
+    assert [r["file"] for r in read_more(review_dir / MORE)] == files
+    in_train = {p.stem for p in train_dir.rglob("*.png")}
+    assert not {Path(served.queue.file[j]).stem for j in found} & in_train
+    # a found crop is a crop like the others: sorted, journaled, and back after a restart
+    cls = served.classes[0]
+    sorter.sort(new[:2], cls)
+    assert all((train_dir / cls / Path(f).name).is_file() for f in files[:2])
+    assert not (review_dir / files[0]).exists()
+    again = open_session(review_dir, train_dir, ServeOptions(port=0, device="cpu"))
+    assert list(again.served.queue.file[new]) == files
+    assert list(again.served.queue.state[new[:2]]) == [SORTED, SORTED]
+    assert again.sorter.undo() == new[:2]
+    assert (review_dir / files[0]).is_file() and not (
+        train_dir / cls / Path(files[0]).name
+    ).exists()
+    # asking again lists no crop twice and writes nothing over a crop
+    assert sorted(more_like(mosaic, again.sorter, again.served.runs, i, 40)) == sorted(found)
+    assert len(read_more(review_dir / MORE)) == len(files)
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """The review page's web server: a thin Starlette layer over the library functions.
 
 Every route calls :class:`~superdml.serve.decisions.Sorter`,
-:mod:`~superdml.serve.tiles`, :class:`~superdml.serve.similar.CropEmbeddings` or
+:mod:`~superdml.serve.tiles`, :mod:`~superdml.serve.similar` or
 :class:`~superdml.serve.retrain.Retrain`, which the tests call directly too; the
 routes only turn requests into calls and results into JSON. The page itself is static
 (``static/``: HTML, JavaScript, the vendored Leaflet).
@@ -29,7 +29,7 @@ from superdml.serve.folder import ServedFolder
 from superdml.serve.queue import SORTED
 from superdml.serve.retrain import Retrain
 from superdml.serve.security import TokenGuard, confined
-from superdml.serve.similar import CropEmbeddings, nearest
+from superdml.serve.similar import MosaicEmbeddings, embed_model, more_like
 from superdml.serve.tiles import class_colors, image_tile, label_tile, max_zoom, outline, pixel_of
 
 STATIC = Path(__file__).parent / "static"
@@ -63,7 +63,7 @@ class Session:
     epochs: int | None = None
     workers: int | None = None
     checkpoint: Path | None = None
-    embeddings: CropEmbeddings | None = None
+    mosaic: MosaicEmbeddings | None = None
     colors: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -125,7 +125,7 @@ def make_app(session: Session) -> Starlette:
         out["max_zoom"] = {
             name: max_zoom(run.source.height, run.source.width) for name, run in served.runs.items()
         }
-        out["similar"] = _checkpoint(session) is not None
+        out["similar"] = _checkpoint(session) is not None and bool(served.runs)
         return JSONResponse(out)
 
     def queue(request: Request) -> JSONResponse:
@@ -214,16 +214,15 @@ def make_app(session: Session) -> Starlette:
     def similar(request: Request) -> JSONResponse:
         i = int(request.path_params["i"])
         k = min(int(request.query_params.get("k", PAGE)), 1000)
-        embeddings = _embeddings(session)
-        if embeddings is None:
-            return JSONResponse({"error": "no model to embed with"}, status_code=409)
-        embeddings.start()
-        status = embeddings.progress()
-        if embeddings.embeddings is None or not 0 <= i < len(served.queue):
+        mosaic = _mosaic(session)
+        if mosaic is None:
+            return _error(RuntimeError("no model, or no segment run, to search"))
+        mosaic.start()
+        status = mosaic.progress()
+        if not status["ready"] or not 0 <= i < len(served.queue):
             return JSONResponse(status)
-        allowed = served.queue.state == 0
-        ids = nearest(embeddings.embeddings, i, k, allowed)
-        return JSONResponse({**status, "items": [session.item(int(j)) for j in ids]})
+        ids = more_like(mosaic, sorter, served.runs, i, k)
+        return JSONResponse({**status, "items": [session.item(j) for j in ids]})
 
     async def retrain_start(request: Request) -> JSONResponse:
         previous, segments = served.previous_model(), served.segment_dir()
@@ -285,22 +284,15 @@ def _checkpoint(session: Session) -> Path | None:
     return Path(str(run.meta["checkpoint"]))
 
 
-def _embeddings(session: Session) -> CropEmbeddings | None:
-    """Return the folder's crop embeddings (made on first use), None without a model."""
-    if session.embeddings is None:
+def _mosaic(session: Session) -> MosaicEmbeddings | None:
+    """Return the mosaic's embeddings (built on first use), None without a model or map."""
+    served = session.served
+    if session.mosaic is None:
         checkpoint = _checkpoint(session)
-        if checkpoint is None:
+        if checkpoint is None or not served.runs:
             return None
-        from superdml.core.devices import resolve_device
-        from superdml.learn.checkpoint import checkpoint_sha256
-        from superdml.learn.embed import load_embedder
-
-        sha, device = checkpoint_sha256(checkpoint), resolve_device(session.device).type
-
-        def embed(crops: np.ndarray) -> np.ndarray:
-            return load_embedder(str(checkpoint), sha, device)(crops, 128)
-
-        session.embeddings = CropEmbeddings(
-            embed, session.sorter.location, len(session.served.queue)
+        model = embed_model(checkpoint, served.label_run, session.device)
+        session.mosaic = MosaicEmbeddings(
+            list(served.runs.values()), model, served.label_run, served.train_dir
         )
-    return session.embeddings
+    return session.mosaic

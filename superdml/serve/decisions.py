@@ -15,15 +15,16 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from superdml.core.errors import InputError, input_error
 from superdml.raster.class_names import check_class_name
 from superdml.serve.journal import JOURNAL, Decision, Journal, Op, fsync_dir, live_batches, now
-from superdml.serve.queue import PENDING, SKIPPED, SORTED, CropQueue
+from superdml.serve.queue import MORE, PENDING, SKIPPED, SORTED, CropQueue, append_more
 
 logger = logging.getLogger(__name__)
 
@@ -265,6 +266,38 @@ class Sorter:
         }
         for folder in folders:
             fsync_dir(folder)
+
+    def add(
+        self, rows: list[dict[str, Any]], write: Callable[[Path, list[dict[str, Any]]], None]
+    ) -> list[int]:
+        """Add crops to the folder ("more like this"); return their indexes (-1: not added).
+
+        A row whose ``file`` the folder lists already gets its index. For the others,
+        `write` ``(folder, rows)`` writes their files, which must not exist yet (a file
+        in the way is never overwritten: that row is not added); then they are listed in
+        ``more.jsonl`` (fsynced) and queued. Listed last, so a listed crop has its file.
+        """
+        with self._lock:
+            out, new = [], []
+            for row in rows:
+                try:
+                    out.append(self.queue.index_of(row["file"]))
+                except KeyError:
+                    path = self.folder / row["file"]
+                    if path.exists() or any(r["file"] == row["file"] for r in new):
+                        logger.warning("%s: exists, not listed in %s: left alone", path, MORE)
+                        out.append(-1)
+                    else:
+                        out.append(None)
+                        new.append(row)
+            if new:
+                write(self.folder, new)
+                for folder in {(self.folder / r["file"]).parent for r in new}:
+                    fsync_dir(folder)
+                append_more(self.folder / MORE, new)
+                added = iter(int(i) for i in self.queue.extend(new))
+                out = [next(added) if i is None else i for i in out]
+            return out
 
     def decided(self) -> list[Decision]:
         """Return the ``sort`` records in force, oldest first (what a retrain now includes)."""

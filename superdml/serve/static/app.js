@@ -166,7 +166,7 @@ async function similar(item, refresh) {
     const found = await api(`/api/similar/${item.id}?k=${S.pageSize}`);
     if (found.error) throw new Error(found.error);
     if (found.ready) { S.items = found.items; break; }
-    say(`embedding crops for "more like this": ${found.done} / ${found.total}`);
+    say(`more like this: embedding the mosaic, tile ${found.done} / ${found.total} (${found.kept} kept)`);
     await new Promise((r) => setTimeout(r, 300));
   }
   S.focus = Math.min(S.focus, Math.max(0, S.items.length - 1));
