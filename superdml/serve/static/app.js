@@ -83,11 +83,16 @@ function render() {
   const selected = new Set(selection().map((it) => it.id));
   const shown = S.items.map((it, k) => {
     const el = cell(it);
-    el.className = "crop" + (k === S.focus ? " focus" : "") +
+    const name = "crop" + (k === S.focus ? " focus" : "") +
       (S.anchor !== null && selected.has(it.id) ? " selected" : "");
+    if (el.className !== name) el.className = name;
     return el;
   });
-  grid.replaceChildren(...shown);
+  // move only what changed (a decision takes a cell out and appends one): re-inserting
+  // every cell would restyle the whole grid on each key
+  const keep = new Set(shown);
+  for (const child of [...grid.children]) if (!keep.has(child)) child.remove();
+  shown.forEach((el, k) => { if (grid.children[k] !== el) grid.insertBefore(el, grid.children[k] || null); });
   if (cells.size > 4 * S.pageSize) {
     const keep = new Set(S.items.map((it) => it.id));
     for (const id of cells.keys()) if (!keep.has(id)) cells.delete(id);
@@ -100,9 +105,12 @@ function render() {
     ? `more like ${S.similarOf.file} (Esc: back to the queue)` : "least certain first";
   const first = grid.children[S.focus];
   if (first) first.scrollIntoView({ block: "nearest" });
-  const style = getComputedStyle(grid).gridTemplateColumns;
-  S.columns = Math.max(1, style.split(" ").length);
   showOnMap();
+}
+
+function measureColumns() {  // on resize only: reading the grid's style forces a layout
+  const style = getComputedStyle($("grid")).gridTemplateColumns;
+  S.columns = Math.max(1, style.split(" ").length);
 }
 
 function show(page) {
@@ -340,6 +348,7 @@ async function main() {
   document.addEventListener("keydown", onKey);
   $("size").addEventListener("input", (ev) => {
     $("grid").style.setProperty("--cell", ev.target.value + "px");
+    measureColumns();
     render();
   });
   $("help-btn").addEventListener("click", () => { $("help").hidden = !$("help").hidden; });
@@ -352,6 +361,8 @@ async function main() {
   $("next").addEventListener("click", () => { S.start += S.pageSize; run(load); });
   initMap();
   await load();
+  measureColumns();
+  window.addEventListener("resize", measureColumns);
   document.body.dataset.readyMs = performance.now().toFixed(1);  // since navigation
   document.body.dataset.ready = "1";
   followRetrain();
