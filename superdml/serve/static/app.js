@@ -280,8 +280,16 @@ function showRetrain(st) {
       body.append(row);
     }
     $("metrics").hidden = false;
-    $("retrain-state").textContent += ` — new labels in ${st.labels}; review them with superdml review, then serve the new folder`;
+    $("retrain-state").textContent += ` — new labels in ${st.labels}`;
+    $("next-queue-btn").hidden = false;
   }
+}
+
+async function nextQueue() {
+  say("reviewing the new run's least certain superpixels…");
+  const done = await api("/api/retrain/next", {});
+  location.reload();  // the page of the new folder (same token)
+  return done;
 }
 
 function fmt4(v) { return typeof v === "number" ? v.toFixed(4) : String(v ?? "–"); }
@@ -354,6 +362,7 @@ async function main() {
   $("help-btn").addEventListener("click", () => { $("help").hidden = !$("help").hidden; });
   $("retrain-btn").addEventListener("click", () => run(retrain));
   $("retrain-btn").disabled = !S.info.can_retrain;
+  $("next-queue-btn").addEventListener("click", () => run(nextQueue));
   $("similar-btn").addEventListener("click", () => run(() => similar(S.items[S.focus])));
   $("similar-btn").disabled = !S.info.similar;
   $("queue-btn").addEventListener("click", () => { S.mode = "queue"; run(load); });
