@@ -69,7 +69,9 @@ def world(tmp_path_factory):
         loss="proxy_nca",  # the untrained checkpoint has no proxy_anchor proxies to keep
     )  # fmt: skip
     dump_config(config, root / "model" / "train.yaml")
-    label_config = LabelConfig(k=5, tile_size=128, batch_size=64, precision="fp32")
+    label_config = LabelConfig(
+        k=5, tile_size=128, batch_size=64, precision="fp32", keep_embeddings=True
+    )
     label(
         root / "seg",
         root / "model" / "best.pt",
@@ -238,6 +240,62 @@ def test_a_killed_server_keeps_every_acknowledged_decision(browser, folders):
     assert [r.op for r in records] == ["sort"] * 5 + ["undo"]
 
 
+def test_more_like_this_collects_superpixels_of_the_whole_mosaic(folders):
+    """Kept and on-demand embeddings agree; found superpixels become crops of the folder."""
+    import dataclasses
+
+    import numpy as np
+
+    from superdml.serve.app import _mosaic
+    from superdml.serve.queue import MORE, PENDING, SORTED, read_more
+    from superdml.serve.similar import MosaicEmbeddings, more_like
+
+    review_dir, train_dir = folders
+    session = open_session(review_dir, train_dir, ServeOptions(port=0, device="cpu"))
+    served, sorter = session.served, session.sorter
+    mosaic = _mosaic(session)
+    mosaic.build()
+    assert mosaic.done == mosaic.total and mosaic.kept == mosaic.total  # every tile was kept
+    fresh = MosaicEmbeddings(
+        list(served.runs.values()), dataclasses.replace(mosaic.model, kept_from=None),
+        served.label_run, train_dir,
+    )  # fmt: skip
+    fresh.build()
+    assert fresh.kept == 0 and np.allclose(fresh.embeddings, mosaic.embeddings, atol=1e-5)
+    n_crops, i = len(served.queue), int(served.queue.pending(0, 1)[0])
+    found = more_like(mosaic, sorter, served.runs, i, 40)
+    assert len(found) == 40 and i not in found
+    assert (served.queue.state[found] == PENDING).all()
+    rows = mosaic.rows_of(served.queue.raster[found], served.queue.segment_id[found])
+    focus = mosaic.rows_of(served.queue.raster[[i]], served.queue.segment_id[[i]])[0]
+    similarity = mosaic.embeddings[rows] @ mosaic.embeddings[focus]
+    assert (np.diff(similarity) <= 1e-6).all()  # most similar first
+    others = mosaic.similar(focus, len(mosaic.keys), np.zeros(0, np.int64))
+    assert similarity[-1] >= (mosaic.embeddings[others] @ mosaic.embeddings[focus])[39] - 1e-6
+    new = [j for j in found if j >= n_crops]
+    assert new, "the review folder's 60 crops are few of the mosaic's superpixels"
+    files = [served.queue.file[j] for j in new]
+    assert all(f.startswith("more/") and (review_dir / f).is_file() for f in files)
+    assert [r["file"] for r in read_more(review_dir / MORE)] == files
+    in_train = {p.stem for p in train_dir.rglob("*.png")}
+    assert not {Path(served.queue.file[j]).stem for j in found} & in_train
+    # a found crop is a crop like the others: sorted, journaled, and back after a restart
+    cls = served.classes[0]
+    sorter.sort(new[:2], cls)
+    assert all((train_dir / cls / Path(f).name).is_file() for f in files[:2])
+    assert not (review_dir / files[0]).exists()
+    again = open_session(review_dir, train_dir, ServeOptions(port=0, device="cpu"))
+    assert list(again.served.queue.file[new]) == files
+    assert list(again.served.queue.state[new[:2]]) == [SORTED, SORTED]
+    assert again.sorter.undo() == new[:2]
+    assert (review_dir / files[0]).is_file() and not (
+        train_dir / cls / Path(files[0]).name
+    ).exists()
+    # asking again lists no crop twice and writes nothing over a crop
+    assert sorted(more_like(mosaic, again.sorter, again.served.runs, i, 40)) == sorted(found)
+    assert len(read_more(review_dir / MORE)) == len(files)
+
+
 @pytest.mark.slow
 def test_retrain_uses_exactly_the_decisions_the_page_named(browser, folders, tmp_path):
     review_dir, train_dir = folders
@@ -261,7 +319,18 @@ def test_retrain_uses_exactly_the_decisions_the_page_named(browser, folders, tmp
                 "#metrics tbody tr", "rs => rs.map(r => [...r.cells].map(c => c.textContent))"
             )
         }
+        # the new run's least certain superpixels are the next queue, on this page
+        with page.expect_navigation(timeout=120000):
+            page.click("#next-queue-btn")
+        page.wait_for_selector("body[data-ready='1']", state="attached", timeout=60000)
+        next_folder = page.text_content("#folder")
+        press(page, "1")
         page.close()
+    assert next_folder.startswith(str(retrain_dir / "round-1" / "review"))
+    [sorted_next] = read_journal(retrain_dir / "round-1" / "review" / JOURNAL)
+    assert (
+        Path(sorted_next.target).is_file() and Path(sorted_next.target).parent.parent == train_dir
+    )
     assert "decisions 1–6" in includes and "6 sorted crops" in includes
     round_dir = retrain_dir / "round-1"
     for name, (before, after) in shown.items():
@@ -276,7 +345,7 @@ def test_retrain_uses_exactly_the_decisions_the_page_named(browser, folders, tmp
     seventh = f"{sorts[6].cls}/{Path(sorts[6].target).name}"
     files = set(json.loads((round_dir / "reference" / "files.json").read_text()))
     original = {p.relative_to(train_dir).as_posix() for p in train_dir.rglob("*.png")} - first_six
-    original.discard(seventh)
+    original -= {seventh, f"{sorted_next.cls}/{Path(sorted_next.target).name}"}
     assert files == original | first_six
     train_yaml = (round_dir / "model" / "train.yaml").read_text()
     assert "epochs: 1" in train_yaml

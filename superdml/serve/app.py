@@ -1,7 +1,7 @@
 """The review page's web server: a thin Starlette layer over the library functions.
 
 Every route calls :class:`~superdml.serve.decisions.Sorter`,
-:mod:`~superdml.serve.tiles`, :class:`~superdml.serve.similar.CropEmbeddings` or
+:mod:`~superdml.serve.tiles`, :mod:`~superdml.serve.similar` or
 :class:`~superdml.serve.retrain.Retrain`, which the tests call directly too; the
 routes only turn requests into calls and results into JSON. The page itself is static
 (``static/``: HTML, JavaScript, the vendored Leaflet).
@@ -27,9 +27,9 @@ from superdml.core.errors import SuperDMLError
 from superdml.serve.decisions import Sorter
 from superdml.serve.folder import ServedFolder
 from superdml.serve.queue import SORTED
-from superdml.serve.retrain import Retrain
+from superdml.serve.retrain import Retrain, review_round
 from superdml.serve.security import TokenGuard, confined
-from superdml.serve.similar import CropEmbeddings, nearest
+from superdml.serve.similar import MosaicEmbeddings, embed_model, more_like
 from superdml.serve.tiles import class_colors, image_tile, label_tile, max_zoom, outline, pixel_of
 
 STATIC = Path(__file__).parent / "static"
@@ -63,13 +63,22 @@ class Session:
     epochs: int | None = None
     workers: int | None = None
     checkpoint: Path | None = None
-    embeddings: CropEmbeddings | None = None
+    mosaic: MosaicEmbeddings | None = None
     colors: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.colors = {
             e.name: "#{:02x}{:02x}{:02x}".format(*e.color) for e in self.served.scheme.entries
         }
+
+    def switch(self, folder: Path) -> None:
+        """Serve another crop folder (the next queue) into the same training folder."""
+        from superdml.serve.folder import open_folder
+
+        served = open_folder(folder, self.served.train_dir)
+        sorter = Sorter(served.folder, served.queue, served.train_dir, served.classes)
+        self.served, self.sorter, self.mosaic = served, sorter, None
+        self.__post_init__()
 
     def item(self, i: int) -> dict[str, Any]:
         """Return the grid entry of crop `i`: where its image is, prediction, place on the map."""
@@ -115,17 +124,15 @@ def make_app(session: Session) -> Starlette:
     """Return the ASGI application of one review session (behind :class:`TokenGuard`)."""
     # long: the routes are closures over one review session, each a few lines that parse
     # a request and call the library functions of superdml.serve; one table reads best.
-    served, sorter = session.served, session.sorter
 
     def index(request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers={"cache-control": "no-store"})
 
     def info(request: Request) -> JSONResponse:
-        out = served.describe()
-        out["max_zoom"] = {
-            name: max_zoom(run.source.height, run.source.width) for name, run in served.runs.items()
-        }
-        out["similar"] = _checkpoint(session) is not None
+        out = session.served.describe()
+        runs = session.served.runs.items()
+        out["max_zoom"] = {name: max_zoom(r.source.height, r.source.width) for name, r in runs}
+        out["similar"] = _checkpoint(session) is not None and bool(session.served.runs)
         return JSONResponse(out)
 
     def queue(request: Request) -> JSONResponse:
@@ -140,11 +147,11 @@ def make_app(session: Session) -> Starlette:
         try:
             if op == "sort":
                 cls, accept = str(body.get("class", "")), bool(body.get("accept"))
-                records = await asyncio.to_thread(sorter.sort, ids, cls, accept)
+                records = await asyncio.to_thread(session.sorter.sort, ids, cls, accept)
             elif op == "skip":
-                records = await asyncio.to_thread(sorter.skip, ids)
+                records = await asyncio.to_thread(session.sorter.skip, ids)
             else:
-                undone = await asyncio.to_thread(sorter.undo)
+                undone = await asyncio.to_thread(session.sorter.undo)
                 return JSONResponse({"undone": undone, **_next_page(body)})
         except SuperDMLError as err:
             return _error(err)
@@ -154,14 +161,15 @@ def make_app(session: Session) -> Starlette:
         """Return the counts, and the page of the queue the request names (one round trip)."""
         wanted = body.get("page")
         if not isinstance(wanted, dict) or "n" not in wanted:
-            return {"counts": served.queue.counts()}
+            return {"counts": session.served.queue.counts()}
         page = session.page(
             max(0, int(wanted.get("start", 0))), min(max(1, int(wanted["n"])), 1000)
         )
         return {"counts": page["counts"], "page": page}
 
     def crop_file(request: Request) -> Response:
-        root = {"crops": served.folder, "train": served.train_dir}.get(request.path_params["root"])
+        roots = {"crops": session.served.folder, "train": session.served.train_dir}
+        root = roots.get(request.path_params["root"])
         path = None if root is None else confined(root, request.path_params["path"])
         if path is None or path.suffix.lower() not in (".png", ".tif", ".tiff", ".jpg"):
             return Response("not found\n", status_code=404, media_type="text/plain")
@@ -169,11 +177,11 @@ def make_app(session: Session) -> Starlette:
 
     def tile(request: Request) -> Response:
         p = request.path_params
-        run = served.runs.get(p["raster"])
+        run = session.served.runs.get(p["raster"])
         if run is None:
             return Response(status_code=404)
         if p["layer"] == "labels":
-            path = served.labels_raster(p["raster"])
+            path = session.served.labels_raster(p["raster"])
             data = (
                 None if path is None else label_tile(path, _label_colors(), p["z"], p["x"], p["y"])
             )
@@ -190,59 +198,76 @@ def make_app(session: Session) -> Starlette:
 
     def _label_colors() -> np.ndarray:
         if not colors:
-            scheme = served.label_run.scheme if served.label_run is not None else served.scheme
+            run = session.served.label_run
+            scheme = run.scheme if run is not None else session.served.scheme
             colors.append(class_colors(scheme))
         return colors[0]
 
     def _bands(run: Any) -> list[int]:
-        if served.rule is None:
+        if session.served.rule is None:
             return list(range(min(3, len(run.bands))))
         from superdml.crops.cut import color_band_indexes
 
-        return color_band_indexes(run, served.rule)
+        return color_band_indexes(run, session.served.rule)
 
     def crop_outline(request: Request) -> JSONResponse:
         i = int(request.path_params["i"])
-        item = session.item(i) if 0 <= i < len(served.queue) else {}
-        run = served.runs.get(item.get("raster", ""))
+        item = session.item(i) if 0 <= i < len(session.served.queue) else {}
+        run = session.served.runs.get(item.get("raster", ""))
         if run is None or "row" not in item:
             return JSONResponse({"rings": []})
-        reach = 2 * (served.rule.crop_size if served.rule is not None else 64)
+        reach = 2 * (session.served.rule.crop_size if session.served.rule is not None else 64)
         rings = outline(run, item["segment_id"], item["row"], item["col"], reach)
         return JSONResponse({"rings": rings})
 
     def similar(request: Request) -> JSONResponse:
         i = int(request.path_params["i"])
         k = min(int(request.query_params.get("k", PAGE)), 1000)
-        embeddings = _embeddings(session)
-        if embeddings is None:
-            return JSONResponse({"error": "no model to embed with"}, status_code=409)
-        embeddings.start()
-        status = embeddings.progress()
-        if embeddings.embeddings is None or not 0 <= i < len(served.queue):
+        mosaic = _mosaic(session)
+        if mosaic is None:
+            return _error(RuntimeError("no model, or no segment run, to search"))
+        mosaic.start()
+        status = mosaic.progress()
+        if not status["ready"] or not 0 <= i < len(session.served.queue):
             return JSONResponse(status)
-        allowed = served.queue.state == 0
-        ids = nearest(embeddings.embeddings, i, k, allowed)
-        return JSONResponse({**status, "items": [session.item(int(j)) for j in ids]})
+        ids = more_like(mosaic, session.sorter, session.served.runs, i, k)
+        return JSONResponse({**status, "items": [session.item(j) for j in ids]})
 
     async def retrain_start(request: Request) -> JSONResponse:
-        previous, segments = served.previous_model(), served.segment_dir()
+        previous, segments = session.served.previous_model(), session.served.segment_dir()
         if previous is None or segments is None:
             return _error(RuntimeError("no label run with a training folder to retrain from"))
-        decided = sorter.decided()
+        decided = session.sorter.decided()
         includes = {
-            "last_seq": sorter.journal.records[-1].seq if sorter.journal.records else 0,
+            "last_seq": session.sorter.journal.next_seq - 1,
             "decisions": len(decided),
             "crops": [r.target for r in decided],
         }
         try:
             session.retrain.start(
-                served.train_dir, includes, previous, segments, session.epochs,
+                session.served.train_dir, includes, previous, segments, session.epochs,
                 session.device, session.workers,
             )  # fmt: skip
         except (RuntimeError, OSError) as err:
             return _error(err)
         return JSONResponse(session.retrain.status())
+
+    async def next_queue(request: Request) -> JSONResponse:
+        status = session.retrain.status()
+        segments = session.served.segment_dir()
+        if status["state"] != "done" or segments is None:
+            return _error(RuntimeError("no finished retrain round to review"))
+        folder = session.retrain.workdir / f"round-{status['round']}" / "review"
+        try:
+            if not (folder / "crops.parquet").is_file():
+                await asyncio.to_thread(
+                    review_round, Path(status["labels"]), segments, folder,
+                    session.served.folder, session.device,
+                )  # fmt: skip
+            await asyncio.to_thread(session.switch, folder)
+        except (SuperDMLError, OSError) as err:
+            return _error(err)
+        return JSONResponse({"folder": str(folder), "counts": session.served.queue.counts()})
 
     def retrain_status(request: Request) -> JSONResponse:
         return JSONResponse(session.retrain.status())
@@ -268,6 +293,7 @@ def make_app(session: Session) -> Starlette:
         Route("/api/retrain", retrain_status),
         Route("/api/retrain/start", retrain_start, methods=["POST"]),
         Route("/api/retrain/events", retrain_events),
+        Route("/api/retrain/next", next_queue, methods=["POST"]),
         Route("/files/{root:str}/{path:path}", crop_file),
         Route("/map/{layer:str}/{raster:str}/{z:int}/{x:int}/{y:int}.png", tile),
         Mount("/static", StaticFiles(directory=STATIC)),
@@ -285,22 +311,15 @@ def _checkpoint(session: Session) -> Path | None:
     return Path(str(run.meta["checkpoint"]))
 
 
-def _embeddings(session: Session) -> CropEmbeddings | None:
-    """Return the folder's crop embeddings (made on first use), None without a model."""
-    if session.embeddings is None:
+def _mosaic(session: Session) -> MosaicEmbeddings | None:
+    """Return the mosaic's embeddings (built on first use), None without a model or map."""
+    served = session.served
+    if session.mosaic is None:
         checkpoint = _checkpoint(session)
-        if checkpoint is None:
+        if checkpoint is None or not served.runs:
             return None
-        from superdml.core.devices import resolve_device
-        from superdml.learn.checkpoint import checkpoint_sha256
-        from superdml.learn.embed import load_embedder
-
-        sha, device = checkpoint_sha256(checkpoint), resolve_device(session.device).type
-
-        def embed(crops: np.ndarray) -> np.ndarray:
-            return load_embedder(str(checkpoint), sha, device)(crops, 128)
-
-        session.embeddings = CropEmbeddings(
-            embed, session.sorter.location, len(session.served.queue)
+        model = embed_model(checkpoint, served.label_run, session.device)
+        session.mosaic = MosaicEmbeddings(
+            list(served.runs.values()), model, served.label_run, served.train_dir
         )
-    return session.embeddings
+    return session.mosaic

@@ -180,3 +180,19 @@ def _package_root() -> str:
     root = str(Path(superdml.__file__).resolve().parent.parent)
     rest = os.environ.get("PYTHONPATH", "")
     return f"{root}{os.pathsep}{rest}" if rest else root
+
+
+def review_round(labels: Path, segments: Path, folder: Path, like: Path, device: str) -> Path:
+    """Review a round's new label run into `folder`: the next queue of the page.
+
+    With the review options of the served folder `like` (its ``review.yaml``), else the
+    defaults; returns `folder`.
+    """
+    from superdml.config.load import load_config
+    from superdml.config.schema import ReviewConfig
+    from superdml.label.review import REVIEW_YAML, review
+
+    options = like / REVIEW_YAML
+    config = load_config(options if options.is_file() else None, ReviewConfig)
+    review(labels, segments, folder, config, device=device)
+    return folder

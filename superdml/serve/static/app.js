@@ -83,11 +83,16 @@ function render() {
   const selected = new Set(selection().map((it) => it.id));
   const shown = S.items.map((it, k) => {
     const el = cell(it);
-    el.className = "crop" + (k === S.focus ? " focus" : "") +
+    const name = "crop" + (k === S.focus ? " focus" : "") +
       (S.anchor !== null && selected.has(it.id) ? " selected" : "");
+    if (el.className !== name) el.className = name;
     return el;
   });
-  grid.replaceChildren(...shown);
+  // move only what changed (a decision takes a cell out and appends one): re-inserting
+  // every cell would restyle the whole grid on each key
+  const keep = new Set(shown);
+  for (const child of [...grid.children]) if (!keep.has(child)) child.remove();
+  shown.forEach((el, k) => { if (grid.children[k] !== el) grid.insertBefore(el, grid.children[k] || null); });
   if (cells.size > 4 * S.pageSize) {
     const keep = new Set(S.items.map((it) => it.id));
     for (const id of cells.keys()) if (!keep.has(id)) cells.delete(id);
@@ -100,9 +105,12 @@ function render() {
     ? `more like ${S.similarOf.file} (Esc: back to the queue)` : "least certain first";
   const first = grid.children[S.focus];
   if (first) first.scrollIntoView({ block: "nearest" });
-  const style = getComputedStyle(grid).gridTemplateColumns;
-  S.columns = Math.max(1, style.split(" ").length);
   showOnMap();
+}
+
+function measureColumns() {  // on resize only: reading the grid's style forces a layout
+  const style = getComputedStyle($("grid")).gridTemplateColumns;
+  S.columns = Math.max(1, style.split(" ").length);
 }
 
 function show(page) {
@@ -166,7 +174,7 @@ async function similar(item, refresh) {
     const found = await api(`/api/similar/${item.id}?k=${S.pageSize}`);
     if (found.error) throw new Error(found.error);
     if (found.ready) { S.items = found.items; break; }
-    say(`embedding crops for "more like this": ${found.done} / ${found.total}`);
+    say(`more like this: embedding the mosaic, tile ${found.done} / ${found.total} (${found.kept} kept)`);
     await new Promise((r) => setTimeout(r, 300));
   }
   S.focus = Math.min(S.focus, Math.max(0, S.items.length - 1));
@@ -272,8 +280,16 @@ function showRetrain(st) {
       body.append(row);
     }
     $("metrics").hidden = false;
-    $("retrain-state").textContent += ` — new labels in ${st.labels}; review them with superdml review, then serve the new folder`;
+    $("retrain-state").textContent += ` — new labels in ${st.labels}`;
+    $("next-queue-btn").hidden = false;
   }
+}
+
+async function nextQueue() {
+  say("reviewing the new run's least certain superpixels…");
+  const done = await api("/api/retrain/next", {});
+  location.reload();  // the page of the new folder (same token)
+  return done;
 }
 
 function fmt4(v) { return typeof v === "number" ? v.toFixed(4) : String(v ?? "–"); }
@@ -340,11 +356,13 @@ async function main() {
   document.addEventListener("keydown", onKey);
   $("size").addEventListener("input", (ev) => {
     $("grid").style.setProperty("--cell", ev.target.value + "px");
+    measureColumns();
     render();
   });
   $("help-btn").addEventListener("click", () => { $("help").hidden = !$("help").hidden; });
   $("retrain-btn").addEventListener("click", () => run(retrain));
   $("retrain-btn").disabled = !S.info.can_retrain;
+  $("next-queue-btn").addEventListener("click", () => run(nextQueue));
   $("similar-btn").addEventListener("click", () => run(() => similar(S.items[S.focus])));
   $("similar-btn").disabled = !S.info.similar;
   $("queue-btn").addEventListener("click", () => { S.mode = "queue"; run(load); });
@@ -352,6 +370,8 @@ async function main() {
   $("next").addEventListener("click", () => { S.start += S.pageSize; run(load); });
   initMap();
   await load();
+  measureColumns();
+  window.addEventListener("resize", measureColumns);
   document.body.dataset.readyMs = performance.now().toFixed(1);  // since navigation
   document.body.dataset.ready = "1";
   followRetrain();
