@@ -295,3 +295,30 @@ def test_cli_refuses_a_missing_folder_a_non_crop_folder_and_a_port_in_use(folder
     with socket.socket() as probe:  # nothing was left listening
         assert probe.connect_ex(("127.0.0.1", port)) != 0
     assert json.loads(json.dumps(open_folder(review, train).describe()))["n_crops"] == 12
+
+
+def test_a_tiff_chip_moves_with_its_preview_and_is_shown_by_it(tmp_path):
+    rng = np.random.default_rng(1)
+    chips = rng.integers(0, 4000, (3, 4, 8, 8), dtype=np.uint16)  # 4-band, 16-bit crops
+    previews = rng.integers(0, 255, (3, 3, 8, 8), dtype=np.uint8)
+    ids = np.arange(1, 4, dtype=np.uint32)
+    table = pa.table({"segment_id": ids, "x": ids * 1.0, "y": ids * 2.0})
+    rows = write_crops(
+        tmp_path / "review", "r", table, chips, ["forest"] * 3, score=np.array([0.3, 0.2, 0.1]),
+        margin=np.zeros(3), previews=previews,
+    )  # fmt: skip
+    write_crops_table(tmp_path / "review", rows, {})
+    for name in CLASSES:
+        (tmp_path / "train" / name).mkdir(parents=True)
+    served = open_folder(tmp_path / "review", tmp_path / "train")
+    sorter = Sorter(served.folder, served.queue, served.train_dir, served.classes)
+    i = int(sorter.queue.pending(0, 1)[0])
+    chip = os.path.basename(sorter.queue.file[i])
+    assert chip.endswith(".tif")
+    sorter.sort([i], "water")
+    moved = tmp_path / "train" / "water"
+    assert sorted(p.name for p in moved.iterdir()) == sorted([chip, chip[:-4] + ".png"])
+    assert not any((tmp_path / "review").rglob(chip[:-4] + ".*"))
+    assert sorter.undo() == [i]
+    assert not any(moved.iterdir())
+    assert len(list((tmp_path / "review").rglob(chip[:-4] + ".*"))) == 2

@@ -24,6 +24,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from superdml.core.errors import SuperDMLError
+from superdml.crops.folder import preview_file
 from superdml.serve.decisions import Sorter
 from superdml.serve.folder import ServedFolder
 from superdml.serve.queue import SORTED
@@ -88,6 +89,7 @@ class Session:
             src = "/files/train/" + location.relative_to(served.train_dir).as_posix()
         else:
             src = "/files/crops/" + str(queue.file[i])
+        src = preview_file(src)  # a TIFF chip is shown by its preview PNG
         predicted = queue.predicted[i]
         score, margin = float(queue.score[i]), float(queue.margin[i])
         out = {

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from superdml.core.errors import InputError, input_error
+from superdml.crops.folder import preview_file
 from superdml.raster.class_names import check_class_name
 from superdml.serve.journal import JOURNAL, Decision, Journal, Op, fsync_dir, live_batches, now
 from superdml.serve.queue import MORE, PENDING, SKIPPED, SORTED, CropQueue, append_more
@@ -63,6 +64,27 @@ def move_no_replace(source: Path, target: Path) -> None:
         finally:
             tmp.unlink()
     os.unlink(source)
+
+
+def _preview(crop: Path) -> Path:
+    return crop.with_name(preview_file(crop.name))
+
+
+def move_crop(source: Path, target: Path) -> None:
+    """Move a crop (:func:`move_no_replace`) and, for a TIFF chip, its preview PNG with it.
+
+    The chip is the crop that training reads; its preview only follows it. A preview that
+    cannot follow (a file of that name is at the target) stays where it is, with a warning.
+    """
+    move_no_replace(source, target)
+    preview = _preview(source)
+    if preview != source and preview.exists():
+        try:
+            move_no_replace(preview, _preview(target))
+        except FileExistsError:
+            logger.warning(
+                "%s: exists, the preview %s stays where it is", _preview(target), preview
+            )
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -156,7 +178,7 @@ class Sorter:
         if not others:
             logger.warning("%s: missing, and nowhere else the journal names", want)
             return
-        move_no_replace(others[0], want)
+        move_crop(others[0], want)
 
     # ------------------------------------------------------------- decisions
 
@@ -192,7 +214,7 @@ class Sorter:
             self.journal.append(records)
             for i, record in zip(indexes, records, strict=True):
                 if record.target != record.source:
-                    move_no_replace(Path(record.source), Path(record.target))
+                    move_crop(Path(record.source), Path(record.target))
                 self.queue.state[i] = SORTED
                 self._placed[i] = Path(record.target)
             return records
@@ -235,7 +257,7 @@ class Sorter:
             for record in reversed(batch):
                 i = self.queue.index_of(record.crop)
                 if record.op == "sort" and record.target != record.source:
-                    move_no_replace(Path(record.target), Path(record.source))
+                    move_crop(Path(record.target), Path(record.source))
                 self.queue.state[i] = PENDING
                 self._placed.pop(i, None)
                 indexes.append(i)
