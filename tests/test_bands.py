@@ -9,7 +9,13 @@ import pytest
 import rasterio
 from rasters import write_raster
 
-from superdml.config.schema import CropsConfig, LabelConfig, SegmentConfig, TrainConfig
+from superdml.config.schema import (
+    CropsConfig,
+    LabelConfig,
+    ReviewConfig,
+    SegmentConfig,
+    TrainConfig,
+)
 from superdml.crops.stage import export_crops
 from superdml.label.export import export
 from superdml.label.index import build_index
@@ -171,3 +177,100 @@ def test_an_eight_bit_rgb_raster_keeps_the_png_rule(tmp_path):
     assert set(rule.to_dict()) == {"crop_size", "mask", "bands", "scaling", "source_bands"}
     assert len(list((tmp_path / "crops").rglob("*.png"))) == 3
     assert not list((tmp_path / "crops").rglob("*.tif"))
+
+
+# ------------------------------------------------- a Sentinel-2 style stack, end to end
+
+S2_NAMES = tuple(f"B{i:02d}" for i in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12))
+S2_CHOSEN = "B04,B03,B02,B08"
+
+
+def s2_stack(size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """A 12-band uint16 stack: red, green, blue and NIR of :func:`nir_mosaic` as B04,
+    B03, B02 and B08, the other bands noise; and its truth (classes 1 and 2)."""
+    pixels, truth = nir_mosaic()
+    rng = np.random.default_rng(1)
+    stack = rng.integers(500, 4000, (12, size, size)).astype(np.uint16)
+    for name, band in (("B04", 0), ("B03", 1), ("B02", 2), ("B08", 3)):
+        stack[S2_NAMES.index(name)] = pixels[band, :size, :size]
+    return stack, truth[:size, :size]
+
+
+def run_formats(root: Path, pixels: np.ndarray, truth: np.ndarray, *bands: str) -> dict:
+    """Segment, crops from a label raster through the CLI (``bands`` its extra options),
+    train one epoch, index, label, export, review; return the paths of every output."""
+    from superdml.label.review import review
+
+    root.mkdir()
+    source = write_raster(root / "mosaic.tif", pixels)
+    if len(pixels) == len(S2_NAMES):
+        with rasterio.open(source, "r+") as dst:
+            for i, name in enumerate(S2_NAMES, 1):
+                dst.set_band_description(i, name)
+    classes = write_raster(root / "truth.tif", truth[None], nodata=0)
+    seg = segment_raster(source, root / "seg", SegmentConfig(region_size=8, tile_size=64)).out_dir
+    options = ("--crop-size", "16", "--per-class", "12", "--workers", "0")
+    code, output = _cli_crops(seg, root / "crops", *options, "--label-raster", str(classes), *bands)
+    assert code == 0, output
+    config = TrainConfig(
+        input_size=32, embedding_size=8, epochs=1, loss="proxy_nca", classes_per_batch=2,
+        samples_per_class=4, warmup_epochs=0, val_fraction=0.2,
+    )  # fmt: skip
+    checkpoint = train(root / "crops", root / "model", config, device="cpu").best_path
+    build_index(checkpoint, root / "crops", root / "ref", device="cpu")
+    out = root / "out"
+    label(seg, checkpoint, root / "ref", out, LabelConfig(k=3), device="cpu")
+    files = export(out, seg, "cog", "gpkg").outputs["mosaic"]
+    reviewed = review(out, seg, root / "review", ReviewConfig(max_score=1.0, limit=6))
+    assert reviewed.n_crops == 6
+    return {**files, "parts": sorted(out.rglob("*.parquet")), "review": reviewed.folder,
+            "crops": root / "crops"}  # fmt: skip
+
+
+def _profile(path: Path) -> dict:
+    with rasterio.open(path) as src:
+        return {"profile": src.profile, "tags": src.tags(), "colormap": src.colormap(1)}
+
+
+@pytest.mark.slow
+def test_a_twelve_band_stack_runs_end_to_end_in_the_formats_of_rgb(tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+    import tifffile
+
+    from superdml.crops.rule import read_crop_rule
+
+    stack, truth = s2_stack()
+    s2 = run_formats(tmp_path / "s2", stack, truth, "--bands", S2_CHOSEN)
+    rgb = run_formats(tmp_path / "rgb", (stack[[3, 2, 1]] // 16).astype(np.uint8), truth)
+
+    rule = read_crop_rule(s2["crops"])
+    assert rule is not None and rule.lossless and rule.dtype == "uint16"
+    assert rule.band_names == tuple(S2_CHOSEN.split(",")) and rule.bands == (4, 3, 2, 8)
+    assert not read_crop_rule(rgb["crops"]).lossless
+    # predictions: one schema, whatever the bands
+    assert s2["parts"] and rgb["parts"]
+    schemas = {str(pq.read_schema(p).remove_metadata()) for p in s2["parts"] + rgb["parts"]}
+    assert len(schemas) == 1
+    # labels.tif: the same profile keys and values but the grid, the same tags and colors
+    s2_labels, rgb_labels = _profile(s2["labels"]), _profile(rgb["labels"])
+    assert s2_labels["profile"].keys() == rgb_labels["profile"].keys()
+    for key in ("dtype", "nodata", "count", "tiled", "compress", "crs", "transform"):
+        assert s2_labels["profile"][key] == rgb_labels["profile"][key], key
+    assert s2_labels["tags"] == rgb_labels["tags"]
+    assert s2_labels["colormap"] == rgb_labels["colormap"]
+    assert s2["style"].read_text() == rgb["style"].read_text()
+    s2_summary, rgb_summary = (json.loads(r["summary"].read_text()) for r in (s2, rgb))
+    assert s2_summary.keys() == rgb_summary.keys()
+    assert s2_summary["classes"].keys() <= {"1", "2", "unknown"} | rgb_summary["classes"].keys()
+    # review crops: 4-band uint16 chips with 8-bit previews, the crops.parquet of RGB
+    s2_table = pq.read_table(s2["review"] / "crops.parquet")
+    rgb_table = pq.read_table(rgb["review"] / "crops.parquet")
+    assert s2_table.schema.remove_metadata() == rgb_table.schema.remove_metadata()
+    chips = sorted(s2["review"].rglob("*.tif"))
+    assert len(chips) == 6 and not list(rgb["review"].rglob("*.tif"))
+    chip = tifffile.imread(chips[0])
+    assert chip.shape == (4, 16, 16) and chip.dtype == np.uint16
+    assert all(c.with_suffix(".png").exists() for c in chips)
+    assert {s2["review"] / f for f in s2_table.column("file").to_pylist()} == set(chips)
