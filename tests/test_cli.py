@@ -48,9 +48,10 @@ def test_version_and_help(runner):
 def registry_flags(spec):
     """The options and arguments the registry gives the command of `spec`."""
     flags = {p.cli or "--" + p.name.replace("_", "-") for p in spec.params}
-    if spec.config:
+    if spec.config:  # the fields of the option class (evaluate: only label's vote rule)
         flags |= {"--config"} | {
-            "--" + key.replace(".", "-").replace("_", "-") for key, *_ in flat_fields(spec.config)
+            "--" + key.replace(".", "-").replace("_", "-")
+            for key, *_ in flat_fields(spec.option_class())
         }
     flags |= {"--device"} if "device" in spec.context else set()
     flags |= {"--workers", "--scheduler"} if "client" in spec.context else set()

@@ -169,10 +169,10 @@ def test_label_embeds_superpixels_like_index_embeds_their_crops(world, tmp_path,
     rows = [row[world["segment_of"][f]] for f in files]
     np.testing.assert_array_equal(embeddings[rows], _reference(world, files))
     (kept_path,) = (out / "embeddings").rglob("*.npz")
-    with np.load(kept_path) as kept:  # stored as float16: the same vectors, rounded
+    with np.load(kept_path) as kept:  # stored as float32: the very vectors label voted on
         np.testing.assert_array_equal(kept["segment_id"], args[3])
-        expected = _reference(world, files).astype(np.float16)
-        np.testing.assert_array_equal(kept["embeddings"][rows], expected)
+        assert kept["embeddings"].dtype == np.float32
+        np.testing.assert_array_equal(kept["embeddings"][rows], _reference(world, files))
 
 
 def test_review_embeds_its_pool_like_index(world, tmp_path, monkeypatch):

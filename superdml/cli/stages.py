@@ -99,7 +99,7 @@ def _train_outputs(options: Mapping[str, Any]) -> list[Path]:
 
 
 def _index_outputs(options: Mapping[str, Any]) -> list[Path]:
-    from superdml.search.reference import EMBEDDINGS_NPY, INDEX_FAISS, REFERENCE_JSON
+    from superdml.search.reference_files import EMBEDDINGS_NPY, INDEX_FAISS, REFERENCE_JSON
 
     return _files("out", REFERENCE_JSON, INDEX_FAISS, EMBEDDINGS_NPY)(options)
 
