@@ -21,6 +21,7 @@ from superdml.config.schema import LabelConfig, ReviewConfig, TrainConfig
 from superdml.label.export import export
 from superdml.label.review import review
 from superdml.label.stage import label
+from superdml.serve.folder import open_folder
 from superdml.serve.journal import JOURNAL, live_batches, read_journal
 from superdml.serve.server import ServeOptions, bind, open_session
 
@@ -163,7 +164,7 @@ def predicted(file):
 
 def test_sort_30_crops_with_the_keyboard(browser, folders, tmp_path):
     review_dir, train_dir = folders
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    classes = open_folder(review_dir, train_dir).classes  # the order of the number keys
     before = {p.relative_to(train_dir).as_posix() for p in train_dir.rglob("*.png")}
     expected = {}  # crop file -> class
     with server_thread(review_dir, train_dir) as url:
@@ -226,7 +227,7 @@ def test_a_killed_server_keeps_every_acknowledged_decision(browser, folders):
     for file in sorted_files:
         assert not (review_dir / file).exists()
     placed = {p.name: p.parent.name for p in train_dir.rglob("*.png")}
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    classes = open_folder(review_dir, train_dir).classes  # the order of the number keys
     assert [placed[Path(f).name] for f in sorted_files] == [classes[int(k) - 1] for k in "12341"]
     with server_process(review_dir, train_dir) as (process, url):
         page = open_page(browser, url)
