@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import importlib
+import pkgutil
 import shutil
 import subprocess
 from pathlib import Path
@@ -76,3 +78,43 @@ def test_training_imports_no_segmentation_or_raster_io(package):
         ["python", "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+PACKAGES = [
+    "cli",
+    "config",
+    "core",
+    "crops",
+    "label",
+    "learn",
+    "raster",
+    "search",
+    "segment",
+    "serve",
+]
+
+
+@pytest.mark.parametrize("name", PACKAGES)
+def test_a_package_exports_what_its_modules_declare(name):
+    # the lazy export lists copy each module's names: they must not drift from them
+    package = importlib.import_module(f"superdml.{name}")
+    unresolved = [n for n in package.__all__ if not _resolves(package, n)]
+    assert unresolved == []
+    modules = list(pkgutil.iter_modules(package.__path__))
+    submodules = {m.name for m in modules}
+    declared = {
+        f"{m.name}.{n}"
+        for m in modules
+        if not m.ispkg
+        for n in getattr(importlib.import_module(f"superdml.{name}.{m.name}"), "__all__", [])
+        if n not in submodules
+    }
+    assert sorted(d for d in declared if d.split(".")[1] not in package.__all__) == []
+
+
+def _resolves(package, name):
+    try:
+        getattr(package, name)
+    except (AttributeError, ImportError):
+        return False
+    return True

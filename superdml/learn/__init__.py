@@ -40,9 +40,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         ],
         "evaluate": [
             "CONFUSION_PNG",
-            "EMBED_BATCH_SIZE",
             "EvaluateResult",
-            "KNN_K",
             "METRICS_JSON",
             "PREDICTIONS_PARQUET",
             "SEED",
@@ -111,6 +109,12 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "training_data": [
             "TrainingData",
             "load_training_data",
+        ],
+        "calibration": [
+            "ECE_BINS",
+            "Reliability",
+            "expected_calibration_error",
+            "reliability_bins",
         ],
     },
 )

@@ -32,6 +32,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         ],
         "reference_files": [
             "CONFIG_YAML",
+            "Calibration",
             "FILE_STATS_NPY",
             "REFERENCE_FILES",
             "REFERENCE_JSON",

@@ -9,14 +9,52 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
-        "decisions": ["Sorter", "move_no_replace"],
-        "folder": ["ServedFolder", "open_folder"],
-        "journal": ["JOURNAL", "Decision", "Journal", "live_batches", "read_journal"],
-        "queue": ["PENDING", "SKIPPED", "SORTED", "CropQueue", "read_queue"],
-        "retrain": ["Retrain", "snapshot"],
-        "security": ["TokenGuard", "confined", "new_token"],
-        "server": ["ServeOptions", "open_session", "serve"],
-        "similar": ["CropEmbeddings", "nearest"],
-        "tiles": ["class_colors", "image_tile", "label_tile", "max_zoom", "outline", "tile_window"],
+        "decisions": [
+            "Sorter",
+            "move_no_replace",
+        ],
+        "folder": [
+            "ServedFolder",
+            "open_folder",
+        ],
+        "journal": [
+            "Decision",
+            "JOURNAL",
+            "Journal",
+            "live_batches",
+            "read_journal",
+        ],
+        "queue": [
+            "CropQueue",
+            "PENDING",
+            "SKIPPED",
+            "SORTED",
+            "read_queue",
+        ],
+        "retrain": [
+            "Retrain",
+            "snapshot",
+        ],
+        "security": [
+            "TokenGuard",
+            "confined",
+            "new_token",
+        ],
+        "server": [
+            "ServeOptions",
+            "open_session",
+            "serve",
+        ],
+        "similar": [
+            "nearest",
+        ],
+        "tiles": [
+            "class_colors",
+            "image_tile",
+            "label_tile",
+            "max_zoom",
+            "outline",
+            "tile_window",
+        ],
     },
 )
