@@ -1,6 +1,7 @@
 """Where tasks run by default, and map_tasks without a client (superdml.core.cluster)."""
 
 import contextlib
+import os
 import threading
 import time
 
@@ -103,3 +104,9 @@ def test_stage_clients_make_one_client_per_shape_on_first_use():
     with pytest.raises(InputError, match="give one, not both"):
         with stage_clients(workers=1, scheduler="tcp://127.0.0.1:1"):
             pass
+
+
+def test_default_workers_counts_the_cores_without_an_affinity_call(monkeypatch):
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # as on macOS
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert cluster.default_workers() == 6

@@ -32,8 +32,13 @@ logger = logging.getLogger(__name__)
 
 
 def default_workers() -> int:
-    """Return the number of cores this process may run on."""
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    """Return the number of cores this process may run on.
+
+    Where the OS has no affinity call (macOS), all of the machine's cores.
+    """
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
