@@ -376,3 +376,16 @@ def test_cli_review_refuses_class_names_that_are_not_folder_names(
         f"error: {out / 'label.json'}: {message.format(tmp=tmp_path)}"
     ]
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_rerun_may_replace_a_review_of_lossless_chips(tmp_path):
+    from superdml.core.ownership import mark_output, remove_output
+    from superdml.label.review import REVIEW_FILES
+
+    folder = tmp_path / "review"
+    (folder / "brick").mkdir(parents=True)
+    mark_output(folder, "review")
+    for name in ("mosaic_7_s0.31.tif", "mosaic_7_s0.31.png"):  # a chip and its preview
+        (folder / "brick" / name).write_bytes(b"x")
+    remove_output(folder, "review", REVIEW_FILES)
+    assert list(folder.glob("brick/*")) == []  # before: "matches no pattern", refused

@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 #: With ``diverse``, k-means runs over this many times the crops to write (least certain first).
 POOL_FACTOR = 10
 REVIEW_YAML = "review.yaml"
-REVIEW_FILES = ("*/*.png", CROPS_TABLE, REVIEW_YAML)
+REVIEW_FILES = ("*/*.png", "*/*.tif", CROPS_TABLE, REVIEW_YAML)  # crops, chips, previews
 """What ``review`` writes into its folder (a rerun replaces only a folder of these)."""
 _PART_COLUMNS = ["segment_id", "label_code", "score", "margin"]
 
