@@ -15,7 +15,7 @@ from superdml.config.schema import LabelConfig, SegmentConfig, load_config
 from superdml.config.shipped import configs_dir, pipeline_names, pipeline_path, resolve_pipeline
 from superdml.core.errors import MissingInputError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_shipped_files_live_in_the_package():

@@ -236,7 +236,7 @@ def test_a_cpu_segment_run_imports_no_torch(small_tif, tmp_path):
         "'--region-size', '16'], standalone_mode=False); "
         "print('torch' in sys.modules)"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
     done = subprocess.run(
         [sys.executable, "-c", code, str(small_tif), str(tmp_path / "out")],
         capture_output=True, text=True, env=env, check=True,

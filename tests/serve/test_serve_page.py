@@ -26,7 +26,7 @@ from superdml.serve.journal import JOURNAL, live_batches, read_journal
 from superdml.serve.server import ServeOptions, bind, open_session
 
 BROWSERS = ["/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"]
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def chromium_path():
