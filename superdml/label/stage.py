@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from superdml.config.schema import LabelConfig, config_to_dict, dump_config
 from superdml.core import storage
 from superdml.core.cluster import default_workers, map_tasks
-from superdml.core.errors import InputError
+from superdml.core.errors import InputError, MissingInputError
 from superdml.core.ownership import check_apart, claim_output
 from superdml.crops.cut import color_band_indexes, crop_tile
 from superdml.crops.rule import CropRule
@@ -132,8 +132,12 @@ def _tile_embeddings(job: _LabelJob, tile: Tile, table: pa.Table, ids: np.ndarra
     labels of the run that kept them, bit for bit (float16 copies changed up to 3%).
     """
     kept = job.embeddings_path(tile)
-    if storage.exists(kept):
-        with np.load(io.BytesIO(storage.read_bytes(kept))) as stored:
+    try:
+        found = storage.read_bytes(kept)  # one request in a bucket, found or not
+    except MissingInputError:
+        found = None
+    if found is not None:
+        with np.load(io.BytesIO(found)) as stored:
             embeddings = stored["embeddings"]
             if embeddings.dtype == np.float32 and np.array_equal(stored["segment_id"], ids):
                 return embeddings
