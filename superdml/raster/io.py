@@ -17,7 +17,6 @@ import os
 import re
 import warnings
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,16 +24,13 @@ from typing import Any
 import numpy as np
 import rasterio
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
-from rasterio.session import Session
 from rasterio.windows import Window
 
 from superdml.core import storage
-from superdml.core.cache import ProcessCache
 from superdml.core.errors import MissingInputError, input_error
 from superdml.raster.classes import MAX_CODE, ClassScheme, make_scheme, read_scheme
 
 BLOCK_SIZE = 512
-_SESSIONS: ProcessCache[Session] = ProcessCache(size=8)
 
 # GDAL's block cache defaults to 5% of RAM per process: it would hold most of a large
 # raster and make peak memory grow with raster size. 64 MB (GDAL reads a bare number as
@@ -99,25 +95,13 @@ def open_raster(path: str | os.PathLike[str]) -> rasterio.DatasetReader:
     if not uri and Path(path).is_dir():
         raise input_error(path, "is a folder, expected a raster file")
     try:
-        env = rasterio.Env.from_defaults(session=_session(path)) if uri else nullcontext()
-        with warnings.catch_warnings(), env:
+        with warnings.catch_warnings(), storage.gdal_env(path):
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             return rasterio.open(storage.gdal_path(path))
     except RasterioIOError as err:
         if uri and not storage.exists(path):
             raise MissingInputError(f"{path}: no such object (raster)") from None
         raise input_error(path, f"not a raster that rasterio can open ({err})") from None
-
-
-def _session(path: str | os.PathLike[str]) -> Session:
-    """Return the rasterio session of `path`'s store, one per store and process.
-
-    rasterio would make one per open (for S3 a boto3 session: a tenth of a second of
-    CPU for each window a tile task reads). Credentials are still resolved by boto3 (or
-    by GDAL itself), from the environment and config files.
-    """
-    scheme = str(path).partition("://")[0].lower()
-    return _SESSIONS.get(scheme, lambda: Session.from_path(str(path)))
 
 
 def raster_info(path: str | os.PathLike[str]) -> RasterInfo:
