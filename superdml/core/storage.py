@@ -542,7 +542,8 @@ def local_copy(loc: Location) -> Path:
     A URI is downloaded once into :func:`cache_dir`, under a key of the URI and the
     size and version (ETag) of every object it holds, so a changed object is fetched
     again and an unchanged one never twice. Each copy is complete before it is visible
-    (renamed into place), so processes sharing the cache never read half of one.
+    (renamed into place; one that another process completed first is kept), so
+    processes sharing the cache never read half of one, nor lose one they read.
 
     Raises
     ------
@@ -565,7 +566,9 @@ def local_copy(loc: Location) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(target) as tmp:
+    tmp = temp_path(target)
+    remove(tmp)
+    try:
         if "" in listing:
             tmp.write_bytes(read_bytes(uri))
         else:
@@ -573,4 +576,10 @@ def local_copy(loc: Location) -> Path:
                 dest = tmp / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_bytes(read_bytes(join(uri, rel)))
+        os.rename(tmp, target)  # a folder another process put there first stays (ENOTEMPTY)
+    except OSError:
+        if not target.exists():
+            raise
+    finally:
+        remove(tmp)
     return target

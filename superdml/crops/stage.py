@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from superdml.config.schema import CropsConfig, config_hash, config_to_dict
+from superdml.core import storage
 from superdml.core.atomic import write_json
 from superdml.core.cluster import map_tasks
 from superdml.core.errors import InputError, input_error
@@ -316,7 +317,7 @@ def export_crops(
         meta = {
             "crop_rule": rule.to_dict(),
             "config": config_to_dict(config),
-            "segments": [str(run.folder.resolve()) for run in runs],
+            "segments": [storage.resolve(run.folder) for run in runs],
             "label_raster": label_raster,
             "provenance": provenance,
         }

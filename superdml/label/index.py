@@ -136,8 +136,7 @@ def _writing(out: Path | str) -> Iterator[Path]:
             yield tmp
         return
     with tempfile.TemporaryDirectory(dir=storage.scratch_dir()) as scratch:
-        tmp = Path(scratch) / "reference"
-        tmp.mkdir()
+        tmp = Path(scratch) / "reference"  # the body creates it, as atomic_write's
         yield tmp
         written = set(storage.upload_tree(tmp, out, last=REFERENCE_JSON))
         for rel in storage.list_files(out):

@@ -238,7 +238,7 @@ def damaged(folder: Path, problem: str) -> InputError:
     )
 
 
-def check_replaceable(folder: Path) -> None:
+def check_replaceable(folder: Path | str) -> None:
     """Refuse to replace a reference folder that holds files the index stage did not write."""
     foreign = foreign_files(folder, REFERENCE_FILES)
     if foreign:
