@@ -6,9 +6,10 @@
 endpoint) at it through the environment, with fake credentials that no real account
 has: child processes (dask workers, a ``superdml`` subprocess) inherit them.
 
-The server runs in a process of its own, not in a thread of the test process: a
-thread would need the test process's GIL to answer, and GDAL waits for the answer in
-one thread while another holds the GIL (two tiles read at once): a deadlock.
+The server runs in a process of its own, not in a thread of the test process: its
+thread needs the test process's GIL to answer, and with two tile threads reading
+rasters at once (one in a rasterio call that keeps the GIL while GDAL waits for the
+network) the test process hung: the server could not answer the request GDAL waited for.
 The fixtures ``s3_endpoint`` (session) and ``bucket`` (a fresh prefix per test) in
 ``conftest.py`` use it.
 """
