@@ -285,5 +285,25 @@ def test_stages_on_local_folders_only_refuse_uris(tmp_path):
         cli, ["train", "--train-dir", "s3://b/crops", "--out", str(tmp_path / "m")]
     )
     assert result.exit_code == 2, result.output
-    assert "error: s3://b/crops: superdml train reads and writes local paths only" in result.output
+    assert "error: s3://b/crops: superdml train takes local paths only as its inputs" in (
+        result.output
+    )
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.slow
+def test_crops_from_a_bucket_equal_the_local_crops(runs, inputs, shared_world, tmp_path):
+    truth, classes = f"{inputs['root']}/truth.tif", f"{inputs['root']}/classes.yaml"
+    storage.upload(shared_world.truth_tif, truth)
+    storage.upload(shared_world.crops / "classes.yaml", classes)
+    out = tmp_path / "crops"
+    result = CliRunner().invoke(cli, [
+        "-q", "crops", f"{runs[0]}/segments/mosaic", "--out", str(out), "--label-raster", truth,
+        "--classes", classes, "--crop-size", "32", "--per-class", "8", "--workers", "0",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    mine = pq.read_table(shared_world.crops / "crops.parquet")
+    assert pq.read_table(out / "crops.parquet").equals(mine)
+    for name in mine.column("file").to_pylist():
+        assert (out / name).read_bytes() == (shared_world.crops / name).read_bytes()
+    assert (out / "classes.yaml").read_text() == (shared_world.crops / "classes.yaml").read_text()

@@ -131,9 +131,10 @@ class StageSpec:
         leaves; a pipeline reruns the stage when one is gone (or when the call raises
         a :class:`~superdml.core.errors.SuperDMLError`: what it wrote cannot be read).
         Evaluated after the earlier stages ran. Every stage declares it.
-    uris : bool
-        Whether its paths may be URIs of object stores (:mod:`superdml.core.storage`);
-        a stage that works on local folders only refuses them with one line.
+    uris : tuple of {"input", "output"}
+        The roles of its paths that may be URIs of object stores
+        (:mod:`superdml.core.storage`); others take local paths only, and a URI there is
+        refused with one line.
     """
 
     name: str
@@ -150,7 +151,7 @@ class StageSpec:
     command: bool = True
     options_from: type | None = None
     outputs: Callable[[Mapping[str, Any]], list[Path | str]] | None = None
-    uris: bool = False
+    uris: tuple[str, ...] = ()
 
     def check_options(self, options: Mapping[str, Any]) -> None:
         """Refuse two :attr:`exclusive` options given together, and URIs where not taken.
@@ -162,16 +163,15 @@ class StageSpec:
         for a, b in self.exclusive:
             if a in options and b in options:
                 raise ConfigError(f"{a} and {b}: give one, not both")
-        if self.uris:
-            return
-        for key in self.paths("input") + self.paths("output"):
-            values = options.get(key)
-            for value in values if isinstance(values, list | tuple) else [values]:
-                if value is not None and storage.is_uri(value):
-                    raise ConfigError(
-                        f"{value}: superdml {self.name} reads and writes local paths only "
-                        "(segment, label, export and index take URIs): copy it to a folder"
-                    )
+        for role in {"input", "output"} - set(self.uris):
+            for key in self.paths(role):
+                values = options.get(key)
+                for value in values if isinstance(values, list | tuple) else [values]:
+                    if value is not None and storage.is_uri(value):
+                        raise ConfigError(
+                            f"{value}: superdml {self.name} takes local paths only as its "
+                            f"{role}s (see README, Paths and buckets): copy it to a folder"
+                        )
 
     def option_class(self) -> type | None:
         """Return the class whose fields are options (:attr:`options_from` or :attr:`config`)."""

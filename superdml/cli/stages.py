@@ -210,7 +210,7 @@ REGISTRY: dict[str, StageSpec] = {
             ("client",),
             glue=_segment_each,
             outputs=_segment_outputs,
-            uris=True,
+            uris=("input", "output"),
         ),
         StageSpec(
             "crops",
@@ -236,6 +236,7 @@ REGISTRY: dict[str, StageSpec] = {
             CropsConfig,
             ("client",),
             outputs=_crops_table("out"),
+            uris=("input",),
         ),
         StageSpec(
             "train",
@@ -301,7 +302,7 @@ REGISTRY: dict[str, StageSpec] = {
             IndexConfig,
             ("device",),
             outputs=_index_outputs,
-            uris=True,
+            uris=("input", "output"),
         ),
         StageSpec(
             "label",
@@ -325,7 +326,7 @@ REGISTRY: dict[str, StageSpec] = {
             ("device", "client", "overwrite"),
             cluster="label",
             outputs=_label_outputs,
-            uris=True,
+            uris=("input", "output"),
         ),
         StageSpec(
             "export",
@@ -347,7 +348,7 @@ REGISTRY: dict[str, StageSpec] = {
                 ),
             ),  # fmt: skip
             outputs=_export_outputs,
-            uris=True,
+            uris=("input", "output"),
         ),
         StageSpec(
             "evaluate",

@@ -281,7 +281,7 @@ def export_crops(
     scheme: ClassScheme | None = None
     class_nodata = None
     if label_raster is not None:
-        label_raster = str(Path(label_raster).resolve())
+        label_raster = storage.resolve(label_raster)
         class_nodata = read_class_nodata(label_raster)
         scheme = read_label_scheme(label_raster, classes)
         for run in runs:
