@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from superdml.config.load import load_config
+from superdml.core import storage
 from superdml.core.errors import ConfigError
 
 CONFIG = "config"
@@ -130,6 +131,10 @@ class StageSpec:
         leaves; a pipeline reruns the stage when one is gone (or when the call raises
         a :class:`~superdml.core.errors.SuperDMLError`: what it wrote cannot be read).
         Evaluated after the earlier stages ran. Every stage declares it.
+    uris : tuple of {"input", "output"}
+        The roles of its paths that may be URIs of object stores
+        (:mod:`superdml.core.storage`); others take local paths only, and a URI there is
+        refused with one line.
     """
 
     name: str
@@ -145,13 +150,28 @@ class StageSpec:
     exclusive: tuple[tuple[str, str], ...] = ()
     command: bool = True
     options_from: type | None = None
-    outputs: Callable[[Mapping[str, Any]], list[Path]] | None = None
+    outputs: Callable[[Mapping[str, Any]], list[Path | str]] | None = None
+    uris: tuple[str, ...] = ()
 
     def check_options(self, options: Mapping[str, Any]) -> None:
-        """Raise ConfigError when two :attr:`exclusive` options are both given."""
+        """Refuse two :attr:`exclusive` options given together, and URIs where not taken.
+
+        Raises
+        ------
+        ConfigError
+        """
         for a, b in self.exclusive:
             if a in options and b in options:
                 raise ConfigError(f"{a} and {b}: give one, not both")
+        for role in {"input", "output"} - set(self.uris):
+            for key in self.paths(role):
+                values = options.get(key)
+                for value in values if isinstance(values, list | tuple) else [values]:
+                    if value is not None and storage.is_uri(value):
+                        raise ConfigError(
+                            f"{value}: superdml {self.name} takes local paths only as its "
+                            f"{role}s (see README, Paths and buckets): copy it to a folder"
+                        )
 
     def option_class(self) -> type | None:
         """Return the class whose fields are options (:attr:`options_from` or :attr:`config`)."""
@@ -191,6 +211,7 @@ class StageSpec:
 
     def run(self, options: Mapping[str, Any], ctx: RunContext) -> Any:
         """Call the entry function with resolved `options`; return its result."""
+        self.check_options(options)
         module, _, function = self.entry.partition(":")
         entry = getattr(importlib.import_module(module), function)
         kwargs = {p.arg or p.name: options[p.name] for p in self.params if p.name in options}

@@ -1,7 +1,7 @@
 """Foundations of every stage.
 
-Errors, file ownership, atomic writes and locks, provenance, progress, devices,
-per-process caches and the task runner.
+Errors, file ownership, atomic writes and locks, storage (paths and URIs), provenance,
+progress, devices, per-process caches and the task runner.
 
 Names load on first use (:mod:`lazy_loader`, as scikit-image does), so importing one
 module of the package does not import its siblings.
@@ -75,6 +75,42 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         ],
         "cache": [
             "ProcessCache",
+        ],
+        "storage": [
+            "READ_ONLY_SCHEMES",
+            "SCHEMES",
+            "Location",
+            "arrow_source",
+            "cache_dir",
+            "delete",
+            "delete_tree",
+            "exists",
+            "filesystem",
+            "gdal_env",
+            "gdal_path",
+            "info",
+            "is_uri",
+            "isdir",
+            "isfile",
+            "join",
+            "list_files",
+            "listdir",
+            "local_copy",
+            "location",
+            "name",
+            "open_input",
+            "parent",
+            "read_bytes",
+            "read_text",
+            "resolve",
+            "scratch_dir",
+            "stem",
+            "upload",
+            "upload_tree",
+            "write_bytes",
+            "write_json",
+            "write_once",
+            "write_text",
         ],
     },
 )

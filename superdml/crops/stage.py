@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from superdml.config.schema import CropsConfig, config_hash, config_to_dict
+from superdml.core import storage
 from superdml.core.atomic import write_json
 from superdml.core.cluster import map_tasks
 from superdml.core.errors import InputError, input_error
@@ -280,7 +281,7 @@ def export_crops(
     scheme: ClassScheme | None = None
     class_nodata = None
     if label_raster is not None:
-        label_raster = str(Path(label_raster).resolve())
+        label_raster = storage.resolve(label_raster)
         class_nodata = read_class_nodata(label_raster)
         scheme = read_label_scheme(label_raster, classes)
         for run in runs:
@@ -316,7 +317,7 @@ def export_crops(
         meta = {
             "crop_rule": rule.to_dict(),
             "config": config_to_dict(config),
-            "segments": [str(run.folder.resolve()) for run in runs],
+            "segments": [storage.resolve(run.folder) for run in runs],
             "label_raster": label_raster,
             "provenance": provenance,
         }

@@ -23,6 +23,7 @@ right class folders of the training set; ``superdml train --init`` closes the lo
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from superdml.config.schema import ReviewConfig, config_to_dict, dump_config
+from superdml.core import storage
 from superdml.core.errors import input_error
 from superdml.core.ownership import check_apart, check_output, claim_output
 from superdml.core.progress import progress
@@ -251,9 +253,9 @@ def _by_tile(picks: _Candidates) -> Iterator[tuple[int, int, np.ndarray]]:
 # ---------------------------------------------------------------------- embeddings
 
 
-def _kept_embeddings(path: Path, ids: np.ndarray) -> np.ndarray | None:
+def _kept_embeddings(path: Path | str, ids: np.ndarray) -> np.ndarray | None:
     """Embeddings of `ids` from a ``label --keep-embeddings`` file, None if not all there."""
-    if not path.exists():
+    if not os.path.exists(path):  # review reads local label runs
         return None
     with np.load(path) as stored:
         kept_ids, kept = stored["segment_id"], stored["embeddings"]
@@ -368,7 +370,7 @@ def _check_class_names(label_run: LabelRun) -> None:
     """Fail before any work when a class name of the label run is not a folder name."""
     check_class_names(
         dict(enumerate(label_run.class_names, start=1)),
-        label_run.out_dir / MANIFEST,
+        storage.join(label_run.out_dir, MANIFEST),
         key="class id",
     )
 
@@ -500,7 +502,7 @@ def review(
             "config": config_to_dict(config),
             "label_run": str(out.resolve()),
             "checkpoint_sha256": label_run.meta.get("checkpoint_sha256"),
-            "segments": [str(run.folder.resolve()) for run in runs],
+            "segments": [storage.resolve(run.folder) for run in runs],
         }
         dump_config(config, folder / REVIEW_YAML)
         write_crops_table(folder, table, meta)

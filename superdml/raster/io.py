@@ -26,6 +26,7 @@ import rasterio
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
+from superdml.core import storage
 from superdml.core.errors import MissingInputError, input_error
 from superdml.raster.classes import MAX_CODE, ClassScheme, make_scheme, read_scheme
 
@@ -44,7 +45,7 @@ class RasterInfo:
     Attributes
     ----------
     path : str
-        Absolute path of the raster.
+        Absolute path (or URI) of the raster.
     height, width : int
         Size in pixels.
     count : int
@@ -88,16 +89,18 @@ def open_raster(path: str | os.PathLike[str]) -> rasterio.DatasetReader:
     InputError
         When rasterio cannot read it as a raster.
     """
-    path = Path(path)
-    if not path.exists():
+    uri = storage.is_uri(path)  # GDAL reads it itself: /vsis3/, /vsigs/, /vsiaz/, /vsicurl/
+    if not uri and not Path(path).exists():
         raise MissingInputError(f"{path}: no such file (raster)")
-    if path.is_dir():
+    if not uri and Path(path).is_dir():
         raise input_error(path, "is a folder, expected a raster file")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), storage.gdal_env(path):
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return rasterio.open(path)
+            return rasterio.open(storage.gdal_path(path))
     except RasterioIOError as err:
+        if uri and not storage.exists(path):
+            raise MissingInputError(f"{path}: no such object (raster)") from None
         raise input_error(path, f"not a raster that rasterio can open ({err})") from None
 
 
@@ -105,7 +108,7 @@ def raster_info(path: str | os.PathLike[str]) -> RasterInfo:
     """Read the size, bands, grid and CRS of a raster."""
     with open_raster(path) as src:
         return RasterInfo(
-            path=str(Path(path).resolve()),
+            path=storage.resolve(path),
             height=src.height,
             width=src.width,
             count=src.count,
@@ -371,11 +374,11 @@ def _category_names(path: str | os.PathLike[str]) -> dict[int, dict[str, Any]]:
     """Entries ``code -> {"name": ...}`` of GDAL's category names (empty names skipped)."""
     import xml.etree.ElementTree as ET
 
-    sidecar = Path(f"{path}.aux.xml")
-    if not sidecar.is_file():
+    sidecar = f"{path}.aux.xml"
+    if not storage.isfile(sidecar):
         return {}
     try:
-        root = ET.parse(sidecar).getroot()
+        root = ET.fromstring(storage.read_bytes(sidecar))
     except ET.ParseError as err:
         raise input_error(sidecar, f"not valid XML ({err})") from None
     band = root.find("PAMRasterBand[@band='1']")

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from superdml.config.checks import is_count
 from superdml.config.schema import VoteConfig, check
+from superdml.core import storage
 from superdml.core.atomic import atomic_write
 from superdml.core.cache import ProcessCache
 from superdml.core.errors import InputError
@@ -250,7 +251,7 @@ class ReferenceIndex:
         """
         check(nprobe is None or is_count(nprobe), "nprobe", nprobe, "an integer >= 1")
         stored = read_reference(directory)
-        folder = Path(directory)
+        folder = storage.local_copy(directory)  # where read_reference read it
         loaded = cls(*stored[:8], folder, stored.calibration, stored.tta)
         if loaded.sha256 != stored.sha256:
             raise damaged(folder, f"content does not match its sha256 in {REFERENCE_JSON}")

@@ -62,7 +62,7 @@ class ServedFolder:
         """Return the exported ``labels.tif`` of `raster` in the label run, if there is one."""
         if self.label_run is None:
             return None
-        out = self.label_run.out_dir
+        out = Path(self.label_run.out_dir)  # the page serves local folders
         for path in (out / "labels.tif", out / raster / "labels.tif"):
             if path.is_file() and (len(self.runs) == 1) == (path.parent == out):
                 return path
@@ -78,7 +78,8 @@ class ServedFolder:
     def segment_dir(self) -> Path | None:
         """Return the segment run folder holding every served raster (for relabeling)."""
         folders = {
-            run.folder.parent if len(self.runs) > 1 else run.folder for run in self.runs.values()
+            Path(run.folder).parent if len(self.runs) > 1 else Path(run.folder)
+            for run in self.runs.values()
         }
         return folders.pop() if len(folders) == 1 else None
 

@@ -105,7 +105,7 @@ def _kept(model: EmbedModel, run: SegmentRun, tile: Tile, ids: np.ndarray) -> np
         label_run.out_dir, model.sha256, model.rule.to_dict(), run.fingerprint, run.name, tile,
         model.tta,
     )  # fmt: skip
-    if not path.is_file():
+    if not Path(path).is_file():  # the page serves local folders
         return None
     with np.load(path) as stored:
         if stored["embeddings"].dtype == np.float32 and np.array_equal(stored["segment_id"], ids):
@@ -113,7 +113,7 @@ def _kept(model: EmbedModel, run: SegmentRun, tile: Tile, ids: np.ndarray) -> np
     return None
 
 
-def _predictions(label_run: LabelRun | None, path: Path | None, ids: np.ndarray) -> pa.Table:
+def _predictions(label_run: LabelRun | None, path: Path | str | None, ids: np.ndarray) -> pa.Table:
     """Return the label run's label, score and margin of `ids` (nulls where it has none)."""
     n = len(ids)
     empty = pa.table({"label": pa.nulls(n, pa.string()), "score": pa.nulls(n, pa.float32()),
