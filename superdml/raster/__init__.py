@@ -1,4 +1,4 @@
-"""Raster I/O: windows and tiles, reads and writes, class schemes, overviews, staged writes.
+"""Raster I/O: windows, tiles, reads and writes, class schemes, overviews, STAC mosaics.
 
 Names load on first use (:mod:`lazy_loader`, as scikit-image does), so importing one
 module of the package does not import its siblings.
@@ -53,6 +53,14 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "downsample_mode",
             "halved_shape",
             "overview_factors",
+        ],
+        "stac": [
+            "ASSET_FRAGMENT",
+            "DEFAULT_ASSETS",
+            "is_stac",
+            "raster_fingerprint",
+            "split_asset",
+            "stac_vrt",
         ],
         "staged": [
             "StagedRaster",

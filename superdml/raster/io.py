@@ -28,6 +28,7 @@ from rasterio.windows import Window
 
 from superdml.core.errors import MissingInputError, input_error
 from superdml.raster.classes import MAX_CODE, ClassScheme, make_scheme, read_scheme
+from superdml.raster.stac import is_stac, stac_vrt
 
 BLOCK_SIZE = 512
 
@@ -81,6 +82,9 @@ class RasterInfo:
 def open_raster(path: str | os.PathLike[str]) -> rasterio.DatasetReader:
     """Open `path` with rasterio, turning failures into one-line input errors.
 
+    A STAC item or item collection (``items.json``, ``items.json#asset=KEY``) opens as
+    the mosaic of its items (:mod:`superdml.raster.stac`).
+
     Raises
     ------
     MissingInputError
@@ -88,15 +92,18 @@ def open_raster(path: str | os.PathLike[str]) -> rasterio.DatasetReader:
     InputError
         When rasterio cannot read it as a raster.
     """
-    path = Path(path)
-    if not path.exists():
-        raise MissingInputError(f"{path}: no such file (raster)")
-    if path.is_dir():
-        raise input_error(path, "is a folder, expected a raster file")
+    if is_stac(path):
+        name: str | Path = stac_vrt(path)
+    else:
+        name = path = Path(path)
+        if not path.exists():
+            raise MissingInputError(f"{path}: no such file (raster)")
+        if path.is_dir():
+            raise input_error(path, "is a folder, expected a raster file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return rasterio.open(path)
+            return rasterio.open(name)
     except RasterioIOError as err:
         raise input_error(path, f"not a raster that rasterio can open ({err})") from None
 
