@@ -11,6 +11,7 @@ values on another raster's grid, reprojected with nearest (:func:`read_labels_on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,15 +28,15 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
 from superdml.core.errors import MissingInputError, input_error
+from superdml.core.gdal_settings import REMOTE_OPEN_SETTINGS, REMOTE_PREFIXES, apply_read_settings
 from superdml.raster.classes import MAX_CODE, ClassScheme, make_scheme, read_scheme
 from superdml.raster.stac import is_stac, stac_vrt
 
 BLOCK_SIZE = 512
 
-# GDAL's block cache defaults to 5% of RAM per process: it would hold most of a large
-# raster and make peak memory grow with raster size. 64 MB (GDAL reads a bare number as
-# MB) holds a tile's windows; set GDAL_CACHEMAX in the environment to change it.
-os.environ.setdefault("GDAL_CACHEMAX", "64")
+# GDAL's read settings (a 64 MB block cache, merged range requests...) in every process
+# that reads rasters; a value in the environment wins.
+apply_read_settings()
 
 
 @dataclass(frozen=True)
@@ -79,11 +80,14 @@ class RasterInfo:
         return rasterio.Affine(*self.transform)
 
 
-def open_raster(path: str | os.PathLike[str]) -> rasterio.DatasetReader:
-    """Open `path` with rasterio, turning failures into one-line input errors.
+@contextlib.contextmanager
+def open_raster(path: str | os.PathLike[str]) -> Iterator[rasterio.DatasetReader]:
+    """Open `path` with rasterio for a ``with`` block; failures are one-line input errors.
 
     A STAC item or item collection (``items.json``, ``items.json#asset=KEY``) opens as
-    the mosaic of its items (:mod:`superdml.raster.stac`).
+    the mosaic of its items (:mod:`superdml.raster.stac`). While the block runs on a
+    raster in object storage (or a mosaic of such rasters), GDAL lists no prefix when it
+    opens a file (:data:`~superdml.core.gdal_settings.REMOTE_OPEN_SETTINGS`).
 
     Raises
     ------
@@ -94,18 +98,24 @@ def open_raster(path: str | os.PathLike[str]) -> rasterio.DatasetReader:
     """
     if is_stac(path):
         name: str | Path = stac_vrt(path)
+        remote = any(prefix in name for prefix in REMOTE_PREFIXES)
     else:
         name = path = Path(path)
+        remote = False
         if not path.exists():
             raise MissingInputError(f"{path}: no such file (raster)")
         if path.is_dir():
             raise input_error(path, "is a folder, expected a raster file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return rasterio.open(name)
-    except RasterioIOError as err:
-        raise input_error(path, f"not a raster that rasterio can open ({err})") from None
+    env = rasterio.Env(**REMOTE_OPEN_SETTINGS) if remote else contextlib.nullcontext()
+    with env:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                src = rasterio.open(name)
+        except RasterioIOError as err:
+            raise input_error(path, f"not a raster that rasterio can open ({err})") from None
+        with src:
+            yield src
 
 
 def raster_info(path: str | os.PathLike[str]) -> RasterInfo:
