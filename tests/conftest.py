@@ -180,3 +180,24 @@ def untrained_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
         save_untrained_checkpoint(root / "a.pt", classes, seed=0),
         save_untrained_checkpoint(root / "b.pt", classes, seed=1),
     )
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """An S3 emulator for the session (:mod:`s3`): yields the environment pointing at it."""
+    from s3 import s3_emulator
+
+    with s3_emulator(str(tmp_path_factory.mktemp("aws"))) as env:
+        yield env
+
+
+@pytest.fixture
+def bucket(s3_endpoint: dict[str, str], request: pytest.FixtureRequest) -> str:
+    """A prefix of the emulator's bucket that no other test uses: ``s3://superdml-test/<id>``."""
+    import re
+    import uuid
+
+    from s3 import BUCKET
+
+    test = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:40]
+    return f"s3://{BUCKET}/{test}-{uuid.uuid4().hex[:8]}"

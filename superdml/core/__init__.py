@@ -1,7 +1,8 @@
 """Foundations of every stage.
 
-Errors, file ownership, atomic writes and locks, provenance, progress, devices,
-per-process caches, GDAL's read settings and the task runner (with its worker plugin).
+Errors, file ownership, atomic writes and locks, storage (paths and URIs), provenance,
+progress, devices, per-process caches, GDAL's read settings and the task runner (with
+its worker plugin).
 
 Names load on first use (:mod:`lazy_loader`, as scikit-image does), so importing one
 module of the package does not import its siblings.
@@ -86,6 +87,38 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         ],
         "worker_plugin": [
             "WorkerSettings",
+        ],
+        "storage": [
+            "READ_ONLY_SCHEMES",
+            "SCHEMES",
+            "Location",
+            "arrow_source",
+            "cache_dir",
+            "delete",
+            "delete_tree",
+            "exists",
+            "filesystem",
+            "gdal_path",
+            "info",
+            "is_uri",
+            "isdir",
+            "isfile",
+            "join",
+            "list_files",
+            "listdir",
+            "local_copy",
+            "location",
+            "name",
+            "parent",
+            "read_bytes",
+            "read_text",
+            "resolve",
+            "scratch_dir",
+            "stem",
+            "upload",
+            "write_bytes",
+            "write_once",
+            "write_text",
         ],
     },
 )
