@@ -14,6 +14,7 @@ from rasterio.windows import Window
 from worlds import LABEL, SEGMENT
 
 from superdml.cli.commands import cli
+from superdml.core import storage
 from superdml.core.errors import InputError
 from superdml.label.stage import label
 from superdml.raster.io import open_raster, raster_info, read_window
@@ -94,6 +95,24 @@ def test_item_collection_reads_as_the_mosaic(shared_world, halves):
         # beyond the edge: padded and invalid
         pixels, valid = read_window(src, [1], 200, 200, 100, 100)
         assert valid[:56, :56].all() and not valid[56:].any() and not valid[:, 56:].any()
+
+
+def upload_tree(folder: Path, prefix: str) -> None:
+    """Put every file under `folder` at the same relative key under `prefix`."""
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        storage.upload(path, f"{prefix}/{path.relative_to(folder).as_posix()}")
+
+
+def test_item_collection_in_a_bucket_reads_as_the_mosaic(shared_world, halves, bucket):
+    upload_tree(halves.parent, bucket)
+    uri = f"{bucket}/items.json"
+    info = raster_info(uri)
+    assert info.path == uri and (info.height, info.width) == (256, 256)
+    with open_raster(uri) as src, open_raster(shared_world.mosaic) as ref:
+        pixels, valid = read_window(src, [1, 2, 3], 100, 100, 60, 60)
+        want, _ = read_window(ref, [1, 2, 3], 100, 100, 60, 60)
+    np.testing.assert_array_equal(pixels, want)
+    assert valid.all()
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ import rasterio
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
+from superdml.core import storage
 from superdml.core.errors import MissingInputError, input_error
 from superdml.core.gdal_settings import REMOTE_OPEN_SETTINGS, REMOTE_PREFIXES, apply_read_settings
 from superdml.raster.classes import MAX_CODE, ClassScheme, make_scheme, read_scheme
@@ -122,7 +123,7 @@ def raster_info(path: str | os.PathLike[str]) -> RasterInfo:
     """Read the size, bands, grid and CRS of a raster."""
     with open_raster(path) as src:
         return RasterInfo(
-            path=str(Path(path).resolve()),
+            path=storage.resolve(path),
             height=src.height,
             width=src.width,
             count=src.count,

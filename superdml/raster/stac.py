@@ -21,11 +21,13 @@ datasets it names are opened by GDAL only when a read touches them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import posixpath
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +36,10 @@ import rasterio
 from rasterio.crs import CRS
 from rasterio.errors import CRSError, RasterioIOError
 
+from superdml.core import storage
 from superdml.core.cache import ProcessCache
-from superdml.core.errors import MissingInputError, input_error
+from superdml.core.errors import input_error
+from superdml.core.gdal_settings import REMOTE_OPEN_SETTINGS, is_remote
 from superdml.core.provenance import file_fingerprint
 
 __all__ = [
@@ -100,18 +104,17 @@ def stac_vrt(path: str | Path) -> str:
     Raises
     ------
     MissingInputError
-        The document does not exist.
+        The document does not exist (a file, or an object of a bucket).
     InputError
         One line naming the document (and the item): not a STAC item or item collection,
         no items, an item without the asset, items of another CRS, resolution or pixel
         grid than the first, or an asset that GDAL cannot open.
     """
     doc, key = split_asset(path)
-    local = "://" not in doc
-    if local and not Path(doc).is_file():
-        raise MissingInputError(f"{doc}: no such file (STAC items)")
-    data = Path(doc).read_bytes()
-    base = str(Path(doc).resolve()) if local else doc
+    if not storage.is_uri(doc) and Path(doc).is_dir():  # (a bucket: no listing for this)
+        raise input_error(doc, "is a folder, expected a STAC item or item collection")
+    data = storage.read_bytes(doc)
+    base = storage.resolve(doc)
     digest = hashlib.sha256(data).hexdigest()
     return _VRTS.get((digest, base, key), lambda: _build_vrt(doc, base, data, key))
 
@@ -132,12 +135,20 @@ def _build_vrt(doc: str, base: str, data: bytes, key: str | None) -> str:
     """Read the items of a document and return the VRT of their assets."""
     assets = [_item_asset(doc, base, item, key) for item in _items(doc, data)]
     first = assets[0]
-    try:
-        with rasterio.open(first.name) as src:
-            bands = _Bands(src.count, src.dtypes, src.nodata, src.colorinterp, src.block_shapes[0])
-    except RasterioIOError as err:
-        raise input_error(doc, f"item {first.item!r}: cannot open {first.name} ({err})") from None
+    with _open_asset(doc, first.item, first.name) as src:
+        bands = _Bands(src.count, src.dtypes, src.nodata, src.colorinterp, src.block_shapes[0])
     return _vrt_xml(doc, assets, bands)
+
+
+@contextlib.contextmanager
+def _open_asset(doc: str, item_id: str, name: str) -> Iterator[rasterio.DatasetReader]:
+    """Open an item's asset for its header (no listing of its prefix in object storage)."""
+    remote = is_remote(name)
+    try:
+        with rasterio.Env(**(REMOTE_OPEN_SETTINGS if remote else {})), rasterio.open(name) as src:
+            yield src
+    except RasterioIOError as err:
+        raise input_error(doc, f"item {item_id!r}: cannot open {name} ({err})") from None
 
 
 def _items(doc: str, data: bytes) -> list[dict[str, Any]]:
@@ -179,11 +190,8 @@ def _item_asset(doc: str, base: str, item: dict[str, Any], key: str | None) -> _
     props = {**item.get("properties", {}), **asset}
     grid = _proj_grid(doc, item_id, props)
     if grid is None:
-        try:
-            with rasterio.open(gdal_name) as src:
-                grid = (src.crs, src.transform, src.width, src.height)
-        except RasterioIOError as err:
-            raise input_error(doc, f"item {item_id!r}: cannot open {gdal_name} ({err})") from None
+        with _open_asset(doc, item_id, gdal_name) as src:
+            grid = (src.crs, src.transform, src.width, src.height)
     return _Asset(item_id, gdal_name, *grid)
 
 
