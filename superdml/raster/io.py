@@ -83,37 +83,40 @@ class RasterInfo:
 
 @contextlib.contextmanager
 def open_raster(path: str | os.PathLike[str]) -> Iterator[rasterio.DatasetReader]:
-    """Open `path` with rasterio for a ``with`` block; failures are one-line input errors.
+    """Open `path` (a path or URI) for a ``with`` block; failures are one-line input errors.
 
     A STAC item or item collection (``items.json``, ``items.json#asset=KEY``) opens as
     the mosaic of its items (:mod:`superdml.raster.stac`). While the block runs on a
     raster in object storage (or a mosaic of such rasters), GDAL lists no prefix when it
-    opens a file (:data:`~superdml.core.gdal_settings.REMOTE_OPEN_SETTINGS`).
+    opens a file (:data:`~superdml.core.gdal_settings.REMOTE_OPEN_SETTINGS`); a URI is
+    not looked up before it is opened (a request per open saved).
 
     Raises
     ------
     MissingInputError
-        When the file does not exist.
+        When the file or object does not exist.
     InputError
         When rasterio cannot read it as a raster.
     """
     if is_stac(path):
         name: str | Path = stac_vrt(path)
         remote = any(prefix in name for prefix in REMOTE_PREFIXES)
+    elif storage.is_uri(path):
+        name, remote = storage.gdal_path(path), True
     else:
-        name = path = Path(path)
-        remote = False
-        if not path.exists():
+        name, remote = Path(path), False
+        if not name.exists():
             raise MissingInputError(f"{path}: no such file (raster)")
-        if path.is_dir():
+        if name.is_dir():
             raise input_error(path, "is a folder, expected a raster file")
-    env = rasterio.Env(**REMOTE_OPEN_SETTINGS) if remote else contextlib.nullcontext()
-    with env:
+    with rasterio.Env(**REMOTE_OPEN_SETTINGS) if remote else contextlib.nullcontext():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 src = rasterio.open(name)
         except RasterioIOError as err:
+            if storage.is_uri(path) and not storage.exists(path):
+                raise MissingInputError(f"{path}: no such object (raster)") from None
             raise input_error(path, f"not a raster that rasterio can open ({err})") from None
         with src:
             yield src
