@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from superdml import __version__
-from superdml.cli.options import config_options, given, param_option
+from superdml.cli.options import LOCATION, config_options, given, param_option
 from superdml.cli.registry import CONFIG, RunContext, StageSpec
 from superdml.cli.stages import REGISTRY
 from superdml.config.load import load_config
@@ -122,7 +122,7 @@ def _stage_command(spec: StageSpec) -> click.Command:
         params.append(
             click.Option(
                 ["--config", CONFIG],
-                type=click.Path(dir_okay=False, path_type=Path),
+                type=LOCATION,
                 help="YAML config of this stage; options given here override it.",
             )
         )
@@ -220,8 +220,8 @@ infer_command.params += config_options(VoteConfig)  # label's rule, the options 
 )
 @click.option(
     "--workdir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Where relative paths resolve.",
+    type=LOCATION,
+    help="Where relative paths resolve and stage records live (a folder or a bucket URI).",
 )
 @click.option("--force", multiple=True, metavar="STAGE", help="Rerun this stage and what follows.")
 @device_option
@@ -229,7 +229,7 @@ infer_command.params += config_options(VoteConfig)  # label's rule, the options 
 def run_command(
     pipeline: str,
     sets: tuple[str, ...],
-    workdir: Path | None,
+    workdir: Path | str | None,
     force: tuple[str, ...],
     device: str,
     workers: int | None,

@@ -155,12 +155,31 @@ def config_options(cls: type, prefix: str = "") -> list[click.Option]:
     return options
 
 
+class LocationType(click.ParamType):
+    """A local path (a :class:`Path`) or an object-store URI (a ``str``, kept as given).
+
+    ``click.Path`` would turn ``s3://bucket/key`` into the path ``s3:/bucket/key``.
+    """
+
+    name = "path"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """Return a URI as its string, anything else as a :class:`Path`."""
+        from superdml.core import storage
+
+        if isinstance(value, Path):
+            return value
+        return storage.location(value)
+
+
+LOCATION = LocationType()
+"""The click type of every path option: a path or a URI (:mod:`superdml.core.storage`)."""
+
+
 def param_option(param: Param) -> click.Parameter:
     """Return the click argument or option of one stage parameter."""
-    if param.role == "output":
-        kind: Any = click.Path(file_okay=False, path_type=Path)
-    elif param.role == "input":
-        kind = click.Path(path_type=Path)
+    if param.role in ("output", "input"):
+        kind: Any = LOCATION
     else:
         kind = click.Choice(param.choices) if param.choices else None
     if param.cli.isupper():  # a positional argument, shown as its metavar

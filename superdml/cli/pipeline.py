@@ -19,6 +19,9 @@ including the manifests of the stages that produced them) in
 finished and whose declared outputs (:attr:`StageSpec.outputs`) all exist is skipped;
 any change (or a deleted output) reruns it and, through the fingerprints, everything
 downstream. ``force`` reruns the named stages and what follows them.
+
+The working folder, and any path, may be a URI of a bucket
+(:mod:`superdml.core.storage`): relative paths then name keys under it.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from superdml.cli.registry import RunContext, StageSpec
 from superdml.cli.stages import REGISTRY
 from superdml.config.schema import parse_override
 from superdml.config.shipped import configs_dir, resolve_pipeline
-from superdml.core.atomic import write_json
+from superdml.core import storage
 from superdml.core.cluster import Stage as ClusterShape
 from superdml.core.errors import ConfigError, InputError, SuperDMLError, did_you_mean
 from superdml.core.ownership import check_apart, claim_output
@@ -82,7 +85,7 @@ class Pipeline:
     """A validated pipeline: its stages in order and the working folder."""
 
     path: Path
-    workdir: Path
+    workdir: Path | str
     stages: list[Stage] = field(default_factory=list)
 
 
@@ -161,6 +164,20 @@ def _check_options(spec: StageSpec, options: Mapping[str, Any], where: str) -> N
             raise ConfigError(f"{where}: missing option {key!r}")
 
 
+def _resolve(root: Path | str, value: str) -> str:
+    """Return an option's path or URI, relative to `root` (a folder or a URI) if relative."""
+    if storage.is_uri(value):
+        return str(storage.location(value))
+    if storage.is_uri(root) and not Path(value).is_absolute():
+        return str(storage.join(root, value))
+    return str((Path(root) / value).resolve())
+
+
+def _within(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies under it (paths or URIs, already resolved)."""
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
 def load_pipeline(
     path: str | Path, sets: list[str] | None = None, workdir: str | Path | None = None
 ) -> Pipeline:
@@ -188,12 +205,16 @@ def load_pipeline(
     doc = _read_document(path)
     variables = {k: v for k, v in _strip_lines(doc.get("vars") or {}).items()}
     stage_sets = _apply_sets(sets or [], variables)
-    root = Path(workdir or (Path.cwd() if shipped else path.parent)).resolve()
+    root: Path | str = (
+        storage.location(workdir)
+        if workdir and storage.is_uri(workdir)
+        else (Path(workdir or (Path.cwd() if shipped else path.parent)).resolve())
+    )
     variables.setdefault("workdir", str(root))
     variables.setdefault("configs", str(configs_dir()))
     pipeline = Pipeline(path, root)
-    produced: set[Path] = set()
-    read: set[tuple[Path, str]] = set()  # (input, stage) of this and earlier stages
+    produced: set[str] = set()
+    read: set[tuple[str, str]] = set()  # (input, stage) of this and earlier stages
     names: set[str] = set()
     for entry in doc["stages"]:
         line = entry.get("__line__", 0) if isinstance(entry, dict) else 0
@@ -218,9 +239,10 @@ def load_pipeline(
         for key in spec.paths("input") + spec.paths("output"):
             if key in options and options[key] is not None:
                 value = options[key]
-                resolve = lambda p: str((root / p).resolve())  # noqa: E731
                 options[key] = (
-                    [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
+                    [_resolve(root, v) for v in value]
+                    if isinstance(value, list)
+                    else _resolve(root, value)
                 )
         try:
             spec.check_options(options)
@@ -232,15 +254,14 @@ def load_pipeline(
             for value in values if isinstance(values, list) else [values]:
                 if value is None:
                     continue
-                p = Path(value)
-                if not p.exists() and not any(p == q or q in p.parents for q in produced):
+                if not storage.exists(value) and not any(_within(value, q) for q in produced):
                     raise ConfigError(
                         f"{where}: stage {name!r}: {key} {value} does not exist and no "
                         "earlier stage makes it"
                     )
         for key in spec.paths("input"):
             values = options.get(key)
-            read |= {(Path(v), name) for v in (values if isinstance(values, list) else [values])
+            read |= {(v, name) for v in (values if isinstance(values, list) else [values])
                      if v is not None}  # fmt: skip
         for key in spec.paths("output"):
             for used, reader in sorted(read):
@@ -251,7 +272,7 @@ def load_pipeline(
                         f"{where}: stage {name!r}: {key} {options[key]} overlaps {used}, an input "
                         f"of stage {reader!r}: writing there could destroy it"
                     ) from None
-            produced.add(Path(options[key]))
+            produced.add(options[key])
         pipeline.stages.append(Stage(name, kind, options, line))
     if stage_sets:
         raise ConfigError(f"--set {sorted(stage_sets)[0]}.…: no stage of that name in {path}")
@@ -261,30 +282,32 @@ def load_pipeline(
 # ------------------------------------------------------------------------ running
 
 
-def _fingerprint(path: Path, state: Path, edited: bool) -> str:
+def _fingerprint(path: str, state: Path | str, edited: bool) -> str:
     """Token of an input: the producing stage's run, or the input's content.
 
     An input made by an earlier stage is named by that stage's run (its hash and when it
     finished), plus its content when people edit it (`edited`: crops sorted into a
     folder a stage made); any other input by its content (:mod:`superdml.core.provenance`).
     """
-    for manifest in sorted(state.glob("*.json")):
-        record = json.loads(manifest.read_text())
+    for name in storage.listdir(state):
+        if not name.endswith(".json"):
+            continue
+        record = json.loads(storage.read_text(storage.join(state, name)))
         for out in record.get("outputs", []):
-            if path == Path(out) or Path(out) in path.parents:
+            if _within(path, out):
                 made = f"stage:{record['name']}:{record['hash']}:{record.get('finished')}"
                 return f"{made}:{fingerprint(path)}" if edited else made
     return fingerprint(path)
 
 
-def _stage_hash(stage: Stage, spec: StageSpec, state: Path) -> str:
+def _stage_hash(stage: Stage, spec: StageSpec, state: Path | str) -> str:
     edited = {p.name for p in spec.params if p.edited}
     inputs = {}
     for key in spec.paths("input"):
         values = stage.options.get(key)
         for value in values if isinstance(values, list) else [values]:
             if value is not None:
-                inputs[f"{key}:{value}"] = _fingerprint(Path(value), state, key in edited)
+                inputs[f"{key}:{value}"] = _fingerprint(value, state, key in edited)
     blob = json.dumps(
         {"kind": stage.kind, "options": stage.options, "inputs": inputs}, sort_keys=True
     )
@@ -299,7 +322,7 @@ def _outputs_exist(spec: StageSpec, options: Mapping[str, Any]) -> bool:
         paths = spec.outputs(options)
     except SuperDMLError:
         return False
-    return all(Path(p).exists() for p in paths)
+    return all(storage.exists(p) for p in paths)
 
 
 @dataclass(frozen=True)
@@ -315,7 +338,7 @@ class StageOutcome:
 class PipelineResult:
     """Outcome of every stage, in order."""
 
-    workdir: Path
+    workdir: Path | str
     stages: list[StageOutcome]
     seconds: float
 
@@ -356,14 +379,14 @@ def run_pipeline(
     for name in force or []:
         if name not in known:
             raise ConfigError(f"--force {name}: no such stage in {path} ({', '.join(known)})")
-    with claim_output(pipeline.workdir / STATE_DIR, "pipeline") as state:
+    with claim_output(storage.join(pipeline.workdir, STATE_DIR), "pipeline") as state:
         outcomes = _run_stages(pipeline, state, force or [], clients, device)
     return PipelineResult(pipeline.workdir, outcomes, time.perf_counter() - start)
 
 
 def _run_stages(
     pipeline: Pipeline,
-    state: Path,
+    state: Path | str,
     force: list[str],
     clients: Callable[[ClusterShape], Any] | None,
     device: str,
@@ -375,14 +398,16 @@ def _run_stages(
         spec = REGISTRY[stage.kind]
         forced = forced or stage.name in force
         digest = _stage_hash(stage, spec, state)
-        manifest_path = state / f"{stage.name}.json"
-        previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        manifest_path = storage.join(state, f"{stage.name}.json")
+        previous = (
+            json.loads(storage.read_text(manifest_path)) if storage.exists(manifest_path) else {}
+        )
         outputs = [stage.options[k] for k in spec.paths("output")]
         done = (
             not forced
             and previous.get("hash") == digest
             and previous.get("finished") is not None
-            and all(Path(p).exists() for p in outputs)
+            and all(storage.exists(p) for p in outputs)
             and _outputs_exist(spec, stage.options)
         )
         if done:
@@ -392,12 +417,12 @@ def _run_stages(
         resume = previous.get("hash") == digest and previous.get("finished") is None
         record = {"name": stage.name, "kind": stage.kind, "hash": digest, "options": stage.options,
                   "outputs": outputs, "started": time.time(), "finished": None}  # fmt: skip
-        write_json(manifest_path, record)
+        storage.write_json(manifest_path, record)
         logger.info("%s: running", stage.name)
         t0 = time.perf_counter()
         client = clients(spec.cluster) if clients and "client" in spec.context else None
         spec.run(dict(stage.options), RunContext(client, device, resume, overwrite=True))
         record["finished"] = time.time()
-        write_json(manifest_path, record)
+        storage.write_json(manifest_path, record)
         outcomes.append(StageOutcome(stage.name, "ran", time.perf_counter() - t0))
     return outcomes

@@ -145,7 +145,7 @@ class StageSpec:
     exclusive: tuple[tuple[str, str], ...] = ()
     command: bool = True
     options_from: type | None = None
-    outputs: Callable[[Mapping[str, Any]], list[Path]] | None = None
+    outputs: Callable[[Mapping[str, Any]], list[Path | str]] | None = None
 
     def check_options(self, options: Mapping[str, Any]) -> None:
         """Raise ConfigError when two :attr:`exclusive` options are both given."""

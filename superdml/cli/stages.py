@@ -26,6 +26,7 @@ from superdml.config.schema import (
     TrainConfig,
     VoteConfig,
 )
+from superdml.core import storage
 from superdml.core.ownership import remove_output
 
 """The option naming a stage's YAML config file (``--config`` on the command line)."""
@@ -75,12 +76,12 @@ def _review(entry: Callable[..., Any], kwargs: dict[str, Any], ctx: RunContext) 
 # ------------------------------------------------------------------------ outputs
 
 
-def _files(option: str, *names: str) -> Callable[[Mapping[str, Any]], list[Path]]:
+def _files(option: str, *names: str) -> Callable[[Mapping[str, Any]], list[Path | str]]:
     """Return the ``outputs`` of a stage writing the files `names` into its folder `option`."""
-    return lambda options: [Path(options[option]) / name for name in names]
+    return lambda options: [storage.join(options[option], name) for name in names]
 
 
-def _segment_outputs(options: Mapping[str, Any]) -> list[Path]:
+def _segment_outputs(options: Mapping[str, Any]) -> list[Path | str]:
     """Each raster's ``segments.tif`` and superpixel table."""
     from superdml.core.errors import InputError
     from superdml.segment.run import load_segment_runs
@@ -92,25 +93,25 @@ def _segment_outputs(options: Mapping[str, Any]) -> list[Path]:
     return [path for run in runs for path in (run.segments_path, run.table_path)]
 
 
-def _train_outputs(options: Mapping[str, Any]) -> list[Path]:
+def _train_outputs(options: Mapping[str, Any]) -> list[Path | str]:
     from superdml.learn.train import BEST, LAST, METRICS_CSV
 
     return _files("out", BEST, LAST, METRICS_CSV)(options)
 
 
-def _index_outputs(options: Mapping[str, Any]) -> list[Path]:
+def _index_outputs(options: Mapping[str, Any]) -> list[Path | str]:
     from superdml.search.reference_files import EMBEDDINGS_NPY, INDEX_FAISS, REFERENCE_JSON
 
     return _files("out", REFERENCE_JSON, INDEX_FAISS, EMBEDDINGS_NPY)(options)
 
 
-def _label_outputs(options: Mapping[str, Any]) -> list[Path]:
+def _label_outputs(options: Mapping[str, Any]) -> list[Path | str]:
     from superdml.label.predictions import MANIFEST, PARTS
 
     return _files("out", MANIFEST, PARTS)(options)
 
 
-def _export_outputs(options: Mapping[str, Any]) -> list[Path]:
+def _export_outputs(options: Mapping[str, Any]) -> list[Path | str]:
     """Each raster's label and score rasters, style, summary and (unless none) polygons."""
     from superdml.label.export import export_files
     from superdml.segment.run import load_segment_runs
@@ -124,14 +125,14 @@ def _export_outputs(options: Mapping[str, Any]) -> list[Path]:
     ]
 
 
-def _evaluate_outputs(options: Mapping[str, Any]) -> list[Path]:
+def _evaluate_outputs(options: Mapping[str, Any]) -> list[Path | str]:
     from superdml.learn.evaluate import METRICS_JSON, PREDICTIONS_PARQUET
 
     return _files("out", METRICS_JSON, PREDICTIONS_PARQUET)(options)
 
 
-def _crops_table(option: str) -> Callable[[Mapping[str, Any]], list[Path]]:
-    def outputs(options: Mapping[str, Any]) -> list[Path]:
+def _crops_table(option: str) -> Callable[[Mapping[str, Any]], list[Path | str]]:
+    def outputs(options: Mapping[str, Any]) -> list[Path | str]:
         from superdml.crops.folder import CROPS_TABLE
 
         return _files(option, CROPS_TABLE)(options)
@@ -158,7 +159,8 @@ def _segment_summary(results: list[tuple[Any, Any]]) -> str:
 def _label_summary(r: Any) -> str:
     return (
         f"{r.n_superpixels} superpixels in {r.n_tiles} tiles ({r.n_skipped} already done), "
-        f"{r.superpixels_per_second:.0f} superpixels/s -> {r.out_dir / 'predictions'}"
+        f"{r.superpixels_per_second:.0f} superpixels/s -> "
+        f"{storage.join(r.out_dir, 'predictions')}"
     )
 
 

@@ -15,7 +15,6 @@ import os
 import types
 import typing
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
@@ -179,10 +178,15 @@ def load_config(
     source = os.fspath(path) if path is not None else ""
     data: dict[str, Any] = {}
     if path is not None:
+        from superdml.core import storage
+        from superdml.core.errors import SuperDMLError
+
         try:
-            text = Path(path).read_text()
+            text = storage.read_text(path)
         except OSError as err:
             raise ConfigError(f"{source}: cannot read config ({err.strerror})") from None
+        except SuperDMLError as err:  # a URI: missing object, access denied
+            raise ConfigError(f"{source}: cannot read config ({err})") from None
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as err:
@@ -221,8 +225,7 @@ def config_hash(config: Any) -> str:
 
 
 def dump_config(config: Any, path: str | os.PathLike[str]) -> None:
-    """Write the effective config as YAML next to a stage's outputs (atomically)."""
-    from superdml.core.atomic import atomic_write
+    """Write the effective config as YAML next to a stage's outputs (whole: a path or URI)."""
+    from superdml.core import storage
 
-    with atomic_write(path) as tmp:
-        tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    storage.write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

@@ -61,14 +61,25 @@ def input_error(path: str | os.PathLike[str], problem: str) -> InputError:
 
 
 def require_file(path: str | os.PathLike[str], what: str = "file") -> None:
-    """Raise :class:`MissingInputError` naming `path` unless it is an existing file."""
-    if not os.path.isfile(path):
-        problem = "is a folder, expected a file" if os.path.isdir(path) else "no such file"
+    """Raise :class:`MissingInputError` naming `path` unless it is an existing file.
+
+    `path` may be a URI (:mod:`superdml.core.storage`): an object is a file there.
+    """
+    from superdml.core import storage  # it raises these errors: imported when used
+
+    if not storage.isfile(path):
+        problem = "is a folder, expected a file" if storage.isdir(path) else "no such file"
         raise MissingInputError(f"{os.fspath(path)}: {problem} ({what})")
 
 
 def require_dir(path: str | os.PathLike[str], what: str = "folder") -> None:
-    """Raise :class:`MissingInputError` naming `path` unless it is an existing folder."""
-    if not os.path.isdir(path):
-        problem = "is a file, expected a folder" if os.path.isfile(path) else "no such folder"
+    """Raise :class:`MissingInputError` naming `path` unless it is an existing folder.
+
+    `path` may be a URI (:mod:`superdml.core.storage`): a prefix holding objects is a
+    folder there.
+    """
+    from superdml.core import storage
+
+    if not storage.isdir(path):
+        problem = "is a file, expected a folder" if storage.isfile(path) else "no such folder"
         raise MissingInputError(f"{os.fspath(path)}: {problem} ({what})")

@@ -11,6 +11,14 @@ works, a stage
 - removes only its own tagged temporaries of dead processes
   (:func:`~superdml.core.atomic.remove_stale_temporaries`), and replaces a folder
   only when every file in it matches the patterns of what the stage writes.
+
+An output in a bucket (a URI, :mod:`superdml.core.storage`) follows the same rules on a
+key prefix: the marker is an object, a prefix holding any object without it is
+refused, and the lock is an object created only if absent (S3's ``If-None-Match: *``):
+a second writer's create fails and it stops at once. The lock names the host, process
+and start time of its holder, and is deleted when the run ends; a lock left by a
+killed run on this host (its process is gone) is taken over, one left from another
+host is named in the refusal so that a person can delete it.
 """
 
 from __future__ import annotations
@@ -20,17 +28,22 @@ import fcntl
 import fnmatch
 import json
 import os
+import socket
+import time
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from superdml.core import storage
 from superdml.core.atomic import (
+    _alive,
     aside_path,
     is_temporary,
     remove,
     remove_stale_temporaries,
     write_json,
 )
-from superdml.core.errors import InputError, OutputLockedError, input_error
+from superdml.core.errors import InputError, OutputLockedError, SuperDMLError, input_error
 
 MARKER = ".superdml-stage"
 LOCK = ".superdml.lock"
@@ -39,18 +52,21 @@ _OURS = (MARKER, LOCK)
 
 def owner(folder: str | os.PathLike[str]) -> str | None:
     """Return the stage named by `folder`'s marker, None when it has none."""
-    marker = Path(folder) / MARKER
-    if not marker.is_file():
+    marker = storage.join(folder, MARKER)
+    if not storage.isfile(marker):
         return None
     try:
-        return str(json.loads(marker.read_text())["stage"])
+        return str(json.loads(storage.read_text(marker))["stage"])
     except (ValueError, KeyError, TypeError):
         return None
 
 
 def mark_output(folder: str | os.PathLike[str], stage: str) -> None:
     """Write the marker that says `stage` made `folder`."""
-    write_json(Path(folder) / MARKER, {"stage": stage})
+    if storage.is_uri(folder):
+        storage.write_text(storage.join(folder, MARKER), json.dumps({"stage": stage}) + "\n")
+    else:
+        write_json(Path(folder) / MARKER, {"stage": stage})
 
 
 def check_output(folder: str | os.PathLike[str], stage: str, accept: Iterable[str] = ()) -> None:
@@ -69,6 +85,9 @@ def check_output(folder: str | os.PathLike[str], stage: str, accept: Iterable[st
     InputError
         One line naming the folder and what to do.
     """
+    if storage.is_uri(folder):
+        _check_prefix(str(storage.location(folder)), stage, tuple(accept))
+        return
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise input_error(folder, f"is a file, expected an output folder for superdml {stage}")
@@ -122,8 +141,12 @@ def claim_output(
     OutputLockedError
         When another process holds the folder's lock.
     """
-    folder = Path(folder)
     accept = tuple(accept)
+    if storage.is_uri(folder):
+        with _claim_prefix(str(storage.location(folder)), stage, accept) as prefix:
+            yield prefix  # type: ignore[misc]
+        return
+    folder = Path(folder)
     remove_stale_temporaries(folder.parent, recursive=False)
     check_output(folder, stage, accept)
     created = [p for p in (folder, *folder.parents) if not p.exists()]
@@ -145,6 +168,90 @@ def claim_output(
         raise
     finally:
         os.close(fd)
+
+
+# ----------------------------------------------------------------- in a bucket
+
+
+def _check_prefix(prefix: str, stage: str, accept: tuple[str, ...]) -> None:
+    """:func:`check_output` for a key prefix."""
+    if storage.isfile(prefix):
+        raise input_error(prefix, f"is an object, expected an output prefix for superdml {stage}")
+    made_by = owner(prefix)
+    if made_by is None:
+        foreign = [k for k in storage.list_files(prefix) if k not in _OURS]
+        if foreign:
+            raise input_error(
+                prefix,
+                f"holds {foreign[0]} and was not made by superdml {stage}: choose another "
+                "output prefix, or empty it (superdml never writes into prefixes of yours)",
+            )
+    elif made_by != stage and made_by not in accept:
+        raise input_error(
+            prefix, f"is the output of superdml {made_by}, not {stage}: choose another prefix"
+        )
+
+
+def _lock_record() -> dict[str, object]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+            "token": uuid.uuid4().hex}  # fmt: skip
+
+
+def _take_prefix_lock(prefix: str) -> dict[str, object]:
+    """Create the lock object of `prefix` only if absent; return what it holds.
+
+    A lock of a process of this host that no longer runs (a killed run) is deleted and
+    taken once more.
+
+    Raises
+    ------
+    OutputLockedError
+    """
+    lock = storage.join(prefix, LOCK)
+    for _ in range(2):
+        record = _lock_record()
+        try:
+            storage.write_text(lock, json.dumps(record) + "\n", create_only=True)
+            return record
+        except FileExistsError:
+            pass
+        try:
+            holder = json.loads(storage.read_text(lock))
+        except (ValueError, SuperDMLError):  # gone meanwhile, or not ours: try once more
+            holder = {}
+        pid = int(holder.get("pid", 0))
+        if holder.get("host") == record["host"] and pid > 0 and not _alive(pid):
+            storage.delete(lock)  # a killed run's: nobody holds it
+            continue
+        break
+    who = f"pid {holder.get('pid', 'unknown')} on {holder.get('host', 'an unknown host')}"
+    raise OutputLockedError(
+        f"{prefix}: in use by another superdml run ({who}): wait for it to finish, or "
+        f"choose another output prefix (delete {lock} only if no run uses it)"
+    )
+
+
+@contextlib.contextmanager
+def _claim_prefix(prefix: str, stage: str, accept: tuple[str, ...]) -> Iterator[str]:
+    """:func:`claim_output` for a key prefix (see the module docstring)."""
+    _check_prefix(prefix, stage, accept)
+    remove_stale_temporaries(storage.scratch_dir(), recursive=False)  # dead uploads' files
+    created = not storage.exists(prefix)
+    record = _take_prefix_lock(prefix)
+    lock = storage.join(prefix, LOCK)
+    try:
+        _check_prefix(prefix, stage, accept)  # again, now that no other run can change it
+        if owner(prefix) is None:
+            mark_output(prefix, stage)
+        yield prefix
+    except BaseException:
+        if created and all(k in _OURS for k in storage.list_files(prefix)):
+            storage.delete(storage.join(prefix, MARKER))  # failed before writing: nothing left
+        raise
+    finally:
+        with contextlib.suppress(ValueError, SuperDMLError):
+            if json.loads(storage.read_text(lock)).get("token") == record["token"]:
+                storage.delete(lock)
 
 
 def foreign_files(folder: str | os.PathLike[str], patterns: Iterable[str]) -> list[str]:
@@ -246,6 +353,10 @@ def check_apart(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[
     InputError
         Naming the output and the input it overlaps.
     """
+    inputs = list(inputs)
+    if storage.is_uri(out) or any(storage.is_uri(item) for item in inputs):
+        _check_apart_uris(out, inputs)
+        return
     out_path = Path(out).resolve()
     for item in inputs:
         path = Path(item).resolve()
@@ -254,4 +365,17 @@ def check_apart(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[
                 out,
                 f"overlaps the input {item}: writing there could destroy it; "
                 "choose another output folder",
+            )
+
+
+def _check_apart_uris(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str]]) -> None:
+    """:func:`check_apart` where a location is a URI: prefixes compared key by key."""
+    out_key = storage.resolve(out).rstrip("/") + "/"
+    for item in inputs:
+        key = storage.resolve(item).rstrip("/") + "/"
+        if out_key.startswith(key) or key.startswith(out_key):
+            raise input_error(
+                out,
+                f"overlaps the input {item}: writing there could destroy it; "
+                "choose another output prefix",
             )

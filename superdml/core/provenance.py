@@ -12,6 +12,7 @@ import hashlib
 import os
 from pathlib import Path
 
+from superdml.core import storage
 from superdml.core.atomic import is_temporary
 
 FULL_HASH_BYTES = 64 << 20
@@ -22,8 +23,13 @@ _CHUNK = 1 << 20
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Return the hex SHA-256 of a whole file."""
+    """Return the hex SHA-256 of a whole file (or object: its bytes, read in 1 MiB ranges)."""
     digest = hashlib.sha256()
+    if storage.is_uri(path):
+        size = storage.info(path)["size"]
+        for start in range(0, size, 16 * _CHUNK):
+            digest.update(storage.read_bytes(path, start, min(start + 16 * _CHUNK, size)))
+        return digest.hexdigest()
     with open(path, "rb") as stream:
         while chunk := stream.read(_CHUNK):
             digest.update(chunk)
@@ -38,25 +44,39 @@ def file_fingerprint(path: str | os.PathLike[str]) -> str:
     last included: a rewrite in place changes the mtime, and a rewrite that kept the mtime
     almost surely changes a sampled block (a GeoTIFF's header and tile index are in
     them).
+
+    An object in a bucket gets the same fingerprint as the same file on a disk up to
+    that size; a larger one has its ETag in place of the mtime (its blocks read as
+    ranges).
     """
-    st = os.stat(path)
-    if st.st_size <= FULL_HASH_BYTES:
-        return f"{st.st_size}:{sha256_file(path)}"
+    found = storage.info(path)
+    size, version = found["size"], found["version"]
+    if size <= FULL_HASH_BYTES:
+        return f"{size}:{sha256_file(path)}"
     digest = hashlib.sha256()
-    last = st.st_size - _BLOCK
-    with open(path, "rb") as stream:
-        for i in range(_SAMPLES):
-            stream.seek(last * i // (_SAMPLES - 1))
-            digest.update(stream.read(_BLOCK))
-    return f"{st.st_size}:{st.st_mtime_ns}:sampled:{digest.hexdigest()}"
+    last = size - _BLOCK
+    for i in range(_SAMPLES):
+        start = last * i // (_SAMPLES - 1)
+        digest.update(storage.read_bytes(path, start, start + _BLOCK))
+    return f"{size}:{version}:sampled:{digest.hexdigest()}"
 
 
 def tree_fingerprint(folder: str | os.PathLike[str]) -> str:
     """Return a fingerprint of every file under `folder`: relative path, size, mtime.
 
     Hidden entries (names starting with ``.``: our markers, locks, state) and our
-    temporaries are left out, so only what people and stages put there counts.
+    temporaries are left out, so only what people and stages put there counts. Under a
+    prefix of a bucket each object's ETag stands for its mtime.
     """
+    if storage.is_uri(folder):
+        digest = hashlib.sha256()
+        for rel in storage.list_files(folder):
+            parts = rel.split("/")
+            if any(p.startswith(".") or is_temporary(p) for p in parts):
+                continue
+            found = storage.info(storage.join(folder, rel))
+            digest.update(f"{rel}:{found['size']}:{found['version']};".encode())
+        return digest.hexdigest()
     folder = Path(folder)
     digest = hashlib.sha256()
     for root, dirs, files in os.walk(folder):
@@ -76,6 +96,10 @@ def fingerprint(path: str | os.PathLike[str]) -> str:
 
     ``missing`` when `path` does not exist.
     """
+    if storage.is_uri(path):
+        if storage.isfile(path):
+            return "file:" + file_fingerprint(path)
+        return "tree:" + tree_fingerprint(path) if storage.isdir(path) else "missing"
     path = Path(path)
     if path.is_file():
         return "file:" + file_fingerprint(path)

@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from superdml.core import atomic
 from superdml.core.atomic import TEMP_TAG, atomic_write, remove, temp_path
 from superdml.core.errors import InputError, MissingInputError, SuperDMLError
 
@@ -59,6 +60,7 @@ __all__ = [
     "local_copy",
     "location",
     "name",
+    "open_input",
     "parent",
     "read_bytes",
     "read_text",
@@ -67,6 +69,7 @@ __all__ = [
     "stem",
     "upload",
     "write_bytes",
+    "write_json",
     "write_once",
     "write_text",
 ]
@@ -316,6 +319,18 @@ def list_files(loc: Location) -> list[str]:
     return sorted(str(p)[len(prefix) :] for p in found if str(p).startswith(prefix))
 
 
+@contextlib.contextmanager
+def open_input(loc: Location) -> Iterator[Any]:
+    """Yield `loc` opened for reading bytes, with seeks (ranges of an object)."""
+    if not is_uri(loc):
+        with open(loc, "rb") as stream:
+            yield stream
+        return
+    fs, path = filesystem(loc)
+    with _errors(loc, "object"), fs.open(path, "rb") as stream:
+        yield stream
+
+
 def arrow_source(loc: Location) -> tuple[str, Any]:
     """Return ``(path, filesystem)`` for pyarrow's readers (``filesystem=None`` locally)."""
     if not is_uri(loc):
@@ -438,6 +453,14 @@ def write_bytes(loc: Location, data: bytes, create_only: bool = False) -> None:
 def write_text(loc: Location, text: str, create_only: bool = False) -> None:
     """Write UTF-8 `text` to `loc` whole (see :func:`write_once`)."""
     write_bytes(loc, text.encode(), create_only)
+
+
+def write_json(loc: Location, obj: Any) -> None:
+    """Write `obj` as :func:`superdml.core.atomic.write_json` does, to a path or a URI."""
+    if not is_uri(loc):
+        atomic.write_json(loc, obj)
+        return
+    write_text(loc, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def delete(loc: Location) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from superdml.config.schema import CropsConfig
+from superdml.core import storage
 from superdml.core.errors import input_error
 from superdml.crops.rule import (
     UNIT_RULE,
@@ -55,7 +56,7 @@ def make_rule(runs: list[SegmentRun], config: CropsConfig) -> CropRule:
     counts = sorted({len(c) for c in chosen})
     if len(counts) > 1:
         raise input_error(
-            runs[0].folder.parent,
+            storage.parent(runs[0].folder),
             f"rasters give crops from different band counts {counts}: crop them separately "
             "or pass --bands",
         )

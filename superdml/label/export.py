@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import rasterio
 from rasterio.windows import Window
 
-from superdml.core.atomic import atomic_write, write_json
+from superdml.core import storage
 from superdml.core.cluster import default_workers
 from superdml.core.errors import InputError, input_error
 from superdml.core.ownership import claim_output
@@ -70,7 +70,7 @@ WINDOW = 2 * BLOCK_SIZE
 class ExportResult:
     """Files written by :func:`export`, per raster name."""
 
-    outputs: dict[str, dict[str, Path]]
+    outputs: dict[str, dict[str, Path | str]]
     seconds: float
 
 
@@ -124,8 +124,8 @@ def write_label_rasters(
     label_run: LabelRun,
     run: SegmentRun,
     predictions: pa.Table,
-    labels_path: Path,
-    scores_path: Path,
+    labels_path: Path | str,
+    scores_path: Path | str,
     cog: bool,
 ) -> None:
     """Write ``labels.tif`` and ``scores.tif`` for one raster, window by window.
@@ -141,7 +141,9 @@ def write_label_rasters(
     label_run, run
     predictions : pyarrow.Table
         ``segment_id``, ``label_code`` and ``score`` of the raster's superpixels.
-    labels_path, scores_path : Path
+    labels_path, scores_path : Path or str
+        Files, or objects of a bucket (staged and written on local scratch space, then
+        uploaded whole).
     cog : bool
         COGs with overviews, else tiled GeoTIFFs without.
     """
@@ -157,7 +159,7 @@ def write_label_rasters(
     scores = predictions.column("score").to_numpy(zero_copy_only=False).astype(np.float32)
     code_of = IdTable(ids, codes, scheme.nodata, pixels)
     score_of = IdTable(ids, scores, np.float32(np.nan), pixels)
-    folder = labels_path.parent
+    folder = storage.scratch_dir() if storage.is_uri(labels_path) else Path(labels_path).parent
     cores = default_workers()
     with (
         rasterio.Env(**GDAL_CONFIG),
@@ -221,7 +223,8 @@ def summarize(label_run: LabelRun, run: SegmentRun, preds: pa.Table) -> dict[str
         entries by code, as a string, each with its ``name``).
     """
     scheme = label_run.scheme
-    areas = pq.ParquetFile(run.table_path).read(columns=["segment_id", "area_px"])
+    with storage.open_input(run.table_path) as stream:
+        areas = pq.ParquetFile(stream).read(columns=["segment_id", "area_px"])
     area = lookup(
         preds.column("segment_id").to_numpy(),
         areas.column("segment_id").to_numpy(),
@@ -323,9 +326,9 @@ def export(
 
     Parameters
     ----------
-    out : path
-        The ``superdml label`` output folder.
-    segment_dir : path
+    out : path or URI
+        The ``superdml label`` output folder (or prefix).
+    segment_dir : path or URI
         The segment run (or one raster's subfolder) that was labeled.
     raster_format : {"cog", "gtiff"}
     vector : {"gpkg", "parquet", "none"}
@@ -364,45 +367,45 @@ def export(
 
 def export_files(
     out: str | Path, raster: str, n_rasters: int, vector: VectorFormat
-) -> dict[str, Path]:
+) -> dict[str, Path | str]:
     """Return the files :func:`export` writes for one raster of `n_rasters`, by kind.
 
     ``labels``, ``scores``, ``style``, ``summary`` and (unless `vector` is ``none``)
     ``polygons``: in `out` for one raster, in ``out/<raster>/`` for several.
     """
-    folder = Path(out) if n_rasters == 1 else Path(out) / raster
+    folder = storage.location(out) if n_rasters == 1 else storage.join(out, raster)
     files = {
-        "labels": folder / "labels.tif",
-        "scores": folder / "scores.tif",
-        "style": folder / "labels.qml",
-        "summary": folder / "summary.json",
+        "labels": storage.join(folder, "labels.tif"),
+        "scores": storage.join(folder, "scores.tif"),
+        "style": storage.join(folder, "labels.qml"),
+        "summary": storage.join(folder, "summary.json"),
     }
     if vector != "none":
-        files["polygons"] = folder / f"superpixels.{vector}"
+        files["polygons"] = storage.join(folder, f"superpixels.{vector}")
     return files
 
 
 def _export_run(
     label_run: LabelRun, run: SegmentRun, parts: RasterParts, n_runs: int,
     raster_format: RasterFormat, vector: VectorFormat, incomplete: dict[str, int] | None,
-) -> dict[str, Path]:  # fmt: skip
+) -> dict[str, Path | str]:  # fmt: skip
     """Write one raster's export files from its current `parts`; return them by kind.
 
     `incomplete` (missing tiles of a run exported with ``allow_incomplete``) goes into
     ``summary.json``.
     """
     files = export_files(label_run.out_dir, run.name, n_runs, vector)
-    files["labels"].parent.mkdir(parents=True, exist_ok=True)
+    if not storage.is_uri(files["labels"]):
+        Path(files["labels"]).parent.mkdir(parents=True, exist_ok=True)
     preds = read_predictions(parts)
     write_label_rasters(
         label_run, run, preds, files["labels"], files["scores"], raster_format == "cog"
     )
-    with atomic_write(files["style"]) as tmp:
-        tmp.write_text(qgis_style(label_run.scheme))
+    storage.write_text(files["style"], qgis_style(label_run.scheme))
     if "polygons" in files:
         write_polygons(label_run, run, files["polygons"], vector, parts)
     summary = summarize(label_run, run, preds)
     if incomplete is not None:
         summary["incomplete"] = incomplete
-    write_json(files["summary"], summary)
+    storage.write_json(files["summary"], summary)
     return files

@@ -20,7 +20,7 @@ import rasterio.features
 from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
-from superdml.core.atomic import atomic_write
+from superdml.core import storage
 from superdml.core.progress import progress
 from superdml.label.predictions import LabelRun, RasterParts, lookup
 from superdml.raster.io import open_raster, read_window
@@ -96,7 +96,7 @@ def _owned_polygons(run: SegmentRun, parts: RasterParts, i: int) -> pa.Table:
 
 
 def write_polygons(
-    label_run: LabelRun, run: SegmentRun, path: Path, fmt: VectorFormat,
+    label_run: LabelRun, run: SegmentRun, path: Path | str, fmt: VectorFormat,
     parts: RasterParts | None = None,
 ) -> None:  # fmt: skip
     """Write superpixel polygons with label, score and margin as GeoPackage or GeoParquet.
@@ -104,7 +104,8 @@ def write_polygons(
     Parameters
     ----------
     label_run, run
-    path : Path
+    path : Path or str
+        A file, or an object written whole (:func:`superdml.core.storage.write_once`).
     fmt : {"gpkg", "parquet"}
     parts : RasterParts, optional
         ``label_run.parts(run)`` when the caller has it: only current parts are traced.
@@ -123,7 +124,7 @@ def write_polygons(
             }
         },
     }
-    with atomic_write(path, keep_suffix=True) as tmp:
+    with storage.write_once(path, keep_suffix=True) as tmp:
         writer = (
             pq.ParquetWriter(
                 tmp, POLYGON_SCHEMA.with_metadata({"geo": json.dumps(geo)}), compression="zstd"

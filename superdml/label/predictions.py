@@ -11,10 +11,14 @@ records for its raster, and that record names the segment run in front of the re
 reuses them, ``export`` and ``review`` read them, and ``label`` removes the other parts
 it wrote (:func:`remove_stale_parts`), so ``OUT/predictions`` reads as one table with
 one row per superpixel.
+
+``OUT`` may be a URI (:mod:`superdml.core.storage`): each part is then one object,
+written once by a create-only PUT.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 from dataclasses import dataclass
@@ -26,8 +30,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from superdml.config.schema import LabelConfig, config_hash
+from superdml.core import storage
 from superdml.core.errors import InputError, input_error, require_dir
 from superdml.core.provenance import combine
+from superdml.core.storage import Location
 from superdml.crops.rule import CropRule
 from superdml.raster.classes import ClassScheme
 from superdml.raster.io import Tile, tile_grid
@@ -94,27 +100,34 @@ def part_provenance(
     }
 
 
-def part_path(out_dir: str | Path, raster: str, tile: Tile) -> Path:
-    """Path of the predictions part of one tile of a label run."""
-    return Path(out_dir) / PARTS / raster / f"{tile.key}.parquet"
+def part_path(out_dir: Location, raster: str, tile: Tile) -> Path | str:
+    """Path (or URI) of the predictions part of one tile of a label run."""
+    return storage.join(out_dir, PARTS, raster, f"{tile.key}.parquet")
 
 
-def _stored_provenance(path: Path) -> dict[str, str] | None:
+def _stored_provenance(path: Path | str) -> dict[str, str] | None:
     """Return the provenance a part carries; None for a file ``label`` did not write."""
+    where, filesystem = storage.arrow_source(path)
     try:
-        stored = pq.read_schema(path).metadata or {}
+        stored = pq.read_schema(where, filesystem=filesystem).metadata or {}
         meta = json.loads(stored[_META_KEY])
     except (OSError, KeyError, ValueError, pa.ArrowException):
         return None
     return meta if isinstance(meta, dict) else None
 
 
-def part_is_current(path: Path, provenance: dict[str, str]) -> bool:
+def part_is_current(path: Path | str, provenance: dict[str, str]) -> bool:
     """Whether the part at `path` exists and was made as `provenance` says."""
-    return path.exists() and _stored_provenance(path) == provenance
+    return _stored_provenance(path) == provenance  # None for a missing one: one request
 
 
-def remove_stale_parts(out_dir: str | Path, current: dict[Path, dict[str, str]]) -> int:
+def read_part(path: Path | str, columns: list[str] | None = None) -> pa.Table:
+    """Read one part (local or in a bucket)."""
+    with storage.open_input(path) as stream:  # read_table would import pyarrow.dataset
+        return pq.ParquetFile(stream).read(columns=columns)
+
+
+def remove_stale_parts(out_dir: Location, current: dict[Path | str, dict[str, str]]) -> int:
     """Remove the parts ``label`` wrote under ``OUT/predictions`` that are not current.
 
     A part stays when its path is a key of `current` and its provenance is that key's
@@ -127,7 +140,7 @@ def remove_stale_parts(out_dir: str | Path, current: dict[Path, dict[str, str]])
     ----------
     out_dir : path
         The label run.
-    current : dict of Path to dict
+    current : dict of Path (or URI) to dict
         Every part the run in front keeps, and its provenance (:func:`part_provenance`).
 
     Returns
@@ -135,19 +148,22 @@ def remove_stale_parts(out_dir: str | Path, current: dict[Path, dict[str, str]])
     int
         How many parts were removed.
     """
-    root = Path(out_dir) / PARTS
+    root = storage.join(out_dir, PARTS)
     removed = 0
-    for pattern in PART_FILES:
-        for path in sorted(root.glob(pattern)):
-            if not _PART_NAME.fullmatch(path.name):
-                continue
-            stored = _stored_provenance(path)
-            if stored is None or stored == current.get(path):
-                continue
-            path.unlink()
-            removed += 1
-            if not any(path.parent.iterdir()):
-                path.parent.rmdir()
+    for rel in storage.list_files(root):
+        path = storage.join(root, rel)
+        if rel.count("/") != 1 or not any(fnmatch.fnmatchcase(rel, p) for p in PART_FILES):
+            continue
+        if not _PART_NAME.fullmatch(storage.name(path)):
+            continue
+        stored = _stored_provenance(path)
+        if stored is None or stored == current.get(path):
+            continue
+        storage.delete(path)
+        removed += 1
+        folder = storage.parent(path)
+        if not storage.is_uri(folder) and not any(Path(folder).iterdir()):
+            Path(folder).rmdir()
     return removed
 
 
@@ -160,14 +176,14 @@ class RasterParts:
     raster : str
     tiles : list of Tile
         The raster's tiles, as labeling cut them.
-    paths : list of Path or None
+    paths : list of Path (or URI) or None
         The current part of each tile; None where it has none (missing, or made from
         other segments, checkpoint, reference, crop rule or options).
     """
 
     raster: str
     tiles: list[Tile]
-    paths: list[Path | None]
+    paths: list[Path | str | None]
 
     @property
     def missing(self) -> list[Tile]:
@@ -177,11 +193,7 @@ class RasterParts:
     def read(self, columns: list[str] | None = None, index: list[int] | None = None) -> pa.Table:
         """Concatenate the current parts (of the tiles at `index`, default all)."""
         chosen = range(len(self.tiles)) if index is None else index
-        tables = [
-            pq.ParquetFile(path).read(columns=columns)  # read_table would import pyarrow.dataset
-            for i in chosen
-            if (path := self.paths[i]) is not None
-        ]
+        tables = [read_part(path, columns) for i in chosen if (path := self.paths[i]) is not None]
         if not tables:
             return predictions_schema().empty_table().select(columns or predictions_schema().names)
         return pa.concat_tables(tables)
@@ -193,7 +205,8 @@ class LabelRun:
 
     Attributes
     ----------
-    out_dir : Path
+    out_dir : Path or str
+        The output folder (or URI).
     class_names : list of str
         The reference's classes, in the order of its labels.
     tile_size : int
@@ -202,7 +215,7 @@ class LabelRun:
         The whole ``label.json``.
     """
 
-    out_dir: Path
+    out_dir: Path | str
     class_names: list[str]
     tile_size: int
     meta: dict[str, Any]
@@ -216,7 +229,7 @@ class LabelRun:
         InputError
             When the recorded scheme is malformed or lacks a class of the label run.
         """
-        source = self.out_dir / MANIFEST
+        source = storage.join(self.out_dir, MANIFEST)
         return ClassScheme.from_dict(self.meta["class_scheme"], source).covering(
             self.class_names, source
         )
@@ -225,7 +238,7 @@ class LabelRun:
         """Return the tiles of a raster of this size, as labeling cut them."""
         return tile_grid(height, width, self.tile_size)
 
-    def embeddings_path(self, run: SegmentRun, tile: Tile) -> Path:
+    def embeddings_path(self, run: SegmentRun, tile: Tile) -> Path | str:
         """Where ``label --keep-embeddings`` kept the embeddings of one tile of `run`."""
         return embeddings_path(
             self.out_dir, self.meta["checkpoint_sha256"], self.meta["crop_rule"],
@@ -279,7 +292,7 @@ class LabelRun:
 def embeddings_path(
     out_dir: str | Path, checkpoint_sha256: str, crop_rule: dict[str, Any], segments: str,
     raster: str, tile: Tile, tta: str = "none",
-) -> Path:  # fmt: skip
+) -> Path | str:  # fmt: skip
     """Return the kept-embeddings file of one tile, keyed by what made the embeddings.
 
     Parameters
@@ -299,19 +312,19 @@ def embeddings_path(
     """
     parts = [checkpoint_sha256, json.dumps(crop_rule, sort_keys=True), segments]
     key = combine(*parts, *([tta] if tta != "none" else []))[:16]
-    return Path(out_dir) / EMBEDDINGS / key / raster / f"{tile.key}.npz"
+    return storage.join(out_dir, EMBEDDINGS, key, raster, f"{tile.key}.npz")
 
 
 def load_label_run(out_dir: str | Path) -> LabelRun:
     """Read ``OUT/label.json``; a clear error when `out_dir` is not a label output."""
-    out_dir = Path(out_dir)
+    out_dir = storage.location(out_dir)
     require_dir(out_dir, "label output folder")
-    manifest = out_dir / MANIFEST
-    if not manifest.exists():
+    manifest = storage.join(out_dir, MANIFEST)
+    if not storage.exists(manifest):
         raise InputError(
             f"{out_dir}: not a label output (no {MANIFEST}): run `superdml label` first"
         )
-    meta = json.loads(manifest.read_text())
+    meta = json.loads(storage.read_text(manifest))
     if "class_scheme" not in meta:
         raise InputError(
             f"{manifest}: made by an older superdml (no class scheme, predictions without "

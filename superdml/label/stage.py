@@ -4,8 +4,9 @@ A task reads the tile's source window (with the halo its crops need) and segment
 window, cuts the crops of the superpixels the tile owns (the crop rule of the
 checkpoint's training folder), embeds them in fixed-size batches, searches the
 reference index and votes, then writes one predictions part, renamed into place when
-complete. Tasks carry paths and small descriptions only: each worker process loads the
-model and the reference index once (a cache keyed by their SHA-256) and reuses them.
+complete (in a bucket: one create-only PUT of the whole part). Tasks carry paths or
+URIs and small descriptions only: each worker process loads the model and the
+reference index once (a cache keyed by their SHA-256) and reuses them.
 
 The model runs through :class:`superdml.learn.embed.Embedder`: channels_last, bf16 autocast
 where the device computes bf16 (``LabelConfig.precision``); on CUDA the batch is copied
@@ -18,6 +19,7 @@ forward at a time, so one task can read and crop its tile while another's are em
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import time
@@ -30,9 +32,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from superdml.config.schema import LabelConfig, config_to_dict, dump_config
-from superdml.core.atomic import atomic_write, write_json
+from superdml.core import storage
 from superdml.core.cluster import default_workers, map_tasks
-from superdml.core.errors import InputError
+from superdml.core.errors import InputError, MissingInputError
 from superdml.core.ownership import check_apart, claim_output
 from superdml.crops.cut import color_band_indexes, crop_tile
 from superdml.crops.rule import CropRule
@@ -83,10 +85,10 @@ class _LabelJob:
             self.config, self.codes,
         )  # fmt: skip
 
-    def part_path(self, tile: Tile) -> Path:
+    def part_path(self, tile: Tile) -> Path | str:
         return part_path(self.out, self.run.name, tile)
 
-    def embeddings_path(self, tile: Tile) -> Path:
+    def embeddings_path(self, tile: Tile) -> Path | str:
         return embeddings_path(
             self.out, self.checkpoint_sha256, self.rule.to_dict(), self.run.fingerprint,
             self.run.name, tile, self.config.tta,
@@ -97,7 +99,8 @@ def _label_tile(job: _LabelJob, tile: Tile) -> int:
     """Label the superpixels owned by one tile; return how many."""
     part = job.part_path(tile)
     if part_is_current(part, job.part_meta):
-        return pq.read_metadata(part).num_rows
+        where, filesystem = storage.arrow_source(part)
+        return pq.read_metadata(where, filesystem=filesystem).num_rows
     table = job.run.superpixels_in(tile.row, tile.col, tile.height, tile.width)
     ids = table.column("segment_id").to_numpy()
     embeddings = _tile_embeddings(job, tile, table, ids)
@@ -113,9 +116,12 @@ def _label_tile(job: _LabelJob, tile: Tile) -> int:
     out = pa.table(columns, schema=predictions_schema()).replace_schema_metadata(
         {"superdml": json.dumps(job.part_meta)}
     )
-    part.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(part) as tmp:
-        pq.write_table(out, tmp, compression="zstd")
+    try:
+        with storage.write_once(part, create_only=True) as tmp:
+            pq.write_table(out, tmp, compression="zstd")
+    except FileExistsError:  # a twin attempt of this task wrote it first: the same part
+        if not part_is_current(part, job.part_meta):
+            raise
     return len(ids)
 
 
@@ -126,8 +132,12 @@ def _tile_embeddings(job: _LabelJob, tile: Tile, table: pa.Table, ids: np.ndarra
     labels of the run that kept them, bit for bit (float16 copies changed up to 3%).
     """
     kept = job.embeddings_path(tile)
-    if kept.exists():
-        with np.load(kept) as stored:
+    try:
+        found = storage.read_bytes(kept)  # one request in a bucket, found or not
+    except MissingInputError:
+        found = None
+    if found is not None:
+        with np.load(io.BytesIO(found)) as stored:
             embeddings = stored["embeddings"]
             if embeddings.dtype == np.float32 and np.array_equal(stored["segment_id"], ids):
                 return embeddings
@@ -140,8 +150,7 @@ def _tile_embeddings(job: _LabelJob, tile: Tile, table: pa.Table, ids: np.ndarra
     crops, _ = crop_tile(job.run, job.rule, table)
     embeddings = embedder(job.rule.to_unit(crops), job.config.batch_size)
     if job.config.keep_embeddings:
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(kept) as tmp, open(tmp, "wb") as f:
+        with storage.write_once(kept) as tmp, open(tmp, "wb") as f:
             np.savez(f, segment_id=ids, embeddings=embeddings.astype(np.float32, copy=False))
     return embeddings
 
@@ -215,7 +224,7 @@ class LabelResult:
 
     Attributes
     ----------
-    out_dir : Path
+    out_dir : Path or str
     n_superpixels, n_tiles : int
     n_skipped : int
         Tiles whose predictions were already current.
@@ -223,7 +232,7 @@ class LabelResult:
     superpixels_per_second : float
     """
 
-    out_dir: Path
+    out_dir: Path | str
     n_superpixels: int
     n_tiles: int
     n_skipped: int
@@ -294,7 +303,7 @@ def _load_inputs(
         run.check_source()
         color_band_indexes(run, rule)
     return _Inputs(
-        runs, str(Path(checkpoint).resolve()), ckpt_sha, str(Path(reference).resolve()),
+        runs, storage.resolve(checkpoint), ckpt_sha, storage.resolve(reference),
         ref.sha256, tuple(ref.class_names), scheme, rule,
     )  # fmt: skip
 
@@ -306,7 +315,7 @@ def _manifest(inputs: _Inputs, config: LabelConfig, jobs: list[_LabelJob]) -> di
         "class_scheme": inputs.scheme.to_dict(),
         "tile_size": config.tile_size,
         "rasters": [run.name for run in inputs.runs],
-        "segments": [str(run.folder.resolve()) for run in inputs.runs],
+        "segments": [storage.resolve(run.folder) for run in inputs.runs],
         "segment_fingerprints": {run.name: run.fingerprint for run in inputs.runs},
         "checkpoint": inputs.checkpoint,
         "checkpoint_sha256": inputs.checkpoint_sha256,
@@ -339,14 +348,15 @@ def label(
 
     Parameters
     ----------
-    segment_dir : path
+    segment_dir : path or URI
         A segment run (all its rasters) or one raster's subfolder.
-    checkpoint : path
+    checkpoint : path or URI
         The model (``superdml train``).
-    reference : path
+    reference : path or URI
         A reference index built with that checkpoint (``superdml index``).
-    out : path
-        Output folder: ``predictions/<raster>/<tile>.parquet`` and ``label.json``.
+    out : path or URI
+        Output folder (or prefix): ``predictions/<raster>/<tile>.parquet`` and
+        ``label.json``.
     config : LabelConfig, optional
     raster : path, optional
         The source raster when it moved since segmentation (one raster only).
@@ -376,7 +386,7 @@ def label(
     torch_device = resolve_device(device)
     resolve_precision(config.precision, torch_device)  # fails here, not in a worker
     dev = torch_device.type
-    out = Path(out)
+    out = storage.location(out)
     check_apart(out, [*(run.folder for run in inputs.runs), checkpoint, reference])
     with claim_output(out, "label"):
         _check_checkpoint(out, inputs.checkpoint_sha256, overwrite)
@@ -406,8 +416,8 @@ def label(
         removed = remove_stale_parts(out, {job.part_path(t): job.part_meta for job, t in calls})
         if removed:
             logger.info("%s: removed %d predictions parts of other inputs", out, removed)
-        write_json(out / MANIFEST, _manifest(inputs, config, jobs))
-        dump_config(config, out / "label.yaml")
+        storage.write_json(storage.join(out, MANIFEST), _manifest(inputs, config, jobs))
+        dump_config(config, storage.join(out, "label.yaml"))
         done_before = sum(part_is_current(job.part_path(t), job.part_meta) for job, t in calls)
         counts = map_tasks(
             _label_tile, calls, client, desc="label", count=int, count_unit="superpixels",
@@ -431,15 +441,15 @@ def task_threads(device_type: str) -> int:
     return 2 if device_type == "cuda" else 1
 
 
-def _check_checkpoint(out: Path, checkpoint_sha: str, overwrite: bool) -> None:
+def _check_checkpoint(out: Path | str, checkpoint_sha: str, overwrite: bool) -> None:
     """Refuse predictions of another checkpoint in `out`, unless `overwrite`.
 
     Parts of another checkpoint cannot be rebuilt without it; with `overwrite` they go
     with the other stale parts (:func:`remove_stale_parts`).
     """
-    manifest = out / MANIFEST
-    if manifest.exists() and not overwrite:
-        previous = json.loads(manifest.read_text()).get("checkpoint_sha256")
+    manifest = storage.join(out, MANIFEST)
+    if storage.exists(manifest) and not overwrite:
+        previous = json.loads(storage.read_text(manifest)).get("checkpoint_sha256")
         if previous != checkpoint_sha:
             raise InputError(
                 f"{out}: holds predictions of another checkpoint ({str(previous)[:12]}): "

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from superdml import __version__
 from superdml.config.schema import config_to_dict
+from superdml.core import storage
 from superdml.core.atomic import atomic_write
 from superdml.core.errors import CheckpointError, require_file
 from superdml.core.provenance import sha256_file
@@ -340,6 +341,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """
     require_file(path, "checkpoint")
     name = os.fspath(path)
+    path = storage.local_copy(path)  # a URI's object: fetched once into the local cache
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
         raise CheckpointError(f"{name}: not a torch checkpoint file (not a torch.save archive)")
     try:
@@ -425,4 +427,4 @@ def checkpoint_sha256(path: str | os.PathLike[str]) -> str:
         Naming `path` as the checkpoint when it is not a file.
     """
     require_file(path, "checkpoint")
-    return sha256_file(path)
+    return sha256_file(storage.local_copy(path))

@@ -17,13 +17,12 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import yaml
 
-from superdml.core.atomic import atomic_write
+from superdml.core import storage
 from superdml.core.errors import InputError, input_error, require_file
 from superdml.raster.class_names import UNKNOWN, check_class_names
 
@@ -350,7 +349,7 @@ def read_scheme(
     """
     require_file(path, "class scheme")
     try:
-        loaded = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)  # noqa: S506  # a SafeLoader subclass
+        loaded = yaml.load(storage.read_text(path), Loader=_UniqueKeyLoader)  # noqa: S506  # a SafeLoader subclass
     except _CodeTwice as err:
         raise input_error(path, f"{err}: one name per code") from None
     except yaml.YAMLError as err:
@@ -378,7 +377,7 @@ def read_scheme(
 
 
 def write_scheme(path: str | os.PathLike[str], scheme: ClassScheme) -> None:
-    """Write `scheme` as a scheme file that :func:`read_scheme` reads back, atomically."""
+    """Write `scheme` as a scheme file that :func:`read_scheme` reads back, whole."""
     lines = ["# class code: name, color (and description); see superdml's README"]
     for e in scheme.entries:
         fields = [f"name: {json.dumps(e.name)}", f'color: "{_hex(e.color)}"']
@@ -386,8 +385,7 @@ def write_scheme(path: str | os.PathLike[str], scheme: ClassScheme) -> None:
             fields.append(f"description: {json.dumps(e.description)}")
         lines.append(f"{e.code}: {{{', '.join(fields)}}}")
     lines += [f"unknown: {scheme.unknown}", f"nodata: {scheme.nodata}"]
-    with atomic_write(Path(path)) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+    storage.write_text(path, "\n".join(lines) + "\n")
 
 
 def folder_scheme(
@@ -403,8 +401,8 @@ def folder_scheme(
     InputError
         A bad ``classes.yaml``, or a class folder it does not name.
     """
-    path = Path(root) / SCHEME_FILE
-    if path.is_file():
+    path = storage.join(root, SCHEME_FILE)
+    if storage.isfile(path):
         return read_scheme(path).covering(names, path)
     if base is not None:
         return base.extended(names)

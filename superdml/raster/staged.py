@@ -28,7 +28,7 @@ import rasterio
 import rasterio.shutil
 from rasterio.io import MemoryFile
 
-from superdml.core.atomic import atomic_write
+from superdml.core import storage
 from superdml.core.errors import input_error
 from superdml.raster.io import RasterInfo
 
@@ -109,7 +109,7 @@ class StagedRaster:
 
     def write(
         self,
-        path: Path,
+        path: Path | str,
         cog: bool,
         options: dict[str, Any],
         colormap: dict[int, tuple[int, int, int, int]] | None = None,
@@ -120,7 +120,9 @@ class StagedRaster:
 
         Parameters
         ----------
-        path : Path
+        path : Path or str
+            A file, or an object uploaded whole once written on local scratch space
+            (:func:`superdml.core.storage.write_once`).
         cog : bool
             GDAL's COG driver with the levels as its overviews; else the GTiff driver
             (no overviews).
@@ -156,7 +158,7 @@ class StagedRaster:
         with (
             MemoryFile(ET.tostring(root), ext=".vrt") as vrt_file,
             rasterio.Env(**_MEM_SOURCES),
-            atomic_write(path) as out,
+            storage.write_once(path) as out,
         ):
             rasterio.shutil.copy(vrt_file.name, out, **driver, **options)
 

@@ -251,7 +251,7 @@ class ReferenceIndex:
         """
         check(nprobe is None or is_count(nprobe), "nprobe", nprobe, "an integer >= 1")
         stored = read_reference(directory)
-        folder = Path(directory)
+        folder = storage.local_copy(directory)  # where read_reference read it
         loaded = cls(*stored[:8], folder, stored.calibration, stored.tta)
         if loaded.sha256 != stored.sha256:
             raise damaged(folder, f"content does not match its sha256 in {REFERENCE_JSON}")

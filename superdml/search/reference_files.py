@@ -42,6 +42,7 @@ import faiss
 import numpy as np
 
 from superdml import __version__
+from superdml.core import storage
 from superdml.core.errors import InputError, input_error, require_dir
 from superdml.core.ownership import foreign_files, mark_output
 from superdml.raster.classes import ClassScheme, default_scheme
@@ -141,7 +142,7 @@ def read_reference(directory: str | os.PathLike[str]) -> StoredReference:
         format version, or a part is missing, unreadable or inconsistent.
     """
     require_dir(directory, "reference folder")
-    folder = Path(directory)
+    folder = storage.local_copy(directory)  # a URI's prefix: fetched once into the local cache
     meta_path = folder / REFERENCE_JSON
     if not meta_path.is_file():
         raise input_error(
@@ -263,8 +264,8 @@ def reference_scheme(directory: str | os.PathLike[str], class_names: list[str]) 
     InputError
         When the recorded scheme is malformed or lacks a class.
     """
-    meta_path = Path(directory) / REFERENCE_JSON
-    stored = json.loads(meta_path.read_text()).get("build", {}).get("class_scheme")
+    meta_path = storage.join(directory, REFERENCE_JSON)
+    stored = json.loads(storage.read_text(meta_path)).get("build", {}).get("class_scheme")
     if stored is None:
         return default_scheme(class_names)
     return ClassScheme.from_dict(stored, meta_path).covering(class_names, meta_path)

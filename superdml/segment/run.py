@@ -11,7 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from superdml.core import storage
 from superdml.core.errors import InputError
+from superdml.core.storage import Location
 from superdml.raster.io import (
     RasterInfo,
     open_raster,
@@ -27,21 +29,23 @@ TABLE_NAME = "superpixels.parquet"
 MANIFEST_NAME = "manifest.json"
 
 
-def run_dir(out_dir: str | Path, source: str | Path) -> Path:
+def run_dir(out_dir: Location, source: Location) -> Path | str:
     """Return the subfolder of `out_dir` for `source`: its stem, ``-2``, ``-3``... on clashes.
 
-    A folder already used for the same source is reused (resume, rerun).
+    A folder already used for the same source is reused (resume, rerun). Both may be
+    URIs (:mod:`superdml.core.storage`): then the subfolder is a key prefix.
     """
-    out_dir, source = Path(out_dir), Path(source).resolve()
-    stem = source.stem
+    resolved = storage.resolve(source)
+    stem = storage.stem(resolved)
     for n in range(1, 10_000):
-        candidate = out_dir / (stem if n == 1 else f"{stem}-{n}")
-        marker = candidate / "source.json"
-        if not candidate.exists():
+        candidate = storage.join(out_dir, stem if n == 1 else f"{stem}-{n}")
+        marker = storage.join(candidate, "source.json")
+        if not storage.exists(candidate):
             return candidate
-        if marker.exists() and json.loads(marker.read_text()).get("source") == str(source):
-            return candidate
-        if not marker.exists() and not any(candidate.iterdir()):
+        if storage.exists(marker):
+            if json.loads(storage.read_text(marker)).get("source") == resolved:
+                return candidate
+        elif not storage.listdir(candidate):
             return candidate
     raise InputError(f"{out_dir}: too many rasters named {stem!r}")
 
@@ -52,8 +56,9 @@ class SegmentRun:
 
     Attributes
     ----------
-    folder : Path
-        The raster's subfolder holding ``segments.tif`` and ``superpixels.parquet``.
+    folder : Path or str
+        The raster's subfolder holding ``segments.tif`` and ``superpixels.parquet`` (a
+        URI's key prefix: :mod:`superdml.core.storage`).
     name : str
         The raster's name in tables and crop file names.
     source : RasterInfo
@@ -67,7 +72,7 @@ class SegmentRun:
         stages record and compare (:mod:`superdml.core.provenance`).
     """
 
-    folder: Path
+    folder: Path | str
     name: str
     source: RasterInfo
     bands: list[int]
@@ -76,14 +81,14 @@ class SegmentRun:
     fingerprint: str
 
     @property
-    def segments_path(self) -> Path:
-        """Path of ``segments.tif``."""
-        return self.folder / SEGMENTS_NAME
+    def segments_path(self) -> Path | str:
+        """Path (or URI) of ``segments.tif``."""
+        return storage.join(self.folder, SEGMENTS_NAME)
 
     @property
-    def table_path(self) -> Path:
-        """Path of ``superpixels.parquet``."""
-        return self.folder / TABLE_NAME
+    def table_path(self) -> Path | str:
+        """Path (or URI) of ``superpixels.parquet``."""
+        return storage.join(self.folder, TABLE_NAME)
 
     def superpixels_in(
         self, row: int, col: int, height: int, width: int, columns: list[str] | None = None
@@ -96,7 +101,8 @@ class SegmentRun:
             ("row", ">=", float(row)), ("row", "<", float(row + height)),
             ("col", ">=", float(col)), ("col", "<", float(col + width)),
         ]  # fmt: skip
-        return pq.read_table(self.table_path, columns=columns, filters=filters)
+        path, filesystem = storage.arrow_source(self.table_path)
+        return pq.read_table(path, columns=columns, filters=filters, filesystem=filesystem)
 
     def check_source(self) -> None:
         """Raise :class:`InputError` unless the source raster opens with the segments' size."""
@@ -132,12 +138,16 @@ def load_segment_runs(path: str | Path) -> list[SegmentRun]:
     """
     from superdml.core.errors import require_dir
 
-    path = Path(path)
+    path = storage.location(path)
     require_dir(path, "segment folder")
     folders = (
         [path]
-        if (path / MANIFEST_NAME).exists()
-        else sorted(p.parent for p in path.glob(f"*/{MANIFEST_NAME}"))
+        if storage.isfile(storage.join(path, MANIFEST_NAME))
+        else [
+            storage.join(path, sub)
+            for sub in storage.listdir(path)
+            if storage.isfile(storage.join(path, sub, MANIFEST_NAME))
+        ]
     )
     if not folders:
         raise InputError(
@@ -145,14 +155,14 @@ def load_segment_runs(path: str | Path) -> list[SegmentRun]:
         )
     runs = []
     for folder in folders:
-        manifest = json.loads((folder / MANIFEST_NAME).read_text())
+        manifest = json.loads(storage.read_text(storage.join(folder, MANIFEST_NAME)))
         source = RasterInfo(
             **{**manifest["source"], "transform": tuple(manifest["source"]["transform"])}
         )
         runs.append(
             SegmentRun(
                 folder,
-                folder.name,
+                storage.name(folder),
                 source,
                 list(manifest["bands"]),
                 list(manifest["band_lo"]),

@@ -42,19 +42,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import rasterio
 from rasterio.windows import Window
 
 from superdml import __version__
 from superdml.config.schema import SegmentConfig, config_hash, config_to_dict, dump_config
-from superdml.core.atomic import atomic_write, write_json
+from superdml.core import storage
 from superdml.core.cluster import map_tasks, resolve_client
 from superdml.core.errors import InputError
 from superdml.core.ownership import claim_output
@@ -82,6 +81,7 @@ from superdml.segment.tasks import (
     assign_task,
     centers_task,
     in_process_threads,
+    load_array,
     table_schema,
 )
 
@@ -98,9 +98,9 @@ class SegmentResult:
     ----------
     raster : str
         Name of the run's subfolder (the raster's stem, made unique).
-    out_dir : Path
-        The raster's subfolder.
-    segments_path, table_path : Path
+    out_dir : Path or str
+        The raster's subfolder (a key prefix for an output URI).
+    segments_path, table_path : Path or str
         ``segments.tif`` and ``superpixels.parquet``.
     n_superpixels, n_tiles : int
     skipped : bool
@@ -109,9 +109,9 @@ class SegmentResult:
     """
 
     raster: str
-    out_dir: Path
-    segments_path: Path
-    table_path: Path
+    out_dir: Path | str
+    segments_path: Path | str
+    table_path: Path | str
     n_superpixels: int
     n_tiles: int
     skipped: bool
@@ -128,10 +128,13 @@ def segment_raster(
 
     Parameters
     ----------
-    path : path
-        Any raster rasterio opens: GeoTIFF, VRT mosaic, PNG, JPEG...
-    out_dir : path
-        Run folder; the outputs go to ``out_dir/<stem>/``.
+    path : path or URI
+        Any raster rasterio opens: GeoTIFF, VRT mosaic, PNG, JPEG... (``s3://``,
+        ``gs://``, ``az://``, ``https://`` too).
+    out_dir : path or URI
+        Run folder; the outputs go to ``out_dir/<stem>/``. In a bucket, every tile's
+        work files are objects written once under it, so workers need no shared disk,
+        and the two final files are assembled on local scratch space and uploaded.
     config : SegmentConfig, optional
     client : distributed.Client or OnDemandCluster, optional
         Runs the tile tasks on this cluster; in this process when None, or when an
@@ -163,26 +166,31 @@ def segment_raster(
     tiles = tile_grid(info.height, info.width, tile_size)
     with claim_output(out_dir, "segment"):
         folder = run_dir(out_dir, info.path)
-        folder.mkdir(exist_ok=True)
+        name = storage.name(folder)
+        if not storage.is_uri(folder):
+            Path(folder).mkdir(exist_ok=True)
         manifest = _up_to_date(folder, info.path, digest, source_fp)
         if manifest is not None:
             logger.info("%s: up to date, skipped", folder)
             return SegmentResult(
-                folder.name, folder, folder / SEGMENTS_NAME, folder / TABLE_NAME,
-                manifest["n_superpixels"], len(tiles), True, time.perf_counter() - start,
+                name, folder, storage.join(folder, SEGMENTS_NAME),
+                storage.join(folder, TABLE_NAME), manifest["n_superpixels"], len(tiles), True,
+                time.perf_counter() - start,
             )  # fmt: skip
-        (folder / MANIFEST_NAME).unlink(missing_ok=True)  # the commit mark: gone until redone
-        write_json(folder / "source.json", {"source": info.path})
+        storage.delete(storage.join(folder, MANIFEST_NAME))  # the commit mark: gone until redone
+        storage.write_json(storage.join(folder, "source.json"), {"source": info.path})
         lo, hi = band_ranges(path, bands, config.nodata)
-        work = folder / f".work-{combine(digest, source_fp)[:16]}"
-        for stale in folder.glob(".work-" + "[0-9a-f]" * 16):  # ours: other inputs' runs
-            if stale != work:
-                shutil.rmtree(stale)
-        work.mkdir(exist_ok=True)
+        work_name = f".work-{combine(digest, source_fp)[:16]}"
+        work = storage.join(folder, work_name)
+        for stale in storage.listdir(folder):  # ours: other inputs' runs
+            if re.fullmatch(r"\.work-[0-9a-f]{16}", stale) and stale != work_name:
+                storage.delete_tree(storage.join(folder, stale))
+        if not storage.is_uri(work):
+            Path(work).mkdir(exist_ok=True)
         client = resolve_client(client, len(tiles))
         threads, sweep_threads = in_process_threads(device, len(tiles))
         grid = Grid(
-            source=info.path, name=folder.name, bands=tuple(bands), nodata=config.nodata,
+            source=info.path, name=name, bands=tuple(bands), nodata=config.nodata,
             lo=tuple(lo), hi=tuple(hi), step=step, compactness=config.compactness,
             max_iter=config.max_iter, tile_size=tile_size, height=info.height, width=info.width,
             transform=info.transform, work=str(work), backend=backend, device=device,
@@ -206,20 +214,20 @@ def segment_raster(
             "tile_size": tile_size,
         }
         _write_outputs(grid, info, tiles, config, meta, n_superpixels)
-        shutil.rmtree(work)
+        storage.delete_tree(work)
     return SegmentResult(
-        folder.name, folder, folder / SEGMENTS_NAME, folder / TABLE_NAME, n_superpixels,
-        len(tiles), False, time.perf_counter() - start,
+        name, folder, storage.join(folder, SEGMENTS_NAME), storage.join(folder, TABLE_NAME),
+        n_superpixels, len(tiles), False, time.perf_counter() - start,
     )  # fmt: skip
 
 
-def _up_to_date(folder: Path, source: str, digest: str, source_fp: str) -> dict | None:
+def _up_to_date(folder: Path | str, source: str, digest: str, source_fp: str) -> dict | None:
     """Return the manifest of a complete run of `folder` for this source and config, else None."""
-    manifest_path = folder / MANIFEST_NAME
-    outputs = (manifest_path, folder / SEGMENTS_NAME, folder / TABLE_NAME)
-    if not all(p.exists() for p in outputs):
+    manifest_path = storage.join(folder, MANIFEST_NAME)
+    outputs = (manifest_path, storage.join(folder, SEGMENTS_NAME), storage.join(folder, TABLE_NAME))
+    if not all(storage.exists(p) for p in outputs):
         return None
-    manifest = json.loads(manifest_path.read_text())
+    manifest = json.loads(storage.read_text(manifest_path))
     if (
         manifest.get("config_hash") == digest
         and manifest["source"]["path"] == source
@@ -253,14 +261,17 @@ def _write_outputs(
     meta: dict[str, object],
     n_superpixels: int,
 ) -> None:
-    """Assemble ``segments.tif`` and the table from the tiles' files; then the manifest."""
-    folder = Path(grid.work).parent
-    _write_segments(grid, info, tiles, folder / SEGMENTS_NAME)
-    _write_table(grid, tiles, folder / TABLE_NAME, meta)
-    dump_config(config, folder / "segment.yaml")
-    table_sha = sha256_file(folder / TABLE_NAME)
-    write_json(
-        folder / MANIFEST_NAME,
+    """Assemble ``segments.tif`` and the table from the tiles' files; then the manifest.
+
+    Both are written on local scratch space when the run is in a bucket, and uploaded
+    whole (:func:`superdml.core.storage.write_once`).
+    """
+    folder = storage.parent(grid.work)
+    _write_segments(grid, info, tiles, storage.join(folder, SEGMENTS_NAME))
+    table_sha = _write_table(grid, tiles, storage.join(folder, TABLE_NAME), meta)
+    dump_config(config, storage.join(folder, "segment.yaml"))
+    storage.write_json(
+        storage.join(folder, MANIFEST_NAME),
         {
             **meta,
             "table_sha256": table_sha,
@@ -273,19 +284,22 @@ def _write_outputs(
     )
 
 
-def _write_segments(grid: Grid, info: RasterInfo, tiles: list[Tile], path: Path) -> None:
+def _write_segments(grid: Grid, info: RasterInfo, tiles: list[Tile], path: Path | str) -> None:
     profile = geotiff_profile(info, "uint32", nodata=0)
-    with atomic_write(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+    with storage.write_once(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
         for tile in tiles:
             window = Window(tile.col, tile.row, tile.width, tile.height)
-            dst.write(np.load(grid.labels_path(tile)), 1, window=window)
+            dst.write(load_array(grid.labels_path(tile)), 1, window=window)
         dst.update_tags(superdml_source=info.path, superdml_region_size=str(grid.step))
 
 
-def _write_table(grid: Grid, tiles: list[Tile], path: Path, meta: dict[str, object]) -> None:
+def _write_table(grid: Grid, tiles: list[Tile], path: Path | str, meta: dict[str, object]) -> str:
+    """Write the superpixel table from the tiles' parts; return its SHA-256."""
     schema = table_schema(grid.bands).with_metadata({"superdml": json.dumps(meta)})
-    with atomic_write(path) as tmp:
+    with storage.write_once(path) as tmp:
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             for tile in tiles:
-                part = pq.read_table(grid.table_path(tile)).cast(schema)
+                part_path, filesystem = storage.arrow_source(grid.table_path(tile))
+                part = pq.read_table(part_path, filesystem=filesystem).cast(schema)
                 writer.write_table(part, row_group_size=ROW_GROUP_SIZE)
+        return sha256_file(tmp)

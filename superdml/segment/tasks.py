@@ -6,24 +6,29 @@ no arrays and run on any dask worker. :func:`centers_task` (phase 1) saves the c
 of the cells a tile owns; :func:`assign_task` (phase 2) gathers its neighbours' centers,
 assigns the pixels of the tile's core grown by a margin, enforces connectivity and saves
 the core's labels and the table rows of the superpixels whose centroid it holds. Both
-skip a tile whose files exist, which is how an interrupted run resumes. The method and
-its guarantees are in :mod:`superdml.segment.stage`'s docstring.
+skip a tile whose files exist, which is how an interrupted run resumes. The work folder
+may be a prefix in a bucket (workers that share no disk): each work file is then one
+object, written once. The method and its guarantees are in
+:mod:`superdml.segment.stage`'s docstring.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import rasterio
 
-from superdml.core.atomic import atomic_write
+from superdml.core import storage
 from superdml.core.cluster import default_workers
 from superdml.raster.io import Tile, open_raster, read_window, tile_grid
 from superdml.segment import read_ahead
@@ -76,17 +81,17 @@ class Grid:
         """Grid cells along a tile's side."""
         return self.tile_size // self.step
 
-    def centers_path(self, ti: int, tj: int) -> Path:
+    def centers_path(self, ti: int, tj: int) -> Path | str:
         """Work file of the centers tile (ti, tj) owns."""
-        return Path(self.work) / f"centers_t{ti:04d}_{tj:04d}.npz"
+        return storage.join(self.work, f"centers_t{ti:04d}_{tj:04d}.npz")
 
-    def labels_path(self, tile: Tile) -> Path:
+    def labels_path(self, tile: Tile) -> Path | str:
         """Work file of a tile's superpixel ids."""
-        return Path(self.work) / f"labels_{tile.key}.npy"
+        return storage.join(self.work, f"labels_{tile.key}.npy")
 
-    def table_path(self, tile: Tile) -> Path:
+    def table_path(self, tile: Tile) -> Path | str:
         """Work file of a tile's superpixel table rows."""
-        return Path(self.work) / f"table_{tile.key}.parquet"
+        return storage.join(self.work, f"table_{tile.key}.parquet")
 
     def read_features(
         self, src: rasterio.DatasetReader, cell_r0: int, cell_c0: int, ny: int, nx: int
@@ -211,10 +216,25 @@ def _read_cells(grid: Grid, tile: Tile, cells: int) -> tuple[np.ndarray, np.ndar
     return pending.result() if pending is not None else read(tile)
 
 
+def load_array(loc: Path | str) -> Any:
+    """``np.load`` of a work file, local or in a bucket (read whole: a tile's arrays)."""
+    return np.load(io.BytesIO(storage.read_bytes(loc)) if storage.is_uri(loc) else loc)
+
+
+@contextlib.contextmanager
+def _write_part(loc: Path | str) -> Iterator[Path]:
+    """Write a tile's work file once (create-only); a twin task that got there first wins.
+
+    Both tasks of a tile compute the same bytes, so the first one's file is kept.
+    """
+    with contextlib.suppress(FileExistsError), storage.write_once(loc, create_only=True) as tmp:
+        yield tmp
+
+
 def centers_task(grid: Grid, tile: Tile) -> str:
     """Phase 1: SLIC on the tile plus halo; save the centers of the core's cells."""
     out = grid.centers_path(tile.ti, tile.tj)
-    if out.exists():
+    if storage.exists(out):
         return str(out)
     r0, c0, r1, c1 = _tile_cells(grid, tile)
     wr0, wc0, _, _ = _grown_cells(grid, tile, HALO_CELLS)
@@ -224,7 +244,7 @@ def centers_task(grid: Grid, tile: Tile) -> str:
     centers = centers[core].astype(np.float64)
     centers[..., 0] += wr0 * grid.step
     centers[..., 1] += wc0 * grid.step
-    with atomic_write(out) as tmp, open(tmp, "wb") as f:
+    with _write_part(out) as tmp, open(tmp, "wb") as f:
         np.savez(f, centers=centers, active=active[core])
     return str(out)
 
@@ -239,7 +259,7 @@ def _gather_centers(
     tc = grid.tile_cells
     for ti in range(max(r0, 0) // tc, (min(r1, grid.cell_rows) - 1) // tc + 1):
         for tj in range(max(c0, 0) // tc, (min(c1, grid.cell_cols) - 1) // tc + 1):
-            with np.load(grid.centers_path(ti, tj)) as owned:
+            with load_array(grid.centers_path(ti, tj)) as owned:
                 tr0, tc0 = ti * tc, tj * tc
                 oc, oa = owned["centers"], owned["active"]
                 ar0, ac0 = max(r0, tr0), max(c0, tc0)
@@ -254,8 +274,9 @@ def _gather_centers(
 def assign_task(grid: Grid, tile: Tile) -> int:
     """Phase 2: final labels of the core and the table rows of the superpixels it owns."""
     labels_out, table_out = grid.labels_path(tile), grid.table_path(tile)
-    if labels_out.exists() and table_out.exists():
-        return pq.ParquetFile(table_out).metadata.num_rows
+    if storage.exists(labels_out) and storage.exists(table_out):
+        path, filesystem = storage.arrow_source(table_out)
+        return pq.read_metadata(path, filesystem=filesystem).num_rows
     wr0, wc0, wr1, wc1 = _grown_cells(grid, tile, MARGIN_CELLS)
     pixels, features, valid = _read_cells(grid, tile, MARGIN_CELLS)
     centers, active = _gather_centers(grid, wr0 - 1, wc0 - 1, wr1 + 1, wc1 + 1)
@@ -275,7 +296,7 @@ def assign_task(grid: Grid, tile: Tile) -> int:
         slice(tile.row - row0, tile.row - row0 + tile.height),
         slice(tile.col - col0, tile.col - col0 + tile.width),
     )
-    with atomic_write(labels_out) as tmp, open(tmp, "wb") as f:
+    with _write_part(labels_out) as tmp, open(tmp, "wb") as f:
         np.save(f, np.ascontiguousarray(labels[core]))
     stats = superpixel_stats(labels, pixels, row0, col0)
     own = (
@@ -285,7 +306,7 @@ def assign_task(grid: Grid, tile: Tile) -> int:
         & (stats["col"] < tile.col + tile.width)
     )
     table = stats_table(grid, {k: v[own] for k, v in stats.items()})
-    with atomic_write(table_out) as tmp:
+    with _write_part(table_out) as tmp:
         pq.write_table(table, tmp, compression="zstd")
     return table.num_rows
 
