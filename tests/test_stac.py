@@ -116,16 +116,15 @@ def test_item_collection_in_a_bucket_reads_as_the_mosaic(shared_world, halves, b
 
 
 @pytest.mark.slow
-def test_item_collection_of_two_cogs_labels_as_one_mosaic(
-    shared_world, shared_label_run, halves, tmp_path
+def test_item_collection_of_two_cogs_in_the_bucket_labels_as_one_mosaic(
+    shared_world, shared_label_run, halves, bucket, tmp_path
 ):
-    seg = segment_raster(halves, tmp_path / "seg", SEGMENT)
+    upload_tree(halves.parent, bucket)
+    seg = segment_raster(f"{bucket}/items.json", tmp_path / "seg", SEGMENT)
     assert seg.raster == "items"
-    with (
-        rasterio.open(seg.segments_path) as got,
-        rasterio.open(shared_world.seg.segments_path) as want,
-    ):
-        np.testing.assert_array_equal(got.read(1), want.read(1))
+    with rasterio.open(seg.segments_path) as got:
+        with rasterio.open(shared_world.seg.segments_path) as want:
+            np.testing.assert_array_equal(got.read(1), want.read(1))
     label(seg.out_dir.parent, shared_world.checkpoint, shared_world.ref, tmp_path / "out", LABEL,
           device="cpu")  # fmt: skip
     got = pq.read_table(tmp_path / "out" / "predictions").sort_by("segment_id")

@@ -6,17 +6,23 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import rasterio
 from isolated_workers import can_unshare, isolated_cluster, local_paths
+from worlds import LABEL, SEGMENT
 
 import superdml.learn.embed as embed_module
 import superdml.search.reference as reference_module
 from superdml.core import storage
 from superdml.core.errors import CheckpointError
+from superdml.label.stage import label
 from superdml.learn.checkpoint import checkpoint_sha256
 from superdml.learn.embed import load_embedder
 from superdml.search.reference import ReferenceIndex, load_reference
+from superdml.segment.stage import segment_raster
 
 
 def upload_tree(folder: Path, prefix: str) -> str:
@@ -102,3 +108,55 @@ def test_model_and_reference_are_fetched_once_per_process_and_checked(
     with pytest.raises(CheckpointError, match=rf"^{checkpoint}: replaced since the run began"):
         load_embedder(checkpoint, "0" * 64, "cpu")
     shutil.rmtree(tmp_path / "cache")
+
+
+def predictions_of(out: str) -> pa.Table:
+    """Every row of a label run's predictions (a path or a URI), by segment id."""
+    where, filesystem = storage.arrow_source(storage.join(out, "predictions"))
+    return pq.read_table(where, filesystem=filesystem).sort_by("segment_id")
+
+
+@pytest.mark.slow
+def test_segment_and_label_on_workers_that_share_nothing_equal_a_local_run(
+    shared_world, isolated, bucket, tmp_path, tmp_path_factory, monkeypatch
+):
+    import faiss
+    import torch
+
+    from superdml.core.cluster import default_workers, make_client
+
+    address, specs = isolated
+    monkeypatch.setenv("SUPERDML_CACHE", str(tmp_path / "client-cache"))
+    mosaic, checkpoint = f"{bucket}/mosaic.tif", f"{bucket}/model.pt"
+    storage.upload(shared_world.mosaic, mosaic)
+    storage.upload(shared_world.checkpoint, checkpoint)
+    reference = upload_tree(shared_world.ref, f"{bucket}/ref")
+    specs.specs.clear()
+    with make_client(scheduler=address) as client:
+        seg = segment_raster(mosaic, f"{bucket}/seg", SEGMENT, client=client)
+        label(f"{bucket}/seg", checkpoint, reference, f"{bucket}/labels", LABEL, device="cpu",
+              client=client)  # fmt: skip
+        cached = client.run(lambda: sorted(p.name for p in storage.cache_dir().glob("*/*")))
+    assert len(specs.specs) >= 2 * 4 + 4  # both segment phases and labeling, 4 tiles each
+    assert local_paths(specs.specs, tmp_path_factory.getbasetemp()) == []  # URIs, no test file
+    # each worker that labeled fetched the model and the reference once
+    assert ["model.pt", "ref"] in cached.values()
+    assert all(names in ([], ["model.pt", "ref"]) for names in cached.values())
+    with rasterio.open(storage.gdal_path(seg.segments_path)) as got:
+        with rasterio.open(shared_world.seg.segments_path) as want:
+            np.testing.assert_array_equal(got.read(1), want.read(1))
+    # the same labels bit for bit as a local run with the workers' torch and FAISS threads
+    threads = torch.get_num_threads()
+    workers_threads = max(1, default_workers() // len(cached))
+    torch.set_num_threads(workers_threads)
+    faiss.omp_set_num_threads(workers_threads)
+    try:
+        local = tmp_path / "local"
+        label(shared_world.seg.out_dir, shared_world.checkpoint, shared_world.ref, local, LABEL,
+              device="cpu")  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
+    got, want = predictions_of(f"{bucket}/labels"), predictions_of(str(local))
+    assert got.num_rows == shared_world.seg.n_superpixels
+    assert got.equals(want)
