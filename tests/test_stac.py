@@ -205,3 +205,13 @@ def test_cli_refuses_a_document_that_is_not_stac(tmp_path):
     assert result.exit_code == 2, result.output
     assert f"error: {path}: not a STAC item or item collection (type 'Catalog'" in result.output
     assert not (tmp_path / "seg" / "catalog").exists()
+
+
+def test_a_pipeline_input_follows_the_document_and_the_asset_key(tmp_path):
+    from superdml.cli.pipeline import _fingerprint
+
+    path = write_items(tmp_path / "items.json", [item("a", {"data": cog_asset("a.tif")})])
+    first = _fingerprint(f"{path}#asset=data", tmp_path / "state", False)
+    assert first != _fingerprint(f"{path}#asset=other", tmp_path / "state", False)
+    write_items(path, [item("b", {"data": cog_asset("b.tif")})])
+    assert _fingerprint(f"{path}#asset=data", tmp_path / "state", False) != first
