@@ -253,3 +253,37 @@ def test_outputs_overlapping_inputs_in_a_bucket_are_refused(bucket):
         check_apart(f"{bucket}/ref/out", [f"{bucket}/ref"])
     check_apart(f"{bucket}/refined", [f"{bucket}/ref"])  # a longer name is another prefix
     check_apart("/tmp/out", [f"{bucket}/ref"])
+
+
+@pytest.mark.slow
+def test_index_reads_crops_from_a_bucket_and_writes_its_reference_there(
+    shared_world, bucket, tmp_path, monkeypatch
+):
+    from superdml.search.reference import ReferenceIndex
+
+    monkeypatch.setenv("SUPERDML_CACHE", str(tmp_path / "cache"))
+    for rel in storage.list_files(shared_world.crops):
+        storage.upload(shared_world.crops / rel, f"{bucket}/crops/{rel}")
+    args = ["index", "--checkpoint", str(shared_world.checkpoint), "--reference-dir",
+            f"{bucket}/crops", "--out", f"{bucket}/ref", "--batch-size", "32",
+            "--device", "cpu"]  # fmt: skip
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    remote, local = ReferenceIndex.load(f"{bucket}/ref"), ReferenceIndex.load(shared_world.ref)
+    assert remote.files == local.files and remote.class_names == local.class_names
+    assert np.array_equal(remote.labels, local.labels)
+    assert np.array_equal(remote.embeddings, local.embeddings)
+    written = set(storage.list_files(f"{bucket}/ref"))
+    assert written == {MARKER} | {p.name for p in shared_world.ref.iterdir()} - {MARKER}
+    again = CliRunner().invoke(cli, args)  # the same crops: every embedding reused
+    assert again.exit_code == 0, again.output
+    assert f"0 embedded, {remote.size} reused, 0 removed" in again.output
+
+
+def test_stages_on_local_folders_only_refuse_uris(tmp_path):
+    result = CliRunner().invoke(
+        cli, ["train", "--train-dir", "s3://b/crops", "--out", str(tmp_path / "m")]
+    )
+    assert result.exit_code == 2, result.output
+    assert "error: s3://b/crops: superdml train reads and writes local paths only" in result.output
+    assert not (tmp_path / "m").exists()

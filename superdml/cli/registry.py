@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from superdml.config.load import load_config
+from superdml.core import storage
 from superdml.core.errors import ConfigError
 
 CONFIG = "config"
@@ -130,6 +131,9 @@ class StageSpec:
         leaves; a pipeline reruns the stage when one is gone (or when the call raises
         a :class:`~superdml.core.errors.SuperDMLError`: what it wrote cannot be read).
         Evaluated after the earlier stages ran. Every stage declares it.
+    uris : bool
+        Whether its paths may be URIs of object stores (:mod:`superdml.core.storage`);
+        a stage that works on local folders only refuses them with one line.
     """
 
     name: str
@@ -146,12 +150,28 @@ class StageSpec:
     command: bool = True
     options_from: type | None = None
     outputs: Callable[[Mapping[str, Any]], list[Path | str]] | None = None
+    uris: bool = False
 
     def check_options(self, options: Mapping[str, Any]) -> None:
-        """Raise ConfigError when two :attr:`exclusive` options are both given."""
+        """Refuse two :attr:`exclusive` options given together, and URIs where not taken.
+
+        Raises
+        ------
+        ConfigError
+        """
         for a, b in self.exclusive:
             if a in options and b in options:
                 raise ConfigError(f"{a} and {b}: give one, not both")
+        if self.uris:
+            return
+        for key in self.paths("input") + self.paths("output"):
+            values = options.get(key)
+            for value in values if isinstance(values, list | tuple) else [values]:
+                if value is not None and storage.is_uri(value):
+                    raise ConfigError(
+                        f"{value}: superdml {self.name} reads and writes local paths only "
+                        "(segment, label, export and index take URIs): copy it to a folder"
+                    )
 
     def option_class(self) -> type | None:
         """Return the class whose fields are options (:attr:`options_from` or :attr:`config`)."""
@@ -191,6 +211,7 @@ class StageSpec:
 
     def run(self, options: Mapping[str, Any], ctx: RunContext) -> Any:
         """Call the entry function with resolved `options`; return its result."""
+        self.check_options(options)
         module, _, function = self.entry.partition(":")
         entry = getattr(importlib.import_module(module), function)
         kwargs = {p.arg or p.name: options[p.name] for p in self.params if p.name in options}

@@ -210,6 +210,7 @@ REGISTRY: dict[str, StageSpec] = {
             ("client",),
             glue=_segment_each,
             outputs=_segment_outputs,
+            uris=True,
         ),
         StageSpec(
             "crops",
@@ -300,6 +301,7 @@ REGISTRY: dict[str, StageSpec] = {
             IndexConfig,
             ("device",),
             outputs=_index_outputs,
+            uris=True,
         ),
         StageSpec(
             "label",
@@ -323,6 +325,7 @@ REGISTRY: dict[str, StageSpec] = {
             ("device", "client", "overwrite"),
             cluster="label",
             outputs=_label_outputs,
+            uris=True,
         ),
         StageSpec(
             "export",
@@ -344,6 +347,7 @@ REGISTRY: dict[str, StageSpec] = {
                 ),
             ),  # fmt: skip
             outputs=_export_outputs,
+            uris=True,
         ),
         StageSpec(
             "evaluate",

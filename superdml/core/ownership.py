@@ -257,15 +257,15 @@ def _claim_prefix(prefix: str, stage: str, accept: tuple[str, ...]) -> Iterator[
 def foreign_files(folder: str | os.PathLike[str], patterns: Iterable[str]) -> list[str]:
     """Files under `folder` (relative, ``/``-separated) that match none of `patterns`.
 
-    Our marker, lock and tagged temporaries count as matching.
+    Our marker, lock and tagged temporaries count as matching. `folder` may be a URI's
+    prefix (:mod:`superdml.core.storage`).
     """
-    folder = Path(folder)
     patterns = tuple(patterns)
     found = []
-    for path in sorted(folder.rglob("*")):
-        if path.is_dir() or path.name in _OURS or is_temporary(path.name):
+    for rel in storage.list_files(folder):
+        name = rel.rpartition("/")[2]
+        if name in _OURS or is_temporary(name):
             continue
-        rel = path.relative_to(folder).as_posix()
         if not any(fnmatch.fnmatchcase(rel, p) for p in patterns):
             found.append(rel)
     return found

@@ -35,8 +35,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# long: one concept, every call that touches a location, local or in a store (each call
+# dispatches on the two); split by verb, the dispatch and its error mapping would repeat
 from superdml.core import atomic
 from superdml.core.atomic import TEMP_TAG, atomic_write, remove, temp_path
+from superdml.core.cache import ProcessCache
 from superdml.core.errors import InputError, MissingInputError, SuperDMLError
 
 __all__ = [
@@ -49,6 +52,7 @@ __all__ = [
     "delete_tree",
     "exists",
     "filesystem",
+    "gdal_env",
     "gdal_path",
     "info",
     "is_uri",
@@ -68,6 +72,7 @@ __all__ = [
     "scratch_dir",
     "stem",
     "upload",
+    "upload_tree",
     "write_bytes",
     "write_json",
     "write_once",
@@ -82,6 +87,8 @@ SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "http", "https")
 READ_ONLY_SCHEMES = ("http", "https")
 """Schemes that are read, never written."""
 
+_SESSIONS: ProcessCache[Any] = ProcessCache(size=8)
+"""rasterio sessions by scheme (:func:`gdal_env`)."""
 #: the package each scheme's fsspec backend comes from (the ``cloud`` extra installs them)
 _BACKENDS = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
              "http": "aiohttp", "https": "aiohttp"}  # fmt: skip
@@ -339,6 +346,24 @@ def arrow_source(loc: Location) -> tuple[str, Any]:
     return path, fs
 
 
+def gdal_env(loc: Location) -> contextlib.AbstractContextManager[Any]:
+    """Return the rasterio environment to open `loc` in: its store's session, or none.
+
+    One rasterio session per store and process: rasterio would make one per open (for
+    S3 a boto3 session, a tenth of a second of CPU for each window a tile task reads).
+    Credentials are still resolved by boto3 (or GDAL), from the environment and config
+    files. A local path needs none (rasterio's own).
+    """
+    if not is_uri(loc):
+        return contextlib.nullcontext()
+    import rasterio
+    from rasterio.session import Session
+
+    scheme = str(loc).partition("://")[0].lower()
+    session = _SESSIONS.get(scheme, lambda: Session.from_path(str(loc)))
+    return rasterio.Env.from_defaults(session=session)
+
+
 def gdal_path(loc: Location) -> str:
     """Return what ``rasterio.open`` takes for `loc`: the path, or the URI.
 
@@ -436,6 +461,19 @@ def write_once(
         upload(tmp, loc, create_only)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def upload_tree(local: Location, loc: Location, last: str | None = None) -> list[str]:
+    """Upload every file under the local folder `local` to the prefix `loc`, one PUT each.
+
+    The file named `last` (relative) goes last: a folder whose manifest lists and hashes
+    the others (a reference's ``reference.json``) is then never newer than its parts.
+    Returns the relative names uploaded.
+    """
+    names = sorted(list_files(local), key=lambda rel: (rel == last, rel))
+    for rel in names:
+        upload(join(local, rel), join(loc, rel))
+    return names
 
 
 def write_bytes(loc: Location, data: bytes, create_only: bool = False) -> None:

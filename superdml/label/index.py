@@ -10,15 +10,20 @@ rebuild into the same folder reuses the embeddings of unchanged crops.
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import logging
 import os
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from superdml.config.schema import IndexConfig, config_hash, config_to_dict, dump_config
+from superdml.core import storage
 from superdml.core.atomic import atomic_write
 from superdml.core.devices import resolve_device
 from superdml.core.errors import require_dir
@@ -38,7 +43,13 @@ from superdml.learn.checkpoint import (
 from superdml.learn.embed import resolve_precision
 from superdml.raster.classes import SCHEME_FILE, ClassScheme, folder_scheme
 from superdml.search.reference import IndexType
-from superdml.search.reference_files import CONFIG_YAML, FILE_STATS_NPY, check_replaceable
+from superdml.search.reference_files import (
+    CONFIG_YAML,
+    FILE_STATS_NPY,
+    REFERENCE_FILES,
+    REFERENCE_JSON,
+    check_replaceable,
+)
 
 __all__ = ["IndexResult", "build_index", "reference_from_folder"]
 
@@ -71,7 +82,7 @@ class IndexResult:
         Wall time.
     """
 
-    out_dir: Path
+    out_dir: Path | str
     n_references: int
     n_embedded: int
     n_reused: int
@@ -97,9 +108,41 @@ def _reference_scheme(
     theirs = ckpt.class_scheme
     scheme = folder_scheme(reference_dir, class_names, theirs)
     if theirs is not None:
-        where = Path(reference_dir) / SCHEME_FILE
+        where = storage.join(reference_dir, SCHEME_FILE)
         scheme.check_compatible(theirs, where, f"checkpoint {checkpoint}")
     return scheme
+
+
+def _previous(out: Path | str) -> Path:
+    """Return the previous reference folder at `out`, local (a bucket's: its cached copy)."""
+    if storage.is_uri(out):
+        if not storage.isfile(storage.join(out, REFERENCE_JSON)):
+            return storage.scratch_dir() / "no-previous-reference"
+        return storage.local_copy(out)
+    return Path(out)
+
+
+@contextlib.contextmanager
+def _writing(out: Path | str) -> Iterator[Path]:
+    """Yield a temporary folder that replaces the reference folder `out` when complete.
+
+    Locally the folder is renamed into place (:func:`~superdml.core.atomic.atomic_write`).
+    In a bucket its files are uploaded, ``reference.json`` last (it hashes the others, so
+    a reader meanwhile gets a one-line error, never a mixed reference), then the old
+    reference's files that were not rewritten are deleted.
+    """
+    if not storage.is_uri(out):
+        with atomic_write(out) as tmp:
+            yield tmp
+        return
+    with tempfile.TemporaryDirectory(dir=storage.scratch_dir()) as scratch:
+        tmp = Path(scratch) / "reference"
+        tmp.mkdir()
+        yield tmp
+        written = set(storage.upload_tree(tmp, out, last=REFERENCE_JSON))
+        for rel in storage.list_files(out):
+            if rel not in written and any(fnmatch.fnmatchcase(rel, p) for p in REFERENCE_FILES):
+                storage.delete(storage.join(out, rel))
 
 
 def build_index(
@@ -121,12 +164,15 @@ def build_index(
 
     Parameters
     ----------
-    checkpoint : path
+    checkpoint : path or URI
         A ``superdml train`` checkpoint.
-    reference_dir : path
-        The labeled crop folder.
-    out_dir : path
-        The reference folder to write (an existing reference folder is replaced).
+    reference_dir : path or URI
+        The labeled crop folder (a prefix of a bucket is fetched once into the local
+        cache, :func:`superdml.core.storage.local_copy`).
+    out_dir : path or URI
+        The reference folder to write (an existing reference folder is replaced; in a
+        bucket it is built on local scratch space and uploaded file by file,
+        ``reference.json`` last, and files of the old one no longer written go).
     config : IndexConfig, optional
         Batch size, precision and index settings; defaults when None.
     device : {"auto", "cpu", "cuda"}
@@ -149,7 +195,7 @@ def build_index(
     """
     start = time.perf_counter()
     config = config or IndexConfig()
-    out = Path(out_dir)
+    out = storage.location(out_dir)
     dev = resolve_device(device)
     resolve_precision(config.precision, dev)  # fails before any work
     ckpt = load_checkpoint(checkpoint)
@@ -158,9 +204,10 @@ def build_index(
     with claim_output(out, "index"):
         check_replaceable(out)
         ckpt_sha = checkpoint_sha256(checkpoint)
-        scan = scan_folder(reference_dir, ckpt)
-        scheme = _reference_scheme(reference_dir, scan.dataset.class_names, ckpt, checkpoint)
-        rows, previous, n_previous = previous_rows(out, ckpt_sha, scan, config.tta)
+        crops = storage.local_copy(reference_dir)
+        scan = scan_folder(crops, ckpt)
+        scheme = _reference_scheme(crops, scan.dataset.class_names, ckpt, checkpoint)
+        rows, previous, n_previous = previous_rows(_previous(out), ckpt_sha, scan, config.tta)
         embeddings = embed_scan(ckpt, scan, dev, config, rows, previous)
         reference = index_scan(scan, embeddings, ckpt_sha, config)
         n_reused = int(np.count_nonzero(rows >= 0))
@@ -177,7 +224,7 @@ def build_index(
             "n_reused": n_reused,
             "n_skipped": scan.dataset.n_skipped,
         }
-        with atomic_write(out) as tmp:
+        with _writing(out) as tmp:
             reference.write(tmp, metadata)
             np.save(tmp / FILE_STATS_NPY, scan.stats)
             dump_config(config, tmp / CONFIG_YAML)

@@ -13,7 +13,6 @@ import dataclasses
 import os
 import warnings
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,17 +20,14 @@ from typing import Any
 import numpy as np
 import rasterio
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
-from rasterio.session import Session
 from rasterio.windows import Window
 
 from superdml.core import storage
-from superdml.core.cache import ProcessCache
 from superdml.core.errors import MissingInputError, input_error
 from superdml.core.gdal_settings import REMOTE_OPEN_SETTINGS, REMOTE_PREFIXES, apply_read_settings
 from superdml.raster.stac import is_stac, stac_vrt
 
 BLOCK_SIZE = 512
-_SESSIONS: ProcessCache[Session] = ProcessCache(size=8)
 
 # GDAL's read settings (a 64 MB block cache, merged range requests...) in every process
 # that reads rasters; a value in the environment wins.
@@ -108,12 +104,8 @@ def open_raster(path: str | os.PathLike[str]) -> Iterator[rasterio.DatasetReader
             raise MissingInputError(f"{path}: no such file (raster)")
         if name.is_dir():
             raise input_error(path, "is a folder, expected a raster file")
-    env: Any = nullcontext()
-    if uri:
-        env = rasterio.Env.from_defaults(session=_session(path), **REMOTE_OPEN_SETTINGS)
-    elif remote:  # a STAC mosaic of objects
-        env = rasterio.Env(**REMOTE_OPEN_SETTINGS)
-    with env:
+    no_listing = rasterio.Env(**REMOTE_OPEN_SETTINGS) if remote else contextlib.nullcontext()
+    with storage.gdal_env(path), no_listing:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -124,17 +116,6 @@ def open_raster(path: str | os.PathLike[str]) -> Iterator[rasterio.DatasetReader
             raise input_error(path, f"not a raster that rasterio can open ({err})") from None
         with src:
             yield src
-
-
-def _session(path: str | os.PathLike[str]) -> Session:
-    """Return the rasterio session of `path`'s store, one per store and process.
-
-    rasterio would make one per open (for S3 a boto3 session: a tenth of a second of
-    CPU for each window a tile task reads). Credentials are still resolved by boto3 (or
-    by GDAL itself), from the environment and config files.
-    """
-    scheme = str(path).partition("://")[0].lower()
-    return _SESSIONS.get(scheme, lambda: Session.from_path(str(path)))
 
 
 def raster_info(path: str | os.PathLike[str]) -> RasterInfo:
