@@ -47,6 +47,7 @@ from superdml.core.cluster import Stage as ClusterShape
 from superdml.core.errors import ConfigError, InputError, SuperDMLError, did_you_mean
 from superdml.core.ownership import check_apart, claim_output
 from superdml.core.provenance import fingerprint
+from superdml.raster.stac import is_stac, raster_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -297,6 +298,8 @@ def _fingerprint(path: str, state: Path | str, edited: bool) -> str:
             if _within(path, out):
                 made = f"stage:{record['name']}:{record['hash']}:{record.get('finished')}"
                 return f"{made}:{fingerprint(path)}" if edited else made
+    if is_stac(path):  # items.json#asset=KEY: the document's content and the key
+        return raster_fingerprint(path)
     return fingerprint(path)
 
 

@@ -1,7 +1,8 @@
 """Foundations of every stage.
 
 Errors, file ownership, atomic writes and locks, storage (paths and URIs), provenance,
-progress, devices, per-process caches and the task runner.
+progress, devices, per-process caches, GDAL's read settings and the task runner (with
+its worker plugin).
 
 Names load on first use (:mod:`lazy_loader`, as scikit-image does), so importing one
 module of the package does not import its siblings.
@@ -75,6 +76,17 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         ],
         "cache": [
             "ProcessCache",
+        ],
+        "gdal_settings": [
+            "READ_SETTINGS",
+            "REMOTE_OPEN_SETTINGS",
+            "REMOTE_PREFIXES",
+            "apply_read_settings",
+            "is_remote",
+            "read_settings",
+        ],
+        "worker_plugin": [
+            "WorkerSettings",
         ],
         "storage": [
             "READ_ONLY_SCHEMES",

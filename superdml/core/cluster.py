@@ -156,6 +156,8 @@ def make_client(
         of tasks resolves (:func:`resolve_client`) by the raster in front of it.
     scheduler : str, optional
         Address of a running ``dask scheduler`` (``tcp://host:8786``) to attach to.
+        Its workers, like those of a local cluster, get this process's GDAL read
+        settings (:mod:`superdml.core.gdal_settings`) through a worker plugin.
     stage : {"cpu", "label"}
         Whose :class:`Shape` the local cluster takes.
     """
@@ -168,7 +170,7 @@ def make_client(
         except OSError as err:
             raise InputError(f"{scheduler}: cannot reach the dask scheduler ({err})") from None
         with client:
-            yield client
+            yield _set_up_workers(client)
         return
     shape = SHAPES[stage]
     if workers is not None and workers < 0:
@@ -198,7 +200,19 @@ def _local_client(workers: int, threads: int) -> Iterator[Any]:
         ) as cluster,
         Client(cluster) as client,
     ):
-        yield client
+        yield _set_up_workers(client)
+
+
+def _set_up_workers(client: Any) -> Any:
+    """Register :class:`~superdml.core.worker_plugin.WorkerSettings` on `client`'s workers.
+
+    Every worker, present and future, gets this process's GDAL read settings before
+    its first task; credentials stay with each worker's environment and files.
+    """
+    from superdml.core.worker_plugin import WorkerSettings
+
+    client.register_plugin(WorkerSettings())
+    return client
 
 
 def _check_options(workers: int | None, scheduler: str | None) -> None:

@@ -58,14 +58,12 @@ from superdml.crops.rule import (
 )
 from superdml.raster.class_names import UNLABELED
 from superdml.raster.classes import SCHEME_FILE, ClassScheme, write_scheme
-from superdml.raster.io import (
+from superdml.raster.io import open_raster, read_window, tile_grid
+from superdml.raster.label_rasters import (
     check_label_overlap,
-    open_raster,
     read_class_nodata,
     read_label_scheme,
     read_labels_on_grid,
-    read_window,
-    tile_grid,
 )
 from superdml.segment.run import SegmentRun, load_segment_runs
 
@@ -265,7 +263,7 @@ def export_crops(
         its majority class; superpixels below ``min_purity`` are skipped.
     classes : path, optional
         Scheme file (code -> name or {name, color, description}) of the label raster;
-        see :func:`superdml.raster.io.read_label_scheme`.
+        see :func:`superdml.raster.label_rasters.read_label_scheme`.
     client : distributed.Client, optional
 
     Returns

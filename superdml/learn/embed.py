@@ -23,9 +23,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from superdml.config.schema import TTA, Precision
+from superdml.core import storage
 from superdml.core.cache import ProcessCache
-from superdml.core.errors import ConfigError
+from superdml.core.errors import CheckpointError, ConfigError
 from superdml.core.progress import progress
+from superdml.core.provenance import sha256_file
 
 if TYPE_CHECKING:
     from superdml.learn.checkpoint import Checkpoint
@@ -287,10 +289,14 @@ def load_embedder(
 ) -> Embedder:
     """Return the checkpoint's :class:`Embedder`, loaded once per process (keyed by its hash).
 
+    A checkpoint in object storage is fetched on the first load into this machine's
+    cache folder (:func:`~superdml.core.storage.local_copy`), so a worker that shares no
+    disk with the client downloads it once, and checked against `sha256`.
+
     Parameters
     ----------
     checkpoint : str
-        Path of the checkpoint.
+        Path or URI of the checkpoint.
     sha256 : str
         Its SHA-256: the cache key, so a replaced file is loaded anew.
     device : {"cpu", "cuda"}
@@ -298,6 +304,11 @@ def load_embedder(
         torch and FAISS threads of this process, set before the first load.
     precision, tta : str
         As :meth:`Embedder.from_checkpoint`.
+
+    Raises
+    ------
+    CheckpointError
+        The object at a checkpoint URI no longer has that hash (replaced mid-run).
     """
 
     def load() -> Embedder:
@@ -306,6 +317,12 @@ def load_embedder(
 
             torch.set_num_threads(threads)
             faiss.omp_set_num_threads(threads)
-        return Embedder.from_checkpoint(checkpoint, device, precision, tta)
+        local = storage.local_copy(checkpoint)
+        if storage.is_uri(checkpoint) and (found := sha256_file(local)) != sha256:
+            raise CheckpointError(
+                f"{checkpoint}: replaced since the run began (sha256 {found[:12]}, the run "
+                f"labels with {sha256[:12]}): rerun with the checkpoint as it is now"
+            )
+        return Embedder.from_checkpoint(local, device, precision, tta)
 
     return _EMBEDDERS.get((sha256, device, precision, tta), load)

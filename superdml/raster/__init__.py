@@ -1,4 +1,4 @@
-"""Raster I/O: windows and tiles, reads and writes, class schemes, overviews, staged writes.
+"""Raster I/O: windows, tiles, reads and writes, class schemes, overviews, STAC mosaics.
 
 Names load on first use (:mod:`lazy_loader`, as scikit-image does), so importing one
 module of the package does not import its siblings.
@@ -37,22 +37,32 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "Tile",
             "band_ranges",
             "check_bands",
-            "check_label_overlap",
             "geotiff_profile",
             "iter_blocks",
             "open_raster",
             "raster_info",
+            "read_window",
+            "tile_grid",
+        ],
+        "label_rasters": [
+            "check_label_overlap",
             "read_class_nodata",
             "read_label_scheme",
             "read_labels_on_grid",
-            "read_window",
-            "tile_grid",
         ],
         "overviews": [
             "downsample_mean",
             "downsample_mode",
             "halved_shape",
             "overview_factors",
+        ],
+        "stac": [
+            "ASSET_FRAGMENT",
+            "DEFAULT_ASSETS",
+            "is_stac",
+            "raster_fingerprint",
+            "split_asset",
+            "stac_vrt",
         ],
         "staged": [
             "StagedRaster",

@@ -669,5 +669,25 @@ _REFERENCES: ProcessCache[ReferenceIndex] = ProcessCache(size=2)
 
 
 def load_reference(ref_dir: str, sha256: str) -> ReferenceIndex:
-    """Return the reference in `ref_dir`, loaded once per process (keyed by its hash)."""
-    return _REFERENCES.get(sha256, lambda: ReferenceIndex.load(ref_dir))
+    """Return the reference in `ref_dir`, loaded once per process (keyed by its hash).
+
+    A reference in object storage (a prefix) is fetched on the first load into this
+    machine's cache folder (:func:`~superdml.core.storage.local_copy`), so a worker that
+    shares no disk with the client downloads it once.
+
+    Raises
+    ------
+    InputError
+        The reference no longer has that hash (replaced mid-run).
+    """
+
+    def load() -> ReferenceIndex:
+        reference = ReferenceIndex.load(storage.local_copy(ref_dir))
+        if reference.sha256 != sha256:
+            raise InputError(
+                f"{ref_dir}: replaced since the run began (sha256 {reference.sha256[:12]}, the "
+                f"run labels with {sha256[:12]}): rerun with the reference as it is now"
+            )
+        return reference
+
+    return _REFERENCES.get(sha256, load)

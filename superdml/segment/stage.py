@@ -57,7 +57,7 @@ from superdml.core import storage
 from superdml.core.cluster import map_tasks, resolve_client
 from superdml.core.errors import InputError
 from superdml.core.ownership import claim_output
-from superdml.core.provenance import combine, file_fingerprint, sha256_file
+from superdml.core.provenance import combine, sha256_file
 from superdml.raster.io import (
     RasterInfo,
     Tile,
@@ -67,6 +67,7 @@ from superdml.raster.io import (
     raster_info,
     tile_grid,
 )
+from superdml.raster.stac import raster_fingerprint
 from superdml.segment.backend import resolve_backend
 from superdml.segment.heap import map_large_allocations
 from superdml.segment.run import (
@@ -160,7 +161,7 @@ def segment_raster(
     n_cells = math.ceil(info.height / step) * math.ceil(info.width / step)
     if n_cells >= 2**32 - 1:
         raise InputError(f"{path}: {n_cells} grid cells do not fit uint32 ids: raise region_size")
-    source_fp = file_fingerprint(info.path)
+    source_fp = raster_fingerprint(info.path)
     digest = config_hash(config)
     tiles = tile_grid(info.height, info.width, tile_size)
     with claim_output(out_dir, "segment"):

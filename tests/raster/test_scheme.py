@@ -27,7 +27,7 @@ from superdml.raster.classes import (
     read_scheme,
     write_scheme,
 )
-from superdml.raster.io import read_label_scheme
+from superdml.raster.label_rasters import read_label_scheme
 from superdml.segment.stage import segment_raster
 
 #: The land-cover scheme of the input map: codes, names and its color table.
