@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
+import cloudpickle
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,6 +25,10 @@ from superdml.learn.checkpoint import checkpoint_sha256
 from superdml.learn.embed import load_embedder
 from superdml.search.reference import ReferenceIndex, load_reference
 from superdml.segment.stage import segment_raster
+
+# The functions this file runs on the workers travel by value: a worker cannot import
+# this file (only tests/ is on its path).
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def upload_tree(folder: Path, prefix: str) -> str:
