@@ -194,9 +194,13 @@ def to_uint8(
         out = pixels.copy()
     else:
         lo_ = np.asarray(lo, dtype=np.float32)[:, None, None]
-        hi_ = np.asarray(hi, dtype=np.float32)[:, None, None]
-        scaled = (pixels.astype(np.float32) - lo_) * (255.0 / (hi_ - lo_))
-        out = np.clip(np.nan_to_num(scaled), 0, 255).round().astype(np.uint8)
+        factor = np.float32(255) / (np.asarray(hi, dtype=np.float32)[:, None, None] - lo_)
+        scaled = pixels.astype(np.float32)  # one temporary, scaled in place
+        scaled -= lo_
+        scaled *= factor
+        np.fmax(scaled, 0, out=scaled)  # fmax/fmin, unlike clip, also turn NaN into 0
+        np.fmin(scaled, 255, out=scaled)
+        out = np.rint(scaled, out=scaled).astype(np.uint8)
     if valid is not None:
         out[:, ~valid] = 0
     return out
