@@ -1,4 +1,8 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -16,6 +20,8 @@ from superdml.crops.folder import CROPS_SCHEMA
 from superdml.crops.rule import CropRule, extract_crops, read_crop_rule, to_uint8
 from superdml.crops.stage import export_crops, majority_labels
 from superdml.segment.stage import segment_raster
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def superpixel_rows(path):
@@ -286,6 +292,62 @@ def test_a_crops_tile_without_superpixels(tmp_path):
         str(p.relative_to(tmp_path / "crops")) for p in (tmp_path / "crops").rglob("*.png")
     )
     assert pngs == sorted(table.column("file").to_pylist())
+
+
+CRASH = """
+import os, sys
+import superdml.crops.stage as stage
+from superdml.config.schema import CropsConfig
+
+stage.TILE_SIZE = 64  # four batches
+real, renamed = os.replace, []
+
+def replace(src, dst):  # dies like a killed process after `limit` crop files: no cleanup
+    if ".sdml-tmp-" in str(src) and str(dst).endswith((".tif", ".png")):
+        if len(renamed) == int(sys.argv[3]):
+            os._exit(9)
+        renamed.append(dst)
+    real(src, dst)
+
+os.replace = replace
+stage.export_crops(sys.argv[1], sys.argv[2], CropsConfig(crop_size=16))
+"""
+
+
+def file_bytes(root):
+    """Every file under `root` but the lock (relative path -> bytes)."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".superdml.lock"
+    }
+
+
+def test_a_run_killed_mid_tile_leaves_no_table_and_whole_files_and_a_rerun_finishes(tmp_path):
+    rgb, _ = texture_mosaic(128)
+    nir = 65535 - 257 * rgb.mean(axis=0, keepdims=True)
+    pixels = np.concatenate([rgb.astype(np.uint16) * 257, nir.astype(np.uint16)])
+    source = write_raster(tmp_path / "four.tif", pixels)
+    seg = segment_raster(source, tmp_path / "seg", SegmentConfig(region_size=16)).out_dir
+    clean = export_crops(seg, tmp_path / "clean", CropsConfig(crop_size=16))
+    expected = file_bytes(tmp_path / "clean")
+    n_files = 2 * clean.n_crops  # chips and previews
+    assert n_files == sum(name.endswith((".tif", ".png")) for name in expected) > 40
+    out = tmp_path / "out"
+    limit = 2 * (clean.n_crops // 2) + 1  # halfway, in a later batch: after a chip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    killed = subprocess.run([sys.executable, "-c", CRASH, str(seg), str(out), str(limit)], env=env)
+    assert killed.returncode == 9
+    found = file_bytes(out)
+    assert "crops.parquet" not in found
+    named = {name: data for name, data in found.items() if name.endswith((".tif", ".png"))}
+    assert len(named) == limit  # and the rest of the batch waits in temporaries:
+    assert any(".sdml-tmp-" in name for name in found)
+    for name, data in named.items():  # every file under its name is whole
+        assert data == expected[name], name
+    rerun = export_crops(seg, out, CropsConfig(crop_size=16))
+    assert rerun.n_crops == clean.n_crops
+    assert file_bytes(out) == expected  # every file the table names, no leftover
 
 
 # --------------------------------------------------------------- pure functions
