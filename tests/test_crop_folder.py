@@ -128,8 +128,11 @@ def test_a_chip_is_tifffiles_tiff_and_opens_in_gdal_with_every_band(tmp_path, dt
     expected = io.BytesIO()
     tifffile.imwrite(expected, native, photometric="minisblack", planarconfig="separate")
     assert chip_bytes(crop) == expected.getvalue()
-    write_crops(tmp_path, "m", superpixels([1]), crop[None], ["a"], previews=random_crops(1))
+    preview = random_crops(1)
+    write_crops(tmp_path, "m", superpixels([1]), crop[None], ["a"], previews=preview)
     assert files_under(tmp_path) == ["a/m_1.png", "a/m_1.tif"]
+    with Image.open(tmp_path / "a" / "m_1.png") as image:
+        np.testing.assert_array_equal(np.asarray(image), preview[0].transpose(1, 2, 0))
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "a" / "m_1.tif"), crop)  # lossless
     with rasterio.open(tmp_path / "a" / "m_1.tif") as src:  # one image of every band
         assert src.count == bands
