@@ -26,9 +26,11 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "require_file",
         ],
         "atomic": [
+            "AtomicFiles",
             "OLD_TAG",
             "TEMP_TAG",
             "aside_path",
+            "atomic_files",
             "atomic_write",
             "is_temporary",
             "remove",

@@ -12,19 +12,22 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "cut": [
             "color_band_indexes",
             "crop_tile",
+            "crop_tile_with_previews",
             "read_crop_window",
         ],
         "folder": [
             "CROPS_SCHEMA",
             "CROPS_TABLE",
             "ROW_GROUP_SIZE",
+            "add_crop",
+            "chip_bytes",
             "clear_crops",
             "count_labels",
             "crop_file",
+            "png_bytes",
             "read_crops_meta",
             "write_crops",
             "write_crops_table",
-            "write_png",
         ],
         "rule": [
             "CropRule",

@@ -188,6 +188,38 @@ def crop_tile(run: SegmentRun, rule: CropRule, table: pa.Table) -> tuple[np.ndar
         uint8 (8-bit rule) or the raster's dtype (lossless rule).
     ids : (N,) uint32 ndarray
     """
+    pixels, segments, ids, centers = _tile_window(run, rule, table)
+    return extract_crops(pixels, segments, ids, centers, rule.crop_size, rule.mask), ids
+
+
+def crop_tile_with_previews(
+    run: SegmentRun, rule: CropRule, table: pa.Table
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Crops of the superpixels in `table` and their color previews: a crop folder's files.
+
+    The previews are cut like the crops from the window's :meth:`CropRule.preview_bands`
+    (scaling the window once costs a third of scaling every crop: crops overlap), so
+    pixels the mask zeroes are black in them.
+
+    Returns
+    -------
+    crops : (N, rule.channels, S, S) ndarray
+        As :func:`crop_tile`.
+    previews : (N, 3 or 4, S, S) uint8 ndarray or None
+        The lossless rule's previews (RGBA with mask ``alpha``); None for the 8-bit rule.
+    """
+    pixels, segments, ids, centers = _tile_window(run, rule, table)
+    crops = extract_crops(pixels, segments, ids, centers, rule.crop_size, rule.mask)
+    if not rule.lossless:
+        return crops, None
+    color = rule.preview_bands(pixels)
+    return crops, extract_crops(color, segments, ids, centers, rule.crop_size, rule.mask)
+
+
+def _tile_window(
+    run: SegmentRun, rule: CropRule, table: pa.Table
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Read the window around `table`'s crops: pixels, segments, ids, (N, 2) crop centers."""
     ids = table.column("segment_id").to_numpy()
     rows = np.floor(table.column("row").to_numpy()).astype(np.int64)
     cols = np.floor(table.column("col").to_numpy()).astype(np.int64)
@@ -195,5 +227,4 @@ def crop_tile(run: SegmentRun, rule: CropRule, table: pa.Table) -> tuple[np.ndar
     r0, c0 = int(rows.min()) - half, int(cols.min()) - half
     r1, c1 = int(rows.max()) - half + rule.crop_size, int(cols.max()) - half + rule.crop_size
     pixels, segments = read_crop_window(run, rule, r0, c0, r1 - r0, c1 - c0)
-    centers = np.stack([rows - r0, cols - c0], axis=1)
-    return extract_crops(pixels, segments, ids, centers, rule.crop_size, rule.mask), ids
+    return pixels, segments, ids, np.stack([rows - r0, cols - c0], axis=1)

@@ -149,28 +149,24 @@ class CropRule:
             scale = np.append(scale, np.float32(1 / 255))
         return lo, scale.astype(np.float32)
 
-    def preview_image(self, crops: np.ndarray) -> np.ndarray:
-        """Return the 8-bit color preview of lossless crops, for people (not the model).
+    def preview_bands(self, pixels: np.ndarray) -> np.ndarray:
+        """Return the 8-bit color bands of lossless pixels, for people (not the model).
 
         Parameters
         ----------
-        crops : (N, C, H, W) ndarray
+        pixels : (C, H, W) ndarray
+            A window (or crop) of this rule's bands, at its dtype.
 
         Returns
         -------
-        (N, 3 or 4, H, W) uint8 ndarray
-            The `preview` bands (the first three when unset) scaled from lo..hi to
-            0..255; the alpha mask kept as a fourth band.
+        (3, H, W) uint8 ndarray
+            The `preview` bands (the first three when unset) scaled from lo..hi to 0..255.
         """
         n_bands = len(self.bands or ())
         picks = list(self.preview or range(min(3, n_bands)))
         lo = [self.lo[i] for i in picks] if self.lo else [0.0] * len(picks)
         hi = [self.hi[i] for i in picks] if self.hi else [255.0] * len(picks)
-        color = to_uint8(crops[:, picks], lo, hi)  # (C, 1, 1) limits broadcast over N
-        out = np.ascontiguousarray(color_bands(color.swapaxes(0, 1)).swapaxes(0, 1))
-        if self.mask == "alpha":
-            out = np.concatenate([out, crops[:, -1:].astype(np.uint8)], axis=1)
-        return out
+        return color_bands(to_uint8(pixels[picks], lo, hi))
 
 
 def to_uint8(
@@ -194,9 +190,13 @@ def to_uint8(
         out = pixels.copy()
     else:
         lo_ = np.asarray(lo, dtype=np.float32)[:, None, None]
-        hi_ = np.asarray(hi, dtype=np.float32)[:, None, None]
-        scaled = (pixels.astype(np.float32) - lo_) * (255.0 / (hi_ - lo_))
-        out = np.clip(np.nan_to_num(scaled), 0, 255).round().astype(np.uint8)
+        factor = np.float32(255) / (np.asarray(hi, dtype=np.float32)[:, None, None] - lo_)
+        scaled = pixels.astype(np.float32)  # one temporary, scaled in place
+        scaled -= lo_
+        scaled *= factor
+        np.fmax(scaled, 0, out=scaled)  # fmax/fmin, unlike clip, also turn NaN into 0
+        np.fmin(scaled, 255, out=scaled)
+        out = np.rint(scaled, out=scaled).astype(np.uint8)
     if valid is not None:
         out[:, ~valid] = 0
     return out

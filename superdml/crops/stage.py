@@ -43,7 +43,7 @@ from superdml.core.cluster import map_tasks
 from superdml.core.errors import InputError, input_error
 from superdml.core.ownership import check_apart, claim_output
 from superdml.core.provenance import fingerprint
-from superdml.crops.cut import crop_tile, make_rule
+from superdml.crops.cut import crop_tile_with_previews, make_rule
 from superdml.crops.folder import (
     CROPS_SCHEMA,
     CROPS_TABLE,
@@ -188,7 +188,7 @@ class _Chosen:
 def _crop_task(
     job: _CropJob, row: int, col: int, height: int, width: int, chosen: _Chosen | None
 ) -> pa.Table:
-    """Write the PNG crops of one tile's chosen superpixels; return their table rows."""
+    """Write the crops of one tile's chosen superpixels; return their table rows."""
     table = job.run.superpixels_in(row, col, height, width)
     labels: list[str] = [UNLABELED] * table.num_rows
     purity = np.full(table.num_rows, np.nan, dtype=np.float32)
@@ -202,8 +202,7 @@ def _crop_task(
         purity = chosen.purity[order[pos[hit]]]
     if table.num_rows == 0:
         return CROPS_SCHEMA.empty_table()
-    crops, _ = crop_tile(job.run, job.rule, table)
-    previews = job.rule.preview_image(crops) if job.rule.lossless else None
+    crops, previews = crop_tile_with_previews(job.run, job.rule, table)
     return write_crops(
         Path(job.out_dir), job.run.name, table, crops, labels, purity=purity, previews=previews
     )

@@ -39,7 +39,7 @@ from superdml.core import storage
 from superdml.core.errors import input_error
 from superdml.core.ownership import check_apart, check_output, claim_output
 from superdml.core.progress import progress
-from superdml.crops.cut import color_band_indexes, crop_tile
+from superdml.crops.cut import color_band_indexes, crop_tile, crop_tile_with_previews
 from superdml.crops.folder import (
     CROPS_TABLE,
     clear_crops,
@@ -302,7 +302,8 @@ def _pool_embeddings(inputs: _Inputs, pool: _Candidates, device: str) -> np.ndar
         batch_size = int(labeled.get("batch_size", 256))
         for i, (r, t, index) in enumerate(tiles):
             if kept[i] is None:
-                crops, _ = _tile_crops(inputs, r, t, pool.segment_id[index])
+                table = _tile_rows(inputs, r, t, pool.segment_id[index])
+                crops, _ = crop_tile(inputs.runs[r], inputs.rule, table)
                 kept[i] = embedder(inputs.rule.to_unit(crops), batch_size)
     dim = cast(np.ndarray, kept[0]).shape[1]  # every None was filled in above
     out = np.empty((len(pool), dim), np.float32)
@@ -314,15 +315,8 @@ def _pool_embeddings(inputs: _Inputs, pool: _Candidates, device: str) -> np.ndar
 # --------------------------------------------------------------------------- crops
 
 
-def _tile_crops(inputs: _Inputs, r: int, t: int, ids: np.ndarray) -> tuple[np.ndarray, pa.Table]:
-    """Crops of superpixels `ids` of tile `t` of run `r`, in the order of `ids`.
-
-    Returns
-    -------
-    crops : (N, C, S, S) uint8 ndarray
-    table : pyarrow.Table
-        Their superpixel table rows, in the same order.
-    """
+def _tile_rows(inputs: _Inputs, r: int, t: int, ids: np.ndarray) -> pa.Table:
+    """Superpixel table rows of superpixels `ids` of tile `t` of run `r`, in the order of `ids`."""
     run, tile = inputs.runs[r], inputs.parts[r].tiles[t]
     table = run.superpixels_in(tile.row, tile.col, tile.height, tile.width)
     table = table.filter(pc.is_in(table.column("segment_id"), pa.array(ids, pa.uint32())))
@@ -333,18 +327,16 @@ def _tile_crops(inputs: _Inputs, r: int, t: int, ids: np.ndarray) -> tuple[np.nd
             f"superpixel {ids[position < 0][0]} of the predictions is not in this table: "
             "were these segments made again after labeling?",
         )
-    table = table.take(pa.array(position))
-    crops, _ = crop_tile(run, inputs.rule, table)
-    return crops, table
+    return table.take(pa.array(position))
 
 
 def _write_tile(
     folder: Path, inputs: _Inputs, r: int, t: int, picks: _Candidates, names: np.ndarray
 ) -> pa.Table:
     """Write the crops of one tile's picks; return their ``crops.parquet`` rows."""
-    crops, table = _tile_crops(inputs, r, t, picks.segment_id)
+    table = _tile_rows(inputs, r, t, picks.segment_id)
+    crops, previews = crop_tile_with_previews(inputs.runs[r], inputs.rule, table)
     labels = list(names[picks.label_id])
-    previews = inputs.rule.preview_image(crops) if inputs.rule.lossless else None
     return write_crops(
         folder, inputs.runs[r].name, table, crops, labels, score=picks.score,
         margin=picks.margin, previews=previews,

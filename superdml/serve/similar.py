@@ -278,8 +278,9 @@ def write_crops_of(
     Crops are cut per tile (one window read each) with the model's crop rule: PNGs, or
     TIFF chips with their PNG previews (lossless rule), as ``superdml crops`` writes them.
     """
-    from superdml.crops.cut import crop_tile
-    from superdml.crops.folder import preview_file, write_chip, write_png
+    from superdml.core.atomic import atomic_files
+    from superdml.crops.cut import crop_tile_with_previews
+    from superdml.crops.folder import add_crop
 
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for row in rows:
@@ -287,12 +288,12 @@ def write_crops_of(
     schema = pa.schema([("segment_id", pa.uint32()), ("row", pa.float64()), ("col", pa.float64())])
     for (raster, _), group in groups.items():
         table = pa.table({name: [r[name] for r in group] for name in schema.names}, schema=schema)
-        crops, _ = crop_tile(runs[raster], model.rule, table)
-        previews = model.rule.preview_image(crops) if model.rule.lossless else crops
-        for row, crop, preview in zip(group, crops, previews, strict=True):
-            if model.rule.lossless:
-                write_chip(folder / row["file"], crop)
-            write_png(folder / preview_file(row["file"]), preview)
+        crops, previews = crop_tile_with_previews(runs[raster], model.rule, table)
+        with atomic_files() as batch:
+            for i, (row, crop) in enumerate(zip(group, crops, strict=True)):
+                add_crop(
+                    batch, folder / row["file"], crop, None if previews is None else previews[i]
+                )
 
 
 def embed_model(checkpoint: Path, label_run: LabelRun | None, device: str) -> EmbedModel:

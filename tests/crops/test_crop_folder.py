@@ -1,22 +1,28 @@
-"""The crop folder writer shared by ``crops`` and ``review``: PNGs, table rows, schema."""
+"""The crop folder writer shared by ``crops`` and ``review``: PNGs, chips, table rows, schema."""
+
+import io
+import os
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import rasterio
+import tifffile
 from PIL import Image
 
 from superdml.core.errors import InputError
+from superdml.crops import folder as folder_module
 from superdml.crops.folder import (
     CROPS_SCHEMA,
     CROPS_TABLE,
+    chip_bytes,
     clear_crops,
     count_labels,
     crop_file,
     read_crops_meta,
     write_crops,
     write_crops_table,
-    write_png,
 )
 
 
@@ -112,10 +118,71 @@ def test_write_crops_refuses_labels_that_do_not_match_the_crops(tmp_path):
     assert files_under(tmp_path) == []
 
 
-def test_a_failed_png_write_leaves_neither_the_file_nor_a_temporary(tmp_path):
-    bad = np.zeros((5, 4, 4), np.uint8)  # five bands: no PNG mode
+@pytest.mark.parametrize(
+    "dtype, bands", [(np.uint16, 4), (np.int16, 12), (np.float32, 5), (np.uint8, 2), (">u2", 4)]
+)
+def test_a_chip_is_tifffiles_tiff_and_opens_in_gdal_with_every_band(tmp_path, dtype, bands):
+    values = np.random.default_rng(1).uniform(-30000, 30000, (bands, 8, 8))
+    crop = values.astype(dtype) if dtype != np.uint8 else (values % 256).astype(np.uint8)
+    native = crop.astype(crop.dtype.newbyteorder("="))
+    expected = io.BytesIO()
+    tifffile.imwrite(expected, native, photometric="minisblack", planarconfig="separate")
+    assert chip_bytes(crop) == expected.getvalue()
+    preview = random_crops(1)
+    write_crops(tmp_path, "m", superpixels([1]), crop[None], ["a"], previews=preview)
+    assert files_under(tmp_path) == ["a/m_1.png", "a/m_1.tif"]
+    with Image.open(tmp_path / "a" / "m_1.png") as image:
+        np.testing.assert_array_equal(np.asarray(image), preview[0].transpose(1, 2, 0))
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "a" / "m_1.tif"), crop)  # lossless
+    with rasterio.open(tmp_path / "a" / "m_1.tif") as src:  # one image of every band
+        assert src.count == bands
+        np.testing.assert_array_equal(src.read(), crop)
+
+
+def failing_on(monkeypatch, name, call, error=ValueError):
+    """Make ``superdml.crops.folder.<name>`` raise `error` on its `call`-th call."""
+    real, calls = getattr(folder_module, name), []
+
+    def fail(*args):
+        calls.append(1)
+        if len(calls) == call:
+            raise error("failed on purpose")
+        return real(*args)
+
+    monkeypatch.setattr(folder_module, name, fail)
+
+
+def test_a_crop_failing_mid_batch_leaves_none_of_the_batch_and_no_temporary(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "mine.png").write_bytes(b"a person's file")
+    failing_on(monkeypatch, "png_bytes", 3)  # two crops already handed to the writers
+    with pytest.raises(ValueError, match="on purpose"):
+        write_crops(tmp_path, "m", superpixels([1, 2, 3, 4]), random_crops(4), ["a"] * 4)
+    assert files_under(tmp_path) == ["a/mine.png"]
+    assert (tmp_path / "a" / "mine.png").read_bytes() == b"a person's file"
+
+
+def test_a_failed_fsync_renames_nothing_and_leaves_no_temporary(tmp_path, monkeypatch):
+    real, synced = os.fsync, []
+
+    def fsync(fd):
+        synced.append(fd)
+        if len(synced) == 5:
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="Input/output"):
+        write_crops(
+            tmp_path, "m", superpixels(range(1, 5)), random_crops(4, 4).astype(np.uint16),
+            ["a", "b", "a", "b"], previews=random_crops(4),
+        )  # fmt: skip
+    assert files_under(tmp_path) == []
+
+
+def test_a_five_band_png_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises((TypeError, ValueError, KeyError)):
-        write_png(tmp_path / "a" / "x.png", bad)
+        write_crops(tmp_path, "m", superpixels([1]), random_crops(1, 5), ["a"])
     assert files_under(tmp_path) == []
 
 

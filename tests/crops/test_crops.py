@@ -1,4 +1,9 @@
+import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,10 +17,14 @@ from rasters import texture_mosaic, write_raster
 from superdml.cli.commands import cli
 from superdml.config.schema import CropsConfig, SegmentConfig
 from superdml.core.errors import InputError, MissingInputError
+from superdml.crops.cut import crop_tile, crop_tile_with_previews, make_rule
 from superdml.crops.folder import CROPS_SCHEMA
 from superdml.crops.rule import CropRule, extract_crops, read_crop_rule, to_uint8
 from superdml.crops.stage import export_crops, majority_labels
+from superdml.segment.run import load_segment_runs
 from superdml.segment.stage import segment_raster
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def superpixel_rows(path):
@@ -286,6 +295,93 @@ def test_a_crops_tile_without_superpixels(tmp_path):
         str(p.relative_to(tmp_path / "crops")) for p in (tmp_path / "crops").rglob("*.png")
     )
     assert pngs == sorted(table.column("file").to_pylist())
+
+
+CRASH = """
+import os, sys
+import superdml.crops.stage as stage
+from superdml.config.schema import CropsConfig
+
+stage.TILE_SIZE = 64  # four batches
+real, renamed = os.replace, []
+
+def replace(src, dst):  # dies like a killed process after `limit` crop files: no cleanup
+    if ".sdml-tmp-" in str(src) and str(dst).endswith((".tif", ".png")):
+        if len(renamed) == int(sys.argv[3]):
+            os._exit(9)
+        renamed.append(dst)
+    real(src, dst)
+
+os.replace = replace
+stage.export_crops(sys.argv[1], sys.argv[2], CropsConfig(crop_size=16))
+"""
+
+
+def file_bytes(root):
+    """Every file under `root` but the lock (relative path -> bytes)."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".superdml.lock"
+    }
+
+
+@pytest.fixture(scope="module")
+def four_bands(tmp_path_factory):
+    """The segment run of a 4-band uint16 mosaic (lossless crops)."""
+    root = tmp_path_factory.mktemp("four")
+    rgb, _ = texture_mosaic(128)
+    nir = 65535 - 257 * rgb.mean(axis=0, keepdims=True)
+    pixels = np.concatenate([rgb.astype(np.uint16) * 257, nir.astype(np.uint16)])
+    source = write_raster(root / "four.tif", pixels)
+    return segment_raster(source, root / "seg", SegmentConfig(region_size=16)).out_dir
+
+
+@pytest.mark.parametrize("mask", ["none", "outside", "alpha"])
+def test_previews_are_the_crops_preview_bands_and_black_where_masked(four_bands, mask):
+    run = load_segment_runs(four_bands)[0]
+    rule = make_rule([run], CropsConfig(crop_size=16, mask=mask))
+    table = run.superpixels_in(0, 0, 128, 128)
+    crops, previews = crop_tile_with_previews(run, rule, table)
+    np.testing.assert_array_equal(crops, crop_tile(run, rule, table)[0])
+    unmasked = crop_tile(run, dataclasses.replace(rule, mask="none"), table)[0]
+    expected = np.stack([rule.preview_bands(crop) for crop in unmasked])
+    if mask == "outside":
+        expected *= (crops > 0).any(axis=1, keepdims=True)  # no pixel of the texture is 0
+    if mask == "alpha":
+        expected = np.concatenate([expected, crops[:, -1:].astype(np.uint8)], axis=1)
+    assert previews.dtype == np.uint8 and previews.shape == (
+        len(crops),
+        3 + (mask == "alpha"),
+        16,
+        16,
+    )
+    np.testing.assert_array_equal(previews, expected)
+
+
+def test_a_run_killed_mid_tile_leaves_no_table_and_whole_files_and_a_rerun_finishes(
+    four_bands, tmp_path
+):
+    seg = four_bands
+    clean = export_crops(seg, tmp_path / "clean", CropsConfig(crop_size=16))
+    expected = file_bytes(tmp_path / "clean")
+    n_files = 2 * clean.n_crops  # chips and previews
+    assert n_files == sum(name.endswith((".tif", ".png")) for name in expected) > 40
+    out = tmp_path / "out"
+    limit = 2 * (clean.n_crops // 2) + 1  # halfway, in a later batch: after a chip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    killed = subprocess.run([sys.executable, "-c", CRASH, str(seg), str(out), str(limit)], env=env)
+    assert killed.returncode == 9
+    found = file_bytes(out)
+    assert "crops.parquet" not in found
+    named = {name: data for name, data in found.items() if name.endswith((".tif", ".png"))}
+    assert len(named) == limit  # and the rest of the batch waits in temporaries:
+    assert any(".sdml-tmp-" in name for name in found)
+    for name, data in named.items():  # every file under its name is whole
+        assert data == expected[name], name
+    rerun = export_crops(seg, out, CropsConfig(crop_size=16))
+    assert rerun.n_crops == clean.n_crops
+    assert file_bytes(out) == expected  # every file the table names, no leftover
 
 
 # --------------------------------------------------------------- pure functions
