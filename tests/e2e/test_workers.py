@@ -24,7 +24,6 @@ from superdml.label.stage import label
 from superdml.learn.checkpoint import checkpoint_sha256
 from superdml.learn.embed import load_embedder
 from superdml.search.reference import ReferenceIndex, load_reference
-from superdml.segment.stage import segment_raster
 
 # The functions this file runs on the workers travel by value: a worker cannot import
 # this file (only tests/ is on its path).
@@ -123,12 +122,15 @@ def predictions_of(out: str) -> pa.Table:
 
 
 @pytest.mark.slow
-def test_segment_and_label_on_workers_that_share_nothing_equal_a_local_run(
+def test_label_mosaic_on_workers_that_share_nothing_equals_a_local_run(
     shared_world, isolated, bucket, tmp_path, tmp_path_factory, monkeypatch
 ):
+    """The shipped pipeline, inputs and outputs in the bucket, its tasks on isolated workers."""
     import faiss
     import torch
+    from click.testing import CliRunner
 
+    from superdml.cli.commands import cli
     from superdml.core.cluster import default_workers, make_client
 
     address, specs = isolated
@@ -138,17 +140,24 @@ def test_segment_and_label_on_workers_that_share_nothing_equal_a_local_run(
     storage.upload(shared_world.checkpoint, checkpoint)
     reference = upload_tree(shared_world.ref, f"{bucket}/ref")
     specs.specs.clear()
+    sets = [f"mosaic={mosaic}", f"checkpoint={checkpoint}", f"reference={reference}",
+            f"segment.region_size={SEGMENT.region_size}", f"segment.tile_size={SEGMENT.tile_size}",
+            f"label.tile_size={LABEL.tile_size}", f"label.k={LABEL.k}",
+            f"label.batch_size={LABEL.batch_size}"]  # fmt: skip
+    args = ["run", "label_mosaic", "--workdir", f"{bucket}/run", "--scheduler", address]
+    args += ["--device", "cpu", *(a for s in sets for a in ("--set", s))]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "label: ran" in result.output and "export: ran" in result.output
     with make_client(scheduler=address) as client:
-        seg = segment_raster(mosaic, f"{bucket}/seg", SEGMENT, client=client)
-        label(f"{bucket}/seg", checkpoint, reference, f"{bucket}/labels", LABEL, device="cpu",
-              client=client)  # fmt: skip
         cached = client.run(lambda: sorted(p.name for p in storage.cache_dir().glob("*/*")))
     assert len(specs.specs) >= 2 * 4 + 4  # both segment phases and labeling, 4 tiles each
     assert local_paths(specs.specs, tmp_path_factory.getbasetemp()) == []  # URIs, no test file
     # each worker that labeled fetched the model and the reference once
     assert ["model.pt", "ref"] in cached.values()
     assert all(names in ([], ["model.pt", "ref"]) for names in cached.values())
-    with rasterio.open(storage.gdal_path(seg.segments_path)) as got:
+    run = f"{bucket}/run"
+    with rasterio.open(storage.gdal_path(f"{run}/segments/mosaic/segments.tif")) as got:
         with rasterio.open(shared_world.seg.segments_path) as want:
             np.testing.assert_array_equal(got.read(1), want.read(1))
     # the same labels bit for bit as a local run with the workers' torch and FAISS threads
@@ -163,6 +172,14 @@ def test_segment_and_label_on_workers_that_share_nothing_equal_a_local_run(
     finally:
         torch.set_num_threads(threads)
         faiss.omp_set_num_threads(threads)
-    got, want = predictions_of(f"{bucket}/labels"), predictions_of(str(local))
+    got, want = predictions_of(f"{run}/labels"), predictions_of(str(local))
     assert got.num_rows == shared_world.seg.n_superpixels
     assert got.equals(want)
+    exported = CliRunner().invoke(
+        cli, ["-q", "export", str(local), "--segments", str(shared_world.seg.out_dir.parent)]
+    )
+    assert exported.exit_code == 0, exported.output
+    for name in ("labels.tif", "scores.tif"):
+        with rasterio.open(storage.gdal_path(f"{run}/labels/{name}")) as a:
+            with rasterio.open(local / name) as b:
+                assert np.array_equal(a.read(), b.read(), equal_nan=True), name
