@@ -26,8 +26,6 @@ from superdml.segment.stage import segment_raster
 SIZE = 128
 BLOCK = 32
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is faster
-
 
 def nir_mosaic(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A 4-band uint16 checkerboard of two classes equal in R, G, B, apart in NIR.
