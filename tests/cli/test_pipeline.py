@@ -3,7 +3,6 @@ import json
 import pytest
 from click.testing import CliRunner
 from rasters import texture_mosaic, write_raster
-from worlds import untrained_world
 
 from superdml.cli.commands import cli
 from superdml.cli.compare import write_comparison
@@ -210,8 +209,8 @@ stages:
 """
 
 
-def test_a_deleted_output_reruns_its_stage(tmp_path):
-    root = untrained_world(tmp_path)
+def test_a_deleted_output_reruns_its_stage(shared_world, tmp_path):
+    root = shared_world.copy_to(tmp_path / "world")
     (root / "p.yaml").write_text(LABEL_EXPORT)
     assert statuses(run_pipeline(root / "p.yaml", device="cpu")) == {
         "label": "ran",

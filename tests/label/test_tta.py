@@ -1,7 +1,6 @@
 """Test-time augmentation travels with its embeddings: references and kept embeddings."""
 
 import pytest
-from worlds import untrained_world
 
 from superdml.config.schema import IndexConfig, LabelConfig
 from superdml.core.errors import InputError
@@ -18,9 +17,9 @@ def test_kept_embeddings_are_keyed_by_tta(tmp_path):
     assert embeddings_path(*args, "d4") != embeddings_path(*args, "none")
 
 
-def test_label_refuses_a_reference_embedded_with_other_tta(tmp_path):
-    root = untrained_world(tmp_path, size=128, per_class=4)
-    build_index(root / "model.pt", root / "crops", root / "ref_d4", IndexConfig(tta="d4"), "cpu")
+def test_label_refuses_a_reference_embedded_with_other_tta(shared_world, tmp_path):
+    world, ref = shared_world, tmp_path / "ref_d4"
+    build_index(world.checkpoint, world.crops, ref, IndexConfig(tta="d4"), "cpu")
     with pytest.raises(InputError, match="ref_d4: reference embedded with tta 'd4', label asks"):
-        label(root / "seg", root / "model.pt", root / "ref_d4", root / "out", LabelConfig(k=3))
-    assert not (root / "out").exists()  # refused before any work
+        label(world.seg.out_dir, world.checkpoint, ref, tmp_path / "out", LabelConfig(k=3))
+    assert not (tmp_path / "out").exists()  # refused before any work

@@ -14,7 +14,6 @@ import threading
 from pathlib import Path
 
 import pytest
-from worlds import untrained_world
 
 from superdml.config.load import dump_config
 from superdml.config.schema import LabelConfig, ReviewConfig, TrainConfig
@@ -55,13 +54,13 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(shared_world, tmp_path_factory):
     """The shared world's mosaic, segments, crops and model, labeled, exported and reviewed.
 
     ``model/`` is a training folder (``best.pt`` untrained, ``train.yaml`` of one tiny
     epoch), so the page's Retrain has a previous model to start from.
     """
-    root = untrained_world(tmp_path_factory.mktemp("serve"))
+    root = shared_world.copy_to(tmp_path_factory.mktemp("serve"))
     (root / "model").mkdir()
     shutil.copy(root / "model.pt", root / "model" / "best.pt")
     config = TrainConfig(
