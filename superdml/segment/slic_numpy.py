@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from superdml.segment.regions_numba import fragment_borders, label_components, region_sums
+from superdml.segment.regions_numba import fragment_borders, label_runs, paint_runs, region_sums
 
 
 def scale_bands(pixels: np.ndarray, lo: list[float], hi: list[float]) -> np.ndarray:
@@ -225,8 +225,10 @@ def enforce_connectivity(labels: np.ndarray, max_rounds: int = 64) -> np.ndarray
     -------
     (H, W) ndarray of the dtype of `labels`
     """
-    comp, comp_label, size = label_components(labels)
+    row_first, start, stop, comp, comp_label, size = label_runs(labels)
     n = comp_label.size - 1
+    if n == 0:  # all nodata: a tile's window inside a raster's nodata area
+        return labels
     ids = np.arange(1, n + 1)
     order = np.lexsort((ids, -size[1:], comp_label[1:]))
     sorted_comps = ids[order]
@@ -239,8 +241,9 @@ def enforce_connectivity(labels: np.ndarray, max_rounds: int = 64) -> np.ndarray
     # pixel edges (fragment, neighbour): the only borders a merge looks at
     fragment = resolved < 0
     fragment[0] = False
-    a, b = fragment_borders(comp, fragment)
-    pair_key, pair_count = np.unique(a * (n + 1) + b, return_counts=True)
+    a, b, edges = fragment_borders(row_first, start, stop, comp, fragment)
+    pair_key, pair_index = np.unique(a * (n + 1) + b, return_inverse=True)
+    pair_count = np.bincount(pair_index, weights=edges).astype(np.int64)
     pa_, pb_ = np.divmod(pair_key, n + 1)
     for _ in range(max_rounds):
         open_ = (resolved[pa_] < 0) & (resolved[pb_] >= 0)
@@ -257,7 +260,7 @@ def enforce_connectivity(labels: np.ndarray, max_rounds: int = 64) -> np.ndarray
         resolved[kf[first]] = kt[first]
     resolved = np.where(resolved >= 0, resolved, comp_label)
     resolved[0] = 0
-    return resolved.astype(labels.dtype)[comp]
+    return paint_runs(labels.shape, row_first, start, stop, resolved.astype(labels.dtype)[comp])
 
 
 def superpixel_stats(
