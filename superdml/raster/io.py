@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
+from rasterio.enums import MaskFlags
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
@@ -202,6 +203,8 @@ def read_window(
     pixels[(slice(None), *inner)] = data
     if nodata is not None:
         ok = ~np.any(data == nodata, axis=0) if not np.isnan(nodata) else np.ones_like(valid[inner])
+    elif _all_valid(src, bands):  # no nodata, alpha or mask: GDAL's masks are all 255
+        ok = np.ones_like(valid[inner])
     else:
         ok = np.all(src.read_masks(bands, window=window) > 0, axis=0)
     if dtype.kind == "f":
@@ -237,6 +240,8 @@ def band_ranges(
     with open_raster(path) as src:
         height, width, dtype = src.height, src.width, np.dtype(src.dtypes[bands[0] - 1])
         strip = max(BLOCK_SIZE, src.block_shapes[0][0])
+        if dtype == np.uint8 and nodata is None and _all_valid(src, bands):
+            return [0.0] * len(bands), [255.0] * len(bands)  # fixed range, every pixel valid
     step = max(1, int(np.ceil(max(height, width) / max_side)))
     out_width = max(1, width // step)
     samples, valid = [], []
@@ -267,6 +272,15 @@ def band_ranges(
     hi = np.percentile(values, percentiles[1], axis=1)
     hi = np.where(hi > lo, hi, lo + 1.0)
     return [float(v) for v in lo], [float(v) for v in hi]
+
+
+def _all_valid(src: rasterio.DatasetReader, bands: list[int]) -> bool:
+    """Whether every pixel of `bands` is valid by the dataset's own masks.
+
+    True when the bands have no nodata value, alpha band or mask band (GDAL's
+    ``GMF_ALL_VALID``): their masks would read 255 everywhere.
+    """
+    return all(src.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in bands)
 
 
 def _any_valid(src: rasterio.DatasetReader, bands: list[int], nodata: float | None) -> bool:

@@ -286,5 +286,5 @@ def _write_table(grid: Grid, tiles: list[Tile], path: Path, meta: dict[str, obje
     with atomic_write(path) as tmp:
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             for tile in tiles:
-                part = pq.read_table(grid.table_path(tile)).cast(schema)
+                part = pq.ParquetFile(grid.table_path(tile)).read()  # table_schema's fields
                 writer.write_table(part, row_group_size=ROW_GROUP_SIZE)
