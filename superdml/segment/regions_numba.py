@@ -47,30 +47,22 @@ def label_runs(
     size : (N + 1,) int64 ndarray
         Pixels of each component (entry 0: 0).
     """
-    # long: one pass collects the runs, one joins overlapping runs of adjacent rows
-    # (union-find), one numbers the components: a split would pass the run arrays around
+    # long: passes that count and collect the runs, join overlapping runs of adjacent
+    # rows (union-find) and number the components: a split would pass the arrays around
     h, w = labels.shape
-    start = np.empty(max(16, h * w // 64), dtype=np.int32)
-    stop = np.empty_like(start)
+    none = np.empty(0, dtype=np.int32)
+    n = 0
+    for r in range(h):  # count the runs first: no growing arrays in the hot loop
+        n += _row_runs(labels[r], none, none, 0)
+    start = np.empty(n, dtype=np.int32)
+    stop = np.empty(n, dtype=np.int32)
     row_first = np.empty(h + 1, dtype=np.int64)
     n = 0
     for r in range(h):
         row_first[r] = n
-        c = 0
-        while c < w:
-            value = labels[r, c]
-            end = c + 1
-            while end < w and labels[r, end] == value:
-                end += 1
-            if value > 0:
-                if n == start.size:  # grow: a window of many short runs
-                    start = np.concatenate((start, np.empty_like(start)))
-                    stop = np.concatenate((stop, np.empty_like(stop)))
-                start[n], stop[n] = c, end
-                n += 1
-            c = end
+        n += _row_runs(labels[r], start, stop, n)
     row_first[h] = n
-    parent = np.arange(n)
+    parent = np.arange(n)  # a run's parent is an earlier run (or itself, a root)
     for r in range(1, h):
         above, above_end = row_first[r - 1], row_first[r]
         for q in range(row_first[r], row_first[r + 1]):
@@ -83,20 +75,37 @@ def label_runs(
                     a, b = _root(parent, q), _root(parent, k)
                     parent[max(a, b)] = min(a, b)
                 k += 1
+    for q in range(n):  # in order: the parent's entry already names its root
+        parent[q] = parent[parent[q]]
     comp = np.empty(n, dtype=np.int32)
     number = np.zeros(n, dtype=np.int32)
-    comp_label = [np.int64(0)]
-    size = [np.int64(0)]
+    comp_label = np.zeros(n + 1, dtype=np.int64)
+    size = np.zeros(n + 1, dtype=np.int64)
+    m = 0
     for r in range(h):
         for q in range(row_first[r], row_first[r + 1]):
-            root = _root(parent, q)
+            root = parent[q]
             if number[root] == 0:
-                number[root] = len(size)
-                comp_label.append(np.int64(labels[r, start[q]]))
-                size.append(np.int64(0))
+                m += 1
+                number[root] = m
+                comp_label[m] = labels[r, start[q]]
             comp[q] = number[root]
             size[comp[q]] += stop[q] - start[q]
-    return row_first, start[:n].copy(), stop[:n].copy(), comp, np.array(comp_label), np.array(size)
+    return row_first, start, stop, comp, comp_label[: m + 1], size[: m + 1]
+
+
+@numba.njit(cache=True, nogil=True)
+def _row_runs(row: np.ndarray, start: np.ndarray, stop: np.ndarray, n: int) -> int:
+    """Count the runs of positive ids of `row`; store them at `n` when `start` has room."""
+    first, found = 0, 0
+    for c in range(1, row.size + 1):
+        if c == row.size or row[c] != row[c - 1]:
+            if row[first] > 0:
+                if start.size > 0:
+                    start[n + found], stop[n + found] = first, c
+                found += 1
+            first = c
+    return found
 
 
 @numba.njit(cache=True, nogil=True)
@@ -146,7 +155,7 @@ def fragment_borders(
     comp: np.ndarray,
     fragment: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pixel edges between a fragment and another component, counted per pair of runs.
+    """Pixel edges between each fragment and the components it touches, per pair of runs.
 
     Parameters
     ----------
@@ -157,48 +166,152 @@ def fragment_borders(
 
     Returns
     -------
-    frag, neighbour, edges : (E,) int64 ndarray
+    first : (N + 2,) int64 ndarray
+        Fragment ``x``'s borders are entries ``first[x]:first[x + 1]``, in raster order.
+    neighbour, edges : (E,) int64 ndarray
         For each pair of touching runs of two components, one of them a fragment: the
-        fragment, the other component and the 4-neighbour pixel edges between the two
-        runs (a pair of two fragments appears once for each).
+        other component and the 4-neighbour pixel edges between the two runs (a pair of
+        two fragments is listed under each).
     """
-    frag = [np.int64(0)] * 0  # typed empty lists: the appends are in _add_border
-    neighbour = [np.int64(0)] * 0
-    edges = [np.int64(0)] * 0
+    first = np.zeros(fragment.size + 1, dtype=np.int64)
+    _walk_borders(row_first, start, stop, comp, fragment, first, first, first, False)
+    first = np.cumsum(first)
+    neighbour = np.empty(first[-1], dtype=np.int64)
+    edges = np.empty(first[-1], dtype=np.int64)
+    cursor = first[:-1].copy()
+    _walk_borders(row_first, start, stop, comp, fragment, cursor, neighbour, edges, True)
+    return first, neighbour, edges
+
+
+@numba.njit(cache=True, nogil=True)
+def _walk_borders(
+    row_first: np.ndarray,
+    start: np.ndarray,
+    stop: np.ndarray,
+    comp: np.ndarray,
+    fragment: np.ndarray,
+    cursor: np.ndarray,
+    neighbour: np.ndarray,
+    edges: np.ndarray,
+    fill: bool,
+) -> None:
+    """Visit every pair of touching runs of two components, in raster order.
+
+    Without `fill`, count each fragment's borders into ``cursor[x + 1]``; with it, write
+    them at ``cursor[x]`` (advanced) into `neighbour` and `edges`.
+    """
     h = row_first.size - 1
     for r in range(h):
         below, below_end = row_first[r + 1], row_first[min(r + 2, h)]
         for q in range(row_first[r], row_first[r + 1]):
             x = comp[q]
             if q + 1 < row_first[r + 1] and start[q + 1] == stop[q]:  # the next run, touching
-                _add_border(frag, neighbour, edges, fragment, x, comp[q + 1], 1)
+                _border(fragment, cursor, neighbour, edges, fill, x, comp[q + 1], 1)
             while below < below_end and stop[below] <= start[q]:
                 below += 1
             k = below
             while k < below_end and start[k] < stop[q]:
                 if comp[k] != x:
                     overlap = min(stop[k], stop[q]) - max(start[k], start[q])
-                    _add_border(frag, neighbour, edges, fragment, x, comp[k], overlap)
+                    _border(fragment, cursor, neighbour, edges, fill, x, comp[k], overlap)
                 k += 1
-    return (
-        np.array(frag, dtype=np.int64),
-        np.array(neighbour, dtype=np.int64),
-        np.array(edges, dtype=np.int64),
-    )
 
 
 @numba.njit(cache=True, nogil=True)
-def _add_border(
-    frag: list, neighbour: list, edges: list, fragment: np.ndarray, x: int, y: int, n: int
+def _border(
+    fragment: np.ndarray,
+    cursor: np.ndarray,
+    neighbour: np.ndarray,
+    edges: np.ndarray,
+    fill: bool,
+    x: int,
+    y: int,
+    n: int,
 ) -> None:
-    if fragment[x]:
-        frag.append(np.int64(x))
-        neighbour.append(np.int64(y))
-        edges.append(np.int64(n))
-    if fragment[y]:
-        frag.append(np.int64(y))
-        neighbour.append(np.int64(x))
-        edges.append(np.int64(n))
+    for a, b in ((x, y), (y, x)):
+        if not fragment[a]:
+            continue
+        if fill:
+            neighbour[cursor[a]] = b
+            edges[cursor[a]] = n
+            cursor[a] += 1
+        else:
+            cursor[a + 1] += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def merge_fragments(
+    first: np.ndarray,
+    neighbour: np.ndarray,
+    edges: np.ndarray,
+    owner: np.ndarray,
+    comp_label: np.ndarray,
+    max_rounds: int,
+) -> np.ndarray:
+    """Merge fragments, round by round, into the component they share most edges with.
+
+    In each round, every fragment touching components already resolved (at the start of
+    the round) joins the id it shares the most pixel edges with (summed over the
+    components resolved to that id; ties: the smaller id). Rounds stop when none joins,
+    or after `max_rounds`.
+
+    Parameters
+    ----------
+    first, neighbour, edges : ndarray
+        Borders of each fragment, from :func:`fragment_borders`.
+    owner : (N + 1,) int64 ndarray
+        The main component each component is resolved to: itself for main components,
+        -1 for fragments (and entry 0). Each id has one main component.
+    comp_label : (N + 1,) int64 ndarray
+        Id of each component.
+    max_rounds : int
+
+    Returns
+    -------
+    (N + 1,) int64 ndarray
+        `owner` with the merged fragments resolved; -1 for fragments cut off from every
+        main component.
+    """
+    owner = owner.copy()
+    pending = np.flatnonzero(first[1:] > first[:-1])  # fragments with borders
+    total = np.zeros(owner.size, dtype=np.int64)  # edges per main component, reset after use
+    touched = np.empty(max(1, neighbour.size), dtype=np.int64)
+    joins = np.empty(pending.size, dtype=np.int64)
+    targets = np.empty(pending.size, dtype=np.int64)
+    for _ in range(max_rounds):
+        n_joins, n_left = 0, 0
+        for x in pending:
+            n_touched = 0
+            for i in range(first[x], first[x + 1]):
+                main = owner[neighbour[i]]
+                if main < 0:
+                    continue
+                if total[main] == 0:
+                    touched[n_touched] = main
+                    n_touched += 1
+                total[main] += edges[i]
+            best = -1
+            for j in range(n_touched):
+                main = touched[j]
+                if (
+                    best < 0
+                    or total[main] > total[best]
+                    or (total[main] == total[best] and comp_label[main] < comp_label[best])
+                ):
+                    best = main
+            for j in range(n_touched):
+                total[touched[j]] = 0
+            if best >= 0:
+                joins[n_joins], targets[n_joins] = x, best
+                n_joins += 1
+            else:
+                pending[n_left] = x
+                n_left += 1
+        if n_joins == 0:
+            break
+        owner[joins[:n_joins]] = targets[:n_joins]  # after the round: decided on its start
+        pending = pending[:n_left]
+    return owner
 
 
 @numba.njit(cache=True, nogil=True)
