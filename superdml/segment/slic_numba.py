@@ -208,6 +208,8 @@ def _sweep_band(
     d_row2 = np.empty(9, dtype=np.float32)
     cols = np.arange(w).astype(np.float32)
     index = np.empty(w, dtype=np.int64)
+    nearest = np.empty(step, dtype=np.int32)  # offset k of the nearest, one cell's pixels
+    k_offset = np.array([(k // 3) * ext_cols + k % 3 for k in range(9)], dtype=np.int64)
     for i in range(t * ny // n_bands, (t + 1) * ny // n_bands):
         for j in range(nx):
             for k in range(9):
@@ -224,10 +226,10 @@ def _sweep_band(
                 for k in range(9):
                     d = fr - cell[0, k]
                     d_row2[k] = d * d
-                base = i * ext_cols + j  # flat index of offset k's center: base + k_off
+                base = i * ext_cols + j  # flat index of offset k's center: + k_offset[k]
                 for col in range(j * step, (j + 1) * step):
                     best_d = np.float32(np.inf)
-                    best_k = -1
+                    best_k = np.int32(-1)  # 32 bits, as the distances: one vector width
                     for k in range(9):
                         d_col = cols[col] - cell[1, k]
                         dist = (d_row2[k] + d_col * d_col) * inv_s2
@@ -236,9 +238,15 @@ def _sweep_band(
                             dist += diff * diff
                         better = dist < best_d
                         best_d = dist if better else best_d
-                        best_k = k if better else best_k
-                    found = valid[r, col] and best_k >= 0
-                    index[col] = base + (best_k // 3) * ext_cols + best_k % 3 if found else -1
+                        best_k = np.int32(k) if better else best_k
+                    nearest[col - j * step] = best_k
+                # the indexes apart: the loop above stores only into this cell's small
+                # buffer (stores into a row-long array beside the feature rows made it
+                # half as fast, depending on where the arrays happened to lie)
+                for col in range(j * step, (j + 1) * step):
+                    k = nearest[col - j * step]
+                    found = valid[r, col] and k >= 0
+                    index[col] = base + k_offset[k] if found else -1
             if write_labels:
                 labels[r] = index
             if accumulate:
