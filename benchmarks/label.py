@@ -15,9 +15,9 @@ embedding, kNN vote, writing every part; the cluster's start is not counted).
 
 ``bare_forward``: the same model on one random ``(batch, 3, 64, 64)`` tensor made
 before the loop (batch 256 unless ``batch_size``), under ``torch.inference_mode``, for
-as many batches as the mosaic has superpixels, after one untimed batch: float32, float32
-channels_last, and (where the device computes bf16) bf16 autocast channels_last. The
-fastest is the label row's baseline.
+``ceil(n / batch)`` batches (``run.py``: the mosaic's superpixels, at most 4096), after
+one untimed batch: float32, float32 channels_last, and (where the device computes bf16)
+bf16 autocast channels_last. The fastest is the label row's baseline.
 """
 
 from __future__ import annotations

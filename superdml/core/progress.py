@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
-from tqdm.auto import tqdm
+from tqdm.std import TqdmExperimentalWarning
+
+# tqdm.auto's choice (a widget in a notebook, text elsewhere) without its asyncio
+# subclass, whose import (asyncio) costs every command about 0.1 s
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", category=TqdmExperimentalWarning)
+    from tqdm.autonotebook import tqdm
 
 T = TypeVar("T")
 

@@ -21,7 +21,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from superdml.segment.regions_numba import fragment_borders, label_components, region_sums
+from superdml.segment.regions_numba import (
+    fragment_borders,
+    label_runs,
+    merge_fragments,
+    paint_runs,
+    region_sums,
+)
 
 
 def scale_bands(pixels: np.ndarray, lo: list[float], hi: list[float]) -> np.ndarray:
@@ -225,39 +231,27 @@ def enforce_connectivity(labels: np.ndarray, max_rounds: int = 64) -> np.ndarray
     -------
     (H, W) ndarray of the dtype of `labels`
     """
-    comp, comp_label, size = label_components(labels)
+    row_first, start, stop, comp, comp_label, size = label_runs(labels)
     n = comp_label.size - 1
+    if n == 0:  # all nodata: a tile's window inside a raster's nodata area
+        return labels
     ids = np.arange(1, n + 1)
     order = np.lexsort((ids, -size[1:], comp_label[1:]))
     sorted_comps = ids[order]
     sorted_labels = comp_label[sorted_comps]
-    first = np.r_[True, sorted_labels[1:] != sorted_labels[:-1]]
-    resolved = np.full(n + 1, -1, dtype=np.int64)
-    resolved[sorted_comps[first]] = comp_label[sorted_comps[first]]
-    if (resolved[1:] >= 0).all():
+    main = sorted_comps[np.r_[True, sorted_labels[1:] != sorted_labels[:-1]]]
+    owner = np.full(n + 1, -1, dtype=np.int64)  # the main component each one joins
+    owner[main] = main
+    if main.size == n:
         return labels
     # pixel edges (fragment, neighbour): the only borders a merge looks at
-    fragment = resolved < 0
+    fragment = owner < 0
     fragment[0] = False
-    a, b = fragment_borders(comp, fragment)
-    pair_key, pair_count = np.unique(a * (n + 1) + b, return_counts=True)
-    pa_, pb_ = np.divmod(pair_key, n + 1)
-    for _ in range(max_rounds):
-        open_ = (resolved[pa_] < 0) & (resolved[pb_] >= 0)
-        if not open_.any():
-            break
-        frag, target, count = pa_[open_], resolved[pb_[open_]], pair_count[open_]
-        width = int(target.max()) + 1
-        key, inverse = np.unique(frag * width + target, return_inverse=True)
-        total = np.bincount(inverse, weights=count)
-        kf, kt = np.divmod(key, width)
-        best = np.lexsort((kt, -total, kf))
-        kf, kt = kf[best], kt[best]
-        first = np.r_[True, kf[1:] != kf[:-1]]
-        resolved[kf[first]] = kt[first]
-    resolved = np.where(resolved >= 0, resolved, comp_label)
-    resolved[0] = 0
-    return resolved.astype(labels.dtype)[comp]
+    first, neighbour, edges = fragment_borders(row_first, start, stop, comp, fragment)
+    owner = merge_fragments(first, neighbour, edges, owner, comp_label, max_rounds)
+    final = np.where(owner >= 0, comp_label[owner], comp_label)
+    final[0] = 0
+    return paint_runs(labels.shape, row_first, start, stop, final.astype(labels.dtype)[comp])
 
 
 def superpixel_stats(

@@ -14,6 +14,7 @@ import worlds
 from click.testing import CliRunner
 
 import superdml.label.export
+import superdml.raster.staged as staged
 from superdml.cli.commands import cli
 from superdml.core.errors import InputError
 from superdml.core.ownership import mark_output
@@ -183,6 +184,7 @@ def test_no_room_to_stage_is_one_line_and_keeps_the_old_rasters(labeled, tmp_pat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "posix_fallocate", full)
+    monkeypatch.setattr(staged, "IN_MEMORY_BYTES", 0)  # staged on disk, as large rasters are
     result = CliRunner().invoke(
         cli, ["export", str(out), "--segments", str(labeled["seg"].out_dir), "--vector", "none"]
     )

@@ -171,6 +171,20 @@ def test_nodata_pixels_belong_to_no_superpixel(tmp_path):
     assert table.column("mean_b1").to_numpy().max() < 65535
 
 
+def test_tiles_inside_a_nodata_area_have_no_superpixel(tmp_path):
+    """A nodata collar wider than a tile and its margin (a mosaic's empty corner)."""
+    rgb = data.astronaut()[:128, :384].transpose(2, 0, 1).copy()
+    rgb[rgb == 0] = 1
+    rgb[:, :, :256] = 0
+    path = write_raster(tmp_path / "collar.tif", rgb, nodata=0)
+    config = SegmentConfig(region_size=8, tile_size=32)  # 32 px tiles, a 64 px margin
+    result = segment_raster(path, tmp_path / "out", config)
+    segments, *_ = read_segments(result)
+    assert (segments[:, :256] == 0).all() and (segments[:, 256:] > 0).all()
+    table = pq.read_table(result.table_path)
+    assert table.column("area_px").to_numpy().sum() == 128 * 128
+
+
 @pytest.mark.parametrize(
     ("dtype", "count"), [("uint16", 1), ("float32", 4), ("int16", 2), ("uint8", 3)]
 )
