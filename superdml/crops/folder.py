@@ -13,6 +13,9 @@ with an 8-bit color preview (``.png``, same name) beside each, for people. Train
 the chips and ignores the previews: a person moving a chip should move its preview too,
 but a stale preview changes nothing.
 
+Crops with a context view (:attr:`CropRule.context <superdml.crops.rule.CropRule.context>`)
+are TIFF chips under either rule: the crop's bands, then the wider view's, in one file.
+
 People sort the crops by moving them between class folders. The table records where
 each crop was written, so a later run tells its own files from moved or added ones
 (:func:`clear_crops`) and never removes a person's work. Every file is written

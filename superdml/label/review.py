@@ -342,7 +342,7 @@ def _write_tile(
     """Write the crops of one tile's picks; return their ``crops.parquet`` rows."""
     crops, table = _tile_crops(inputs, r, t, picks.segment_id)
     labels = list(names[picks.label_id])
-    previews = inputs.rule.preview_image(crops) if inputs.rule.lossless else None
+    previews = inputs.rule.preview_image(crops) if inputs.rule.chips else None
     return write_crops(
         folder, inputs.runs[r].name, table, crops, labels, score=picks.score,
         margin=picks.margin, previews=previews,

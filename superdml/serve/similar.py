@@ -276,7 +276,8 @@ def write_crops_of(
     """Write the crop files of found superpixels (:meth:`MosaicEmbeddings.rows` + ``file``).
 
     Crops are cut per tile (one window read each) with the model's crop rule: PNGs, or
-    TIFF chips with their PNG previews (lossless rule), as ``superdml crops`` writes them.
+    TIFF chips with their PNG previews (lossless or context rule), as ``superdml crops``
+    writes them.
     """
     from superdml.crops.cut import crop_tile
     from superdml.crops.folder import preview_file, write_chip, write_png
@@ -288,9 +289,9 @@ def write_crops_of(
     for (raster, _), group in groups.items():
         table = pa.table({name: [r[name] for r in group] for name in schema.names}, schema=schema)
         crops, _ = crop_tile(runs[raster], model.rule, table)
-        previews = model.rule.preview_image(crops) if model.rule.lossless else crops
+        previews = model.rule.preview_image(crops) if model.rule.chips else crops
         for row, crop, preview in zip(group, crops, previews, strict=True):
-            if model.rule.lossless:
+            if model.rule.chips:
                 write_chip(folder / row["file"], crop)
             write_png(folder / preview_file(row["file"]), preview)
 
@@ -323,7 +324,7 @@ def more_like(
     """Return the crops of the `k` superpixels most like crop `i`'s, still to sort.
 
     Superpixels of the mosaic without a crop in the folder get one (:meth:`Sorter.add`:
-    ``more/<raster>_<segment_id>.png``, a chip for the lossless rule).
+    ``more/<raster>_<segment_id>.png``, a chip for the lossless or context rule).
 
     Returns
     -------
@@ -338,7 +339,7 @@ def more_like(
     crop_of = np.full(len(mosaic.keys), -1, np.int64)
     crop_of[queued[queued >= 0]] = np.flatnonzero(queued >= 0)
     found = mosaic.similar(row, k, queued[queue.state != PENDING])
-    ext = ".tif" if mosaic.model.rule.lossless else ".png"
+    ext = ".tif" if mosaic.model.rule.chips else ".png"
     rows = mosaic.rows(found)
     for r in rows:
         r["file"] = f"{MORE_DIR}/{r['raster']}_{r['segment_id']}{ext}"
