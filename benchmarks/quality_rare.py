@@ -3,23 +3,24 @@
 What it measures
 ----------------
 The rare-class mosaic (:func:`rare_mosaic`): four of the demo's textures (brick, grass,
-gravel, cat) fill wavy Voronoi cells, and the fifth (coffee) only four discs, two in
-each half: at the default 1024 px, 1.82% of the area, 38 training crops (every pure
-superpixel of the left half) against 262 to 790 of each common class, and about as
-many superpixels in the unseen half (the run prints the counts). The common classes
-keep every pure superpixel as a training crop and reference (``crops.per_class``
-null), so the reference is as unbalanced as a real one: the vote, not a model that
-never saw the rare class, is what the settings change. The demo pipeline
-(``pipelines/demo.yaml``: crops from the left half's truth -> train -> index -> label ->
-export) runs on it once per seed (each seed sets ``crops.seed`` and ``train.seed``);
-then, on the same model and reference, ``label`` and ``export`` run again for each
-setting of the labeling rule (:data:`SETTINGS`; the pipeline reruns only the stages
-whose options changed). A setting that changes the crops (``crops.context``) trains
-its own model in its own folder. The
-label raster is scored on the unseen right half with
-:func:`superdml.cli.demo.unseen_half_scores`: pixel accuracy, macro F1 over the five
-classes, and the rare class's F1. The label rate is the label stage's superpixels per
-second, and its ratio to the first setting's (today's rule) in the same seed.
+gravel, cat) fill wavy Voronoi cells, and the fifth (coffee: the coffee photo's wooden
+table, tiled) only four discs, two in each half: 1.82% of the area; at the default 896
+px, 29 training crops (every pure superpixel of the left half) and about as many
+superpixels in the unseen half (the run prints the counts). The common classes keep up
+to ``--per-class`` (200) pure superpixels each as training crops and references, so the
+reference is unbalanced as a real one is: the vote, not a model that never saw the rare
+class, is what the settings change. The demo pipeline (``pipelines/demo.yaml``: crops
+from the left half's truth -> train -> index -> label -> export) runs on it once per
+seed (each seed sets ``crops.seed`` and ``train.seed``), at ``--input-size`` (32 px: the
+64 px crops at half resolution, a quarter of the demo's compute, so three seeds fit in
+about an hour on two cores); then, on the same model and reference, ``label`` and
+``export`` run again for each setting of the labeling rule (:data:`SETTINGS`; the
+pipeline reruns only the stages whose options changed). A setting that changes the crops
+(``crops.context``) trains its own model in its own folder. The label raster is scored
+on the unseen right half with :func:`superdml.cli.demo.unseen_half_scores`: pixel
+accuracy, macro F1 over the five classes, and the rare class's F1. The label rate is the
+label stage's superpixels per second, and its ratio to the first setting's (today's
+rule) in the same seed.
 
 Per-run scores go to ``OUT/results.json`` as each run finishes (a rerun with the same
 ``--out`` skips the runs already there, so a long run can be resumed or extended); the
@@ -60,7 +61,8 @@ from superdml.config.shipped import pipeline_path
 RARE = "coffee"
 
 #: name -> overrides of the label (and index) stages; the first is today's rule (knn vote,
-#: similarity weighting, k 10, class_balance 0, no unknowns, no TTA).
+#: similarity weighting, k 10, class_balance 0, no unknowns, no TTA). Overrides of
+#: ``crops`` or ``train`` make another model, in a folder of its own (:func:`_workdir`).
 SETTINGS: dict[str, list[str]] = {
     "today": [],
     "balance-0.5": ["label.class_balance=0.5"],
@@ -72,6 +74,8 @@ SETTINGS: dict[str, list[str]] = {
     "calibrated-0.95": ["label.unknown=calibrated"],
     "tta-d4": ["index.tta=d4", "label.tta=d4"],
     "tta-d4-balance-1": ["index.tta=d4", "label.tta=d4", "label.class_balance=1.0"],
+    "context-3": ["crops.context=3"],
+    "context-3-balance-1": ["crops.context=3", "label.class_balance=1.0"],
 }  # fmt: skip
 
 
@@ -104,13 +108,22 @@ def rare_mosaic(size: int, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _full_textures(size: int) -> list[np.ndarray]:
-    """The demo's five textures, each over the whole ``(size, size, 3)`` square."""
+    """The five textures, each over the whole ``(size, size, 3)`` square.
+
+    The demo's, except the rare class: the coffee photo's wooden table (its lower
+    right corner), mirror-tiled, so every disc shows the same texture. The demo's stretched
+    coffee photo put the cup in one half's discs and the table in the other's: no model
+    could tell the unseen discs from what it was shown, whatever the vote.
+    """
     from skimage import data
 
     from superdml.cli.demo import _photo, _tiled
 
+    table = data.coffee()[200:, 480:]
+    table = np.concatenate([table, table[:, ::-1]], axis=1)  # mirrored: seamless
+    table = np.concatenate([table, table[::-1]], axis=0)
     return [_tiled(data.brick(), size), _tiled(data.grass(), size),
-            _tiled(data.gravel(), size), _photo(data.coffee(), size),
+            _tiled(data.gravel(), size), _tiled(table, size),
             _photo(data.chelsea(), size)]  # fmt: skip
 
 
@@ -179,9 +192,12 @@ def _unseen_rare_superpixels(workdir: Path, truth: np.ndarray) -> int:
 
 
 def _workdir(out: Path, seed: int, name: str) -> Path:
-    """A setting's folder: the seed's, or its own when it changes the crops (its own model)."""
-    own = any(o.startswith(("crops.", "train.")) for o in SETTINGS[name])
-    return out / (f"s{seed}-{name}" if own else f"s{seed}")
+    """A setting's folder: the seed's, or one per model when it changes the crops or training.
+
+    ``s0`` for today's model, ``s0-context3`` for ``crops.context=3`` (whatever it votes).
+    """
+    model = [o.split(".", 1)[1] for o in SETTINGS[name] if o.startswith(("crops.", "train."))]
+    return out / "-".join([f"s{seed}", *(o.replace("=", "").replace("_", "") for o in model)])
 
 
 def _table(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -210,9 +226,11 @@ def _table(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=1024, help="mosaic side in px")
+    parser.add_argument("--size", type=int, default=896, help="mosaic side in px")
     parser.add_argument("--seeds", type=int, default=3, help="seeds: 0..N-1")
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--input-size", type=int, default=32, help="the model's input side")
+    parser.add_argument("--per-class", type=int, default=200, help="training crops per class")
     parser.add_argument("--settings", default=None, help="comma-separated names (default all)")
     parser.add_argument("--out", type=Path, default=Path("runs/quality_rare"))
     args = parser.parse_args(argv)
@@ -231,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     counts = {}
     for seed in seeds:
         common = [f"mosaic={mosaic}", f"truth_left={truth_left}", f"epochs={args.epochs}",
-                  f"crops.seed={seed}", f"train.seed={seed}", "crops.per_class=null"]  # fmt: skip
+                  f"crops.seed={seed}", f"train.seed={seed}", f"crops.per_class={args.per_class}",
+                  f"train.input_size={args.input_size}"]  # fmt: skip
         for name in names:
             workdir = _workdir(out, seed, name)
             if any(r["seed"] == seed for r in rows.get(name, [])):
@@ -250,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"cpu; rare mosaic {args.size} px, {RARE} {100 * area:.2f}% of the area; "
         f"{RARE} training crops, unseen-half superpixels per seed {counts}; "
-        f"epochs {args.epochs}; seeds {seeds}"
+        f"epochs {args.epochs}, input {args.input_size} px, per class {args.per_class}; "
+        f"seeds {seeds}"
     )
     print("# acc, macroF1, rareF1: unseen right half, mean over seeds; d rareF1: minus today's;")
     print("# sp/s: label stage superpixels per second; rate x: that over today's in the same seed")
