@@ -15,13 +15,21 @@ from click.testing import CliRunner
 from rasters import write_raster
 
 from superdml.cli.commands import cli
-from superdml.config.schema import CropsConfig, LabelConfig, SegmentConfig, TrainConfig
+from superdml.config.schema import (
+    CropsConfig,
+    LabelConfig,
+    ReviewConfig,
+    SegmentConfig,
+    TrainConfig,
+)
 from superdml.core.errors import ConfigError, InputError
 from superdml.crops.folder import CROPS_TABLE
 from superdml.crops.rule import CropRule, context_views, extract_crops, read_crop_rule
 from superdml.crops.stage import export_crops
 from superdml.label.export import export
 from superdml.label.index import build_index
+from superdml.label.infer import infer
+from superdml.label.review import review
 from superdml.label.stage import label
 from superdml.learn.checkpoint import load_checkpoint
 from superdml.learn.train import train
@@ -178,6 +186,13 @@ def test_train_index_and_label_cut_the_crop_rule_of_the_folder(islands, tmp_path
     out = tmp_path / "labels"
     label(seg, checkpoint, tmp_path / "ref", out, LabelConfig(k=3), device="cpu")
     assert json.loads((out / "label.json").read_text())["crop_rule"] == rule.to_dict()
+    # review cuts the label run's inputs: infer on its chips votes as label did
+    review(out, seg, tmp_path / "review", ReviewConfig(max_score=1.0, limit=6), device="cpu")
+    assert read_crop_rule(tmp_path / "review") == rule
+    chips = sorted((tmp_path / "review").glob("*/*.tif"))
+    assert len(chips) == 6 and tifffile.imread(chips[0]).shape == (6, 16, 16)
+    results = infer(chips, checkpoint, tmp_path / "ref", config=LabelConfig(k=3), device="cpu")
+    assert [r.label for r in results] == [chip.parent.name for chip in chips]
 
 
 def test_a_model_refuses_crops_of_another_context(islands, tmp_path):
