@@ -93,7 +93,8 @@ def load_training_data(
     else:
         views = 1 if rule.context is None else 2
         mean, std = imagenet_statistics(base.bands, rule.mask == "alpha", views)
-    train_tf = TrainTransform(config.augment, config.input_size, mean, std)
+    context_band = rule.view_bands if rule is not None and rule.context is not None else None
+    train_tf = TrainTransform(config.augment, config.input_size, mean, std, context_band)
     val: Dataset | None = None
     val_classes = None
     if val_dir is not None:
