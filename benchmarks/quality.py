@@ -92,16 +92,21 @@ class _TrainTimer:
         return result
 
 
-def score_run(workdir: Path, truth: np.ndarray) -> dict[str, Any]:
-    """Scores of a pipeline run's labels.tif on the unseen half, by class name."""
+def score_run(
+    workdir: Path, truth: np.ndarray, class_names: tuple[str, ...] = CLASS_NAMES
+) -> dict[str, Any]:
+    """Scores of a pipeline run's labels.tif on the unseen half, by class name.
+
+    `truth` holds ids 1.. in the order of `class_names` (the demo's by default).
+    """
     scheme = load_label_run(workdir / "labels").scheme
     with rasterio.open(workdir / "labels" / "labels.tif") as src:
         predicted = src.read(1)
     # predicted values are the class scheme's codes; map them to truth ids (others: 0)
     to_truth = np.zeros(1 << 16, dtype=np.int64)
     for name, code in scheme.codes.items():
-        to_truth[code] = CLASS_NAMES.index(name) + 1 if name in CLASS_NAMES else 0
-    return unseen_half_scores(to_truth[predicted], truth, CLASS_NAMES)
+        to_truth[code] = class_names.index(name) + 1 if name in class_names else 0
+    return unseen_half_scores(to_truth[predicted], truth, class_names)
 
 
 def run_case(

@@ -217,7 +217,7 @@ REGISTRY: dict[str, StageSpec] = {
             "superdml.crops.stage:export_crops",
             lambda r: f"{r.n_crops} crops ({_counts(r.per_class)}) -> {r.out_dir}, {r.table_path}",
             "Write crops of the superpixels in SEGMENT_DIR into class folders (PNG, or "
-            "lossless TIFF chips with PNG previews).",
+            "lossless or --context TIFF chips with PNG previews).",
             (
                 dataclasses.replace(_SEGMENTS, cli="SEGMENT_DIR", help=""),
                 _OUT,

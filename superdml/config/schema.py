@@ -151,6 +151,12 @@ class CropsConfig:
         The three bands (red, green, blue) of the preview PNG beside lossless crops;
         true color (bands described B04/B03/B02 or red/green/blue) or the first three
         when None.
+    context : int or None
+        A second, wider view of each superpixel: a square this many times the crop's
+        side around the same center, averaged down to the crop's size and stacked after
+        the crop's bands (never masked), so the model sees what surrounds the
+        superpixel; crops are then TIFF chips with a PNG preview beside. None: the crop
+        alone.
     sample : int or None
         Draw this many superpixels at random.
     per_class : int or None
@@ -165,6 +171,7 @@ class CropsConfig:
     mask: MaskMode = "none"  # benchmarks/quality.py: the best of the three on the demo
     bands: tuple[int | str, ...] | None = None
     preview: tuple[int | str, ...] | None = None
+    context: int | None = None
     sample: int | None = None
     per_class: int | None = None
     seed: int = 0
@@ -182,6 +189,12 @@ class CropsConfig:
                     value,
                     f"{'1 to 3' if most else 'a list of'} band numbers (1-based) or descriptions",
                 )
+        check(
+            self.context is None or self.context >= 2,
+            "context",
+            self.context,
+            "null or an integer >= 2 (the wider view's side, in crop sizes)",
+        )
         check(self.sample is None or self.sample >= 1, "sample", self.sample, "an integer >= 1")
         check(
             self.per_class is None or self.per_class >= 1,

@@ -32,7 +32,9 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "rule": [
             "CropRule",
             "SCALING_RULE",
+            "check_context",
             "color_bands",
+            "context_views",
             "extract_crops",
             "read_crop_rule",
             "to_uint8",

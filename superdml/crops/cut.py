@@ -63,7 +63,10 @@ def make_rule(runs: list[SegmentRun], config: CropsConfig) -> CropRule:
     bands = chosen[0]
     if first.dtype == "uint8" and len(bands) <= 3:
         explicit = None if config.bands is None else tuple(bands)
-        return CropRule(config.crop_size, config.mask, explicit, source_bands=len(bands))
+        return CropRule(
+            config.crop_size, config.mask, explicit, source_bands=len(bands),
+            context=config.context,
+        )  # fmt: skip
     names = band_descriptions(first.path)
     band_names = tuple(names[b - 1] for b in bands)
     positions = [[run.bands.index(b) for b in c] for run, c in zip(runs, chosen, strict=True)]
@@ -72,7 +75,7 @@ def make_rule(runs: list[SegmentRun], config: CropsConfig) -> CropRule:
     hi = [max(run.band_hi[p[i]] for run, p in pairs) for i in range(len(bands))]
     rule = CropRule(
         config.crop_size, config.mask, tuple(bands), UNIT_RULE, len(bands), first.dtype,
-        band_names, tuple(lo), tuple(hi),
+        band_names, tuple(lo), tuple(hi), context=config.context,
     )  # fmt: skip
     return dataclasses.replace(rule, preview=_preview(rule, config))
 
@@ -185,11 +188,13 @@ def crop_tile(run: SegmentRun, rule: CropRule, table: pa.Table) -> tuple[np.ndar
     Returns
     -------
     crops : (N, rule.channels, S, S) ndarray
-        uint8 (8-bit rule) or the raster's dtype (lossless rule).
+        uint8 (8-bit rule) or the raster's dtype (lossless rule); the context view's
+        bands (:attr:`CropRule.context`) after the crop's.
     ids : (N,) uint32 ndarray
     """
     pixels, segments, ids, centers = _tile_window(run, rule, table)
-    return extract_crops(pixels, segments, ids, centers, rule.crop_size, rule.mask), ids
+    crops = extract_crops(pixels, segments, ids, centers, rule.crop_size, rule.mask, rule.context)
+    return crops, ids
 
 
 def crop_tile_with_previews(
@@ -206,11 +211,12 @@ def crop_tile_with_previews(
     crops : (N, rule.channels, S, S) ndarray
         As :func:`crop_tile`.
     previews : (N, 3 or 4, S, S) uint8 ndarray or None
-        The lossless rule's previews (RGBA with mask ``alpha``); None for the 8-bit rule.
+        The previews of chips (lossless or context rule; RGBA with mask ``alpha``; the
+        context view is not shown); None for the 8-bit rule without context.
     """
     pixels, segments, ids, centers = _tile_window(run, rule, table)
-    crops = extract_crops(pixels, segments, ids, centers, rule.crop_size, rule.mask)
-    if not rule.lossless:
+    crops = extract_crops(pixels, segments, ids, centers, rule.crop_size, rule.mask, rule.context)
+    if not rule.chips:
         return crops, None
     color = rule.preview_bands(pixels)
     return crops, extract_crops(color, segments, ids, centers, rule.crop_size, rule.mask)
@@ -223,8 +229,9 @@ def _tile_window(
     ids = table.column("segment_id").to_numpy()
     rows = np.floor(table.column("row").to_numpy()).astype(np.int64)
     cols = np.floor(table.column("col").to_numpy()).astype(np.int64)
-    half = rule.crop_size // 2
+    side = rule.crop_size * (rule.context or 1)  # the widest view read
+    half = side // 2
     r0, c0 = int(rows.min()) - half, int(cols.min()) - half
-    r1, c1 = int(rows.max()) - half + rule.crop_size, int(cols.max()) - half + rule.crop_size
+    r1, c1 = int(rows.max()) - half + side, int(cols.max()) - half + side
     pixels, segments = read_crop_window(run, rule, r0, c0, r1 - r0, c1 - c0)
     return pixels, segments, ids, np.stack([rows - r0, cols - c0], axis=1)

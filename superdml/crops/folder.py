@@ -15,6 +15,9 @@ but a stale preview changes nothing. A chip's bytes are tifffile's: the header, 
 depends only on the shape and dtype, is made by tifffile once per shape and the pixels
 follow it (tifffile per chip costs about 0.3 ms, more than the rest of writing it).
 
+Crops with a context view (:attr:`CropRule.context <superdml.crops.rule.CropRule.context>`)
+are TIFF chips under either rule: the crop's bands, then the wider view's, in one file.
+
 People sort the crops by moving them between class folders. The table records where
 each crop was written, so a later run tells its own files from moved or added ones
 (:func:`clear_crops`) and never removes a person's work. Every file is written

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from superdml.config.schema import MaskMode
+from superdml.core.errors import input_error
 from superdml.crops.folder import (
     CROPS_TABLE,
     read_crops_meta,
@@ -51,6 +52,11 @@ class CropRule:
         the valid pixels, nodata left out, over every raster of the crops).
     preview : tuple of int or None
         Positions (0-based, into `bands`) of the preview's red, green and blue.
+    context : int or None
+        The side of a second, wider view of each superpixel in crop sizes (3: a square
+        three times the crop's side around the same center, averaged down to the crop's
+        size), stacked after the crop's bands and before the alpha band; None: none.
+        Crops with a context view are TIFF chips (:attr:`chips`).
     """
 
     crop_size: int = 64
@@ -63,6 +69,7 @@ class CropRule:
     lo: tuple[float, ...] | None = None
     hi: tuple[float, ...] | None = None
     preview: tuple[int, ...] | None = None
+    context: int | None = None
 
     @property
     def lossless(self) -> bool:
@@ -70,20 +77,36 @@ class CropRule:
         return self.dtype is not None
 
     @property
+    def chips(self) -> bool:
+        """Whether crops are stored as TIFF chips (lossless, or with a context view)."""
+        return self.lossless or self.context is not None
+
+    @property
+    def chip_dtype(self) -> str:
+        """The dtype of the crops' bands: the raster's (lossless rule) or uint8."""
+        return self.dtype or "uint8"
+
+    @property
+    def view_bands(self) -> int:
+        """Bands of one view (the crop or its context): 3 (8-bit rule) or ``len(bands)``."""
+        return len(self.bands) if self.lossless and self.bands is not None else 3
+
+    @property
     def channels(self) -> int:
-        """Bands of a crop: 3 (8-bit rule) or ``len(bands)``, plus one for the alpha mask."""
+        """Bands of a crop: its view's, doubled by a context view, plus one for alpha."""
         alpha = 1 if self.mask == "alpha" else 0
-        if self.lossless and self.bands is not None:
-            return len(self.bands) + alpha
-        return 3 + alpha
+        return self.view_bands * (1 if self.context is None else 2) + alpha
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serializable dict (the form stored in metadata and checkpoints).
 
-        An 8-bit color rule gives the same dict as before bands were kept (so the
-        keys of earlier predictions stay valid).
+        An 8-bit color rule gives the same dict as before bands were kept, and a rule
+        without context the same as before context views (so the keys of earlier
+        predictions stay valid).
         """
         d = dataclasses.asdict(self)
+        if self.context is None:
+            del d["context"]
         d["bands"] = list(self.bands) if self.bands else None
         if not self.lossless:
             for key in ("dtype", "band_names", "lo", "hi", "preview"):
@@ -112,6 +135,7 @@ class CropRule:
             lo=tup("lo"),
             hi=tup("hi"),
             preview=tup("preview"),
+            context=d.get("context"),
         )
 
     def band_label(self, position: int) -> str:
@@ -132,7 +156,8 @@ class CropRule:
         -------
         ndarray
             8-bit rule: `crops` unchanged (uint8; the model divides by 255). Lossless
-            rule: float32, each band ``(value - lo) / (hi - lo)``, the alpha band / 255.
+            rule: float32, each band ``(value - lo) / (hi - lo)`` (a context view's
+            bands as the crop's), the alpha band / 255.
         """
         if not self.lossless:
             return crops
@@ -142,8 +167,9 @@ class CropRule:
 
     def _unit_affine(self) -> tuple[np.ndarray, np.ndarray]:
         """Per channel offset and factor of :meth:`to_unit` (alpha: 0 and 1/255)."""
-        lo = np.asarray(self.lo, np.float32)
-        scale = 1.0 / (np.asarray(self.hi, np.float32) - lo)
+        views = 1 if self.context is None else 2
+        lo = np.tile(np.asarray(self.lo, np.float32), views)
+        scale = 1.0 / (np.tile(np.asarray(self.hi, np.float32), views) - lo)
         if self.mask == "alpha":
             lo = np.append(lo, np.float32(0))
             scale = np.append(scale, np.float32(1 / 255))
@@ -162,8 +188,7 @@ class CropRule:
         (3, H, W) uint8 ndarray
             The `preview` bands (the first three when unset) scaled from lo..hi to 0..255.
         """
-        n_bands = len(self.bands or ())
-        picks = list(self.preview or range(min(3, n_bands)))
+        picks = list(self.preview or range(min(3, self.view_bands)))
         lo = [self.lo[i] for i in picks] if self.lo else [0.0] * len(picks)
         hi = [self.hi[i] for i in picks] if self.hi else [255.0] * len(picks)
         return color_bands(to_uint8(pixels[picks], lo, hi))
@@ -227,14 +252,16 @@ def extract_crops(
     centers: np.ndarray,
     size: int,
     mask: MaskMode = "outside",
+    context: int | None = None,
 ) -> np.ndarray:
     """Cut one square crop per superpixel from a window, in one gather.
 
     Parameters
     ----------
-    window : (C, H, W) uint8 ndarray
+    window : (C, H, W) ndarray
         Pixels of the window, including a margin of at least ``size // 2`` around every
-        center (padding beyond the raster is the caller's).
+        center (``size * context // 2`` with a context view; padding beyond the raster
+        is the caller's).
     segments : (H, W) uint32 ndarray
         Superpixel ids of the same window.
     ids : (N,) ndarray
@@ -243,29 +270,82 @@ def extract_crops(
         Row, column of each crop's center pixel, in window coordinates.
     size : int
     mask : {"none", "outside", "alpha"}
+    context : int, optional
+        Add the context view (:func:`context_views`, never masked) of this factor after
+        the crop's bands, before the alpha band.
 
     Returns
     -------
-    (N, C, size, size) uint8 ndarray, or (N, C + 1, size, size) with ``mask="alpha"``
+    (N, C', size, size) ndarray of the window's dtype
+        C' = C, doubled with `context`, plus one with ``mask="alpha"``.
     """
     half = size // 2
     top = np.asarray(centers[:, 0], dtype=np.intp) - half
     left = np.asarray(centers[:, 1], dtype=np.intp) - half
-    h, w = segments.shape
-    if top.size and (
-        top.min() < 0 or left.min() < 0 or top.max() + size > h or left.max() + size > w
-    ):
-        raise ValueError("crop centers closer than size // 2 to the window edge")
+    _check_inside(top, left, size, segments.shape)
     views = np.lib.stride_tricks.sliding_window_view(window, (size, size), axis=(1, 2))
     crops = views[:, top, left].transpose(1, 0, 2, 3)
-    if mask == "none":
-        return np.ascontiguousarray(crops)
-    seg_views = np.lib.stride_tricks.sliding_window_view(segments, (size, size))
-    inside = seg_views[top, left] == np.asarray(ids, dtype=segments.dtype)[:, None, None]
-    if mask == "outside":
-        return crops * inside[:, None].astype(np.uint8)
-    alpha = (inside * np.uint8(255)).astype(np.uint8)[:, None]
-    return np.concatenate([crops, alpha], axis=1)
+    parts = [crops]
+    if mask != "none":
+        seg_views = np.lib.stride_tricks.sliding_window_view(segments, (size, size))
+        inside = seg_views[top, left] == np.asarray(ids, dtype=segments.dtype)[:, None, None]
+        if mask == "outside":
+            parts = [crops * inside[:, None].astype(crops.dtype)]
+    if context is not None:
+        parts.append(context_views(window, centers, size, context))
+    if mask == "alpha":
+        parts.append((inside[:, None] * 255).astype(crops.dtype))
+    if len(parts) == 1:
+        return np.ascontiguousarray(parts[0])
+    return np.concatenate(parts, axis=1)
+
+
+def _check_inside(top: np.ndarray, left: np.ndarray, side: int, shape: tuple[int, ...]) -> None:
+    """Raise ValueError when a square of `side` at `top`, `left` leaves a window of `shape`."""
+    h, w = shape[-2:]
+    if top.size and (
+        top.min() < 0 or left.min() < 0 or top.max() + side > h or left.max() + side > w
+    ):
+        raise ValueError("crop centers closer than the crop's half side to the window edge")
+
+
+def context_views(window: np.ndarray, centers: np.ndarray, size: int, factor: int) -> np.ndarray:
+    """Cut the wider view of each center: a ``size * factor`` square, averaged to `size`.
+
+    Each output pixel is the mean of a ``factor x factor`` block (area resampling:
+    exact, no aliasing), computed from one summed-area table per band, so the cost
+    is a few passes over the window plus one gather per band.
+
+    Parameters
+    ----------
+    window : (C, H, W) ndarray
+        With a margin of at least ``size * factor // 2`` around every center.
+    centers : (N, 2) int ndarray
+        Row, column of each view's center pixel, in window coordinates (the crop's).
+    size, factor : int
+
+    Returns
+    -------
+    (N, C, size, size) ndarray of the window's dtype
+        Integer dtypes rounded to the nearest value.
+    """
+    side = size * factor
+    top = np.asarray(centers[:, 0], dtype=np.intp) - side // 2
+    left = np.asarray(centers[:, 1], dtype=np.intp) - side // 2
+    _check_inside(top, left, side, window.shape)
+    steps = np.arange(size) * factor
+    rows = (top[:, None] + steps)[:, :, None]  # (N, size, 1): each block's first row
+    cols = (left[:, None] + steps)[:, None, :]
+    out = np.empty((len(top), window.shape[0], size, size), dtype=window.dtype)
+    integer = np.issubdtype(window.dtype, np.integer)
+    for band, pixels in enumerate(window):  # a handful of bands, each fully vectorized
+        table = np.zeros((pixels.shape[0] + 1, pixels.shape[1] + 1), np.float64)
+        np.cumsum(np.cumsum(pixels, axis=0, dtype=np.float64), axis=1, out=table[1:, 1:])
+        f = factor
+        sums = table[f:, f:] - table[:-f, f:] - table[f:, :-f] + table[:-f, :-f]
+        mean = sums[rows, cols] / (f * f)
+        out[:, band] = np.rint(mean) if integer else mean
+    return out
 
 
 def read_crop_rule(folder: str | Path) -> CropRule | None:
@@ -274,3 +354,39 @@ def read_crop_rule(folder: str | Path) -> CropRule | None:
         if candidate.exists() and "crop_rule" in (meta := read_crops_meta(candidate)):
             return CropRule.from_dict(meta["crop_rule"])
     return None
+
+
+def _views(context: int | None) -> str:
+    return "no context view" if context is None else f"a {context}x context view"
+
+
+def check_context(rule: CropRule | None, folder: str | Path, whose: str) -> None:
+    """Refuse a crop folder cut with another context view than `rule` (a model's).
+
+    A folder without a crop rule (images people brought) has no context view.
+
+    Parameters
+    ----------
+    rule : CropRule or None
+        The rule the model takes (None: an old checkpoint without one, no context).
+    folder : path
+        A labeled crop folder (its ``crops.parquet``, or one level up, has its rule).
+    whose : str
+        Where `rule` comes from, for the message: ``the checkpoint model.pt``.
+
+    Raises
+    ------
+    InputError
+        ``<folder>: crops with no context view, the checkpoint model.pt takes a 3x
+        context view: cut them with --context 3 (superdml crops), or retrain on such crops``.
+    """
+    want = None if rule is None else rule.context
+    own = read_crop_rule(folder)
+    have = None if own is None else own.context
+    if want != have:
+        fix = "without --context" if want is None else f"with --context {want}"
+        raise input_error(
+            folder,
+            f"crops with {_views(have)}, {whose} takes {_views(want)}: cut them {fix} "
+            "(superdml crops), or retrain on such crops",
+        )

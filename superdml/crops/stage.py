@@ -19,7 +19,12 @@ The crop rule, shared by ``superdml crops``, training and labeling:
   1st..99th percentiles that scale them for the model (the lossless rule of
   :class:`~superdml.crops.rule.CropRule`);
 - mask mode ``none`` (context kept), ``outside`` (pixels of other superpixels zeroed) or
-  ``alpha`` (context kept, the superpixel mask as a fourth band: RGBA PNGs).
+  ``alpha`` (context kept, the superpixel mask as a fourth band: RGBA PNGs);
+- with ``context`` (:attr:`~superdml.crops.rule.CropRule.context`), a wider view of
+  the superpixel (``context`` times the crop's side, averaged down to the crop's size,
+  never masked) stacked after the crop's bands in the same file: every crop is then a
+  TIFF chip with a preview PNG of the crop beside, so one file carries both views and
+  a person sorting moves them together.
 """
 
 from __future__ import annotations

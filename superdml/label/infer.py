@@ -103,7 +103,7 @@ def _read_images(
 ) -> Tensor:
     """Decode images as the reference crops are: an ``(N, bands, size, size)`` tensor.
 
-    uint8, or float32 for the TIFF chips of a lossless crop `rule` (the checkpoint's).
+    uint8, or the TIFF chips of a lossless or context crop `rule` (the checkpoint's).
 
     Raises
     ------

@@ -17,6 +17,7 @@ from torch.utils.data import Subset
 
 from superdml.config.schema import IndexConfig
 from superdml.core.errors import SuperDMLError
+from superdml.crops.rule import check_context
 from superdml.learn.checkpoint import (
     Checkpoint,
 )
@@ -42,7 +43,14 @@ def scan_folder(reference_dir: str | os.PathLike[str], ckpt: Checkpoint) -> Fold
 
     Every image is decoded once to find unreadable ones (skipped with a warning), but
     nothing is kept in memory.
+
+    Raises
+    ------
+    InputError
+        When the folder's crops have another context view than the checkpoint's crop
+        rule (:func:`~superdml.crops.rule.check_context`).
     """
+    check_context(ckpt.rule, reference_dir, f"the checkpoint {ckpt.path.name}")
     dataset = ImageFolderDataset(
         reference_dir, bands=ckpt.bands, size=ckpt.input_size, preload=False, rule=ckpt.rule
     )

@@ -19,7 +19,8 @@ class TrainTransform(nn.Module):
     Steps: scale to [0, 1] floats; resize to the input size (antialiased) when needed;
     one ``grid_sample`` applying each sample's random resized crop, flips and 90-degree
     rotation to all bands alike (alpha included, bilinear); brightness, contrast and
-    saturation jitter on the first three (RGB) bands only, in that order; normalize.
+    saturation jitter on the first three (RGB) bands only, in that order (and, with
+    `context_band`, the same jitter on the context view's first three); normalize.
 
     Accepts ``(C, H, W)`` or ``(N, C, H, W)`` uint8 (or float in [0, 1]) tensors and
     returns float32 ``(..., C, S, S)`` on the input's device (so a batch can be augmented
@@ -31,13 +32,19 @@ class TrainTransform(nn.Module):
     std: Tensor
 
     def __init__(
-        self, augment: AugmentConfig, input_size: int, mean: Sequence[float], std: Sequence[float]
+        self,
+        augment: AugmentConfig,
+        input_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        context_band: int | None = None,
     ) -> None:
         if len(mean) != len(std):
             raise ValueError(f"mean and std: got {len(mean)} and {len(std)} values, expected equal")
         super().__init__()
         self.augment = augment
         self.input_size = input_size
+        self.context_band = context_band  # where a context view's bands start, if any
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
 
@@ -94,20 +101,24 @@ class TrainTransform(nn.Module):
 
     def _jitter(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         strength = self.augment.color_jitter
-        color = x[:, :3]
         n = x.shape[0]
 
         def factor() -> Tensor:
             draw = torch.empty(n, 1, 1, 1).uniform_(1 - strength, 1 + strength, generator=generator)
             return draw.to(x.device)
 
-        color = (color * factor()).clamp(0, 1)
-        if color.shape[1] == 3:
-            mean_gray = TF.rgb_to_grayscale(color).mean((2, 3), keepdim=True)
-            color = (mean_gray + (color - mean_gray) * factor()).clamp(0, 1)
-            gray = TF.rgb_to_grayscale(color)
-            color = (gray + (color - gray) * factor()).clamp(0, 1)
-        return torch.cat([color, x[:, 3:]], 1)
+        # brightness, then contrast and saturation of three color bands: one draw for all views
+        width = min(3, x.shape[1] if self.context_band is None else self.context_band)
+        factors = [factor(), *((factor(), factor()) if width == 3 else ())]
+        for start in (0,) if self.context_band is None else (0, self.context_band):
+            color = (x[:, start : start + width] * factors[0]).clamp(0, 1)
+            if width == 3:
+                mean_gray = TF.rgb_to_grayscale(color).mean((2, 3), keepdim=True)
+                color = (mean_gray + (color - mean_gray) * factors[1]).clamp(0, 1)
+                gray = TF.rgb_to_grayscale(color)
+                color = (gray + (color - gray) * factors[2]).clamp(0, 1)
+            x = torch.cat([x[:, :start], color, x[:, start + width :]], 1)
+        return x
 
 
 def _to_float(x: Tensor) -> Tensor:

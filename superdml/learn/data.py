@@ -2,11 +2,12 @@
 
 A labeled folder is ``ROOT/<class>/<image>`` (PNG, JPEG or TIFF, any size). Class ids
 follow the sorted folder names. Images load as RGB (3 bands) or RGBA (4 bands: the
-``alpha`` crop mask mode, the superpixel mask is the fourth band). Under a lossless crop
-rule (:attr:`CropRule.lossless <superdml.crops.rule.CropRule.lossless>`, the folder's own
-``crops.parquet`` or the checkpoint's) the items are the TIFF chips (every band at its
-dtype), read with tifffile and scaled by the rule (:meth:`CropRule.to_unit`) into float32;
-the preview PNGs beside them are ignored.
+``alpha`` crop mask mode, the superpixel mask is the fourth band). Under a crop rule of
+chips (:attr:`CropRule.chips <superdml.crops.rule.CropRule.chips>`: lossless, or with a
+context view; the folder's own ``crops.parquet`` or the checkpoint's) the items are the
+TIFF chips (every band at its dtype), read with tifffile and scaled by the rule
+(:meth:`CropRule.to_unit`): float32 (lossless) or uint8; the preview PNGs beside them
+are ignored.
 
 Speed: every image is decoded once when the folder is scanned (that is also how corrupt
 files are found), resized to the model's input size and, with ``preload=True`` (the
@@ -67,7 +68,7 @@ def _has_alpha(image: Image.Image) -> bool:
 
 
 def _decode_chip(path: Path, rule: CropRule, size: int | None) -> Tensor:
-    """Decode a TIFF chip to a ``(C, H, W)`` float32 tensor in the model's units.
+    """Decode a TIFF chip to a ``(C, H, W)`` tensor in the model's units (or uint8).
 
     Raises
     ------
@@ -82,11 +83,11 @@ def _decode_chip(path: Path, rule: CropRule, size: int | None) -> Tensor:
         raise ValueError(str(err)) from None
     if array.ndim == 2:
         array = array[None]
-    if array.shape[0] != rule.channels or array.dtype != np.dtype(str(rule.dtype)):
+    if array.shape[0] != rule.channels or array.dtype != np.dtype(rule.chip_dtype):
         raise input_error(
             path,
             f"holds {array.shape[0]} {array.dtype} band(s), the crop rule takes "
-            f"{rule.channels} {rule.dtype} band(s): crop it again with this crop rule",
+            f"{rule.channels} {rule.chip_dtype} band(s): crop it again with this crop rule",
         )
     pixels = torch.from_numpy(rule.to_unit(array))
     if size is not None and pixels.shape[-2:] != (size, size):
@@ -99,8 +100,8 @@ def _decode(
 ) -> Tensor:
     """Decode `path` to a ``(bands, H, W)`` tensor, resized to `size` when given.
 
-    uint8 for images; float32 in the model's units for the TIFF chips of a lossless
-    `rule` (:func:`_decode_chip`).
+    uint8 for images; for the TIFF chips of a `rule` of chips (:func:`_decode_chip`),
+    float32 in the model's units (lossless) or uint8.
 
     Raises
     ------
@@ -109,7 +110,7 @@ def _decode(
     InputError
         When the image cannot provide `bands` bands.
     """
-    if rule is not None and rule.lossless:
+    if rule is not None and rule.chips:
         return _decode_chip(path, rule, size)
     with Image.open(path) as image:
         image.load()
@@ -152,7 +153,7 @@ class ImageFolderDataset(Dataset):
         Bands per item: 3 (RGB; grayscale and palette images are converted) or 4 (RGB +
         alpha mask). None takes the band count of the first image. An image that has an
         alpha band when 3 are expected, or none when 4 are, is an error. Under a
-        lossless `rule` the rule's channels (any count).
+        `rule` of chips the rule's channels (any count).
     size : int or None
         Side in pixels every image is resized to (antialiased) when it is decoded: the
         model's input size. None keeps each image's own size (and transforms run image by
@@ -167,9 +168,9 @@ class ImageFolderDataset(Dataset):
         64 px), so epochs never decode again; False decodes on every access.
     rule : CropRule, optional
         The crop rule of the crops (a checkpoint's); read from the folder's
-        ``crops.parquet`` (or one level up) when None. A lossless rule makes the items
-        its TIFF chips (``.tif``), as float32 in the model's units; the preview PNGs
-        beside them are ignored.
+        ``crops.parquet`` (or one level up) when None. A rule of chips (lossless, or
+        with a context view) makes the items its TIFF chips (``.tif``), scaled by the
+        rule; the preview PNGs beside them are ignored.
 
     Attributes
     ----------
@@ -203,7 +204,7 @@ class ImageFolderDataset(Dataset):
         self.root = Path(root)
         require_dir(self.root, "labeled crop folder")
         self.rule = rule if rule is not None else read_crop_rule(self.root)
-        chips = self.rule is not None and self.rule.lossless
+        chips = self.rule is not None and self.rule.chips
         if chips:
             bands = self.rule.channels  # type: ignore[union-attr]  # chips: a rule
         elif bands not in (None, 3, 4):

@@ -60,8 +60,9 @@ from superdml.config.schema import IndexConfig, VoteConfig
 from superdml.core.atomic import atomic_write, write_json
 from superdml.core.devices import resolve_device
 from superdml.core.ownership import check_apart, check_output, claim_output
+from superdml.crops.rule import check_context
 from superdml.learn.calibration import expected_calibration_error, reliability_bins
-from superdml.learn.checkpoint import checkpoint_sha256, load_checkpoint
+from superdml.learn.checkpoint import Checkpoint, checkpoint_sha256, load_checkpoint
 from superdml.learn.data import ImageFolderDataset
 from superdml.learn.embed import Embedder, resolve_precision
 from superdml.learn.metrics import retrieval_metrics
@@ -315,10 +316,15 @@ def _write_predictions(
 
 
 def _embed_folders(
-    folders: list[str | os.PathLike[str]], embedder: Embedder, bands: int, size: int, batch: int
+    folders: list[str | os.PathLike[str]], embedder: Embedder, ckpt: Checkpoint, batch: int
 ) -> _Embedded:
     """Embed the query folder (and the reference folder) with class ids of their union."""
-    datasets = [ImageFolderDataset(f, bands=bands, size=size) for f in folders]
+    for folder in folders:
+        check_context(ckpt.rule, folder, f"the checkpoint {ckpt.path.name}")
+    datasets = [
+        ImageFolderDataset(f, bands=ckpt.bands, size=ckpt.input_size, rule=ckpt.rule)
+        for f in folders
+    ]
     class_names = sorted({name for d in datasets for name in d.class_names})
     embedded = []
     for dataset, what in zip(datasets, ("query", "reference"), strict=False):
@@ -395,7 +401,7 @@ def evaluate(
     ckpt_sha = checkpoint_sha256(checkpoint)
     folders = [query_dir] if reference_dir is None else [query_dir, reference_dir]
     embedder = Embedder.from_checkpoint(ckpt, dev, rule.precision, rule.tta)
-    data = _embed_folders(folders, embedder, ckpt.bands, ckpt.input_size, rule.batch_size)
+    data = _embed_folders(folders, embedder, ckpt, rule.batch_size)
     exclude_self = reference_dir is None
     recall = IndexConfig().calibration_recall if rule.unknown == "calibrated" else None
     reference = ReferenceIndex.build(

@@ -22,29 +22,34 @@ ALPHA_STD = 0.5
 MIN_STD = 1.0 / 255.0
 
 
-def imagenet_statistics(bands: int, alpha: bool | None = None) -> tuple[list[float], list[float]]:
+def imagenet_statistics(
+    bands: int, alpha: bool | None = None, views: int = 1
+) -> tuple[list[float], list[float]]:
     """Return ImageNet's per-band mean and std; an alpha band gets 0.5 / 0.5.
 
     The alpha band holds the superpixel mask (0 or 1 after scaling), so 0.5 / 0.5 maps
     it to [-1, 1], the range of the normalized RGB bands. Bands beyond the first three
     (the extra bands of lossless crops, in [0, 1] between their 1st and 99th
-    percentiles) get the mean of ImageNet's three values.
+    percentiles) get the mean of ImageNet's three values. A context view's bands get
+    the values of the crop's.
 
     Parameters
     ----------
     bands : int
-        Bands of a crop, the alpha band included.
+        Bands of a crop, the alpha band and a context view's bands included.
     alpha : bool, optional
         Whether the last band is the alpha mask; None: when there are 4 bands (the
         8-bit color rule's RGBA crops).
+    views : int
+        1, or 2 when the crop's bands are followed by its context view's.
     """
     if bands < 1:
         raise ValueError(f"bands: got {bands!r}, expected >= 1")
     alpha = bands == 4 if alpha is None else alpha
-    data = bands - int(alpha)
+    data = (bands - int(alpha)) // views
     extra_mean, extra_std = float(np.mean(IMAGENET_MEAN)), float(np.mean(IMAGENET_STD))
-    mean = [*IMAGENET_MEAN, *[extra_mean] * max(0, data - 3)][:data]
-    std = [*IMAGENET_STD, *[extra_std] * max(0, data - 3)][:data]
+    mean = [*IMAGENET_MEAN, *[extra_mean] * max(0, data - 3)][:data] * views
+    std = [*IMAGENET_STD, *[extra_std] * max(0, data - 3)][:data] * views
     if alpha:
         mean.append(ALPHA_MEAN)
         std.append(ALPHA_STD)

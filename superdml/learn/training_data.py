@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Subset
 
 from superdml.config.schema import TrainConfig
 from superdml.core.errors import input_error
-from superdml.crops.rule import read_crop_rule
+from superdml.crops.rule import check_context, read_crop_rule
 from superdml.learn.augment import TrainTransform
 from superdml.learn.data import ImageFolderDataset
 from superdml.learn.normalization import band_statistics, imagenet_statistics
@@ -88,13 +88,17 @@ def load_training_data(
         mean, std = statistics
     elif config.normalization == "dataset":
         mean, std = band_statistics(base, indices=train_idx)
+    elif rule is None:
+        mean, std = imagenet_statistics(base.bands)
     else:
-        alpha = rule.mask == "alpha" if rule is not None and rule.lossless else None
-        mean, std = imagenet_statistics(base.bands, alpha)
-    train_tf = TrainTransform(config.augment, config.input_size, mean, std)
+        views = 1 if rule.context is None else 2
+        mean, std = imagenet_statistics(base.bands, rule.mask == "alpha", views)
+    context_band = rule.view_bands if rule is not None and rule.context is not None else None
+    train_tf = TrainTransform(config.augment, config.input_size, mean, std, context_band)
     val: Dataset | None = None
     val_classes = None
     if val_dir is not None:
+        check_context(rule, val_dir, f"the training folder {train_dir}")
         val = ImageFolderDataset(val_dir, bands=base.bands, size=config.input_size, rule=rule)
         unknown = [c for c in val.class_names if c not in base.class_names]
         if unknown:

@@ -276,7 +276,8 @@ def write_crops_of(
     """Write the crop files of found superpixels (:meth:`MosaicEmbeddings.rows` + ``file``).
 
     Crops are cut per tile (one window read each) with the model's crop rule: PNGs, or
-    TIFF chips with their PNG previews (lossless rule), as ``superdml crops`` writes them.
+    TIFF chips with their PNG previews (lossless or context rule), as ``superdml crops``
+    writes them.
     """
     from superdml.core.atomic import atomic_files
     from superdml.crops.cut import crop_tile_with_previews
@@ -324,7 +325,7 @@ def more_like(
     """Return the crops of the `k` superpixels most like crop `i`'s, still to sort.
 
     Superpixels of the mosaic without a crop in the folder get one (:meth:`Sorter.add`:
-    ``more/<raster>_<segment_id>.png``, a chip for the lossless rule).
+    ``more/<raster>_<segment_id>.png``, a chip for the lossless or context rule).
 
     Returns
     -------
@@ -339,7 +340,7 @@ def more_like(
     crop_of = np.full(len(mosaic.keys), -1, np.int64)
     crop_of[queued[queued >= 0]] = np.flatnonzero(queued >= 0)
     found = mosaic.similar(row, k, queued[queue.state != PENDING])
-    ext = ".tif" if mosaic.model.rule.lossless else ".png"
+    ext = ".tif" if mosaic.model.rule.chips else ".png"
     rows = mosaic.rows(found)
     for r in rows:
         r["file"] = f"{MORE_DIR}/{r['raster']}_{r['segment_id']}{ext}"

@@ -281,6 +281,16 @@ def test_color_jitter_leaves_the_alpha_band_alone():
     assert (out[:, :3] - plain[:, :3]).abs().amax(dim=(1, 2, 3)).min() > 0.01
 
 
+def test_a_context_view_gets_the_crops_jitter():
+    crop = torch.randint(0, 256, (8, 3, 24, 24), dtype=torch.uint8)
+    images = torch.cat([crop, crop, crop[:, :1]], 1)  # crop, its copy as context, alpha
+    mean, std = imagenet_statistics(7, alpha=True, views=2)
+    out = TrainTransform(AugmentConfig(color_jitter=0.5), 24, mean, std, context_band=3)(images)
+    torch.testing.assert_close(out[:, 3:6], out[:, :3])
+    plain = TrainTransform(NO_AUGMENT, 24, mean, std, context_band=3)(images)
+    assert (out[:, :3] - plain[:, :3]).abs().amax(dim=(1, 2, 3)).min() > 0.01
+
+
 @pytest.mark.parametrize("option", ["hflip", "vflip", "rot90"])
 def test_flips_and_rotations_are_exact_and_vary_per_sample(option):
     config = AugmentConfig(
