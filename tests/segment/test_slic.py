@@ -304,7 +304,8 @@ def test_read_ahead_gives_the_same_segments(demo_tif, segments, tmp_path, monkey
     hits = []
     claim = read_ahead.claim
     monkeypatch.setattr(read_ahead, "claim", lambda key: hits.append(claim(key)) or hits[-1])
-    monkeypatch.setattr(segment_tasks, "reads_ahead", lambda grid: True)
+    # the GPU shape: one task thread fed by the reader thread
+    monkeypatch.setattr(segment_tasks, "reads_ahead_on", lambda device: True)
     config = SegmentConfig(region_size=STEP, tile_size=128, backend="torch", device="cpu")
     result = segment_raster(demo_tif[0], tmp_path, config)
     with rasterio.open(result.segments_path) as src:
