@@ -155,11 +155,3 @@ def label_world(world: World, out: Path, config: LabelConfig = LABEL) -> LabelRu
     """Label `world` into `out` (``superdml label`` on the CPU)."""
     result = label(world.seg.out_dir, world.checkpoint, world.ref, out, config, device="cpu")
     return LabelRun(out, result, config)
-
-
-def untrained_world(root: Path, size: int = 256, per_class: int = 8) -> Path:
-    """A world of one's own to write into (pipelines, the review page): its root.
-
-    Tests that only read use the session's ``shared_world`` instead.
-    """
-    return make_world(root, size, per_class).root

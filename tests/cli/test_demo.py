@@ -15,14 +15,18 @@ from superdml.cli.pipeline import run_pipeline
 from superdml.config.shipped import pipeline_path
 from superdml.crops.stage import majority_labels
 
+#: Training epochs of the reduced demo: unseen-half pixel accuracy 0.53 after 2, 0.64
+#: after 3 and 0.66 after 4 (chance 0.2, the test asks for 0.55).
+EPOCHS = 3
+
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     runner = CliRunner()
     result = runner.invoke(
-        cli, ["-q", "demo", "--out", str(out), "--size", "384", "--epochs", "4", "--device", "cpu",
-              "--workers", "0"],
+        cli, ["-q", "demo", "--out", str(out), "--size", "384", "--epochs", str(EPOCHS),
+              "--device", "cpu", "--workers", "0"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     return out, result.output
@@ -52,7 +56,7 @@ def test_rerunning_the_demo_pipeline_skips_every_stage(demo_run):
     sets = [
         f"mosaic={out / 'data' / 'mosaic.tif'}",
         f"truth_left={out / 'data' / 'truth_left.tif'}",
-        "epochs=4",
+        f"epochs={EPOCHS}",
     ]
     result = run_pipeline(pipeline_path("demo"), sets, out, device="cpu")
     assert {s.status for s in result.stages} == {"skipped"}
@@ -81,7 +85,9 @@ def test_review_relabel_retrain_loop(demo_run, tmp_path):
         [r["label"] == moved[r["segment_id"]] for r in before if r["segment_id"] in moved]
     )
 
-    sets = [f"segments={out / 'segments'}", "epochs=2"]
+    # one epoch: the sorted crops reach the labels through the new reference and model
+    # (30 moved superpixels: 43% labeled as moved before, all of them after)
+    sets = [f"segments={out / 'segments'}", "epochs=1"]
     result = run_pipeline(pipeline_path("retrain"), sets, out, device="cpu")
     assert [s.status for s in result.stages] == ["ran"] * 6
     after = {

@@ -142,11 +142,11 @@ def test_each_loss_learns_the_textures(folders, tmp_path, loss):
     assert any((tmp_path / "tb").iterdir())
 
 
-def test_the_proxies_move(folders, tmp_path, monkeypatch):
+def test_the_proxies_move(few, tmp_path, monkeypatch):
     config = tiny(epochs=1, val_fraction=0.0)
-    trained = train(folders[0], tmp_path / "trained", config, device="cpu")
+    trained = train(few, tmp_path / "trained", config, device="cpu")
     monkeypatch.setattr(train_module, "_train_epoch", no_steps)
-    initial = train(folders[0], tmp_path / "initial", config, device="cpu")
+    initial = train(few, tmp_path / "initial", config, device="cpu")
     before = load_checkpoint(initial.last_path).loss_state["proxies"]
     after = load_checkpoint(trained.last_path).loss_state["proxies"]
     assert before.shape == after.shape == (len(CLASSES), config.embedding_size)
@@ -273,16 +273,16 @@ def test_cuda_without_cuda_is_a_config_error(folders, tmp_path):
 # ------------------------------------------------------------------------ CLI
 
 
-def test_cli_trains_with_the_shipped_config_and_resumes_longer(folders, tmp_path):
+def test_cli_trains_with_the_shipped_config_and_resumes_longer(few, tmp_path):
     out = tmp_path / "run"
-    args = ["--quiet", "train", "--train-dir", str(folders[0]), "--loss", "triplet"]
+    args = ["--quiet", "train", "--train-dir", str(few), "--loss", "triplet"]
     result = CliRunner().invoke(cli, [*args, "--out", str(out), "--epochs", "1"])
     assert result.exit_code == 0, result.output
     assert str(out / "best.pt") in result.output
     shipped = load_config(loss_config_path("triplet"), TrainConfig)
     assert load_config(out / "train.yaml", TrainConfig) == dataclasses.replace(shipped, epochs=1)
     result = CliRunner().invoke(
-        cli, ["-q", "train", "--train-dir", str(folders[0]), "--out", str(out), "--resume",
+        cli, ["-q", "train", "--train-dir", str(few), "--out", str(out), "--resume",
               "--epochs", "2"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
