@@ -21,6 +21,12 @@ from skimage import data
 # (CI runners, parallel jobs) torch's two threads then burn about 4x the CPU of one thread
 # and run about 3x slower. Set before torch loads; the stages' subprocesses inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# pytest-xdist runs the suite in one process per core (`-n auto`): each process, and the
+# stages' subprocesses it starts, gets its share of the cores instead of all of them.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ.setdefault(_variable, str(_share))
 
 if TYPE_CHECKING:  # the worlds import the stages (torch): only the tests that use one pay
     from worlds import LabelRun, World
@@ -207,3 +213,4 @@ def bucket(s3_endpoint: dict[str, str], request: pytest.FixtureRequest) -> str:
 
     test = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:40]
     return f"s3://{BUCKET}/{test}-{uuid.uuid4().hex[:8]}"
+

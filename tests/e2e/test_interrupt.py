@@ -23,7 +23,7 @@ import yaml
 
 pytestmark = pytest.mark.slow
 
-KILLS = 2
+KILLS = 1
 TRAIN_YAML = """\
 input_size: 32
 embedding_size: 16
