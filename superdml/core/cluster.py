@@ -254,6 +254,7 @@ def map_tasks(
     count: Callable[[T], int] | None = None,
     count_unit: str = "items",
     threads: int = 1,
+    on_result: Callable[[int, T], None] | None = None,
 ) -> list[T]:
     """Run ``func(*args)`` for every tuple in `calls`; return results in call order.
 
@@ -277,6 +278,9 @@ def map_tasks(
         Without a client: tasks run on this many threads of this process, one task per
         thread in flight (worth it where tasks release the GIL: compiled kernels, GDAL).
         An error stops the submission, waits for the running tasks and is raised.
+    on_result : callable, optional
+        Called as ``on_result(i, result)`` in this thread as each result arrives (in any
+        order), while later tasks run: to write a tile's output as soon as it is done.
     """
     client = resolve_client(client, len(calls))
     results: list[Any] = [None] * len(calls)
@@ -286,6 +290,8 @@ def map_tasks(
     def collect(i: int, result: Any) -> None:
         nonlocal items
         results[i] = result
+        if on_result is not None:
+            on_result(i, result)
         if count is not None:
             items += count(result)
             rate = items / max(time.perf_counter() - start, 1e-9)

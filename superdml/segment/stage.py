@@ -31,19 +31,22 @@ The SLIC steps of both phases run on the numpy functions of
 CPU or CUDA, its kernels in :mod:`superdml.segment.slic_numba`), which keeps their contract;
 the tile tasks are in :mod:`superdml.segment.tasks`. Both phases write one
 small file per tile into a work folder, so an interrupted run
-resumes where it stopped and gives identical output; the final ``segments.tif`` and
-``superpixels.parquet`` are assembled tile by tile and renamed into place when complete.
+resumes where it stopped and gives identical output; the final ``segments.tif`` (written
+as each tile's labels are done, while the next tiles compute) and ``superpixels.parquet``
+are assembled tile by tile and put in place when complete.
 Peak memory is that of the tiles in flight (two at a time in process), whatever the
 raster size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import re
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,7 +204,9 @@ def segment_raster(
             info.path, len(tiles), tile_size, step, backend, device,
             "in this process" if client is None else "on a dask cluster",
         )  # fmt: skip
-        n_superpixels = _run_tiles(grid, tiles, client, threads)
+        segments = storage.join(folder, SEGMENTS_NAME)
+        with _segments_file(grid, info, tiles, segments) as write_tile:
+            n_superpixels = _run_tiles(grid, tiles, client, threads, write_tile)
         meta = {
             "superdml_version": __version__,
             "source": info.to_dict(),
@@ -213,7 +218,7 @@ def segment_raster(
             "config_hash": digest,
             "tile_size": tile_size,
         }
-        _write_outputs(grid, info, tiles, config, meta, n_superpixels)
+        _write_outputs(grid, tiles, config, meta, n_superpixels)
         storage.delete_tree(work)
     return SegmentResult(
         name, folder, storage.join(folder, SEGMENTS_NAME), storage.join(folder, TABLE_NAME),
@@ -237,8 +242,16 @@ def _up_to_date(folder: Path | str, source: str, digest: str, source_fp: str) ->
     return None
 
 
-def _run_tiles(grid: Grid, tiles: list[Tile], client: object | None, threads: int) -> int:
+def _run_tiles(
+    grid: Grid,
+    tiles: list[Tile],
+    client: object | None,
+    threads: int,
+    on_labels: Callable[[int, int], None],
+) -> int:
     """Run both phases' tile tasks (in process on `threads` threads when no client).
+
+    ``on_labels(i, count)`` is called in this thread as tile ``i``'s labels are done.
 
     Returns
     -------
@@ -249,25 +262,49 @@ def _run_tiles(grid: Grid, tiles: list[Tile], client: object | None, threads: in
         map_large_allocations()  # two threads of tile arrays: memory flat with raster size
     calls = [(grid, tile) for tile in tiles]
     map_tasks(centers_task, calls, client, desc=f"{grid.name}: centers", threads=threads)
-    counts = map_tasks(assign_task, calls, client, desc=f"{grid.name}: labels", threads=threads)
+    counts = map_tasks(
+        assign_task, calls, client, desc=f"{grid.name}: labels", threads=threads,
+        on_result=on_labels,
+    )  # fmt: skip
     return int(sum(counts))
+
+
+@contextlib.contextmanager
+def _segments_file(
+    grid: Grid, info: RasterInfo, tiles: list[Tile], path: Path | str
+) -> Iterator[Callable[[int, int], None]]:
+    """Write ``segments.tif`` tile by tile as the tiles' labels are done; yield the writer.
+
+    ``write(i, count)`` writes tile ``i``'s labels (its work file) into the raster, in
+    this thread, while the tile tasks compute the next tiles: GDAL compresses each block
+    as it is written, so no compression is left for the end. The file is put in place
+    (renamed, or uploaded to a bucket) when the block ends without an error.
+    """
+    profile = geotiff_profile(info, "uint32", nodata=0)
+    with storage.write_once(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+
+        def write(i: int, _count: int) -> None:
+            tile = tiles[i]
+            window = Window(tile.col, tile.row, tile.width, tile.height)
+            dst.write(load_array(grid.labels_path(tile)), 1, window=window)
+
+        yield write
+        dst.update_tags(superdml_source=info.path, superdml_region_size=str(grid.step))
 
 
 def _write_outputs(
     grid: Grid,
-    info: RasterInfo,
     tiles: list[Tile],
     config: SegmentConfig,
     meta: dict[str, object],
     n_superpixels: int,
 ) -> None:
-    """Assemble ``segments.tif`` and the table from the tiles' files; then the manifest.
+    """Assemble the table from the tiles' files; then the manifest.
 
-    Both are written on local scratch space when the run is in a bucket, and uploaded
+    The table is written on local scratch space when the run is in a bucket, and uploaded
     whole (:func:`superdml.core.storage.write_once`).
     """
     folder = storage.parent(grid.work)
-    _write_segments(grid, info, tiles, storage.join(folder, SEGMENTS_NAME))
     table_sha = _write_table(grid, tiles, storage.join(folder, TABLE_NAME), meta)
     dump_config(config, storage.join(folder, "segment.yaml"))
     storage.write_json(
@@ -282,15 +319,6 @@ def _write_outputs(
             "n_tiles": len(tiles),
         },
     )
-
-
-def _write_segments(grid: Grid, info: RasterInfo, tiles: list[Tile], path: Path | str) -> None:
-    profile = geotiff_profile(info, "uint32", nodata=0)
-    with storage.write_once(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
-        for tile in tiles:
-            window = Window(tile.col, tile.row, tile.width, tile.height)
-            dst.write(load_array(grid.labels_path(tile)), 1, window=window)
-        dst.update_tags(superdml_source=info.path, superdml_region_size=str(grid.step))
 
 
 def _write_table(grid: Grid, tiles: list[Tile], path: Path | str, meta: dict[str, object]) -> str:

@@ -34,6 +34,17 @@ def test_results_in_call_order(threads):
     assert len(names) == (1 if threads == 1 else threads)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_on_result_sees_each_result_once_in_the_calling_thread(threads):
+    seen = []
+    out = map_tasks(
+        square_slowly, [(x,) for x in range(6)], threads=threads,
+        on_result=lambda i, r: seen.append((i, r[0], threading.current_thread().name)),
+    )  # fmt: skip
+    assert sorted(seen) == [(i, i * i, threading.current_thread().name) for i in range(6)]
+    assert [r[0] for r in out] == [x * x for x in range(6)]
+
+
 def test_error_on_a_thread_stops_the_map_after_running_tasks_finish():
     started, finished = [], []
 
