@@ -209,8 +209,8 @@ def _workdir(out: Path, seed: int, name: str) -> Path:
 def _table(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
     """Mean over the seeds per setting, then each seed's accuracy, rare F1 and rate ratio."""
     mean = lambda runs, key: statistics.fmean(r[key] for r in runs)  # noqa: E731
-    head = f"{'setting':<26}{'acc':>7}{'macroF1':>8}{'rareF1':>8}{'d rareF1':>9}{'sp/s':>7}"
-    head += f"{'rate x':>7}   per seed: acc / rare F1 / rate x"
+    head = f"{'setting':<24}{'acc':>7}{'macroF1':>8}{'rareF1':>8}{'d rareF1':>9}{'rareP':>7}"
+    head += f"{'rareR':>7}{'sp/s':>6}{'rate x':>7}   per seed: acc / rare F1 / rate x"
     base = {r["seed"]: r for r in rows[next(iter(rows))]}
     lines = [head]
     for name, runs in rows.items():
@@ -218,10 +218,11 @@ def _table(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
         if not runs:
             continue
         ratios = [r["rate"] / base[r["seed"]]["rate"] for r in runs]
-        line = f"{name:<26}{mean(runs, 'accuracy'):>7.3f}{mean(runs, 'macro_f1'):>8.3f}"
+        line = f"{name:<24}{mean(runs, 'accuracy'):>7.3f}{mean(runs, 'macro_f1'):>8.3f}"
         gain = mean(runs, "rare_f1") - statistics.fmean(base[r["seed"]]["rare_f1"] for r in runs)
         line += f"{mean(runs, 'rare_f1'):>8.3f}{gain:>+9.3f}"
-        line += f"{mean(runs, 'rate'):>7.0f}{statistics.fmean(ratios):>7.2f}   "
+        line += f"{mean(runs, 'rare_precision'):>7.3f}{mean(runs, 'rare_recall'):>7.3f}"
+        line += f"{mean(runs, 'rate'):>6.0f}{statistics.fmean(ratios):>7.2f}   "
         line += "  ".join(
             f"s{r['seed']} {r['accuracy']:.3f}/{r['rare_f1']:.3f}/{x:.2f}"
             for r, x in zip(runs, ratios, strict=True)
@@ -238,20 +239,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-size", type=int, default=32, help="the model's input side")
     parser.add_argument("--per-class", type=int, default=200, help="training crops per class")
     parser.add_argument("--settings", default=None, help="comma-separated names (default all)")
+    parser.add_argument(
+        "--table", action="store_true", help="print the table of OUT/results.json, run nothing"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/quality_rare"))
     args = parser.parse_args(argv)
     seeds = list(range(args.seeds))
     names = list(SETTINGS) if args.settings is None else args.settings.split(",")
     out = args.out.resolve()
+    results = out / "results.json"
+    rows: dict[str, list[dict[str, Any]]] = (
+        json.loads(results.read_text()) if results.exists() else {}
+    )
+    if args.table:
+        print("\n".join(_table({n: rows[n] for n in [*names, *rows] if n in rows})))
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     mosaic, truth_left, truth = write_rare_data(out / "data", args.size)
     area = float(np.mean(truth == NAMES.index(RARE) + 1))
     pipeline = _pipeline(out)
     timer = _StageTimer("label")
-    results = out / "results.json"
-    rows: dict[str, list[dict[str, Any]]] = (
-        json.loads(results.read_text()) if results.exists() else {}
-    )
     counts = {}
     for seed in seeds:
         common = [f"mosaic={mosaic}", f"truth_left={truth_left}", f"epochs={args.epochs}",
@@ -278,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         f"epochs {args.epochs}, input {args.input_size} px, per class {args.per_class}; "
         f"seeds {seeds}"
     )
-    print("# acc, macroF1, rareF1: unseen right half, mean over seeds; d rareF1: minus today's;")
+    print("# acc, macroF1, rareF1, rareP, rareR: unseen right half (pixels), mean over seeds;")
+    print("# d rareF1: minus today's;")
     print("# sp/s: label stage superpixels per second; rate x: that over today's in the same seed")
     print("\n".join(_table({n: rows[n] for n in [*names, *rows] if n in rows})))
     return 0
