@@ -274,10 +274,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.setdefault(name, []).append(result)
             results.write_text(json.dumps(rows, indent=2) + "\n")
             print(f"# s{seed} {name}: {json.dumps(result)}", file=sys.stderr, flush=True)
-        counts[seed] = (
-            _count_crops(out / f"s{seed}"),
-            _unseen_rare_superpixels(out / f"s{seed}", truth),
-        )
+        if (out / f"s{seed}" / "crops").is_dir():  # not for seeds of an earlier run's folder
+            counts[seed] = (
+                _count_crops(out / f"s{seed}"),
+                _unseen_rare_superpixels(out / f"s{seed}", truth),
+            )
     print(
         f"# {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"cpu; rare mosaic {args.size} px, {RARE} {100 * area:.2f}% of the area; "
