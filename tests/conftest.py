@@ -213,4 +213,3 @@ def bucket(s3_endpoint: dict[str, str], request: pytest.FixtureRequest) -> str:
 
     test = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:40]
     return f"s3://{BUCKET}/{test}-{uuid.uuid4().hex[:8]}"
-
