@@ -140,49 +140,32 @@ def test_rng_states_restore(tmp_path):
     assert first[2] == second[2]
 
 
+def save_small(path, **changes):
+    """Save a small RGB checkpoint with nothing but the required fields (and `changes`)."""
+    fields = {
+        "model": EmbeddingNet("resnet18", embedding_size=8, in_channels=3),
+        "input_size": 64,
+        "class_names": ["a", "b"],
+        "normalization": "imagenet",
+        "mean": [0.4] * 3,
+        "std": [0.2] * 3,
+        "loss_name": "triplet",
+    }
+    return save_checkpoint(path, **{**fields, **changes})
+
+
 def test_checkpoint_without_resume_or_crop_rule(tmp_path):
-    model = EmbeddingNet("resnet18", embedding_size=8, in_channels=3)
-    path = save_checkpoint(
-        tmp_path / "c.pt",
-        model=model,
-        input_size=64,
-        class_names=["a", "b"],
-        normalization="imagenet",
-        mean=[0.4] * 3,
-        std=[0.2] * 3,
-        loss_name="triplet",
-    )
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(save_small(tmp_path / "c.pt"))
     assert ckpt.resume is None and ckpt.crop_rule is None and ckpt.metrics == {}
     assert ckpt.loss_state == {} and ckpt.train_config == {}
 
 
 def test_unloadable_values_are_refused_before_writing(tmp_path):
-    model = EmbeddingNet("resnet18", embedding_size=8, in_channels=3)
     path = tmp_path / "c.pt"
     with pytest.raises(TypeError, match=r"crop_rule\.scaling: ndarray"):
-        save_checkpoint(
-            path,
-            model=model,
-            input_size=64,
-            class_names=["a", "b"],
-            normalization="imagenet",
-            mean=[0.4] * 3,
-            std=[0.2] * 3,
-            loss_name="triplet",
-            crop_rule={"scaling": np.zeros(2)},
-        )
+        save_small(path, crop_rule={"scaling": np.zeros(2)})
     with pytest.raises(ValueError, match="one per band"):
-        save_checkpoint(
-            path,
-            model=model,
-            input_size=64,
-            class_names=["a", "b"],
-            normalization="imagenet",
-            mean=[0.4] * 4,
-            std=[0.2] * 4,
-            loss_name="triplet",
-        )
+        save_small(path, mean=[0.4] * 4, std=[0.2] * 4)
     assert list(tmp_path.iterdir()) == []
 
 
