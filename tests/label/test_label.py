@@ -39,35 +39,25 @@ from superdml.segment.stage import segment_raster
 @pytest.fixture(scope="module")
 def world(shared_world):
     """The shared untrained world: a 256 px mosaic in 4 tiles of 128 px, its crops indexed."""
-    return {
-        "root": shared_world.root,
-        "seg": shared_world.seg,
-        "checkpoint": shared_world.checkpoint,
-    }
+    return shared_world
 
 
 @pytest.fixture(scope="module")
 def trained(shared_trained_world):
     """The shared trained world: crops of the left half of a mosaic trained on and indexed."""
-    w = shared_trained_world
-    return {"root": w.root, "truth": w.truth, "seg": w.seg, "checkpoint": w.checkpoint}
+    return shared_trained_world
 
 
 @pytest.fixture(scope="module")
 def labeled(shared_label_run):
     """The untrained world labeled (the shared label run)."""
-    return {
-        "out": shared_label_run.out,
-        "result": shared_label_run.result,
-        "config": shared_label_run.config,
-    }
+    return shared_label_run
 
 
 @pytest.fixture(scope="module")
 def trained_labeled(shared_trained_world, tmp_path_factory):
     """The trained world labeled."""
-    run = label_world(shared_trained_world, tmp_path_factory.mktemp("trained_labeled") / "out")
-    return {"out": run.out, "result": run.result, "config": run.config}
+    return label_world(shared_trained_world, tmp_path_factory.mktemp("trained_labeled") / "out")
 
 
 def read_predictions(out):
@@ -75,22 +65,22 @@ def read_predictions(out):
 
 
 def majority_truth(world):
-    with rasterio.open(world["seg"].segments_path) as src:
+    with rasterio.open(world.seg.segments_path) as src:
         segments = src.read(1)
-    table = pq.read_table(world["seg"].table_path)
+    table = pq.read_table(world.seg.table_path)
     ids = table.column("segment_id").to_numpy()
     from superdml.crops.stage import majority_labels
 
-    value, _ = majority_labels(segments, world["truth"], ids, None)
+    value, _ = majority_labels(segments, world.truth, ids, None)
     return dict(zip(ids.tolist(), value.tolist(), strict=True)), table
 
 
 def test_every_superpixel_labeled_once_with_the_schema(world, labeled):
-    table = read_predictions(labeled["out"])
+    table = read_predictions(labeled.out)
     assert table.schema.remove_metadata() == predictions_schema()
     ids = table.column("segment_id").to_numpy()
-    assert len(ids) == len(np.unique(ids)) == world["seg"].n_superpixels
-    assert labeled["result"].n_tiles == 4 and labeled["result"].n_skipped == 0
+    assert len(ids) == len(np.unique(ids)) == world.seg.n_superpixels
+    assert labeled.result.n_tiles == 4 and labeled.result.n_skipped == 0
     topk = table.column("topk_similarities").to_pylist()
     assert all(len(t) == 5 and t == sorted(t, reverse=True) for t in topk)
     sims = table.column("similarity").to_numpy()
@@ -98,9 +88,7 @@ def test_every_superpixel_labeled_once_with_the_schema(world, labeled):
     scores = table.column("score").to_numpy()
     assert ((scores > 0) & (scores <= 1)).all()
     meta = json.loads(
-        pq.read_schema(next((labeled["out"] / "predictions").rglob("*.parquet"))).metadata[
-            b"superdml"
-        ]
+        pq.read_schema(next((labeled.out / "predictions").rglob("*.parquet"))).metadata[b"superdml"]
     )
     assert set(meta) == {
         "segments",
@@ -114,7 +102,7 @@ def test_every_superpixel_labeled_once_with_the_schema(world, labeled):
 
 def test_most_superpixels_get_their_region_class(trained, trained_labeled):
     truth, table = majority_truth(trained)
-    preds = read_predictions(trained_labeled["out"])
+    preds = read_predictions(trained_labeled.out)
     cols = dict(
         zip(table.column("segment_id").to_pylist(), table.column("col").to_pylist(), strict=True)
     )
@@ -126,30 +114,30 @@ def test_most_superpixels_get_their_region_class(trained, trained_labeled):
 
 
 def test_export_aligns_with_the_truth_grid(trained, trained_labeled):
-    result = export(trained_labeled["out"], trained["seg"].out_dir, "cog", "gpkg")
+    result = export(trained_labeled.out, trained.seg.out_dir, "cog", "gpkg")
     files = result.outputs["mosaic"]
     with (
         rasterio.open(files["labels"]) as src,
-        rasterio.open(trained["root"] / "truth.tif") as truth,
+        rasterio.open(trained.root / "truth.tif") as truth,
     ):
         assert (src.crs, src.transform, src.shape) == (truth.crs, truth.transform, truth.shape)
         labels = src.read(1)
-    right = labels[:, 192:] == trained["truth"][:, 192:]
+    right = labels[:, 192:] == trained.truth[:, 192:]
     assert right.mean() > 0.55
     import pyogrio
 
-    assert pyogrio.read_info(files["polygons"])["features"] == trained["seg"].n_superpixels
+    assert pyogrio.read_info(files["polygons"])["features"] == trained.seg.n_superpixels
 
 
 def test_rerun_skips_finished_tiles(world, labeled, tmp_path):
-    out = shutil.copytree(labeled["out"], tmp_path / "out")  # the shared run stays as it is
+    out = shutil.copytree(labeled.out, tmp_path / "out")  # the shared run stays as it is
     before = read_predictions(out)
     again = label(
-        world["seg"].out_dir,
-        world["checkpoint"],
-        world["root"] / "ref",
+        world.seg.out_dir,
+        world.checkpoint,
+        world.root / "ref",
         out,
-        labeled["config"],
+        labeled.config,
         device="cpu",
     )
     assert again.n_skipped == again.n_tiles
@@ -167,11 +155,11 @@ def test_interrupted_run_resumes_to_identical_predictions(world, labeled, tmp_pa
 
     monkeypatch.setattr(label_module, "_label_tile", interrupted)
     args = (
-        world["seg"].out_dir,
-        world["checkpoint"],
-        world["root"] / "ref",
+        world.seg.out_dir,
+        world.checkpoint,
+        world.root / "ref",
         tmp_path / "out",
-        labeled["config"],
+        labeled.config,
     )
     with pytest.raises(KeyboardInterrupt):
         label(*args, device="cpu")
@@ -180,7 +168,7 @@ def test_interrupted_run_resumes_to_identical_predictions(world, labeled, tmp_pa
     monkeypatch.setattr(label_module, "_label_tile", real)
     resumed = label(*args, device="cpu")
     assert resumed.n_skipped == 2
-    assert read_predictions(tmp_path / "out").equals(read_predictions(labeled["out"]))
+    assert read_predictions(tmp_path / "out").equals(read_predictions(labeled.out))
 
 
 def test_two_tiles_at_once_in_process_give_identical_predictions(
@@ -196,10 +184,10 @@ def test_two_tiles_at_once_in_process_give_identical_predictions(
     )
     monkeypatch.setattr(superdml.label.stage, "task_threads", lambda device_type: 2)
     out = tmp_path / "out"
-    args = (world["seg"].out_dir, world["checkpoint"], world["root"] / "ref", out)
-    result = label(*args, labeled["config"], device="cpu")
-    assert result.n_superpixels == world["seg"].n_superpixels
-    assert read_predictions(out).equals(read_predictions(labeled["out"]))
+    args = (world.seg.out_dir, world.checkpoint, world.root / "ref", out)
+    result = label(*args, labeled.config, device="cpu")
+    assert result.n_superpixels == world.seg.n_superpixels
+    assert read_predictions(out).equals(read_predictions(labeled.out))
 
 
 @pytest.mark.slow
@@ -222,11 +210,11 @@ def test_dask_cluster_with_a_killed_worker_gives_identical_predictions(world, la
 
         killer = threading.Thread(target=kill_when_started)
         killer.start()
-        args = (world["seg"].out_dir, world["checkpoint"], world["root"] / "ref", out)
-        result = label(*args, labeled["config"], device="cpu", client=client)
+        args = (world.seg.out_dir, world.checkpoint, world.root / "ref", out)
+        result = label(*args, labeled.config, device="cpu", client=client)
         killer.join()
-    assert result.n_superpixels == world["seg"].n_superpixels
-    got, expected = read_predictions(out), read_predictions(labeled["out"])
+    assert result.n_superpixels == world.seg.n_superpixels
+    got, expected = read_predictions(out), read_predictions(labeled.out)
     # workers run torch on 1 thread, the in-process run on all: sums differ in the last bits
     assert got.drop(["score", "margin", "similarity", "topk_similarities"]).equals(
         expected.drop(["score", "margin", "similarity", "topk_similarities"])
@@ -238,44 +226,44 @@ def test_dask_cluster_with_a_killed_worker_gives_identical_predictions(world, la
 def test_keep_embeddings_lets_a_new_reference_only_revote(world, labeled, tmp_path, monkeypatch):
     config = LabelConfig(k=5, tile_size=128, batch_size=64, keep_embeddings=True)
     out = tmp_path / "out"
-    args = (world["seg"].out_dir, world["checkpoint"])
-    label(*args, world["root"] / "ref", out, config, device="cpu")
+    args = (world.seg.out_dir, world.checkpoint)
+    label(*args, world.root / "ref", out, config, device="cpu")
     assert len(list((out / "embeddings").rglob("*.npz"))) == 4
     first = read_predictions(out)
     smaller = tmp_path / "crops"
-    shutil.copytree(world["root"] / "crops", smaller)
+    shutil.copytree(world.root / "crops", smaller)
     for png in sorted((smaller / CLASSES[0]).glob("*.png"))[::2]:
         png.unlink()
-    build_index(world["checkpoint"], smaller, tmp_path / "ref2", device="cpu")
+    build_index(world.checkpoint, smaller, tmp_path / "ref2", device="cpu")
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model must not be loaded: embeddings are kept")
 
     monkeypatch.setattr(label_module, "load_embedder", no_model)
     again = label(*args, tmp_path / "ref2", out, config, device="cpu")
-    assert again.n_skipped == 0 and again.n_superpixels == world["seg"].n_superpixels
+    assert again.n_skipped == 0 and again.n_superpixels == world.seg.n_superpixels
     revoted = read_predictions(out)
     # the first reference again, voted on the kept embeddings: the first run's labels
-    label(*args, world["root"] / "ref", out, config, device="cpu")
+    label(*args, world.root / "ref", out, config, device="cpu")
     assert read_predictions(out).equals(first)
     monkeypatch.undo()
     fresh = tmp_path / "fresh"
-    label(*args, tmp_path / "ref2", fresh, labeled["config"], device="cpu")
+    label(*args, tmp_path / "ref2", fresh, labeled.config, device="cpu")
     # kept embeddings are the float32 the first run voted on: the same votes, bit for bit
     assert revoted.equals(read_predictions(fresh))
 
 
 def test_rerun_with_another_tile_size_reads_as_one_row_per_superpixel(world, labeled, tmp_path):
     out = tmp_path / "out"
-    shutil.copytree(labeled["out"], out)
-    config = dataclasses.replace(labeled["config"], tile_size=256)  # 1 tile, not 4
+    shutil.copytree(labeled.out, out)
+    config = dataclasses.replace(labeled.config, tile_size=256)  # 1 tile, not 4
     result = label(
-        world["seg"].out_dir, world["checkpoint"], world["root"] / "ref", out, config, device="cpu"
+        world.seg.out_dir, world.checkpoint, world.root / "ref", out, config, device="cpu"
     )
     assert result.n_tiles == 1
     table = read_predictions(out)  # the README's pyarrow.parquet.read_table(OUT/predictions)
     ids = table.column("segment_id").to_numpy()
-    assert len(ids) == world["seg"].n_superpixels == len(np.unique(ids))
+    assert len(ids) == world.seg.n_superpixels == len(np.unique(ids))
     assert len(list((out / "predictions").rglob("*.parquet"))) == 1
 
 
@@ -288,11 +276,11 @@ def test_interrupted_relabel_leaves_only_current_parts_and_the_user_s_files(
     from superdml.segment.run import load_segment_runs
 
     out = tmp_path / "out"
-    shutil.copytree(labeled["out"], out)
+    shutil.copytree(labeled.out, out)
     notes = out / "predictions" / "notes.txt"
     notes.write_text("the user's notes")
     mine = out / "predictions" / "mosaic" / "mine.parquet"  # a Parquet file label did not write
-    pq.write_table(pq.read_table(labeled["out"] / "predictions").slice(0, 3), mine)
+    pq.write_table(pq.read_table(labeled.out / "predictions").slice(0, 3), mine)
     real, calls = label_module._label_tile, {"n": 0}
 
     def interrupted(job, tile):
@@ -302,35 +290,35 @@ def test_interrupted_relabel_leaves_only_current_parts_and_the_user_s_files(
         return real(job, tile)
 
     monkeypatch.setattr(label_module, "_label_tile", interrupted)
-    config = dataclasses.replace(labeled["config"], k=3)  # a relabel with other options
-    args = (world["seg"].out_dir, world["checkpoint"], world["root"] / "ref", out, config)
+    config = dataclasses.replace(labeled.config, k=3)  # a relabel with other options
+    args = (world.seg.out_dir, world.checkpoint, world.root / "ref", out, config)
     with pytest.raises(KeyboardInterrupt):
         label(*args, device="cpu")
     assert notes.read_text() == "the user's notes" and mine.exists()
     ours = sorted(p for p in (out / "predictions").rglob("t*.parquet"))
     assert len(ours) == 1  # the k=5 parts are gone: no mix of two runs
-    parts = load_label_run(out).parts(load_segment_runs(world["seg"].out_dir)[0])
+    parts = load_label_run(out).parts(load_segment_runs(world.seg.out_dir)[0])
     assert [p for p in parts.paths if p is not None] == ours and len(parts.missing) == 3
     with pytest.raises(InputError, match="3 of 4 tiles of 'mosaic' have no predictions"):
-        export(out, world["seg"].out_dir)
+        export(out, world.seg.out_dir)
     monkeypatch.setattr(label_module, "_label_tile", real)
     assert label(*args, device="cpu").n_skipped == 1
     table = ds.dataset(out / "predictions", exclude_invalid_files=True)
     ids = table.to_table(filter=ds.field("segment_id").is_valid()).column("segment_id")
     assert notes.exists() and mine.exists()
-    assert len(ids) == world["seg"].n_superpixels + 3  # the user's 3 rows stay theirs
+    assert len(ids) == world.seg.n_superpixels + 3  # the user's 3 rows stay theirs
 
 
 @pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bf16 instructions")
 def test_bf16_and_fp32_labels_agree(trained, trained_labeled, tmp_path):
     world, labeled = trained, trained_labeled  # agreement needs neighbours a model tells apart
     fp32 = IndexConfig(precision="fp32")
-    build_index(world["checkpoint"], world["root"] / "crops", tmp_path / "ref", fp32, device="cpu")
-    config = dataclasses.replace(labeled["config"], precision="fp32")
-    args = (world["seg"].out_dir, world["checkpoint"], tmp_path / "ref", tmp_path / "out", config)
+    build_index(world.checkpoint, world.root / "crops", tmp_path / "ref", fp32, device="cpu")
+    config = dataclasses.replace(labeled.config, precision="fp32")
+    args = (world.seg.out_dir, world.checkpoint, tmp_path / "ref", tmp_path / "out", config)
     label(*args, device="cpu")
-    bf16 = dataclasses.replace(labeled["config"], precision="bf16")
-    label(world["seg"].out_dir, world["checkpoint"], world["root"] / "ref", tmp_path / "b", bf16)
+    bf16 = dataclasses.replace(labeled.config, precision="bf16")
+    label(world.seg.out_dir, world.checkpoint, world.root / "ref", tmp_path / "b", bf16)
     a, b = read_predictions(tmp_path / "out"), read_predictions(tmp_path / "b")
     assert a.column("segment_id").equals(b.column("segment_id"))
     agree = a.column("label_code").to_numpy() == b.column("label_code").to_numpy()
@@ -358,8 +346,8 @@ def test_cli_refuses_an_unusable_precision(world, tmp_path, monkeypatch, precisi
     monkeypatch.setattr(embed_module, "cpu_has_bf16", lambda: False)
     result = CliRunner().invoke(
         cli,
-        ["-q", "label", str(world["seg"].out_dir), "--checkpoint", str(world["checkpoint"]),
-         "--reference", str(world["root"] / "ref"), "--out", str(tmp_path / "out"),
+        ["-q", "label", str(world.seg.out_dir), "--checkpoint", str(world.checkpoint),
+         "--reference", str(world.root / "ref"), "--out", str(tmp_path / "out"),
          "--device", "cpu", "--workers", "0", "--precision", precision],
     )  # fmt: skip
     assert result.exit_code == 2
@@ -371,16 +359,16 @@ def test_cli_refuses_an_unusable_precision(world, tmp_path, monkeypatch, precisi
 def test_reference_of_another_checkpoint_is_refused(world, tmp_path):
     other = save_untrained_checkpoint(tmp_path / "other.pt", CLASSES, seed=1)
     with pytest.raises(InputError, match="ref: reference built with another checkpoint"):
-        label(world["seg"].out_dir, other, world["root"] / "ref", tmp_path / "out", device="cpu")
+        label(world.seg.out_dir, other, world.root / "ref", tmp_path / "out", device="cpu")
     assert not (tmp_path / "out").exists()
 
 
 def test_k_larger_than_the_reference(world, tmp_path):
     with pytest.raises(InputError, match="k=100000 but the reference holds"):
         label(
-            world["seg"].out_dir,
-            world["checkpoint"],
-            world["root"] / "ref",
+            world.seg.out_dir,
+            world.checkpoint,
+            world.root / "ref",
             tmp_path / "o",
             LabelConfig(k=100_000),
         )
@@ -390,9 +378,9 @@ def test_moved_raster_of_another_size(world, tmp_path):
     small = write_raster(tmp_path / "small.tif", np.zeros((3, 64, 64), np.uint8))
     with pytest.raises(InputError, match="small.tif: grid 64x64 does not match"):
         label(
-            world["seg"].out_dir,
-            world["checkpoint"],
-            world["root"] / "ref",
+            world.seg.out_dir,
+            world.checkpoint,
+            world.root / "ref",
             tmp_path / "o",
             raster=small,
         )
@@ -400,10 +388,10 @@ def test_moved_raster_of_another_size(world, tmp_path):
 
 def test_one_band_raster_for_an_rgb_model(world, tmp_path):
     # a checkpoint of the crops' rule (bands 1, 2, 3 of an RGB raster), as training records it
-    rule = read_crop_rule(world["root"] / "crops")
+    rule = read_crop_rule(world.root / "crops")
     assert rule is not None
     checkpoint = save_untrained_checkpoint(tmp_path / "m.pt", CLASSES, crop_rule=rule.to_dict())
-    build_index(checkpoint, world["root"] / "crops", tmp_path / "ref", device="cpu")
+    build_index(checkpoint, world.root / "crops", tmp_path / "ref", device="cpu")
     gray = write_raster(tmp_path / "gray.tif", texture_mosaic(128)[0][:1])
     seg = segment_raster(gray, tmp_path / "seg", SegmentConfig(region_size=16, tile_size=128))
     with pytest.raises(InputError, match="gray.tif: gives crops from 1 band.*expects 3"):
@@ -412,7 +400,7 @@ def test_one_band_raster_for_an_rgb_model(world, tmp_path):
 
 def test_other_checkpoint_in_out_needs_overwrite(world, labeled, tmp_path):
     out = tmp_path / "out"
-    shutil.copytree(labeled["out"], out)
+    shutil.copytree(labeled.out, out)
     manifest = json.loads((out / "label.json").read_text())
     manifest["checkpoint_sha256"] = "0" * 64
     (out / "label.json").write_text(json.dumps(manifest))
@@ -422,11 +410,11 @@ def test_other_checkpoint_in_out_needs_overwrite(world, labeled, tmp_path):
         provenance["checkpoint_sha256"] = "0" * 64
         pq.write_table(table.replace_schema_metadata({"superdml": json.dumps(provenance)}), part)
     args = (
-        world["seg"].out_dir,
-        world["checkpoint"],
-        world["root"] / "ref",
+        world.seg.out_dir,
+        world.checkpoint,
+        world.root / "ref",
         out,
-        labeled["config"],
+        labeled.config,
     )
     with pytest.raises(InputError, match="holds predictions of another checkpoint.*--overwrite"):
         label(*args, device="cpu")
@@ -441,21 +429,21 @@ def test_cli_label_and_export(world, labeled, tmp_path):
     out = tmp_path / "out"
     result = runner.invoke(
         cli,
-        ["-q", "label", str(world["seg"].out_dir), "--checkpoint", str(world["checkpoint"]),
-         "--reference", str(world["root"] / "ref"), "--out", str(out), "--k", "5",
+        ["-q", "label", str(world.seg.out_dir), "--checkpoint", str(world.checkpoint),
+         "--reference", str(world.root / "ref"), "--out", str(out), "--k", "5",
          "--tile-size", "128", "--device", "cpu", "--workers", "0"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert f"{world['seg'].n_superpixels} superpixels in 4 tiles" in result.output
+    assert f"{world.seg.n_superpixels} superpixels in 4 tiles" in result.output
     result = runner.invoke(
         cli,
-        ["-q", "export", str(out), "--segments", str(world["seg"].out_dir), "--vector", "parquet"],
+        ["-q", "export", str(out), "--segments", str(world.seg.out_dir), "--vector", "parquet"],
     )
     assert result.exit_code == 0, result.output
     assert (out / "labels.tif").exists() and (out / "superpixels.parquet").exists()
     bad = runner.invoke(
         cli,
-        ["-q", "label", str(world["seg"].out_dir), "--checkpoint", str(world["root"] / "truth.tif"),
-         "--reference", str(world["root"] / "ref"), "--out", str(tmp_path / "x"), "--workers", "0"],
+        ["-q", "label", str(world.seg.out_dir), "--checkpoint", str(world.root / "truth.tif"),
+         "--reference", str(world.root / "ref"), "--out", str(tmp_path / "x"), "--workers", "0"],
     )  # fmt: skip
     assert bad.exit_code == 2 and "truth.tif: not a torch checkpoint" in bad.output
