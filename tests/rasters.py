@@ -75,3 +75,23 @@ def texture_mosaic(size: int = 512) -> tuple[np.ndarray, np.ndarray]:
     for k, src in enumerate(sources, start=1):
         rgb[truth == k] = src[truth == k]
     return rgb.transpose(2, 0, 1), truth
+
+
+def write_top_half_labeled(root: Path, pixels: np.ndarray, truth: np.ndarray) -> tuple[Path, Path]:
+    """Write ``root/mosaic.tif`` and ``root/top.tif``: the truth of its top half only.
+
+    Parameters
+    ----------
+    pixels : (C, H, W) ndarray
+    truth : (H, W) uint8 ndarray
+        Class codes; ``top.tif`` keeps the top half's and is 0 (nodata) below.
+
+    Returns
+    -------
+    mosaic, labels : Path
+    """
+    top = truth.copy()
+    top[truth.shape[0] // 2 :] = 0
+    return write_raster(root / "mosaic.tif", pixels), write_raster(
+        root / "top.tif", top[None], nodata=0
+    )

@@ -12,7 +12,7 @@ import rasterio
 import tifffile
 from checkpoints import save_untrained_checkpoint
 from click.testing import CliRunner
-from rasters import write_raster
+from rasters import write_top_half_labeled
 
 from superdml.cli.commands import cli
 from superdml.config.schema import (
@@ -122,10 +122,7 @@ def islands(tmp_path_factory) -> tuple[Path, Path, Path, np.ndarray]:
     """The island mosaic segmented; its top half's islands labeled; the truth."""
     root = tmp_path_factory.mktemp("islands")
     rgb, truth = island_mosaic()
-    source = write_raster(root / "mosaic.tif", rgb)
-    top = truth.copy()
-    top[SIZE // 2 :] = 0
-    labels = write_raster(root / "top.tif", top[None], nodata=0)
+    source, labels = write_top_half_labeled(root, rgb, truth)
     seg = segment_raster(source, root / "seg", SegmentConfig(region_size=8, tile_size=256))
     return root, seg.out_dir, labels, truth
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from rasters import write_raster
+from rasters import write_raster, write_top_half_labeled
 
 from superdml.config.schema import (
     CropsConfig,
@@ -49,10 +49,7 @@ def run_pipeline(root: Path, bands: tuple[int | str, ...] | None) -> float:
     """Segment, crop (top half labeled), train, index, label, export; pixel accuracy below."""
     root.mkdir()
     pixels, truth = nir_mosaic()
-    source = write_raster(root / "mosaic.tif", pixels)
-    top = truth.copy()
-    top[SIZE // 2 :] = 0
-    labels = write_raster(root / "top.tif", top[None], nodata=0)
+    source, labels = write_top_half_labeled(root, pixels, truth)
     seg = segment_raster(source, root / "seg", SegmentConfig(region_size=8, tile_size=128))
     crops = CropsConfig(crop_size=16, mask="outside", per_class=40, bands=bands)
     export_crops(seg.out_dir, root / "crops", crops, labels)
