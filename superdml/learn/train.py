@@ -25,7 +25,8 @@ Choices:
   is how labeling works later (new crops against labeled references), and small
   validation sets still get meaningful precision@1.
 - **Optimizer**: AdamW with two parameter groups: the network at ``lr`` and the loss's
-  learned proxies / centers at ``proxy_lr`` (both with ``weight_decay``).
+  learned proxies / centers at ``proxy_lr`` (both with ``weight_decay``), fused on the
+  CPU and CUDA.
 - **Schedule**: stepped per batch: linear warm-up over ``warmup_epochs`` epochs, then a
   cosine decay towards 0 at the end of ``epochs``. The steps per epoch are those of the
   first epoch (the PK sampler's batch count can differ by one or two between epochs;
@@ -164,11 +165,17 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def build_optimizer(model: nn.Module, loss: MetricLoss, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the network (``lr``) and the loss's proxies / centers (``proxy_lr``)."""
+    """AdamW over the network (``lr``) and the loss's proxies / centers (``proxy_lr``).
+
+    Fused (one kernel over every parameter) on the CPU and CUDA: a ResNet-18 step takes
+    23 ms instead of 100 ms on one CPU thread, as much as a 32 px forward of 16 crops.
+    """
     groups: list[dict[str, Any]] = [{"params": list(model.parameters()), "lr": config.lr}]
     if loss.has_parameters:
         groups.append({"params": list(loss.parameters()), "lr": config.proxy_lr})
-    return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    devices = {p.device.type for group in groups for p in group["params"]}
+    fused = devices <= {"cpu", "cuda"}
+    return torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=fused)
 
 
 def build_scheduler(
