@@ -163,7 +163,7 @@ def shared_label_run(
 
 @pytest.fixture(scope="session")
 def shared_trained_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    """A 384 px mosaic whose left half's crops (40 per class) trained a model 6 epochs
+    """A 384 px mosaic whose left half's crops (40 per class) trained a model 4 epochs
     and make its reference: for tests of how well the unseen right half is labeled."""
     from rasters import texture_mosaic
     from worlds import make_world

@@ -119,7 +119,7 @@ def make_world(
     per_class : int
         Crops per class of the labeled raster (32 px, default mask) unless `crops` says.
     model : {"untrained", "trained"}
-        An untrained resnet18 (for mechanics), or one trained 6 epochs on the crops
+        An untrained resnet18 (for mechanics), or one trained 4 epochs on the crops
         (proxy NCA, 32 px: for tests of how well superpixels are labeled).
     crops : CropsConfig, optional
     label_raster : (H, W) uint8 ndarray, optional
@@ -143,7 +143,7 @@ def make_world(
         build_index(checkpoint, root / "crops", root / "ref", IndexConfig(batch_size=32), "cpu")
     else:
         config = TrainConfig(
-            input_size=32, embedding_size=32, epochs=6, loss="proxy_nca", classes_per_batch=4,
+            input_size=32, embedding_size=32, epochs=4, loss="proxy_nca", classes_per_batch=4,
             samples_per_class=8, warmup_epochs=0, val_fraction=0.2,
         )  # fmt: skip
         checkpoint = train(root / "crops", root / "model", config, device="cpu").best_path
