@@ -94,16 +94,22 @@ def check_output(folder: str | os.PathLike[str], stage: str, accept: Iterable[st
     if not folder.is_dir():
         return
     made_by = owner(folder)
-    if made_by is None:
-        if any(entry.name not in _OURS for entry in folder.iterdir()):
-            raise input_error(
-                folder,
-                f"is not empty and was not made by superdml {stage}: choose another output "
-                "folder, or empty it (superdml never writes into folders of yours)",
-            )
-    elif made_by != stage and made_by not in accept:
+    if made_by is None and any(entry.name not in _OURS for entry in folder.iterdir()):
         raise input_error(
-            folder, f"is the output of superdml {made_by}, not {stage}: choose another folder"
+            folder,
+            f"is not empty and was not made by superdml {stage}: choose another output "
+            "folder, or empty it (superdml never writes into folders of yours)",
+        )
+    _refuse_another_stage(folder, made_by, stage, tuple(accept), "folder")
+
+
+def _refuse_another_stage(
+    location: Path | str, made_by: str | None, stage: str, accept: tuple[str, ...], kind: str
+) -> None:
+    """Refuse an output folder or prefix (`kind`) that another stage made."""
+    if made_by is not None and made_by != stage and made_by not in accept:
+        raise input_error(
+            location, f"is the output of superdml {made_by}, not {stage}: choose another {kind}"
         )
 
 
@@ -178,18 +184,16 @@ def _check_prefix(prefix: str, stage: str, accept: tuple[str, ...]) -> None:
     if storage.isfile(prefix):
         raise input_error(prefix, f"is an object, expected an output prefix for superdml {stage}")
     made_by = owner(prefix)
+    foreign = []
     if made_by is None:
         foreign = [k for k in storage.list_files(prefix) if k not in _OURS]
-        if foreign:
-            raise input_error(
-                prefix,
-                f"holds {foreign[0]} and was not made by superdml {stage}: choose another "
-                "output prefix, or empty it (superdml never writes into prefixes of yours)",
-            )
-    elif made_by != stage and made_by not in accept:
+    if foreign:
         raise input_error(
-            prefix, f"is the output of superdml {made_by}, not {stage}: choose another prefix"
+            prefix,
+            f"holds {foreign[0]} and was not made by superdml {stage}: choose another "
+            "output prefix, or empty it (superdml never writes into prefixes of yours)",
         )
+    _refuse_another_stage(prefix, made_by, stage, accept, "prefix")
 
 
 def _lock_record() -> dict[str, object]:
