@@ -41,7 +41,6 @@ from superdml.core.atomic import (
     is_temporary,
     remove,
     remove_stale_temporaries,
-    write_json,
 )
 from superdml.core.errors import InputError, OutputLockedError, SuperDMLError, input_error
 
@@ -63,10 +62,7 @@ def owner(folder: str | os.PathLike[str]) -> str | None:
 
 def mark_output(folder: str | os.PathLike[str], stage: str) -> None:
     """Write the marker that says `stage` made `folder`."""
-    if storage.is_uri(folder):
-        storage.write_text(storage.join(folder, MARKER), json.dumps({"stage": stage}) + "\n")
-    else:
-        write_json(Path(folder) / MARKER, {"stage": stage})
+    storage.write_json(storage.join(folder, MARKER), {"stage": stage})
 
 
 def check_output(folder: str | os.PathLike[str], stage: str, accept: Iterable[str] = ()) -> None:
@@ -352,34 +348,25 @@ def clear_listed(folder: Path, table: Path, listed: Iterable[str], stage: str, r
 def check_apart(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]]) -> None:
     """Refuse an output that is, contains or lies inside one of `inputs`.
 
+    Paths are compared resolved, URIs key by key (a longer name is another prefix).
+
     Raises
     ------
     InputError
         Naming the output and the input it overlaps.
     """
-    inputs = list(inputs)
-    if storage.is_uri(out) or any(storage.is_uri(item) for item in inputs):
-        _check_apart_uris(out, inputs)
-        return
-    out_path = Path(out).resolve()
+    out_key = _as_prefix(out)
     for item in inputs:
-        path = Path(item).resolve()
-        if out_path == path or path.is_relative_to(out_path) or out_path.is_relative_to(path):
-            raise input_error(
-                out,
-                f"overlaps the input {item}: writing there could destroy it; "
-                "choose another output folder",
-            )
-
-
-def _check_apart_uris(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str]]) -> None:
-    """:func:`check_apart` where a location is a URI: prefixes compared key by key."""
-    out_key = storage.resolve(out).rstrip("/") + "/"
-    for item in inputs:
-        key = storage.resolve(item).rstrip("/") + "/"
+        key = _as_prefix(item)
         if out_key.startswith(key) or key.startswith(out_key):
+            kind = "prefix" if storage.is_uri(out) else "folder"
             raise input_error(
                 out,
                 f"overlaps the input {item}: writing there could destroy it; "
-                "choose another output prefix",
+                f"choose another output {kind}",
             )
+
+
+def _as_prefix(loc: str | os.PathLike[str]) -> str:
+    """`loc` resolved (:func:`superdml.core.storage.resolve`), ending in one ``/``."""
+    return storage.resolve(loc).rstrip("/") + "/"
