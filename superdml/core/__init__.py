@@ -111,6 +111,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "listdir",
             "local_copy",
             "location",
+            "makedirs",
             "name",
             "open_input",
             "parent",

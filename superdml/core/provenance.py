@@ -96,14 +96,9 @@ def fingerprint(path: str | os.PathLike[str]) -> str:
 
     ``missing`` when `path` does not exist.
     """
-    if storage.is_uri(path):
-        if storage.isfile(path):
-            return "file:" + file_fingerprint(path)
-        return "tree:" + tree_fingerprint(path) if storage.isdir(path) else "missing"
-    path = Path(path)
-    if path.is_file():
+    if storage.isfile(path):
         return "file:" + file_fingerprint(path)
-    if path.is_dir():
+    if storage.isdir(path):
         return "tree:" + tree_fingerprint(path)
     return "missing"
 

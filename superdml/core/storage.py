@@ -63,6 +63,7 @@ __all__ = [
     "listdir",
     "local_copy",
     "location",
+    "makedirs",
     "name",
     "open_input",
     "parent",
@@ -377,6 +378,12 @@ def gdal_path(loc: Location) -> str:
 # ------------------------------------------------------------------------- writing
 
 
+def makedirs(loc: Location) -> None:
+    """Create the folder `loc` and its parents if missing (a bucket's prefix needs none)."""
+    if not is_uri(loc):
+        Path(loc).mkdir(parents=True, exist_ok=True)
+
+
 def scratch_dir() -> Path:
     """Return the local folder for temporaries of uploads (``SUPERDML_SCRATCH`` or the tmp dir)."""
     folder = Path(os.environ.get("SUPERDML_SCRATCH") or tempfile.gettempdir())
@@ -394,7 +401,7 @@ def upload(local: Location, loc: Location, create_only: bool = False) -> None:
     """
     _writable(loc)
     if not is_uri(loc):
-        Path(loc).parent.mkdir(parents=True, exist_ok=True)
+        makedirs(parent(loc))
         with _local_create(loc, create_only) as tmp:
             shutil.copyfile(local, tmp)
         return
@@ -450,7 +457,7 @@ def write_once(
     """
     _writable(loc)
     if not is_uri(loc):
-        Path(loc).parent.mkdir(parents=True, exist_ok=True)  # a key needs no folders either
+        makedirs(parent(loc))
         with _local_create(loc, True) if create_only else atomic_write(loc, keep_suffix) as tmp:
             yield tmp
         return

@@ -395,8 +395,7 @@ def _export_run(
     ``summary.json``.
     """
     files = export_files(label_run.out_dir, run.name, n_runs, vector)
-    if not storage.is_uri(files["labels"]):
-        Path(files["labels"]).parent.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(storage.parent(files["labels"]))
     preds = read_predictions(parts)
     write_label_rasters(
         label_run, run, preds, files["labels"], files["scores"], raster_format == "cog"

@@ -170,8 +170,7 @@ def segment_raster(
     with claim_output(out_dir, "segment"):
         folder = run_dir(out_dir, info.path)
         name = storage.name(folder)
-        if not storage.is_uri(folder):
-            Path(folder).mkdir(exist_ok=True)
+        storage.makedirs(folder)
         manifest = _up_to_date(folder, info.path, digest, source_fp)
         if manifest is not None:
             logger.info("%s: up to date, skipped", folder)
@@ -188,8 +187,7 @@ def segment_raster(
         for stale in storage.listdir(folder):  # ours: other inputs' runs
             if re.fullmatch(r"\.work-[0-9a-f]{16}", stale) and stale != work_name:
                 storage.delete_tree(storage.join(folder, stale))
-        if not storage.is_uri(work):
-            Path(work).mkdir(exist_ok=True)
+        storage.makedirs(work)
         client = resolve_client(client, len(tiles))
         threads, sweep_threads = in_process_threads(device, len(tiles))
         grid = Grid(
