@@ -226,9 +226,9 @@ def assert_same_up_to_float_noise(got, expected, atol=1e-5):
     are compared as a multiset; a tie at the k-th place may bring in another neighbour),
     and a superpixel whose best two classes are within `atol` may take either.
     """
-    floats = ["score", "margin", "similarity", "topk_similarities", "topk_labels", "label",
-              "label_code"]  # fmt: skip
-    assert got.drop(floats).equals(expected.drop(floats))
+    noisy = ["score", "margin", "similarity", "topk_similarities", "topk_labels", "label",
+             "label_code"]  # fmt: skip
+    assert got.drop(noisy).equals(expected.drop(noisy))
     for column in ("score", "margin", "similarity"):
         np.testing.assert_allclose(got[column], expected[column], atol=atol)
     g, e = got.to_pydict(), expected.to_pydict()
