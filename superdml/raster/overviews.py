@@ -133,9 +133,14 @@ def _mode_2x2(src: np.ndarray, nodata: int, out: np.ndarray) -> None:
 def _mean_2x2(src: np.ndarray, out: np.ndarray) -> None:
     for i in range(out.shape[0]):
         for j in range(out.shape[1]):
+            a, b, c, d = _block(src, i, j)
+            total = a + b + c + d
+            if not np.isnan(total):  # no NaN: the same sum, in the same order, as below
+                out[i, j] = total * np.float32(0.25)
+                continue
             total = np.float32(0.0)
             count = 0
-            for value in _block(src, i, j):
+            for value in (a, b, c, d):
                 if not np.isnan(value):
                     total += value
                     count += 1
