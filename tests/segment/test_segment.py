@@ -47,7 +47,7 @@ def test_ids_in_table_once_and_areas_add_up(mosaic_runs):
     assert table.column("area_px").to_numpy().sum() == (segments > 0).sum() == 512 * 512
     areas = dict(zip(*np.unique(segments, return_counts=True), strict=True))
     assert all(areas[i] == a for i, a in zip(ids, table.column("area_px").to_numpy(), strict=True))
-    assert profile["dtype"] == "uint32" and profile["compress"] == "deflate"
+    assert profile["dtype"] == "uint32" and profile["compress"] == "zstd"
     assert (profile["blockysize"], profile["blockxsize"]) == (512, 512)
 
 
