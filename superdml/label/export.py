@@ -5,19 +5,23 @@ the raster's predictions, with their overview levels (mode for labels, mean for 
 :mod:`superdml.raster.overviews`), into memory-mapped staging arrays; GDAL then writes each
 raster once from them, a COG with those overviews or a tiled GeoTIFF
 (:class:`~superdml.raster.staged.StagedRaster`). Windows run on a thread per
-core; GDAL compresses on all cores.
+core (:func:`export_threads`, kept for the process); the two files are written at the
+same time, GDAL compressing on all cores.
 Polygons: :mod:`superdml.label.polygons`. Only current predictions parts are read
 (:meth:`LabelRun.parts`): a tile without one is nodata in every file.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 import queue
 import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -134,7 +138,8 @@ def write_label_rasters(
     factor) is mapped through the raster's predictions (one :class:`IdTable` each for
     codes and scores) into a :class:`StagedRaster`, and its overview levels computed
     from it (:func:`downsample_mode` for labels, :func:`downsample_mean` for scores).
-    Windows run on a thread per core; GDAL then writes each raster once.
+    Windows run on a thread per core (:func:`export_threads`); GDAL then writes each
+    raster once, the two at the same time.
 
     Parameters
     ----------
@@ -188,17 +193,53 @@ def write_label_rasters(
                     else:
                         downsample_mean(below, out)
 
-        with ThreadPoolExecutor(cores, thread_name_prefix="superdml-export") as pool:
-            done = pool.map(fill, windows)
-            for _ in progress(done, total=len(windows), desc=f"{run.name}: rasters", unit="window"):
-                pass
+        pool = export_threads(cores)
+        filled = [pool.submit(fill, window) for window in windows]
+        with _awaited(filled):
+            for task in progress(
+                as_completed(filled), total=len(windows), desc=f"{run.name}: rasters",
+                unit="window",
+            ):  # fmt: skip
+                task.result()
         options = COG_OPTIONS if cog else GTIFF_OPTIONS
         tags = label_tags(scheme)
-        labels.write(labels_path, cog, options, color_table(scheme), tags, tags)
-        score_raster.write(
-            scores_path, cog, options,
-            band_tags={"description": "kNN vote share of the predicted class"},
-        )  # fmt: skip
+        # both files at once: each write is mostly serial (GDAL compresses on all cores,
+        # but reads, lays out and writes on one)
+        written = [
+            pool.submit(labels.write, labels_path, cog, options, color_table(scheme), tags, tags),
+            pool.submit(
+                score_raster.write, scores_path, cog, options,
+                band_tags={"description": "kNN vote share of the predicted class"},
+            ),
+        ]  # fmt: skip
+        with _awaited(written):
+            for write in written:
+                write.result()
+
+
+@functools.cache
+def export_threads(cores: int) -> ThreadPoolExecutor:
+    """Return the process's export threads: `cores` of them, kept across calls and rasters.
+
+    A thread's first GDAL write of a CRS pays PROJ's database start-up (about 15 ms, its
+    own SQLite queries); threads kept for the process pay it once, not per raster. A
+    forked child starts new ones.
+    """
+    return ThreadPoolExecutor(cores, thread_name_prefix="superdml-export")
+
+
+os.register_at_fork(after_in_child=export_threads.cache_clear)
+
+
+@contextmanager
+def _awaited(tasks: list[Future[Any]]) -> Iterator[None]:
+    """Wait for every task on leaving, even on an error (they write into staged arrays)."""
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        wait(tasks)
 
 
 def read_predictions(parts: RasterParts) -> pa.Table:
