@@ -20,9 +20,10 @@ label    ``superdml label`` with its defaults (in    the fastest bare forward of
          (``benchmarks/label.py``)                   channels_last, bf16 channels_last
 knn      ``ReferenceIndex.search`` over 100k         ``torch.mm`` + ``topk`` of the same
          references (``benchmarks/knn.py``)          shapes
-export   label + score rasters (COG), MP/s, a        GDAL writing the same two rasters
-         second call; superpixel polygons            from memory as COGs, same options
-         (GeoPackage), sp/s (``export.py``)          (target >= 50 MP/s); polygons: none
+export   label + score rasters (COG), MP/s, the      GDAL writing the same two rasters
+         median of 5 calls after the first;          from memory as COGs, same options
+         superpixel polygons (GeoPackage), sp/s      (target >= 50 MP/s); polygons: none
+         (``export.py``)
 =======  ==========================================  ========================================
 
 The input is the demo mosaic (:func:`superdml.cli.demo.write_demo_data`): 2048^2 with
