@@ -99,6 +99,11 @@ def score_run(
 
     `truth` holds ids 1.. in the order of `class_names` (the demo's by default).
     """
+    return unseen_half_scores(predicted_ids(workdir, class_names), truth, class_names)
+
+
+def predicted_ids(workdir: Path, class_names: tuple[str, ...] = CLASS_NAMES) -> np.ndarray:
+    """A pipeline run's labels.tif as truth ids: 1.. in the order of `class_names`, else 0."""
     scheme = load_label_run(workdir / "labels").scheme
     with rasterio.open(workdir / "labels" / "labels.tif") as src:
         predicted = src.read(1)
@@ -106,7 +111,7 @@ def score_run(
     to_truth = np.zeros(1 << 16, dtype=np.int64)
     for name, code in scheme.codes.items():
         to_truth[code] = class_names.index(name) + 1 if name in class_names else 0
-    return unseen_half_scores(to_truth[predicted], truth, class_names)
+    return to_truth[predicted]
 
 
 def run_case(

@@ -46,7 +46,7 @@ import numpy as np
 import rasterio
 import torch
 import yaml
-from quality import score_run
+from quality import predicted_ids, score_run
 from rasterio.transform import from_origin
 
 from superdml.cli import pipeline as pipeline_mod
@@ -181,7 +181,17 @@ def _score(workdir: Path, truth: np.ndarray) -> dict[str, Any]:
     rare = scores["per_class"][RARE]
     return {"accuracy": scores["pixel_accuracy"], "macro_f1": float(np.mean(list(f1.values()))),
             "rare_f1": f1[RARE], "rare_precision": rare["precision"],
-            "rare_recall": rare["recall"], "f1": f1}  # fmt: skip
+            "rare_recall": rare["recall"], "f1": f1,
+            "rare_false_positives": _rare_false_positives(workdir, truth)}  # fmt: skip
+
+
+def _rare_false_positives(workdir: Path, truth: np.ndarray) -> dict[str, float]:
+    """What the unseen half's pixels labeled rare but not rare are, by true class: shares."""
+    half = truth.shape[1] // 2
+    predicted, true = predicted_ids(workdir, NAMES)[:, half:], truth[:, half:]
+    wrong = true[(predicted == NAMES.index(RARE) + 1) & (true != NAMES.index(RARE) + 1)]
+    counts = np.bincount(wrong, minlength=len(NAMES) + 1)[1:]
+    return {name: float(n / max(len(wrong), 1)) for name, n in zip(NAMES, counts, strict=True)}
 
 
 def _count_crops(workdir: Path) -> int:
@@ -290,6 +300,15 @@ def main(argv: list[str] | None = None) -> int:
     print("# d rareF1: minus today's;")
     print("# sp/s: label stage superpixels per second; rate x: that over today's in the same seed")
     print("\n".join(_table({n: rows[n] for n in [*names, *rows] if n in rows})))
+    print(f"# what the unseen half's pixels labeled {RARE} wrongly are (share by true class)")
+    for name in [n for n in names if n in rows]:
+        line = "  ".join(
+            f"s{r['seed']} "
+            + " ".join(f"{k} {v:.2f}" for k, v in r["rare_false_positives"].items() if v >= 0.01)
+            for r in rows[name]
+            if "rare_false_positives" in r  # runs of an older version lack it
+        )
+        print(f"{name:<24}{line}")
     return 0
 
 
