@@ -2,6 +2,7 @@ import errno
 import json
 import os
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -193,6 +194,39 @@ def test_no_room_to_stage_is_one_line_and_keeps_the_old_rasters(labeled, tmp_pat
     assert (out / "notes.txt").read_text() == "mine"
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert after == {**before, "notes.txt": b"mine"}  # nothing new, nothing changed
+
+
+def test_a_failing_window_ends_the_export_with_no_window_left_running(
+    labeled, tmp_path, monkeypatch
+):
+    # the window threads outlive a call (export_threads): a failure must not leave
+    # windows writing into staging arrays that the call has already closed
+    monkeypatch.setattr(superdml.label.export, "BLOCK_SIZE", 64)
+    monkeypatch.setattr(superdml.label.export, "WINDOW", 64)  # 16 windows, 2 levels each
+    out = tmp_path / "out"
+    fake_label_run(labeled, out)
+    export(out, labeled["seg"].out_dir, "cog", "none")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    calls, running = [], []
+
+    def slow_mean(below, level):
+        running.append(1)
+        calls.append(1)
+        time.sleep(0.02)
+        running.pop()
+        if len(calls) == 3:
+            raise RuntimeError("window failed")
+        downsample_mean(below, level)
+
+    monkeypatch.setattr(superdml.label.export, "downsample_mean", slow_mean)
+    with pytest.raises(RuntimeError, match="window failed"):
+        export(out, labeled["seg"].out_dir, "cog", "none")
+    assert not running
+    ended = len(calls)
+    time.sleep(0.2)
+    assert len(calls) == ended < 32  # windows not started were cancelled, none runs after
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after == before
 
 
 def test_score_raster_is_float_with_nan_nodata(labeled, exported):
