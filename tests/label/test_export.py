@@ -1,5 +1,6 @@
 import errno
 import json
+import multiprocessing
 import os
 import shutil
 import time
@@ -227,6 +228,20 @@ def test_a_failing_window_ends_the_export_with_no_window_left_running(
     assert len(calls) == ended < 32  # windows not started were cancelled, none runs after
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert after == before
+
+
+def _submit_on_export_threads() -> None:
+    assert superdml.label.export.export_threads(2).submit(int, "7").result(timeout=10) == 7
+
+
+def test_a_forked_child_gets_export_threads_of_its_own():
+    # a forked child has none of its parent's threads: the parent's pool would never run
+    # the child's windows (dask's and multiprocessing's fork start method)
+    _submit_on_export_threads()
+    child = multiprocessing.get_context("fork").Process(target=_submit_on_export_threads)
+    child.start()
+    child.join(timeout=30)
+    assert child.exitcode == 0
 
 
 def test_score_raster_is_float_with_nan_nodata(labeled, exported):
