@@ -126,7 +126,7 @@ def _stage_command(spec: StageSpec) -> click.Command:
                 help="YAML config of this stage; options given here override it.",
             )
         )
-        params += config_options(spec.option_class())
+        params += config_options(spec.options_from or spec.config)
 
     def callback(**values: Any) -> None:
         options = given(click.get_current_context(), values)

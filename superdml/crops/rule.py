@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -348,7 +349,7 @@ def context_views(window: np.ndarray, centers: np.ndarray, size: int, factor: in
     return out
 
 
-def read_crop_rule(folder: str | Path) -> CropRule | None:
+def read_crop_rule(folder: str | os.PathLike[str]) -> CropRule | None:
     """Return the crop rule recorded in ``folder/crops.parquet`` (or one level up), if any."""
     for candidate in (Path(folder) / CROPS_TABLE, Path(folder).parent / CROPS_TABLE):
         if candidate.exists() and "crop_rule" in (meta := read_crops_meta(candidate)):
@@ -360,7 +361,7 @@ def _views(context: int | None) -> str:
     return "no context view" if context is None else f"a {context}x context view"
 
 
-def check_context(rule: CropRule | None, folder: str | Path, whose: str) -> None:
+def check_context(rule: CropRule | None, folder: str | os.PathLike[str], whose: str) -> None:
     """Refuse a crop folder cut with another context view than `rule` (a model's).
 
     A folder without a crop rule (images people brought) has no context view.

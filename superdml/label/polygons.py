@@ -89,8 +89,8 @@ def _owned_polygons(run: SegmentRun, parts: RasterParts, i: int) -> pa.Table:
     traced, starts = np.unique(rows[order], return_index=True)
     if traced.size != ids.size:
         raise RuntimeError(f"{path}: superpixels without pixels in {run.segments_path}")
-    parts = np.split(polygons[order], starts[1:])
-    merged = [p[0] if len(p) == 1 else shapely.union_all(p) for p in parts]
+    pieces = np.split(polygons[order], starts[1:])
+    merged = [p[0] if len(p) == 1 else shapely.union_all(p) for p in pieces]
     geometry = pa.array(shapely.to_wkb(np.array(merged, object)), pa.binary())
     return preds.append_column("geometry", geometry).cast(POLYGON_SCHEMA)
 

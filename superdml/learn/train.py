@@ -74,7 +74,7 @@ from superdml.learn.checkpoint import Checkpoint, load_checkpoint, save_checkpoi
 from superdml.learn.embed import Embedder, autocast, prepare_model, resolve_precision, to_device
 from superdml.learn.losses import MetricLoss, get_loss
 from superdml.learn.metrics import retrieval_metrics
-from superdml.learn.models import build_model
+from superdml.learn.models import EmbeddingNet, build_model
 from superdml.learn.resume import open_resume, restore, resume_state, warm_start
 from superdml.learn.rng import seed_everything, seed_worker
 from superdml.learn.sampling import PKSampler
@@ -349,6 +349,7 @@ def _train(
     log = EpochLog(out_dir / METRICS_CSV, out_dir / TENSORBOARD_DIR, start_epoch)
     save = functools.partial(
         save_checkpoint,
+        model=run.model,
         input_size=config.input_size,
         class_names=data.class_names,
         normalization=config.normalization,
@@ -367,14 +368,14 @@ def _train(
             log.append(row, metrics)
             ckpt_metrics = {"epoch": epoch + 1, "train_loss": row["train_loss"], **metrics}
             score = metrics.get(SELECTION_METRIC, math.inf)
-            state = {"model": run.model, "metrics": ckpt_metrics}
             if score > best_score or not metrics:
                 best_score = score
-                save(best_path, **state, loss_state=run.loss_fn.state_dict())
+                save(best_path, metrics=ckpt_metrics, loss_state=run.loss_fn.state_dict())
             resume_info = resume_state(
                 epoch + 1, run.optimizer, run.scheduler, run.loader_rng, best_score, crops
             )
-            save(last_path, **state, loss_state=run.loss_fn.state_dict(), resume=resume_info)
+            save(last_path, metrics=ckpt_metrics, loss_state=run.loss_fn.state_dict(),
+                 resume=resume_info)  # fmt: skip
     finally:
         log.close()
     return TrainResult(
@@ -392,7 +393,7 @@ def _train(
 class _Run:
     """The moving parts of a training run: network, loss, data loader, optimizer."""
 
-    model: nn.Module
+    model: EmbeddingNet
     loss_fn: MetricLoss
     embedder: Embedder
     sampler: PKSampler

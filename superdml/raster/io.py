@@ -95,8 +95,9 @@ def open_raster(path: str | os.PathLike[str]) -> Iterator[rasterio.DatasetReader
     """
     uri = storage.is_uri(path)  # GDAL reads it itself: /vsis3/, /vsigs/, /vsiaz/, /vsicurl/
     if is_stac(path):
-        name: str | Path = stac_vrt(path)
-        remote = any(prefix in name for prefix in REMOTE_PREFIXES)
+        vrt = stac_vrt(path)
+        name: str | Path = vrt
+        remote = any(prefix in vrt for prefix in REMOTE_PREFIXES)
     elif uri:
         name, remote = storage.gdal_path(path), True
     else:

@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import posixpath
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -69,14 +70,14 @@ _VSI = {
 _VRTS: ProcessCache[str] = ProcessCache(size=4)
 
 
-def split_asset(path: str | Path) -> tuple[str, str | None]:
+def split_asset(path: str | os.PathLike[str]) -> tuple[str, str | None]:
     """Split ``items.json#asset=KEY`` into the document and the asset key (None without)."""
     text = str(path)
     doc, sep, key = text.partition(ASSET_FRAGMENT)
     return (doc, key) if sep else (text, None)
 
 
-def is_stac(path: str | Path) -> bool:
+def is_stac(path: str | os.PathLike[str]) -> bool:
     """Whether `path` names a STAC document (``.json``/``.geojson``, maybe ``#asset=KEY``)."""
     return split_asset(path)[0].lower().endswith(_SUFFIXES)
 
@@ -93,7 +94,7 @@ def raster_fingerprint(path: str | Path) -> str:
     return f"{file_fingerprint(doc)}:asset={key or ''}"
 
 
-def stac_vrt(path: str | Path) -> str:
+def stac_vrt(path: str | os.PathLike[str]) -> str:
     """Return the VRT (XML) of the mosaic of a STAC document, built once per process.
 
     Parameters
@@ -352,8 +353,8 @@ def _vrt_xml(doc: str, assets: list[_Asset], bands: _Bands) -> str:
                 BlockXSize=str(bands.block[1]), BlockYSize=str(bands.block[0]),
             )  # fmt: skip
             size = {"xSize": str(asset.width), "ySize": str(asset.height)}
-            ET.SubElement(source, "SrcRect", xOff="0", yOff="0", **size)
-            ET.SubElement(source, "DstRect", xOff=str(col), yOff=str(row), **size)
+            ET.SubElement(source, "SrcRect", {"xOff": "0", "yOff": "0", **size})
+            ET.SubElement(source, "DstRect", {"xOff": str(col), "yOff": str(row), **size})
             if kind == "ComplexSource":
                 ET.SubElement(source, "NODATA").text = repr(bands.nodata)
 

@@ -252,7 +252,11 @@ class ReferenceIndex:
         check(nprobe is None or is_count(nprobe), "nprobe", nprobe, "an integer >= 1")
         stored = read_reference(directory)
         folder = storage.local_copy(directory)  # where read_reference read it
-        loaded = cls(*stored[:8], folder, stored.calibration, stored.tta)
+        loaded = cls(
+            stored.embeddings, stored.labels, stored.class_names, stored.files,
+            stored.checkpoint_sha256, stored.index, stored.index_sha256, stored.root, folder,
+            stored.calibration, stored.tta,
+        )  # fmt: skip
         if loaded.sha256 != stored.sha256:
             raise damaged(folder, f"content does not match its sha256 in {REFERENCE_JSON}")
         index = stored.index

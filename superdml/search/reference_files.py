@@ -36,7 +36,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import faiss
 import numpy as np
@@ -114,7 +114,8 @@ class Calibration:
         return cls(float(value["recall"]), thresholds)
 
 
-class StoredReference(NamedTuple):
+@dataclass(frozen=True)
+class StoredReference:
     """The parts of a reference folder, checked to fit together (:func:`read_reference`)."""
 
     embeddings: np.ndarray

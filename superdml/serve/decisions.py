@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -297,7 +297,8 @@ class Sorter:
         ``more.jsonl`` (fsynced) and queued. Listed last, so a listed crop has its file.
         """
         with self._lock:
-            out, new = [], []
+            out: list[int | None] = []  # None: to be added, its index known once queued
+            new: list[dict[str, Any]] = []
             for row in rows:
                 try:
                     out.append(self.queue.index_of(row["file"]))
@@ -309,14 +310,14 @@ class Sorter:
                     else:
                         out.append(None)
                         new.append(row)
+            added: Iterator[int] = iter(())
             if new:
                 write(self.folder, new)
                 for folder in {(self.folder / r["file"]).parent for r in new}:
                     fsync_dir(folder)
                 append_more(self.folder / MORE, new)
                 added = iter(int(i) for i in self.queue.extend(new))
-                out = [next(added) if i is None else i for i in out]
-            return out
+            return [next(added) if i is None else i for i in out]
 
     def decided(self) -> list[Decision]:
         """Return the ``sort`` records in force, oldest first (what a retrain now includes)."""

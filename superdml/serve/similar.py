@@ -176,7 +176,10 @@ class MosaicEmbeddings:
         """Embed (or read) every tile; :attr:`embeddings` is set last, when all are done."""
         tables, parts = [], []
         for code, (run, tiles) in enumerate(zip(self.runs, self.tiles, strict=True)):
-            paths = self.label_run.parts(run).paths if self.label_run is not None else None
+            paths = (
+                self.label_run.parts(run).paths if self.label_run is not None
+                else [None] * len(tiles)
+            )  # fmt: skip
             for t, tile in enumerate(tiles):
                 table = run.superpixels_in(
                     tile.row, tile.col, tile.height, tile.width,
@@ -190,17 +193,17 @@ class MosaicEmbeddings:
                         from superdml.crops.cut import crop_tile
 
                         embeddings = self.model(crop_tile(run, self.model.rule, table)[0])
-                    predictions = _predictions(self.label_run, paths and paths[t], ids)
+                    predictions = _predictions(self.label_run, paths[t], ids)
                     n = len(ids)
                     where = pa.table({"raster": np.full(n, code, np.int32),
                                       "tile": np.full(n, t, np.int32)})  # fmt: skip
                     tables.append(_concat_columns(table, predictions, where))
                     parts.append(np.asarray(embeddings, np.float32))
                 self.done += 1
-        self.table = pa.concat_tables(tables) if tables else None
+        self.table = table = pa.concat_tables(tables) if tables else None
         self.keys = _keys(
-            self.table.column("raster").to_numpy() if tables else np.zeros(0, np.int32),
-            self.table.column("segment_id").to_numpy() if tables else np.zeros(0, np.uint32),
+            table.column("raster").to_numpy() if table is not None else np.zeros(0, np.int32),
+            table.column("segment_id").to_numpy() if table is not None else np.zeros(0, np.uint32),
         )
         self.in_train = np.isin(self.keys, self._train_keys())
         joined = np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
