@@ -1,4 +1,5 @@
-"""The package's layers hold (import contracts) and its modules and functions stay small."""
+"""The package is laid out by job and its modules and functions stay small (import
+contracts: `test_static.py`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import ast
 import importlib
 import json
 import pkgutil
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,13 +17,6 @@ PACKAGE = ROOT / "superdml"
 MODULE_LINES = 500
 FUNCTION_LINES = 80
 REASON = "# long:"  # a module or function over the limit says why, in a comment holding this
-
-
-def test_import_contracts_hold():
-    lint_imports = shutil.which("lint-imports")
-    assert lint_imports, "import-linter is missing: pip install -e '.[dev]'"
-    result = subprocess.run([lint_imports], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_no_drawer_sorted_by_visibility():

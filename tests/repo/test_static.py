@@ -1,4 +1,8 @@
-"""The checks of the README's Development section pass: ruff's lint and format, mypy."""
+"""The project's checkers pass: ruff's lint and format, mypy, the import contracts.
+
+The layers are import contracts in ``pyproject.toml`` (import-linter); the sizes of
+modules and functions are checked in ``test_layout.py``.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
         ["ruff", "check", "."],
         ["ruff", "format", "--check", "."],
         pytest.param(["mypy", "superdml"], marks=pytest.mark.slow),  # 25 s without its cache
+        ["lint-imports"],
     ],
-    ids=["ruff-check", "ruff-format", "mypy"],
+    ids=["ruff-check", "ruff-format", "mypy", "import-contracts"],
 )
 def test_static_check_passes(command):
     tool = shutil.which(command[0])
