@@ -34,11 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
-
-import superdml
+from processes import child_env
 
 PRELOAD = Path(__file__).with_name("worker_preload.py")
-SOURCE_ROOT = Path(superdml.__file__).resolve().parents[1]
 
 
 def can_unshare() -> bool:
@@ -115,12 +113,11 @@ def isolated_cluster(deny: Path, workers: int = 2) -> Iterator[tuple[str, TaskSp
         cluster.scheduler.add_plugin(specs)
         try:
             for i, home in enumerate(homes):
-                env = {
-                    **os.environ, "HOME": str(home), "TMPDIR": str(home / "tmp"),
-                    "SUPERDML_CACHE": str(home / "cache"), "SUPERDML_SCRATCH": str(home / "tmp"),
-                    "SUPERDML_TEST_DENY": str(deny),
-                    "PYTHONPATH": os.pathsep.join([str(SOURCE_ROOT), str(PRELOAD.parent)]),
-                }  # fmt: skip
+                env = child_env(
+                    PRELOAD.parent, HOME=str(home), TMPDIR=str(home / "tmp"),
+                    SUPERDML_CACHE=str(home / "cache"), SUPERDML_SCRATCH=str(home / "tmp"),
+                    SUPERDML_TEST_DENY=str(deny),
+                )  # fmt: skip
                 (home / "tmp").mkdir()
                 command = [
                     sys.executable, "-m", "distributed.cli.dask_worker", cluster.scheduler_address,

@@ -1,9 +1,7 @@
 import dataclasses
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -11,6 +9,7 @@ import pytest
 import rasterio
 from click.testing import CliRunner
 from PIL import Image
+from processes import child_env
 from rasterio.transform import from_origin
 from rasters import texture_mosaic, write_raster
 
@@ -23,8 +22,6 @@ from superdml.crops.rule import CropRule, extract_crops, read_crop_rule, to_uint
 from superdml.crops.stage import export_crops, majority_labels
 from superdml.segment.run import load_segment_runs
 from superdml.segment.stage import segment_raster
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def superpixel_rows(path):
@@ -369,8 +366,8 @@ def test_a_run_killed_mid_tile_leaves_no_table_and_whole_files_and_a_rerun_finis
     assert n_files == sum(name.endswith((".tif", ".png")) for name in expected) > 40
     out = tmp_path / "out"
     limit = 2 * (clean.n_crops // 2) + 1  # halfway, in a later batch: after a chip
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    killed = subprocess.run([sys.executable, "-c", CRASH, str(seg), str(out), str(limit)], env=env)
+    command = [sys.executable, "-c", CRASH, str(seg), str(out), str(limit)]
+    killed = subprocess.run(command, env=child_env())
     assert killed.returncode == 9
     found = file_bytes(out)
     assert "crops.parquet" not in found

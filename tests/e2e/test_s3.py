@@ -16,13 +16,13 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import rasterio
 from click.testing import CliRunner
+from processes import child_env
 from s3 import ACCESS_KEY, BUCKET, SECRET_KEY
 
 from superdml.cli.commands import cli
@@ -156,7 +156,7 @@ def _label_command(segments: str, inputs: dict[str, str], out: str) -> list[str]
 def test_killed_labeling_reruns_to_the_same_objects_and_refuses_a_second_writer(runs, inputs):
     segments, killed = f"{runs[0]}/segments", f"{inputs['root']}/killed"
     code = "from superdml.cli.commands import main; main()"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
+    env = child_env(OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "-q", *_label_command(segments, inputs, killed)],
         env=env, stderr=subprocess.PIPE, text=True,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from processes import SOURCE_ROOT, child_env
 from sklearn.metrics import normalized_mutual_info_score
 
 import superdml.learn.metrics
@@ -295,20 +295,15 @@ def test_bad_arguments(kwargs, error, message):
 
 
 def test_importing_metrics_loads_no_checkpoint_data_or_index_code():
-    root = Path(superdml.learn.metrics.__file__).parents[2]
     code = (
         "import json, sys, superdml.learn.metrics as m; print(json.dumps([m.__file__, "
         "sorted(name for name in sys.modules if name.startswith('superdml'))]))"
     )
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
-    }
     out = subprocess.run(
-        [sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True
+        [sys.executable, "-c", code], env=child_env(), check=True, capture_output=True, text=True
     )
     path, loaded = json.loads(out.stdout)
-    assert Path(path).parents[2] == root  # this checkout's package
+    assert Path(path).parents[2] == SOURCE_ROOT  # this checkout's package
     assert "superdml.search.knn" in loaded
     heavy = {"superdml.learn.checkpoint", "superdml.learn.data", "superdml.learn.embed",
              "superdml.label.index", "superdml.search.reference"}  # fmt: skip

@@ -1,15 +1,14 @@
 """The torch SLIC backend: same labels as the numpy path, quality against scikit-image."""
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
 import torch
 from click.testing import CliRunner
+from processes import child_env
 from rasters import write_raster
 from scipy import ndimage
 from skimage.segmentation import slic as skimage_slic
@@ -249,7 +248,7 @@ def test_a_cpu_segment_run_imports_no_torch(small_tif, tmp_path):
         "'--region-size', '16'], standalone_mode=False); "
         "print('torch' in sys.modules)"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    env = child_env()
     done = subprocess.run(
         [sys.executable, "-c", code, str(small_tif), str(tmp_path / "out")],
         capture_output=True, text=True, env=env, check=True,

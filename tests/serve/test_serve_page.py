@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from processes import child_env
 
 from superdml.config.load import dump_config
 from superdml.config.schema import LabelConfig, ReviewConfig, TrainConfig
@@ -116,7 +117,7 @@ def server_thread(review_dir, train_dir, **options):
 @contextlib.contextmanager
 def server_process(review_dir, train_dir):
     """Serve in a real ``superdml serve`` process; yield (process, URL)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    env = child_env(PYTHONUNBUFFERED="1")
     command = [
         sys.executable, "-c", "from superdml.cli.commands import main; main()", "serve",
         str(review_dir), "--train-dir", str(train_dir), "--port", "0", "--device", "cpu",
