@@ -7,7 +7,8 @@
 # label superpixels/s with the GPU utilisation nvidia-smi sampled while labeling, the
 # bare forwards, and the kNN queries/s.
 #
-# UNMEASURED: written without a GPU at hand; see benchmarks/README.md.
+# Not yet measured whole: on the H200 lent on 2026-12-04 a run at 8192^2 did not finish
+# within 330 s (the mosaic is drawn on one core first); see benchmarks/README.md.
 #
 # Usage: benchmarks/gpu.sh [--json FILE] [--workdir DIR] [other benchmarks/run.py options]
 # Environment: PYTHON (default: python), CUDA_VISIBLE_DEVICES (the one GPU to use).
