@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,15 @@ import rasterio
 from rasterio.transform import from_origin
 
 from superdml.core.atomic import atomic_write, write_json
-from superdml.core.cluster import Stage
+from superdml.core.cluster import Stage, default_workers
 from superdml.core.ownership import claim_output
 
 CLASS_NAMES = ("brick", "grass", "gravel", "coffee", "cat")
 DEMO_CRS = "EPSG:32633"  # WGS 84 / UTM zone 33N
 DEMO_ORIGIN = (500_000.0, 4_650_000.0)
 PIXEL_SIZE = 0.5
+#: Rows of the bands :func:`voronoi_regions` computes at once, a thread each.
+BAND_ROWS = 256
 
 
 def _tiled(image: np.ndarray, size: int) -> np.ndarray:
@@ -48,6 +51,9 @@ def _photo(image: np.ndarray, size: int) -> np.ndarray:
 def voronoi_regions(size: int, n_classes: int, seed: int = 7, per_half: int = 1) -> np.ndarray:
     """Return irregular regions (wavy Voronoi cells) with every class in both halves.
 
+    Computed in bands of :data:`BAND_ROWS` rows on a thread per core (each pixel's
+    cell depends on the pixel alone, so the bands give the whole's result bit for bit).
+
     Returns
     -------
     (size, size) uint8 ndarray
@@ -60,14 +66,22 @@ def voronoi_regions(size: int, n_classes: int, seed: int = 7, per_half: int = 1)
         [rng.uniform(0.05, 0.95, classes.size), (half + rng.uniform(0.1, 0.9, classes.size)) / 2],
         axis=1,
     )
-    rows, cols = np.mgrid[0:size, 0:size] / size
-    rows, cols = rows + 0.04 * np.sin(cols * 17), cols + 0.04 * np.cos(rows * 13)
-    best = np.full((size, size), np.inf)
     truth = np.zeros((size, size), dtype=np.uint8)
-    for (r, c), k in zip(seeds, classes, strict=True):  # one pass per seed: memory stays 2D
-        dist = (rows - r) ** 2 + (cols - c) ** 2
-        closer = dist < best
-        best[closer], truth[closer] = dist[closer], k
+
+    def band(start: int) -> None:
+        stop = min(start + BAND_ROWS, size)
+        rows, cols = np.mgrid[start:stop, 0:size] / size
+        rows, cols = rows + 0.04 * np.sin(cols * 17), cols + 0.04 * np.cos(rows * 13)
+        best = np.full(rows.shape, np.inf)
+        out = truth[start:stop]
+        for (r, c), k in zip(seeds, classes, strict=True):
+            dist = (rows - r) ** 2 + (cols - c) ** 2
+            closer = dist < best
+            np.copyto(best, dist, where=closer)
+            np.copyto(out, np.uint8(k), where=closer)
+
+    with ThreadPoolExecutor(default_workers()) as pool:
+        list(pool.map(band, range(0, size, BAND_ROWS)))
     return truth
 
 
@@ -82,17 +96,15 @@ def demo_mosaic(size: int = 1024, seed: int = 7) -> tuple[np.ndarray, np.ndarray
     """
     from skimage import data
 
-    sources = [
-        _tiled(data.brick(), size),
-        _tiled(data.grass(), size),
-        _tiled(data.gravel(), size),
-        _photo(data.coffee(), size),
-        _photo(data.chelsea(), size),
-    ]
-    truth = voronoi_regions(size, len(sources), seed, per_half=1 + size // 1024)
+    makers = [(_tiled, data.brick), (_tiled, data.grass), (_tiled, data.gravel),
+              (_photo, data.coffee), (_photo, data.chelsea)]  # fmt: skip
+    with ThreadPoolExecutor(default_workers()) as pool:  # the resizes release the GIL
+        made = [pool.submit(make, image(), size) for make, image in makers]
+        truth = voronoi_regions(size, len(makers), seed, per_half=1 + size // 1024)
+        sources = [source.result() for source in made]
     rgb = np.zeros((size, size, 3), dtype=np.uint8)
     for k, src in enumerate(sources, start=1):
-        rgb[truth == k] = src[truth == k]
+        np.copyto(rgb, src, where=(truth == k)[..., None])
     return rgb.transpose(2, 0, 1), truth
 
 
@@ -112,7 +124,7 @@ def write_demo_data(folder: Path, size: int = 1024) -> DemoData:
     transform = from_origin(*DEMO_ORIGIN, PIXEL_SIZE, PIXEL_SIZE)
     common = {"driver": "GTiff", "height": size, "width": size, "crs": DEMO_CRS,
               "transform": transform, "tiled": True, "blockxsize": 256, "blockysize": 256,
-              "compress": "deflate"}  # fmt: skip
+              "compress": "deflate", "num_threads": "all_cpus"}  # fmt: skip
     files = DemoData(folder / "mosaic.tif", folder / "truth.tif", folder / "truth_left.tif")
     with rasterio.open(files.mosaic, "w", count=3, dtype="uint8", **common) as dst:
         dst.write(rgb)

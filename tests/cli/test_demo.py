@@ -9,8 +9,9 @@ import pytest
 import rasterio
 from click.testing import CliRunner
 
+import superdml.cli.demo
 from superdml.cli.commands import cli
-from superdml.cli.demo import CLASS_NAMES, demo_mosaic, unseen_half_scores
+from superdml.cli.demo import CLASS_NAMES, demo_mosaic, unseen_half_scores, voronoi_regions
 from superdml.cli.pipeline import run_pipeline
 from superdml.config.shipped import pipeline_path
 from superdml.crops.stage import majority_labels
@@ -118,3 +119,21 @@ def test_demo_mosaic_has_every_class_in_both_halves():
     assert rgb.shape == (3, 256, 256) and rgb.dtype == np.uint8
     for half in (truth[:, :128], truth[:, 128:]):
         assert set(np.unique(half)) == {1, 2, 3, 4, 5}
+
+
+def test_voronoi_bands_give_the_whole_raster_bit_for_bit(monkeypatch):
+    """The regions computed in bands of rows on threads equal one pass over the raster."""
+    size, n_classes, seed, per_half = 300, 4, 3, 2
+    rng = np.random.default_rng(seed)  # the cells' seeds, drawn as voronoi_regions draws them
+    classes = np.repeat(np.arange(1, n_classes + 1), 2 * per_half)
+    half = np.tile([0, 1], n_classes * per_half)
+    seeds = np.stack(
+        [rng.uniform(0.05, 0.95, classes.size), (half + rng.uniform(0.1, 0.9, classes.size)) / 2],
+        axis=1,
+    )
+    rows, cols = np.mgrid[0:size, 0:size] / size
+    rows, cols = rows + 0.04 * np.sin(cols * 17), cols + 0.04 * np.cos(rows * 13)
+    dist = (rows[None] - seeds[:, 0, None, None]) ** 2 + (cols[None] - seeds[:, 1, None, None]) ** 2
+    expected = classes[np.argmin(dist, axis=0)]  # the first of equally near seeds, as there
+    monkeypatch.setattr(superdml.cli.demo, "BAND_ROWS", 64)  # 5 bands, the last of 44 rows
+    np.testing.assert_array_equal(voronoi_regions(size, n_classes, seed, per_half), expected)
