@@ -8,7 +8,7 @@
 # bare forwards, and the kNN queries/s.
 #
 # Not yet measured whole: on the H200 lent on 2026-12-04 a run at 8192^2 did not finish
-# within 330 s (the mosaic is drawn on one core first); see benchmarks/README.md.
+# within 330 s (the mosaic was then drawn on one core); see benchmarks/README.md.
 #
 # Usage: benchmarks/gpu.sh [--json FILE] [--workdir DIR] [other benchmarks/run.py options]
 # Environment: PYTHON (default: python), CUDA_VISIBLE_DEVICES (the one GPU to use).
